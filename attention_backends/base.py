@@ -1,0 +1,133 @@
+"""The interface every paged-attention backend implements.
+
+A backend owns: the KV-cache layout and its allocation, the per-step metadata it builds outside the
+graph from the scheduler's batch (`AttentionInputs`), the two ops used inside the graph (KV-cache
+write and attention), and what it allows under CUDA graphs.
+
+All backends share one KV layout per layer, `[num_blocks, 2, block_size, num_kv_heads, head_dim]`
+(FlashInfer's NHD layout), so the scheduler's block tables mean the same thing to each of them.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+
+class CudaGraphSupport(enum.Enum):
+    """How much of a forward a backend's ops can have captured in a CUDA graph."""
+
+    NEVER = "never"  # attention must run eagerly between graph pieces
+    UNIFORM_DECODE = "uniform_decode"  # full graphs for batches where every query has 1 token
+    ALWAYS = "always"  # full graphs for any batch
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+    device: torch.device
+    scale: float
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+
+
+@dataclass
+class AttentionInputs:
+    """One step's batch as attention sees it, common to all backends.
+
+    Requests are packed: request i owns query tokens [query_start_loc[i], query_start_loc[i+1])
+    of the flat batch, which are the last `query_len` of its `seq_lens[i]` tokens (the earlier ones
+    are already in the KV cache). Device tensors are int32 except `slot_mapping` (int64, -1 for
+    padding tokens that must not be written). Host copies let backends plan without syncing.
+    """
+
+    num_reqs: int
+    num_tokens: int  # real tokens; tensors fed to the ops may be padded beyond this
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32, device
+    seq_lens: torch.Tensor  # [num_reqs] int32, device
+    block_table: torch.Tensor  # [num_reqs, max_blocks_per_req] int32, device
+    slot_mapping: torch.Tensor  # [num_tokens_padded] int64, device
+    query_start_loc_cpu: torch.Tensor  # [num_reqs + 1] int32, host
+    seq_lens_cpu: torch.Tensor  # [num_reqs] int32, host
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def is_uniform_decode(self) -> bool:
+        return self.max_query_len == 1
+
+
+class AttentionBackend(ABC):
+    """A paged-attention implementation, chosen by name from the registry."""
+
+    name: ClassVar[str]
+    cudagraph_support: ClassVar[CudaGraphSupport] = CudaGraphSupport.NEVER
+    # True where `write_kv` may be given k already rotated by a fused RoPE op.
+    accepts_fused_rope_kv_write: ClassVar[bool] = False
+
+    def __init__(self, spec: AttentionSpec) -> None:
+        self.spec = spec
+
+    # --- KV cache -------------------------------------------------------------------------------
+    def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
+        s = self.spec
+        return (num_blocks, 2, s.block_size, s.num_kv_heads, s.head_dim)
+
+    def kv_cache_bytes_per_block(self, num_layers: int) -> int:
+        s = self.spec
+        per_block = 2 * s.block_size * s.num_kv_heads * s.head_dim
+        return per_block * num_layers * torch.empty((), dtype=s.dtype).element_size()
+
+    def allocate_kv_caches(self, num_blocks: int, num_layers: int) -> list[torch.Tensor]:
+        shape = self.kv_cache_shape(num_blocks)
+        return [
+            torch.empty(shape, dtype=self.spec.dtype, device=self.spec.device)
+            for _ in range(num_layers)
+        ]
+
+    # --- per step, outside the graph ------------------------------------------------------------
+    @abstractmethod
+    def build_metadata(self, inputs: AttentionInputs) -> Any:
+        """Turn the common batch description into this backend's metadata (may plan kernels)."""
+
+    # --- inside the graph -----------------------------------------------------------------------
+    @abstractmethod
+    def write_kv(
+        self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, metadata: Any
+    ) -> None:
+        """Store k, v ([T, num_kv_heads, head_dim]) at their slots in `kv_cache`."""
+
+    @abstractmethod
+    def attend(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, out: torch.Tensor
+    ) -> None:
+        """Causal attention of q ([T, num_heads, head_dim]) over the paged KV, into `out`."""
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: Any,
+    ) -> torch.Tensor:
+        self.write_kv(k, v, kv_cache, metadata)
+        out = torch.empty_like(q)
+        self.attend(q, kv_cache, metadata, out)
+        return out
+
+    # --- CUDA graphs ----------------------------------------------------------------------------
+    def prepare_for_capture(self, max_num_reqs: int, max_num_tokens: int) -> None:  # noqa: B027
+        """Allocate the persistent buffers that captured graphs will read; optional."""

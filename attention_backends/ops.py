@@ -1,0 +1,95 @@
+"""The custom ops through which compiled graphs reach the paged KV cache.
+
+The model calls one generic op, `compiled_llm::attention(q, k, v, layer_idx)`. The compiler's
+lowering pass replaces it with the selected backend's pair of ops,
+`compiled_llm::<backend>_kv_write(k, v, layer_idx) -> dep` and
+`compiled_llm::<backend>_attention(q, dep, layer_idx) -> out`; the empty `dep` tensor orders the
+write before the read. None of the ops carry the cache or metadata as graph inputs: they read the
+forward context, so graph pieces between attention layers are identical and compile once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compiled_llm.engine.forward_context import get_forward_context
+
+_LIB = torch.library.Library("compiled_llm", "FRAGMENT")
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
+    ctx = get_forward_context()
+    return ctx.backend.forward(q, k, v, ctx.kv_caches[layer_idx], ctx.attn_metadata)
+
+
+def _attention_fake(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int
+) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+_LIB.define("attention(Tensor q, Tensor k, Tensor v, int layer_idx) -> Tensor")
+_LIB.impl("attention", _attention, "CompositeExplicitAutograd")
+torch.library.register_fake("compiled_llm::attention", _attention_fake, lib=_LIB)
+
+
+@dataclass(frozen=True)
+class BackendOps:
+    """The graph ops of one backend, as OpOverloads the lowering pass can insert."""
+
+    kv_write: torch._ops.OpOverload
+    attention: torch._ops.OpOverload
+
+
+_BACKEND_OPS: dict[str, BackendOps] = {}
+
+
+def backend_ops(name: str) -> BackendOps:
+    """Define (once) and return the kv_write/attention op pair for backend `name`."""
+    if name in _BACKEND_OPS:
+        return _BACKEND_OPS[name]
+
+    def _backend(layer_idx: int):  # type: ignore[no-untyped-def]
+        ctx = get_forward_context()
+        if ctx.backend.name != name:
+            raise RuntimeError(
+                f"graph was lowered for attention backend {name!r} but the engine runs "
+                f"{ctx.backend.name!r}"
+            )
+        return ctx, ctx.kv_caches[layer_idx]
+
+    def kv_write(k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        ctx, cache = _backend(layer_idx)
+        ctx.backend.write_kv(k, v, cache, ctx.attn_metadata)
+        return k.new_empty(0)
+
+    def attention(q: torch.Tensor, dep: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        ctx, cache = _backend(layer_idx)
+        out = torch.empty_like(q)
+        ctx.backend.attend(q, cache, ctx.attn_metadata, out)
+        return out
+
+    _LIB.define(f"{name}_kv_write(Tensor k, Tensor v, int layer_idx) -> Tensor")
+    _LIB.impl(f"{name}_kv_write", kv_write, "CompositeExplicitAutograd")
+    torch.library.register_fake(
+        f"compiled_llm::{name}_kv_write", lambda k, v, layer_idx: k.new_empty(0), lib=_LIB
+    )
+    _LIB.define(f"{name}_attention(Tensor q, Tensor dep, int layer_idx) -> Tensor")
+    _LIB.impl(f"{name}_attention", attention, "CompositeExplicitAutograd")
+    torch.library.register_fake(
+        f"compiled_llm::{name}_attention", lambda q, dep, layer_idx: torch.empty_like(q), lib=_LIB
+    )
+    namespace = torch.ops.compiled_llm
+    ops = BackendOps(
+        kv_write=getattr(namespace, f"{name}_kv_write").default,
+        attention=getattr(namespace, f"{name}_attention").default,
+    )
+    _BACKEND_OPS[name] = ops
+    return ops
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
+    """Paged causal attention for one layer: q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
+    return torch.ops.compiled_llm.attention(q, k, v, layer_idx)

@@ -1,0 +1,58 @@
+"""Attention backends by name, imported lazily so a missing optional dependency only matters
+when that backend is asked for."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from compiled_llm.attention_backends.base import AttentionBackend
+
+_BACKENDS: dict[str, tuple[str, str]] = {
+    "torch": ("compiled_llm.attention_backends.torch_ref", "TorchAttentionBackend"),
+    "triton": ("compiled_llm.attention_backends.triton_backend", "TritonAttentionBackend"),
+    "flashinfer": ("compiled_llm.attention_backends.flashinfer", "FlashInferAttentionBackend"),
+}
+
+_INSTALL_HINT = {
+    "triton": "pip install triton (it ships with torch's CUDA builds)",
+    "flashinfer": "pip install 'compiled-llm[gpu]' (flashinfer-python==0.6.18.post1 and apache-tvm-ffi)",
+}
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def get_backend_class(name: str) -> type[AttentionBackend]:
+    if name not in _BACKENDS:
+        raise ValueError(
+            f"attention_backend must be one of auto, {', '.join(available_backends())}; got {name!r}"
+        )
+    module_name, class_name = _BACKENDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(
+            f"attention_backend={name!r} needs a package that is not installed ({e}); "
+            f"install it with: {_INSTALL_HINT.get(name, 'pip install ' + name)}"
+        ) from e
+    cls: type[AttentionBackend] = getattr(module, class_name)
+    return cls
+
+
+def resolve_backend_name(name: str, device: torch.device) -> str:
+    """`auto` means flashinfer when importable on CUDA, else triton on CUDA, torch on CPU."""
+    if name != "auto":
+        get_backend_class(name)  # validates the name and checks the dependency
+        return name
+    if device.type != "cuda":
+        return "torch"
+    for candidate in ("flashinfer", "triton"):
+        try:
+            get_backend_class(candidate)
+            return candidate
+        except ValueError:
+            continue
+    return "torch"

@@ -1,0 +1,144 @@
+"""Llama family: Llama 2/3/3.1/3.2 (incl. `llama3` RoPE scaling), Mistral without sliding window,
+SmolLM. Qwen2 and Qwen3 reuse these blocks with their small differences (see qwen2.py, qwen3.py).
+
+Written for capture: one packed batch `[num_tokens, hidden]` with a position per token, plain
+PyTorch ops, and attention through the one opaque op. Parameter names match HF checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from compiled_llm.attention_backends.ops import attention
+from compiled_llm.layers.activation import GatedMLP
+from compiled_llm.layers.norm import RMSNorm
+from compiled_llm.layers.rotary import RotaryEmbedding, apply_rotary
+
+
+def _head_dim(cfg: Any) -> int:
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: Any, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = int(cfg.num_attention_heads)
+        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = _head_dim(cfg)
+        hidden = int(cfg.hidden_size)
+        bias = self.qkv_bias(cfg)
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(
+            self.num_heads * self.head_dim, hidden, bias=bool(getattr(cfg, "attention_bias", False))
+        )
+
+    @staticmethod
+    def qkv_bias(cfg: Any) -> bool:
+        return bool(getattr(cfg, "attention_bias", False))
+
+    def project_qk(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position-encode q and k ([T, heads, head_dim]); Qwen3 normalizes them first."""
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.project_qk(q, k, cos, sin)
+        o = attention(q, k, v, self.layer_idx)
+        return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim))
+
+
+class LlamaDecoderLayer(nn.Module):
+    attention_cls: type[LlamaAttention] = LlamaAttention
+
+    def __init__(self, cfg: Any, layer_idx: int) -> None:
+        super().__init__()
+        eps = float(cfg.rms_norm_eps)
+        self.self_attn = self.attention_cls(cfg, layer_idx)
+        self.mlp = GatedMLP(
+            int(cfg.hidden_size), int(cfg.intermediate_size), bool(getattr(cfg, "mlp_bias", False))
+        )
+        self.input_layernorm = RMSNorm(int(cfg.hidden_size), eps)
+        self.post_attention_layernorm = RMSNorm(int(cfg.hidden_size), eps)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(
+        self, cfg: Any, layer_cls: type[LlamaDecoderLayer], max_positions: int, device: Any
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(int(cfg.vocab_size), int(cfg.hidden_size))
+        self.layers = nn.ModuleList(
+            [layer_cls(cfg, i) for i in range(int(cfg.num_hidden_layers))]
+        )
+        self.norm = RMSNorm(int(cfg.hidden_size), float(cfg.rms_norm_eps))
+        self.rotary_emb = RotaryEmbedding(cfg, _head_dim(cfg), max_positions, device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    """`forward(input_ids [T], positions [T]) -> hidden [T, H]`; `compute_logits` on a subset."""
+
+    layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
+
+    def __init__(self, cfg: Any, max_positions: int, device: Any = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg, self.layer_cls, max_positions, device)
+        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
+        if not self.tie_word_embeddings:
+            self.lm_head = nn.Linear(int(cfg.hidden_size), int(cfg.vocab_size), bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = (
+            self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
+        )
+        return torch.nn.functional.linear(hidden, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb." in name or (self.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
+            param = params[name]
+            if tuple(param.shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(param.shape)}"
+                )
+            with torch.no_grad():
+                param.copy_(tensor)
+            loaded.add(name)
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} parameter(s), e.g. {missing[:3]}")
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral is Llama's graph; a sliding window is refused by the registry's config check."""

