@@ -89,7 +89,7 @@ def _undo_llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's converter interleaves q/k rows for its RoPE; restore HF's half-split rows."""
     rows = w.shape[0]
     return (
-        w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:])
+        w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:])
         .swapaxes(1, 2)
         .reshape(w.shape)
     )
@@ -121,7 +121,7 @@ def iterate_gguf(
             data = _undo_llama_cpp_permute(data, n_head)
         elif arch_name == "llama" and hf_name.endswith("k_proj.weight"):
             data = _undo_llama_cpp_permute(data, n_kv)
-        yield hf_name, torch.from_numpy(np.ascontiguousarray(data))
+        yield hf_name, torch.from_numpy(np.array(data, dtype=np.float32, order="C"))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,240 @@
+"""Paged attention through FlashInfer (flashinfer-python 0.6.18.post1, the optional `gpu` extra).
+
+Per step, outside the graph, `build_metadata` turns the batch into FlashInfer's CSR page lists and
+calls `plan()` on a decode wrapper (every query has one token) or on the prefill wrapper (any other
+batch, mixed decode + prefill included); `attend` only calls `run()`. Decode batches that fit the
+sizes given to `prepare_for_capture` use one CUDA-graph wrapper per padded batch size, whose index
+buffers we own and `plan()` refills each step, so captured graphs are uniform-decode only.
+
+The KV write uses our Triton slot-mapping kernel rather than `flashinfer.page.append_paged_kv_cache`:
+the slot mapping is what the scheduler produces (append would need batch indices and positions
+rebuilt every step), padding slots (-1) are skipped by the kernel, and the same kernel, with its
+RoPE-fused variant, serves both GPU backends, so the compiler's RoPE+write fusion applies to both.
+
+FlashInfer JIT-compiles its kernels with nvcc on first use; they are cached under
+FLASHINFER_WORKSPACE_BASE, which we point at ~/.cache/compiled_llm/flashinfer unless it is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault(
+    "FLASHINFER_WORKSPACE_BASE", str(Path.home() / ".cache" / "compiled_llm" / "flashinfer")
+)
+
+import flashinfer  # noqa: E402  (needs the variable above at import)
+import torch  # noqa: E402
+from compiled_llm.attention_backends.base import (  # noqa: E402
+    AttentionBackend,
+    AttentionInputs,
+    AttentionSpec,
+    CudaGraphSupport,
+)
+from compiled_llm.attention_backends.triton_kernels import (  # noqa: E402
+    flatten_block_table,
+    rope_and_write_kv,
+    write_kv,
+)
+from compiled_llm.attention_backends.triton_kernels.staging import (  # noqa: E402
+    StepBuffers,
+)
+
+logger = logging.getLogger(__name__)
+
+WORKSPACE_BYTES = 128 * 1024 * 1024
+PREFILL_BACKEND_ENV = "COMPILED_LLM_FLASHINFER_PREFILL_BACKEND"  # "fa2" (default) or "fa3"
+_announced = False
+
+
+def _announce_jit() -> None:
+    """Say once per process that the first plan may compile (or load) kernels, and where."""
+    global _announced
+    if _announced:
+        return
+    _announced = True
+    cache = Path(os.environ["FLASHINFER_WORKSPACE_BASE"]) / ".cache" / "flashinfer"
+    if any(cache.rglob("*.so")):
+        logger.info("FlashInfer kernels compiled earlier are cached in %s", cache)
+    else:
+        logger.warning(
+            "FlashInfer is compiling its kernels with nvcc; first use takes ~30 s, cached in %s",
+            cache,
+        )
+
+
+@dataclass(frozen=True)
+class FlashInferMetadata:
+    wrapper: Any  # the planned BatchDecode/BatchPrefill wrapper
+    num_rows: int  # query rows run() takes (requests for decode, tokens for prefill)
+    slot_mapping: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _GraphIndexBuffers:
+    """Caller-owned plan buffers shared by all CUDA-graph decode wrappers (run one at a time)."""
+
+    indptr: torch.Tensor  # [max_num_reqs + 1]
+    indices: torch.Tensor  # [max_num_reqs * max_pages_per_req]
+    last_page_len: torch.Tensor  # [max_num_reqs]
+
+
+class FlashInferAttentionBackend(AttentionBackend):
+    name = "flashinfer"
+    cudagraph_support = CudaGraphSupport.UNIFORM_DECODE
+    accepts_fused_rope_kv_write = True
+
+    def __init__(
+        self,
+        spec: AttentionSpec,
+        prefill_backend: str | None = None,
+        decode_tensor_cores: bool | None = None,
+    ) -> None:
+        super().__init__(spec)
+        if spec.device.type != "cuda":
+            raise ValueError("the flashinfer attention backend needs a CUDA device")
+        self.prefill_backend = prefill_backend or os.environ.get(PREFILL_BACKEND_ENV, "fa2")
+        if self.prefill_backend not in ("fa2", "fa3"):
+            raise ValueError(
+                f"{PREFILL_BACKEND_ENV} must be fa2 or fa3, got {self.prefill_backend}"
+            )
+        group = spec.num_heads // spec.num_kv_heads
+        # Tensor-core decode (FlashInfer's prefill kernel) wins once several heads share a KV head.
+        self.decode_tensor_cores = (
+            group >= 4 if decode_tensor_cores is None else decode_tensor_cores
+        )
+        self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=spec.device)
+        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self._workspace, "NHD", backend=self.prefill_backend
+        )
+        self._decode = self._decode_wrapper()
+        self._buffers: StepBuffers | None = None
+        self._graph_index: _GraphIndexBuffers | None = None
+        self._graph_decode: dict[int, Any] = {}
+
+    def _decode_wrapper(self, batch_size: int | None = None) -> Any:
+        kwargs: dict[str, Any] = {"use_tensor_cores": self.decode_tensor_cores}
+        if self.decode_tensor_cores:
+            kwargs["backend"] = "fa2"
+        if batch_size is not None:
+            assert self._graph_index is not None
+            gi = self._graph_index
+            kwargs.update(
+                use_cuda_graph=True,
+                paged_kv_indptr_buffer=gi.indptr[: batch_size + 1],
+                paged_kv_indices_buffer=gi.indices,
+                paged_kv_last_page_len_buffer=gi.last_page_len[:batch_size],
+            )
+        return flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", **kwargs)
+
+    # --- per step, outside the graph ------------------------------------------------------------
+    def prepare_for_capture(self, max_num_reqs: int, max_num_tokens: int) -> None:
+        self._buffers = StepBuffers(max_num_reqs, max_num_tokens, self.spec.device)
+
+    def _graph_wrapper(self, batch_size: int, width: int) -> Any:
+        assert self._buffers is not None
+        if self._graph_index is None:
+            n, dev = self._buffers.max_num_reqs, self.spec.device
+            self._graph_index = _GraphIndexBuffers(
+                indptr=torch.zeros(n + 1, dtype=torch.int32, device=dev),
+                indices=torch.zeros(n * width, dtype=torch.int32, device=dev),
+                last_page_len=torch.zeros(n, dtype=torch.int32, device=dev),
+            )
+        if self._graph_index.indices.numel() < batch_size * width:
+            raise ValueError("the block table grew wider than when CUDA graphs were prepared")
+        if batch_size not in self._graph_decode:
+            self._graph_decode[batch_size] = self._decode_wrapper(batch_size)
+        return self._graph_decode[batch_size]
+
+    def build_metadata(self, inputs: AttentionInputs) -> FlashInferMetadata:
+        _announce_jit()
+        s, dev = self.spec, self.spec.device
+        bs = s.block_size
+        r, n_pad = inputs.num_reqs, inputs.slot_mapping.shape[0]
+        slot_mapping = inputs.slot_mapping
+        is_decode = inputs.max_query_len == 1 and inputs.num_tokens == r
+        graph = False
+        if self._buffers is not None and self._buffers.fits(inputs):
+            slot_mapping = self._buffers.slot_mapping[:n_pad]
+            slot_mapping.copy_(inputs.slot_mapping, non_blocking=True)
+            graph = is_decode and n_pad <= self._buffers.max_num_reqs
+        batch = n_pad if graph else r
+
+        # Host-side CSR description; padded requests get one page (page 0, length 1).
+        seq_lens = inputs.seq_lens_cpu[:r].to(torch.int32)
+        pages = torch.ones(batch, dtype=torch.int32)
+        last = torch.ones(batch, dtype=torch.int32)
+        pages[:r] = (seq_lens + bs - 1) // bs
+        last[:r] = seq_lens - (pages[:r] - 1) * bs
+        indptr = torch.zeros(batch + 1, dtype=torch.int32)
+        torch.cumsum(pages, 0, out=indptr[1:])
+        total = int(indptr[-1])
+        indices = torch.empty(max(total, 1), dtype=torch.int32, device=dev)
+        flatten_block_table(inputs.block_table, indptr.to(dev, non_blocking=True), r, indices)
+        indices = indices[:total]
+
+        common: dict[str, Any] = {
+            "q_data_type": s.dtype,
+            "kv_data_type": s.dtype,
+            "sm_scale": s.scale,
+        }
+        if is_decode:
+            if graph:
+                wrapper = self._graph_wrapper(batch, inputs.block_table.shape[1])
+            else:
+                wrapper = self._decode
+            wrapper.plan(
+                indptr, indices, last, s.num_heads, s.num_kv_heads, s.head_dim, bs, **common
+            )
+            return FlashInferMetadata(wrapper, batch, slot_mapping)
+        qo_indptr = inputs.query_start_loc_cpu[: r + 1].to(torch.int32)
+        self._prefill.plan(
+            qo_indptr,
+            indptr,
+            indices,
+            last,
+            s.num_heads,
+            s.num_kv_heads,
+            s.head_dim,
+            bs,
+            causal=True,
+            **common,
+        )
+        return FlashInferMetadata(self._prefill, inputs.num_tokens, slot_mapping)
+
+    # --- inside the graph -----------------------------------------------------------------------
+    def write_kv(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: FlashInferMetadata,
+    ) -> None:
+        write_kv(k, v, kv_cache, metadata.slot_mapping)
+
+    def rope_and_write_kv(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: FlashInferMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on q and k (in place) fused with the KV write, for the compiler's fusion pass."""
+        return rope_and_write_kv(q, k, v, positions, cos_sin_cache, kv_cache, metadata.slot_mapping)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: FlashInferMetadata,
+        out: torch.Tensor,
+    ) -> None:
+        n = metadata.num_rows
+        metadata.wrapper.run(q[:n], kv_cache, out=out[:n])

@@ -1,0 +1,210 @@
+"""Paged attention on compiled-llm's own Triton kernels (`triton_kernels/`).
+
+Per step, `build_metadata` (outside any graph) picks the kernel from host-side values: the split-KV
+decode kernel when every query has one token, else the prefill/extend kernel, which handles any
+mix. After `prepare_for_capture`, batches that fit are staged into persistent buffers and launched
+over padded request counts with a split count that depends only on the padded batch size, so a
+captured graph stays correct for any batch of its size: CUDA graphs are supported for every batch.
+On CPU the kernels run under TRITON_INTERPRET=1 (tests only).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+from compiled_llm.attention_backends.base import (
+    AttentionBackend,
+    AttentionInputs,
+    AttentionSpec,
+    CudaGraphSupport,
+)
+from compiled_llm.attention_backends.triton_kernels import (
+    decode_attention,
+    partial_numel,
+    prefill_attention,
+    rope_and_write_kv,
+    write_kv,
+)
+from compiled_llm.attention_backends.triton_kernels.staging import (
+    StagedBatch,
+    StepBuffers,
+    unstaged,
+)
+
+MAX_SPLITS = 64
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes; the defaults were picked on an H100 (docs/attention_backends.md)."""
+
+    decode_block_n: int = 64
+    decode_warps: int = 4
+    decode_stages: int = 3
+    prefill_block_m: int = 128
+    prefill_block_n: int = 64
+    prefill_warps: int = 8
+    prefill_stages: int = 2
+    waves: int = 4  # split-KV aims for this many programs per multiprocessor
+    # Eager steps only: shorter splits cost more in merging than they win.
+    min_split_tokens: int = 256
+
+    @staticmethod
+    def for_device(device: torch.device, head_dim: int) -> KernelConfig:
+        if device.type != "cuda":  # interpreter: small tiles keep CPU tests fast
+            return KernelConfig(
+                decode_block_n=16,
+                decode_warps=1,
+                decode_stages=1,
+                prefill_block_m=16,
+                prefill_block_n=16,
+                prefill_warps=1,
+                prefill_stages=1,
+                waves=1,
+                min_split_tokens=16,
+            )
+        if head_dim <= 64:
+            return KernelConfig(prefill_warps=4, prefill_stages=3)
+        return KernelConfig()
+
+
+@dataclass(frozen=True)
+class TritonMetadata:
+    batch: StagedBatch
+    num_reqs: int
+    num_tokens: int  # real tokens
+    num_tokens_padded: int
+    is_decode: bool
+    num_splits: int
+    scratch: torch.Tensor | None  # float32 split-KV partials
+
+
+class TritonAttentionBackend(AttentionBackend):
+    name = "triton"
+    cudagraph_support = CudaGraphSupport.ALWAYS
+    accepts_fused_rope_kv_write = True
+
+    def __init__(self, spec: AttentionSpec, config: KernelConfig | None = None) -> None:
+        super().__init__(spec)
+        if spec.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "the triton attention backend needs a CUDA device (or TRITON_INTERPRET=1, "
+                "set before triton is imported, for CPU tests)"
+            )
+        self.config = config or KernelConfig.for_device(spec.device, spec.head_dim)
+        if spec.device.type == "cuda":
+            props = torch.cuda.get_device_properties(spec.device)
+            self._num_sms = props.multi_processor_count
+        else:
+            self._num_sms = 4
+        self._buffers: StepBuffers | None = None
+        self._scratch: torch.Tensor | None = None
+
+    # --- split-KV planning ----------------------------------------------------------------------
+    def num_splits(self, num_req_slots: int, max_seq_len: int | None) -> int:
+        """Splits per request so the decode grid fills the GPU; `max_seq_len` None means the
+        launch may be replayed for any length (a captured graph), so it cannot be used."""
+        programs = max(num_req_slots * self.spec.num_kv_heads, 1)
+        splits = min(MAX_SPLITS, triton.cdiv(self.config.waves * self._num_sms, programs))
+        if max_seq_len is not None:
+            splits = min(splits, triton.cdiv(max_seq_len, self.config.min_split_tokens))
+        return max(splits, 1)
+
+    def _partials(self, num_req_slots: int, splits: int) -> int:
+        return partial_numel(num_req_slots, self.spec.num_heads, self.spec.head_dim, splits)
+
+    # --- per step, outside the graph ------------------------------------------------------------
+    def prepare_for_capture(self, max_num_reqs: int, max_num_tokens: int) -> None:
+        dev = self.spec.device
+        self._buffers = StepBuffers(max_num_reqs, max_num_tokens, dev)
+        need = max(self._partials(r, self.num_splits(r, None)) for r in range(1, max_num_reqs + 1))
+        self._scratch = torch.empty(max(need, 1), dtype=torch.float32, device=dev)
+
+    def build_metadata(self, inputs: AttentionInputs) -> TritonMetadata:
+        if self._buffers is not None and self._buffers.fits(inputs):
+            batch = self._buffers.stage(inputs)
+        else:
+            batch = unstaged(inputs)
+        is_decode = inputs.max_query_len == 1 and inputs.num_tokens == inputs.num_reqs
+        if is_decode and batch.persistent and batch.num_req_slots < inputs.slot_mapping.shape[0]:
+            batch = unstaged(inputs)  # padded decode rows exceed the request slots
+        splits, scratch = 1, None
+        if is_decode:
+            max_seq = None if batch.persistent else inputs.max_seq_len
+            splits = self.num_splits(batch.num_req_slots, max_seq)
+            need = self._partials(batch.num_req_slots, splits)
+            if need and self._scratch is not None and self._scratch.numel() >= need:
+                scratch = self._scratch
+            elif need:
+                scratch = torch.empty(need, dtype=torch.float32, device=self.spec.device)
+                if self._buffers is None:  # nothing captured can hold the old one: reuse it
+                    self._scratch = scratch
+        return TritonMetadata(
+            batch=batch,
+            num_reqs=inputs.num_reqs,
+            num_tokens=inputs.num_tokens,
+            num_tokens_padded=inputs.slot_mapping.shape[0],
+            is_decode=is_decode,
+            num_splits=splits,
+            scratch=scratch,
+        )
+
+    # --- inside the graph -----------------------------------------------------------------------
+    def write_kv(
+        self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, metadata: TritonMetadata
+    ) -> None:
+        write_kv(k, v, kv_cache, metadata.batch.slot_mapping)
+
+    def rope_and_write_kv(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: TritonMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on q and k (in place) fused with the KV write, for the compiler's fusion pass."""
+        return rope_and_write_kv(
+            q, k, v, positions, cos_sin_cache, kv_cache, metadata.batch.slot_mapping
+        )
+
+    def attend(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: TritonMetadata, out: torch.Tensor
+    ) -> None:
+        md, cfg, b = metadata, self.config, metadata.batch
+        if md.is_decode:
+            decode_attention(
+                q,
+                kv_cache,
+                b.block_table,
+                b.seq_lens,
+                out,
+                self.spec.scale,
+                num_reqs=b.num_req_slots,
+                num_splits=md.num_splits,
+                scratch=md.scratch,
+                block_n=cfg.decode_block_n,
+                num_warps=cfg.decode_warps,
+                num_stages=cfg.decode_stages,
+            )
+        else:
+            prefill_attention(
+                q,
+                kv_cache,
+                b.block_table,
+                b.seq_lens,
+                b.query_start_loc,
+                out,
+                self.spec.scale,
+                num_reqs=b.num_req_slots,
+                num_tokens=md.num_tokens_padded if b.persistent else md.num_tokens,
+                block_m=cfg.prefill_block_m,
+                block_n=cfg.prefill_block_n,
+                num_warps=cfg.prefill_warps,
+                num_stages=cfg.prefill_stages,
+            )

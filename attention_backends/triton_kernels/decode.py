@@ -1,0 +1,221 @@
+"""Decode attention (one query token per request) with split-KV, flash-decoding style.
+
+Grid (requests, kv_heads, splits). Each program attends the GROUP query heads that share one KV
+head over one contiguous slice of the request's context, so every K/V byte is read once per step.
+Split s covers ceil(ceil(seq_len / S) / BLOCK_N) tiles: the split count S is launch geometry
+(fixed when captured in a CUDA graph) while each request's slice size follows its length, so a
+graph is correct for any context length. With S > 1 each split writes a normalised partial output
+and its log-sum-exp, and `_reduce_kernel` merges them; with S == 1 the output is written directly.
+Requests with seq_len 0 (padding of a captured batch) produce zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    cache_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    part_o_ptr,
+    part_lse_ptr,
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_c_blk,
+    stride_c_kv,
+    stride_c_tok,
+    stride_c_head,
+    stride_bt,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    req = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    num_q_heads = tl.num_programs(1) * GROUP
+
+    seq_len = tl.load(seq_lens_ptr + req)
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, D_PAD)
+    heads = kvh * GROUP + g
+    g_mask = g < GROUP
+    d_mask = d < HEAD_DIM
+    q = tl.load(
+        q_ptr + req * stride_qt + heads[:, None] * stride_qh + d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    k_base = cache_ptr + kvh * stride_c_head
+    bt_row = block_table_ptr + req * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + offs_n
+        n_mask = n < end
+        page = tl.load(bt_row + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        tok = page * stride_c_blk + (n % BLOCK_SIZE) * stride_c_tok
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(k_base + stride_c_kv + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    mask = g_mask[:, None] & d_mask[None, :]
+    if SINGLE_SPLIT:
+        dst = out_ptr + req * stride_ot + heads[:, None] * stride_oh + d[None, :]
+        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        # partials: o [R, Hq, S, D] and lse [R, Hq, S], float32, log2 domain
+        row = (req * num_q_heads + heads) * num_splits + split
+        tl.store(part_o_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=mask)
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=g_mask)
+
+
+@triton.jit
+def _reduce_kernel(
+    part_o_ptr,
+    part_lse_ptr,
+    out_ptr,
+    stride_ot,
+    stride_oh,
+    num_splits,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    S_PAD: tl.constexpr,
+):
+    req = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    s = tl.arange(0, S_PAD)
+    d = tl.arange(0, D_PAD)
+    s_mask = s < num_splits
+    row = (req * tl.num_programs(1) + head) * num_splits + s
+    lse = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)
+    o = tl.load(
+        part_o_ptr + row[:, None] * HEAD_DIM + d[None, :],
+        mask=s_mask[:, None] & (d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    total = tl.sum(w, 0)
+    res = tl.sum(o * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(
+        out_ptr + req * stride_ot + head * stride_oh + d,
+        res.to(out_ptr.dtype.element_ty),
+        mask=d < HEAD_DIM,
+    )
+
+
+def partial_numel(num_reqs: int, num_heads: int, head_dim: int, num_splits: int) -> int:
+    """Float32 elements of scratch a split-KV launch needs (outputs then log-sum-exps)."""
+    if num_splits <= 1:
+        return 0
+    rows = num_reqs * num_heads * num_splits
+    return rows * head_dim + rows
+
+
+def decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out: torch.Tensor,
+    scale: float,
+    num_reqs: int,
+    num_splits: int,
+    scratch: torch.Tensor | None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> None:
+    """Attention of one query token per request (row i of q is request i) for `num_reqs` rows.
+
+    `scratch` is a float32 buffer of at least `partial_numel(...)` elements when num_splits > 1.
+    """
+    if num_reqs == 0:
+        return
+    hq, d = q.shape[1], q.shape[2]
+    hkv = kv_cache.shape[3]
+    group = hq // hkv
+    single = num_splits <= 1
+    if single:
+        part_o = part_lse = out  # unused by the kernel
+    else:
+        need = partial_numel(num_reqs, hq, d, num_splits)
+        if scratch is None or scratch.numel() < need:
+            raise ValueError(f"split-KV decode needs {need} float32 scratch elements")
+        rows = num_reqs * hq * num_splits
+        part_o, part_lse = scratch[: rows * d], scratch[rows * d : rows * d + rows]
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    _decode_split_kernel[(num_reqs, hkv, max(num_splits, 1))](
+        q,
+        kv_cache,
+        block_table,
+        seq_lens,
+        out,
+        part_o,
+        part_lse,
+        scale * 1.4426950408889634,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        *kv_cache.stride()[:4],
+        block_table.stride(0),
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=d,
+        D_PAD=triton.next_power_of_2(d),
+        BLOCK_SIZE=kv_cache.shape[2],
+        BLOCK_N=block_n,
+        SINGLE_SPLIT=single,
+        DOT_PRECISION=precision,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if not single:
+        _reduce_kernel[(num_reqs, hq)](
+            part_o,
+            part_lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            num_splits,
+            HEAD_DIM=d,
+            D_PAD=triton.next_power_of_2(d),
+            S_PAD=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )

@@ -1,0 +1,133 @@
+"""The engine core: scheduler + model runner, driven one step at a time.
+
+It knows token ids only; tokenization, detokenization and stop strings live in the frontend.
+The same class runs in-process (`LLM`) and in its own process behind ZeroMQ (the server).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from compiled_llm.config import EngineConfig
+from compiled_llm.engine.messages import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    SchedulerStatsMsg,
+)
+from compiled_llm.engine.model_runner import ModelRunner, ModelRunnerOutput
+from compiled_llm.engine.request import Request, RequestStatus
+from compiled_llm.engine.scheduler import Scheduler, SchedulerOutput
+from compiled_llm.kv_cache.kv_cache_manager import KVCacheManager
+
+logger = logging.getLogger(__name__)
+
+_FINISH_STATUS = {
+    "stop": RequestStatus.FINISHED_STOPPED,
+    "length": RequestStatus.FINISHED_LENGTH,
+    "abort": RequestStatus.FINISHED_ABORTED,
+}
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.runner = ModelRunner(config)
+        num_blocks = self.runner.determine_num_blocks()
+        self.runner.initialize_kv_cache(num_blocks)
+        self.num_blocks = num_blocks
+        self.kv_cache = KVCacheManager(
+            num_blocks, config.cache_config.block_size, config.cache_config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler_config, self.kv_cache)
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens)",
+            num_blocks,
+            config.cache_config.block_size,
+            num_blocks * config.cache_config.block_size,
+        )
+        self._aborted: list[EngineCoreOutput] = []
+
+    # --- requests -------------------------------------------------------------------------------
+    def add_request(self, req: EngineCoreRequest) -> None:
+        if req.request_id in self.scheduler.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already running")
+        self.scheduler.add_request(
+            Request(
+                request_id=req.request_id,
+                prompt_token_ids=list(req.prompt_token_ids),
+                sampling_params=req.sampling_params,
+                max_tokens=req.max_tokens,
+                sampling_seed=req.sampling_seed,
+                priority=req.priority,
+                arrival_time=req.arrival_time,
+            )
+        )
+
+    def abort_requests(self, request_ids: list[str], reason: str = "abort") -> None:
+        """Finish requests now (client gone, stop string seen) and free their KV blocks."""
+        for request_id in request_ids:
+            request = self.scheduler.finish(request_id, _FINISH_STATUS[reason])
+            if request is not None and reason == "abort":
+                self._aborted.append(EngineCoreOutput(request_id, [], finish_reason="abort"))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._aborted)
+
+    # --- steps ----------------------------------------------------------------------------------
+    def step(self) -> EngineCoreOutputs:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return self._outputs([], sched)
+        block_ids = [self.kv_cache.block_ids(s.request) for s in sched.scheduled]
+        result = self.runner.execute(sched, block_ids)
+        return self._process(sched, result)
+
+    def _process(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> EngineCoreOutputs:
+        updated = self.scheduler.update_from_output(dict(zip(result.request_ids, result.token_ids)))
+        logprobs = dict(zip(result.request_ids, result.logprobs or []))
+        outputs = []
+        for request in updated:
+            lp = logprobs.get(request.request_id)
+            outputs.append(
+                EngineCoreOutput(
+                    request_id=request.request_id,
+                    new_token_ids=[request.output_token_ids[-1]],
+                    new_logprobs=[lp] if lp is not None else None,
+                    finish_reason=request.finish_reason,
+                    stop_reason=request.stop_reason,
+                    num_cached_tokens=max(request.num_cached_tokens, 0),
+                )
+            )
+        return self._outputs(outputs, sched)
+
+    def _outputs(self, outputs: list[EngineCoreOutput], sched: SchedulerOutput) -> EngineCoreOutputs:
+        if self._aborted:
+            outputs = self._aborted + outputs
+            self._aborted = []
+        stats = self.scheduler.stats()
+        num_sampled = sum(1 for s in sched.scheduled if s.samples)
+        num_prompt = sum(
+            max(0, min(s.start + s.num_tokens, s.request.num_prompt_tokens) - s.start)
+            for s in sched.scheduled
+        )
+        return EngineCoreOutputs(
+            outputs=outputs,
+            stats=SchedulerStatsMsg(
+                num_running=stats.num_running,
+                num_waiting=stats.num_waiting,
+                kv_cache_usage=stats.kv_cache_usage,
+                num_free_blocks=stats.num_free_blocks,
+                num_total_blocks=self.num_blocks,
+                prefix_cache_hit_rate=stats.prefix_cache_hit_rate,
+                num_preemptions=stats.num_preemptions,
+                num_prompt_tokens_computed=num_prompt,
+                num_generation_tokens=num_sampled,
+            ),
+            timestamp=time.monotonic(),
+        )
+
+    # --- utilities ------------------------------------------------------------------------------
+    def reset_prefix_cache(self) -> bool:
+        return self.kv_cache.pool.reset_prefix_cache()

@@ -1,0 +1,74 @@
+"""The in-process engine: input processor -> engine core -> output processor, one step at a time."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from compiled_llm.config import EngineConfig
+from compiled_llm.engine.core import EngineCore
+from compiled_llm.engine.messages import SchedulerStatsMsg
+from compiled_llm.engine.output_processor import OutputProcessor
+from compiled_llm.engine.processor import InputProcessor, PromptType
+from compiled_llm.models.loader import load_tokenizer
+from compiled_llm.outputs import RequestOutput
+from compiled_llm.sampling_params import SamplingParams
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer = load_tokenizer(config.model_config.tokenizer)
+        self.processor = InputProcessor(config.model_config, self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.core = EngineCore(config)
+        self._ids = itertools.count()
+        self.last_stats: SchedulerStatsMsg | None = None
+
+    def next_request_id(self) -> str:
+        return str(next(self._ids))
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        priority: int = 0,
+    ) -> None:
+        """Validate and queue; raises ValueError (naming the field) with nothing queued."""
+        text, ids, params, core_requests = self.processor.process(
+            request_id, prompt, params, priority
+        )
+        self.output_processor.add_request(
+            request_id,
+            text,
+            ids,
+            params,
+            [r.request_id for r in core_requests],
+            core_requests[0].arrival_time,
+        )
+        for r in core_requests:
+            self.core.add_request(r)
+
+    def abort_request(self, request_id: str) -> None:
+        children = self.output_processor.child_ids(request_id)
+        self.output_processor.abort(request_id)
+        self.core.abort_requests(children)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished_requests() or self.output_processor.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        core_out = self.core.step()
+        self.last_stats = core_out.stats
+        outputs, to_stop = self.output_processor.process_outputs(core_out.outputs)
+        if to_stop:
+            self.core.abort_requests(to_stop, reason="stop")
+        return outputs
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.core.kv_cache.num_free_blocks
+
+    def stats(self) -> Any:
+        return self.core.scheduler.stats()

@@ -1,0 +1,247 @@
+"""Turns a scheduled step into tensors, runs the model under the forward context, and samples.
+
+Inputs are built with numpy on the host and copied once; the only host sync per step is reading
+the sampled token ids back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from compiled_llm.attention_backends.base import AttentionBackend, AttentionInputs, AttentionSpec
+from compiled_llm.attention_backends.registry import get_backend_class, resolve_backend_name
+from compiled_llm.config import EngineConfig
+from compiled_llm.engine.forward_context import ForwardContext, set_forward_context
+from compiled_llm.engine.request import Request
+from compiled_llm.engine.scheduler import ScheduledRequest, SchedulerOutput
+from compiled_llm.models.loader import load_model
+from compiled_llm.sampling.batch import build_sampling_batch
+from compiled_llm.sampling.sampler import Sampler, SamplerOutput
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_CPU_KV_BYTES = 2 << 30
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attn: AttentionInputs
+    logits_indices: torch.Tensor
+    sampling_requests: list[Request]
+
+
+@dataclass
+class ModelRunnerOutput:
+    request_ids: list[str]  # requests that sampled, in row order
+    token_ids: list[int]
+    logprobs: list[Any] | None = None  # per row: (topk ids, topk logprobs, sampled lp, rank)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.device
+        mc = config.model_config
+        self.block_size = config.cache_config.block_size
+        start = time.perf_counter()
+        self.model = load_model(mc, self.device)
+        logger.info("loaded %s in %.1f s", mc.model, time.perf_counter() - start)
+        self.vocab_size = int(mc.hf_config.vocab_size)
+        backend_name = resolve_backend_name(config.attention_backend, self.device)
+        spec = AttentionSpec(
+            num_heads=mc.num_heads,
+            num_kv_heads=mc.num_kv_heads,
+            head_dim=mc.head_dim,
+            block_size=self.block_size,
+            dtype=mc.dtype,
+            device=self.device,
+            scale=mc.head_dim**-0.5,
+        )
+        self.backend: AttentionBackend = get_backend_class(backend_name)(spec)
+        self.kv_caches: list[torch.Tensor] = []
+        self.sampler = Sampler()
+        self.forward_fn = self.model.forward
+
+    # --- KV cache -------------------------------------------------------------------------------
+    def determine_num_blocks(self) -> int:
+        cc = self.config.cache_config
+        mc = self.config.model_config
+        per_block = self.backend.kv_cache_bytes_per_block(mc.num_layers)
+        sc = self.config.scheduler_config
+        useful = sc.max_num_seqs * -(-sc.max_model_len // self.block_size)
+        if cc.num_gpu_blocks_override is not None:
+            num_blocks = cc.num_gpu_blocks_override
+        elif cc.kv_cache_memory_bytes is not None:
+            num_blocks = min(cc.kv_cache_memory_bytes // per_block, useful)
+        elif self.device.type == "cuda":
+            num_blocks = min(self._profile_free_cuda_bytes() // per_block, useful)
+        else:
+            num_blocks = min(_DEFAULT_CPU_KV_BYTES // per_block, useful)
+        if num_blocks * self.block_size < sc.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks of {self.block_size} tokens, fewer than "
+                f"max_model_len={sc.max_model_len}; lower max_model_len or give the cache more "
+                "memory (kv_cache_memory_bytes / gpu_memory_utilization)"
+            )
+        return int(num_blocks)
+
+    def _profile_free_cuda_bytes(self) -> int:
+        """Run the largest step once on a scratch cache to measure peak activation memory."""
+        sc = self.config.scheduler_config
+        num_tokens = min(sc.max_num_batched_tokens, sc.max_model_len)
+        scratch_blocks = -(-num_tokens // self.block_size)
+        self.initialize_kv_cache(scratch_blocks)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.dummy_run(num_tokens, num_reqs=1, sample_rows=sc.max_num_seqs)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self.kv_caches = []
+        torch.cuda.empty_cache()
+        _, total = torch.cuda.mem_get_info(self.device)
+        budget = int(total * self.config.cache_config.gpu_memory_utilization) - peak
+        if budget <= 0:
+            raise ValueError(
+                "no GPU memory is left for the KV cache; raise gpu_memory_utilization or lower "
+                "max_num_batched_tokens"
+            )
+        return budget
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.kv_caches = self.backend.allocate_kv_caches(
+            num_blocks, self.config.model_config.num_layers
+        )
+
+    # --- one step -------------------------------------------------------------------------------
+    def prepare_inputs(
+        self, scheduled: list[ScheduledRequest], block_ids: list[list[int]]
+    ) -> StepInputs:
+        bs = self.block_size
+        q_lens = np.array([s.num_tokens for s in scheduled], dtype=np.int64)
+        starts = np.array([s.start for s in scheduled], dtype=np.int64)
+        cu = np.zeros(len(scheduled) + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=cu[1:])
+        num_tokens = int(cu[-1])
+        req_index = np.repeat(np.arange(len(scheduled)), q_lens)
+        positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(cu[:-1] - starts, q_lens)
+        input_ids = np.concatenate(
+            [
+                np.asarray(s.request.all_token_ids[s.start : s.start + s.num_tokens])
+                for s in scheduled
+            ]
+        )
+        width = max(len(b) for b in block_ids)
+        block_table = np.zeros((len(scheduled), width), dtype=np.int32)
+        for i, ids in enumerate(block_ids):
+            block_table[i, : len(ids)] = ids
+        slot_mapping = block_table[req_index, positions // bs].astype(np.int64) * bs + positions % bs
+        seq_lens = (starts + q_lens).astype(np.int32)
+        samples = np.array([s.samples for s in scheduled], dtype=bool)
+        logits_indices = cu[1:][samples] - 1
+
+        def dev(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(self.device, non_blocking=True)
+
+        query_start_loc = cu.astype(np.int32)
+        attn = AttentionInputs(
+            num_reqs=len(scheduled),
+            num_tokens=num_tokens,
+            query_start_loc=dev(query_start_loc),
+            seq_lens=dev(seq_lens),
+            block_table=dev(block_table),
+            slot_mapping=dev(slot_mapping),
+            query_start_loc_cpu=torch.from_numpy(query_start_loc),
+            seq_lens_cpu=torch.from_numpy(seq_lens),
+            max_query_len=int(q_lens.max()),
+            max_seq_len=int(seq_lens.max()),
+        )
+        return StepInputs(
+            input_ids=dev(input_ids.astype(np.int64)),
+            positions=dev(positions),
+            attn=attn,
+            logits_indices=dev(logits_indices),
+            sampling_requests=[s.request for s in scheduled if s.samples],
+        )
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput, block_ids: list[list[int]]) -> ModelRunnerOutput:
+        inputs = self.prepare_inputs(sched.scheduled, block_ids)
+        hidden = self.run_model(inputs.input_ids, inputs.positions, inputs.attn)
+        if not inputs.sampling_requests:
+            return ModelRunnerOutput([], [])
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # type: ignore[operator]
+        batch = build_sampling_batch(inputs.sampling_requests, self.vocab_size, self.device)
+        out = self.sampler(logits, batch)
+        return self._to_host(inputs.sampling_requests, out)
+
+    def run_model(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs
+    ) -> torch.Tensor:
+        metadata = self.backend.build_metadata(attn)
+        with set_forward_context(ForwardContext(self.backend, self.kv_caches, metadata)):
+            hidden: torch.Tensor = self.forward_fn(input_ids, positions)
+        return hidden[: attn.num_tokens]
+
+    @staticmethod
+    def _to_host(requests: list[Request], out: SamplerOutput) -> ModelRunnerOutput:
+        ids = [r.request_id for r in requests]
+        tokens: list[int] = out.token_ids.tolist()
+        if out.topk_ids is None:
+            return ModelRunnerOutput(ids, tokens)
+        assert out.topk_logprobs is not None and out.sampled_logprobs is not None
+        assert out.sampled_ranks is not None
+        topk_ids = out.topk_ids.tolist()
+        topk_lps = out.topk_logprobs.tolist()
+        sampled_lps = out.sampled_logprobs.tolist()
+        ranks = out.sampled_ranks.tolist()
+        logprobs = []
+        for i, r in enumerate(requests):
+            k = r.sampling_params.logprobs
+            if k is None:
+                logprobs.append(None)
+            else:
+                logprobs.append((topk_ids[i][:k], topk_lps[i][:k], sampled_lps[i], ranks[i]))
+        return ModelRunnerOutput(ids, tokens, logprobs)
+
+    @torch.inference_mode()
+    def dummy_run(self, num_tokens: int, num_reqs: int, sample_rows: int = 0) -> None:
+        """A forward over a synthetic batch (profiling, warm-up, compilation)."""
+        bs = self.block_size
+        num_reqs = max(1, min(num_reqs, num_tokens))
+        q_lens = [num_tokens // num_reqs] * num_reqs
+        q_lens[-1] += num_tokens - sum(q_lens)
+        num_blocks = self.kv_caches[0].shape[0]
+        cu = np.zeros(num_reqs + 1, dtype=np.int32)
+        np.cumsum(q_lens, out=cu[1:])
+        width = -(-max(q_lens) // bs)
+        block_table = (np.arange(num_reqs * width) % num_blocks).reshape(num_reqs, width)
+        positions = np.concatenate([np.arange(n) for n in q_lens])
+        req_index = np.repeat(np.arange(num_reqs), q_lens)
+        slots = block_table[req_index, positions // bs] * bs + positions % bs
+        seq_lens = np.array(q_lens, dtype=np.int32)
+        attn = AttentionInputs(
+            num_reqs=num_reqs,
+            num_tokens=num_tokens,
+            query_start_loc=torch.from_numpy(cu).to(self.device),
+            seq_lens=torch.from_numpy(seq_lens).to(self.device),
+            block_table=torch.from_numpy(block_table.astype(np.int32)).to(self.device),
+            slot_mapping=torch.from_numpy(slots.astype(np.int64)).to(self.device),
+            query_start_loc_cpu=torch.from_numpy(cu),
+            seq_lens_cpu=torch.from_numpy(seq_lens),
+            max_query_len=max(q_lens),
+            max_seq_len=max(q_lens),
+        )
+        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        pos = torch.from_numpy(positions.astype(np.int64)).to(self.device)
+        hidden = self.run_model(input_ids, pos, attn)
+        if sample_rows:
+            rows = hidden[:1].expand(sample_rows, -1)
+            logits = self.model.compute_logits(rows)  # type: ignore[operator]
+            logits.log_softmax(-1).sort(dim=-1)

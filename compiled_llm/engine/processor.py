@@ -1,0 +1,114 @@
+"""Frontend input side: validate a prompt and its SamplingParams, tokenize, fan out `n`."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from compiled_llm.config import ModelConfig
+from compiled_llm.engine.messages import EngineCoreRequest
+from compiled_llm.sampling_params import SamplingParams
+
+PromptType = str | Mapping[str, Any]
+
+
+def stop_token_ids_of(model_config: ModelConfig, tokenizer: Any) -> set[int]:
+    """EOS ids from the tokenizer, the model config and generation_config.json."""
+    ids: set[int] = set()
+
+    def add(value: Any) -> None:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(v for v in value if isinstance(v, int))
+
+    add(getattr(tokenizer, "eos_token_id", None))
+    add(getattr(model_config.hf_config, "eos_token_id", None))
+    gen_path = os.path.join(model_config.model, "generation_config.json")
+    if os.path.isfile(gen_path):
+        import json
+
+        with open(gen_path) as f:
+            add(json.load(f).get("eos_token_id"))
+    return ids
+
+
+class InputProcessor:
+    def __init__(self, model_config: ModelConfig, tokenizer: Any) -> None:
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.vocab_size = int(model_config.hf_config.vocab_size)
+        self.eos_ids = stop_token_ids_of(model_config, tokenizer)
+        self._rng = random.Random(model_config.seed)
+
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return prompt, list(self.tokenizer.encode(prompt))
+        if isinstance(prompt, Mapping) and "prompt_token_ids" in prompt:
+            ids = list(prompt["prompt_token_ids"])
+            if not all(isinstance(t, int) for t in ids):
+                raise ValueError("prompt_token_ids must be a list of integers")
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"prompt_token_ids contains ids outside the vocabulary [0, {self.vocab_size}): "
+                    f"{bad[:5]}"
+                )
+            return prompt.get("prompt"), ids
+        if isinstance(prompt, Mapping) and "prompt" in prompt:
+            return self.tokenize(prompt["prompt"])
+        raise ValueError(
+            "prompt must be a string, {'prompt': str} or {'prompt_token_ids': [int, ...]}"
+        )
+
+    def process(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> tuple[str | None, list[int], SamplingParams, list[EngineCoreRequest]]:
+        """Validate and tokenize; returns the prompt, its ids, the resolved params and one core
+        request per sample (`n`)."""
+        text, ids = self.tokenize(prompt)
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        max_len = self.model_config.max_model_len
+        if len(ids) >= max_len:
+            raise ValueError(
+                f"prompt is {len(ids)} tokens long, which leaves no room to generate within "
+                f"max_model_len={max_len}"
+            )
+        if params.max_tokens is not None and len(ids) + params.max_tokens > max_len:
+            raise ValueError(
+                f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} tokens exceeds "
+                f"max_model_len={max_len}"
+            )
+        params = params.clone(all_stop_token_ids=set(self.eos_ids))
+        max_tokens = params.max_tokens or max_len - len(ids)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        core_requests = []
+        for i in range(params.n):
+            if params.seed is not None:
+                seed = params.seed + i
+            else:
+                seed = self._rng.getrandbits(31)
+            child_id = request_id if params.n == 1 else f"{request_id}-{i}"
+            core_requests.append(
+                EngineCoreRequest(
+                    request_id=child_id,
+                    prompt_token_ids=ids,
+                    sampling_params=params,
+                    max_tokens=max_tokens,
+                    sampling_seed=seed,
+                    arrival_time=arrival,
+                    priority=priority,
+                )
+            )
+        return text, ids, params, core_requests

@@ -1,0 +1,197 @@
+"""Continuous batching under one token budget.
+
+Each request's `num_computed_tokens` catches up with its token count; a step gives every running
+request its next chunk (1 token when decoding) and then admits waiting requests while budget,
+sequence slots and KV blocks last. That one rule covers chunked prefill, prefix-cache hits and
+decode alike. When blocks run out, the lowest-priority (then newest) running request is
+preempted: its blocks are freed and it recomputes later, with the tokens it had already produced.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+from compiled_llm.config import SchedulerConfig
+from compiled_llm.engine.request import Request, RequestStatus
+from compiled_llm.kv_cache.kv_cache_manager import KVCacheManager
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_tokens: int  # tokens fed this step
+    start: int  # index of the first of them in the request's token sequence
+    samples: bool  # this step ends at the request's newest token, so it samples the next one
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self.running: list[Request] = []
+        self._waiting: list[tuple[int, float, int, Request]] = []  # heap by priority, arrival
+        self._counter = itertools.count()
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # --- queue ----------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self._push_waiting(request)
+
+    def _push_waiting(self, request: Request) -> None:
+        key = (request.priority, request.arrival_time, next(self._counter), request)
+        heapq.heappush(self._waiting, key)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(1 for *_, r in self._waiting if not r.is_finished)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def finish(self, request_id: str, status: RequestStatus) -> Request | None:
+        """End a request (abort, stop string, ...) and free its blocks at once."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        request.status = status
+        if request in self.running:
+            self.running.remove(request)
+        self.kv_cache.forget(request)
+        return request  # a finished request left in the waiting heap is skipped when popped
+
+    # --- one step -------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        self.running.sort(key=lambda r: (r.priority, r.arrival_time))
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens_with_pending - request.num_computed_tokens, budget)
+            if num_new <= 0:  # waits for a token still being sampled (async scheduling)
+                i += 1
+                continue
+            while not self.kv_cache.allocate_slots(request, num_new):
+                victim = self.running[-1]  # lowest priority, newest arrival
+                self._preempt(victim)
+                out.num_preempted += 1
+                if victim is request:
+                    break
+            else:
+                out.scheduled.append(self._schedule(request, num_new))
+                budget -= num_new
+                i += 1
+        if out.num_preempted:
+            return self._commit(out)
+        while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self._waiting[0][-1]
+            if request.is_finished:
+                heapq.heappop(self._waiting)
+                continue
+            computed, num_cached = self.kv_cache.get_computed_blocks(request)
+            num_new = request.num_tokens - num_cached
+            if num_new > budget and not self.config.enable_chunked_prefill:
+                break
+            num_new = min(num_new, budget)
+            if not self.kv_cache.allocate_slots(request, num_new, computed):
+                break
+            heapq.heappop(self._waiting)
+            request.num_computed_tokens = num_cached
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(self._schedule(request, num_new))
+            budget -= num_new
+        return self._commit(out)
+
+    def _schedule(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        samples = start + num_new == request.num_tokens_with_pending
+        return ScheduledRequest(request, num_new, start, samples)
+
+    def _commit(self, out: SchedulerOutput) -> SchedulerOutput:
+        """Advance progress as if the step had run: the next schedule may overlap with it."""
+        for s in out.scheduled:
+            s.request.num_computed_tokens += s.num_tokens
+            if s.samples:
+                s.request.num_pending_output_tokens += 1
+        return out
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv_cache.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._push_waiting(request)
+
+    # --- results --------------------------------------------------------------------------------
+    def update_from_output(self, sampled: dict[str, int]) -> list[Request]:
+        """Append each request's sampled token and finish those that stop; returns all requests
+        that got a token (finished ones included)."""
+        updated = []
+        for request_id, token in sampled.items():
+            request = self.requests.get(request_id)
+            if request is None:  # finished while this step was in flight
+                continue
+            request.num_pending_output_tokens -= 1
+            request.output_token_ids.append(token)
+            status = self._check_stop(request, token)
+            if status is not None:
+                self.finish(request_id, status)
+            updated.append(request)
+        return updated
+
+    @staticmethod
+    def _check_stop(request: Request, token: int) -> RequestStatus | None:
+        params = request.sampling_params
+        num_out = len(request.output_token_ids)
+        if num_out >= params.min_tokens:
+            if token in params.stop_token_ids:  # type: ignore[operator]
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+            if not params.ignore_eos and token in params.all_stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+        if num_out >= request.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=self.num_waiting,
+            kv_cache_usage=self.kv_cache.usage(),
+            num_free_blocks=self.kv_cache.num_free_blocks,
+            prefix_cache_hit_rate=self.kv_cache.prefix_cache_hit_rate(),
+            num_preemptions=self.num_preemptions,
+        )

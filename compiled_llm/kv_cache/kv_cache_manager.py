@@ -1,0 +1,111 @@
+"""Per-request KV blocks on top of the block pool, with prefix caching.
+
+Full blocks are identified by a hash chain: hash(parent block's hash, this block's token ids), so
+equal hashes mean equal whole prefixes. Only full blocks are cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+
+from compiled_llm.engine.request import Request
+from compiled_llm.kv_cache.block_pool import BlockPool, KVBlock
+
+_ROOT_HASH = b"compiled-llm-prefix-root"
+
+
+def block_hash(parent: bytes, token_ids: list[int]) -> bytes:
+    return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self._blocks: dict[str, list[KVBlock]] = {}
+        self._hashes: dict[str, list[bytes]] = {}  # hashes of the request's full blocks so far
+        self._num_cached: dict[str, int] = {}  # how many of its blocks are in the prefix index
+        # Prefix-cache statistics, in tokens.
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    # --- lookup ---------------------------------------------------------------------------------
+    def _full_block_hashes(self, request: Request, num_tokens: int) -> list[bytes]:
+        hashes = self._hashes.setdefault(request.request_id, [])
+        tokens = None
+        bs = self.block_size
+        while (len(hashes) + 1) * bs <= num_tokens:
+            if tokens is None:
+                tokens = request.all_token_ids
+            i = len(hashes)
+            parent = hashes[-1] if hashes else _ROOT_HASH
+            hashes.append(block_hash(parent, tokens[i * bs : (i + 1) * bs]))
+        return hashes
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
+        """The longest cached prefix of a request not yet started, as (blocks, num_tokens).
+        At least one token is always left to compute, since its logits are needed."""
+        if not self.enable_prefix_caching:
+            return [], 0
+        hashes = self._full_block_hashes(request, request.num_tokens - 1)
+        hits: list[KVBlock] = []
+        for h in hashes:
+            block = self.pool.get_cached(h)
+            if block is None:
+                break
+            hits.append(block)
+        self.prefix_queries += request.num_tokens
+        self.prefix_hits += len(hits) * self.block_size
+        return hits, len(hits) * self.block_size
+
+    # --- allocation -----------------------------------------------------------------------------
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, computed: list[KVBlock] | None = None
+    ) -> bool:
+        """Make room for `num_new_tokens` more tokens after the computed ones (plus `computed`
+        prefix hits for a request being admitted). False, with nothing changed, if blocks run
+        out."""
+        computed = computed or []
+        blocks = self._blocks.setdefault(request.request_id, [])
+        total = request.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
+        needed = -(-total // self.block_size) - len(blocks) - len(computed)
+        reclaimed = sum(1 for b in computed if b.ref_cnt == 0)  # idle hits leave the free list
+        if needed + reclaimed > self.pool.num_free_blocks:
+            return False
+        self.pool.touch(computed)
+        blocks.extend(computed)
+        if needed > 0:
+            blocks.extend(self.pool.allocate(needed))
+        if self.enable_prefix_caching:
+            known = min(total, request.num_tokens)
+            hashes = self._full_block_hashes(request, known)
+            start = self._num_cached.get(request.request_id, len(computed))
+            for i in range(start, known // self.block_size):
+                self.pool.cache(blocks[i], hashes[i])
+            self._num_cached[request.request_id] = max(start, known // self.block_size)
+        return True
+
+    def free(self, request: Request) -> None:
+        blocks = self._blocks.pop(request.request_id, [])
+        self._num_cached.pop(request.request_id, None)
+        self.pool.free(list(reversed(blocks)))
+
+    def forget(self, request: Request) -> None:
+        """Free the request's blocks and its cached hashes (it is finished for good)."""
+        self.free(request)
+        self._hashes.pop(request.request_id, None)
+
+    def block_ids(self, request: Request) -> list[int]:
+        return [b.block_id for b in self._blocks.get(request.request_id, [])]
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def usage(self) -> float:
+        return self.pool.usage()
+
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0

@@ -1,0 +1,100 @@
+"""`LLM`: offline batched generation, with vLLM's call shapes so user code ports unchanged."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from compiled_llm.config import EngineArgs
+from compiled_llm.engine.llm_engine import LLMEngine
+from compiled_llm.engine.processor import PromptType
+from compiled_llm.outputs import RequestOutput
+from compiled_llm.sampling_params import SamplingParams
+
+
+class LLM:
+    """`LLM()` runs the embedded default model; `LLM(model=PATH, **engine_args)` any local one."""
+
+    def __init__(self, model: str | None = None, **engine_args: Any) -> None:
+        args = EngineArgs.from_kwargs(model=model, **engine_args)
+        self.engine = LLMEngine(args.create_config())
+        self.tokenizer = self.engine.tokenizer
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, str | dict):
+            prompts = [prompts]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(
+                    f"sampling_params has {len(params)} entries for {len(prompts)} prompts"
+                )
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"priority has {len(priority)} entries for {len(prompts)} prompts")
+        # Validate everything first, so bad input queues nothing.
+        ids = [self.engine.next_request_id() for _ in prompts]
+        added: list[str] = []
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                self.engine.add_request(ids[i], prompt, p, priority[i] if priority else 0)
+                added.append(ids[i])
+        except Exception:
+            for request_id in added:
+                self.engine.abort_request(request_id)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts: list[PromptType] = []
+        for conversation in conversations:
+            ids = self.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt, tokenize=True
+            )
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            prompts.append({"prompt_token_ids": list(ids)})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        wanted = set(request_ids)
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm)
+        start = time.perf_counter()
+        in_tokens = out_tokens = 0
+        while len(finished) < len(wanted) and self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished and out.request_id in wanted:
+                    finished[out.request_id] = out
+                    in_tokens += len(out.prompt_token_ids)
+                    out_tokens += sum(len(c.token_ids) for c in out.outputs)
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix_str(
+                        f"in {in_tokens / elapsed:.1f} tok/s, out {out_tokens / elapsed:.1f} tok/s"
+                    )
+                    bar.update(1)
+        bar.close()
+        return [finished[i] for i in request_ids]

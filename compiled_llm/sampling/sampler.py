@@ -1,0 +1,154 @@
+"""Batched sampling on the device, without host syncs.
+
+Everything per request (temperature, top-k/p, min-p, penalties, seeds) arrives as tensors built
+once per step on the host (`SamplingBatch`); the sampler is a fixed sequence of tensor ops.
+
+Random choice uses the exponential race: argmax(p / E) with E ~ Exp(1) draws from p. For a
+seeded request E comes from a counter-based hash of (seed, output index, token id), so its samples
+do not depend on batch composition, preemption or device — a seeded run repeats exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finalizer on int64 tensors holding values < 2**32."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+def seeded_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, V] uniforms in (0, 1), a pure function of (seed, step, token id)."""
+    row = _fmix32((_fmix32(seeds & _MASK32) + steps * 0x9E3779B1) & _MASK32)
+    cols = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64) * 0x7FEB352D
+    x = _fmix32((row[:, None] + cols[None, :]) & _MASK32)
+    return ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters for one step, as device tensors (rows = sampled requests)."""
+
+    temperature: torch.Tensor  # [B] float32; rows with 0 are greedy
+    top_k: torch.Tensor  # [B] int64; vocab_size where off
+    top_p: torch.Tensor  # [B] float32
+    min_p: torch.Tensor  # [B] float32
+    seeds: torch.Tensor  # [B] int64
+    steps: torch.Tensor  # [B] int64: index of the token being sampled in the request's output
+    seeded_rows: torch.Tensor | None  # [S] int64: rows that draw noise from `seeds`
+    all_greedy: bool
+    any_top_k: bool
+    any_top_p: bool
+    any_min_p: bool
+    # Penalties (None when no row uses any)
+    presence_penalty: torch.Tensor | None = None  # [B]
+    frequency_penalty: torch.Tensor | None = None  # [B]
+    repetition_penalty: torch.Tensor | None = None  # [B]
+    output_token_ids: torch.Tensor | None = None  # [B, L] int64, padded with vocab_size
+    prompt_token_ids: torch.Tensor | None = None  # [B, P] int64, padded with vocab_size
+    # (row, token) pairs banned this step (stop tokens before min_tokens)
+    banned: tuple[torch.Tensor, torch.Tensor] | None = None
+    max_num_logprobs: int = -1  # -1: no row asked for logprobs
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B] int64
+    # With logprobs: top-k ids/logprobs [B, K], and the sampled token's logprob and rank [B].
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+    sampled_logprobs: torch.Tensor | None = None
+    sampled_ranks: torch.Tensor | None = None
+
+
+def _token_counts(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    counts = torch.zeros(ids.shape[0], vocab_size + 1, device=ids.device, dtype=torch.float32)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
+    return counts[:, :vocab_size]
+
+
+def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    if b.output_token_ids is None:
+        return logits
+    assert b.presence_penalty is not None and b.frequency_penalty is not None
+    assert b.repetition_penalty is not None and b.prompt_token_ids is not None
+    vocab = logits.shape[1]
+    out_counts = _token_counts(b.output_token_ids, vocab)
+    seen = (out_counts + _token_counts(b.prompt_token_ids, vocab)) > 0
+    rep = b.repetition_penalty[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - b.frequency_penalty[:, None] * out_counts
+    return logits - b.presence_penalty[:, None] * (out_counts > 0).float()
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    vocab = logits.shape[1]
+    if b.any_top_k:
+        # keep the k largest: positions >= vocab - k in ascending order
+        kth = sorted_logits.gather(1, (vocab - b.top_k).clamp(0, vocab - 1)[:, None])
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    if b.any_top_p:
+        probs = sorted_logits.softmax(dim=-1)
+        cum = probs.cumsum(dim=-1)
+        drop = cum <= (1.0 - b.top_p[:, None])
+        drop[:, -1] = False  # always keep the most likely token
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
+        raw_logprobs = logits.log_softmax(dim=-1) if b.max_num_logprobs >= 0 else None
+        logits = apply_penalties(logits, b)
+        if b.banned is not None:
+            logits = logits.index_put(b.banned, torch.tensor(float("-inf"), device=logits.device))
+        greedy = logits.argmax(dim=-1)
+        if b.all_greedy:
+            token_ids = greedy
+        else:
+            token_ids = torch.where(b.temperature == 0, greedy, self._random(logits, b))
+        return self._with_logprobs(token_ids, raw_logprobs, b)
+
+    def _random(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+        temperature = torch.where(b.temperature == 0, torch.ones_like(b.temperature), b.temperature)
+        logits = logits / temperature[:, None]
+        if b.any_top_k or b.any_top_p:
+            logits = _apply_top_k_top_p(logits, b)
+        probs = logits.softmax(dim=-1)
+        if b.any_min_p:
+            keep = probs >= b.min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+            probs = probs * keep
+        noise = torch.empty_like(probs).exponential_()
+        if b.seeded_rows is not None:
+            seeds, steps = b.seeds[b.seeded_rows], b.steps[b.seeded_rows]
+            u = seeded_uniform(seeds, steps, probs.shape[1])
+            noise[b.seeded_rows] = -torch.log(u)
+        return (probs / noise).argmax(dim=-1)
+
+    @staticmethod
+    def _with_logprobs(
+        token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, b: SamplingBatch
+    ) -> SamplerOutput:
+        if raw_logprobs is None:
+            return SamplerOutput(token_ids=token_ids)
+        sampled = raw_logprobs.gather(1, token_ids[:, None])
+        ranks = (raw_logprobs > sampled).sum(dim=-1) + 1
+        k = max(b.max_num_logprobs, 0)
+        topk_logprobs, topk_ids = raw_logprobs.topk(k, dim=-1)
+        return SamplerOutput(
+            token_ids=token_ids,
+            topk_ids=topk_ids,
+            topk_logprobs=topk_logprobs,
+            sampled_logprobs=sampled[:, 0],
+            sampled_ranks=ranks,
+        )
