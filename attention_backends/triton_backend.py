@@ -63,7 +63,7 @@ class KernelConfig:
                 prefill_block_n=16,
                 prefill_warps=1,
                 prefill_stages=1,
-                waves=1,
+                waves=8,  # with 4 pretend SMs: several splits even on tiny batches
                 min_split_tokens=16,
             )
         if head_dim <= 64:

@@ -1,0 +1,372 @@
+"""Every GPU attention backend against the torch reference on ragged paged batches.
+
+Outputs are poisoned with NaN first and every real row must be written; caches must match the
+reference's bit for bit after the KV write. Block tables are random permutations of the pool
+(non-contiguous pages) and unused table entries point at a page full of NaN, so a kernel that
+reads past a sequence's end fails loudly. CPU CI runs the Triton kernels under TRITON_INTERPRET=1
+in one subprocess (the variable must be set before triton is imported, which this pytest process
+may already have done); the GPU cases are marked `gpu`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+from compiled_llm.attention_backends.base import AttentionBackend, AttentionInputs, AttentionSpec
+from compiled_llm.attention_backends.torch_ref import TorchAttentionBackend
+
+CUDA = torch.cuda.is_available()
+HAS_FLASHINFER = CUDA and importlib.util.find_spec("flashinfer") is not None
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    seq_lens: tuple[int, ...]
+    query_lens: tuple[int, ...]
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    head_dim: int = 128
+    block_size: int = 16
+    dtype: torch.dtype = torch.bfloat16
+    pad_tokens: int = 0  # extra query rows with slot -1, as a captured batch has
+
+
+def make_inputs(case: Case, device: torch.device, gen: torch.Generator) -> AttentionInputs:
+    """A packed batch over random pages; the last pool page (NaN) fills unused table entries."""
+    bs, r = case.block_size, len(case.seq_lens)
+    pages = [-(-s // bs) for s in case.seq_lens]
+    num_blocks = sum(pages) + 5
+    perm = torch.randperm(num_blocks - 1, generator=gen).to(torch.int32)
+    table = torch.full((r, max(pages) + 3), num_blocks - 1, dtype=torch.int32)
+    used = 0
+    for i, p in enumerate(pages):
+        table[i, :p] = perm[used : used + p]
+        used += p
+    starts, slots = [0], []
+    for i, (s, q) in enumerate(zip(case.seq_lens, case.query_lens)):
+        starts.append(starts[-1] + q)
+        slots += [int(table[i, p // bs]) * bs + p % bs for p in range(s - q, s)]
+    slots += [-1] * case.pad_tokens
+    qsl = torch.tensor(starts, dtype=torch.int32)
+    seq = torch.tensor(case.seq_lens, dtype=torch.int32)
+    return AttentionInputs(
+        num_reqs=r,
+        num_tokens=starts[-1],
+        query_start_loc=qsl.to(device),
+        seq_lens=seq.to(device),
+        block_table=table.to(device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_start_loc_cpu=qsl,
+        seq_lens_cpu=seq,
+        max_query_len=max(case.query_lens),
+        max_seq_len=max(case.seq_lens),
+    )
+
+
+def spec_of(case: Case, device: torch.device) -> AttentionSpec:
+    d = case.head_dim
+    return AttentionSpec(
+        case.num_heads, case.num_kv_heads, d, case.block_size, case.dtype, device, d**-0.5
+    )
+
+
+def random_cache(case: Case, inputs: AttentionInputs, gen: torch.Generator) -> torch.Tensor:
+    num_blocks = int(inputs.block_table.max()) + 1
+    shape = (num_blocks, 2, case.block_size, case.num_kv_heads, case.head_dim)
+    cache = torch.randn(shape, generator=gen).to(case.dtype)
+    cache[-1] = float("nan")
+    return cache.to(inputs.block_table.device)
+
+
+def compare(
+    backend: AttentionBackend, case: Case, seed: int = 0, prepare: bool = False
+) -> dict[str, float | bool]:
+    """Write + attend with `backend` and with the reference on the same inputs."""
+    device = backend.spec.device
+    gen = torch.Generator().manual_seed(seed)
+    inputs = make_inputs(case, device, gen)
+    cache = random_cache(case, inputs, gen)
+    rows = inputs.slot_mapping.shape[0]
+    q, k, v = (
+        torch.randn(rows, h, case.head_dim, generator=gen).to(case.dtype).to(device)
+        for h in (case.num_heads, case.num_kv_heads, case.num_kv_heads)
+    )
+    results = []
+    for be in (TorchAttentionBackend(backend.spec), backend):
+        if prepare and be is backend:
+            be.prepare_for_capture(max_num_reqs=len(case.seq_lens) + 3, max_num_tokens=rows + 8)
+        kv = cache.clone()
+        md = be.build_metadata(inputs)
+        be.write_kv(k, v, kv, md)
+        out = torch.full_like(q, float("nan"))
+        be.attend(q, kv, md, out)
+        results.append((kv, out[: inputs.num_tokens].float()))
+    (ref_kv, ref), (kv, out) = results
+    return {
+        "err": ((out - ref).norm() / ref.norm()).item(),
+        "written": bool(torch.isfinite(out).all()),
+        "cache_equal": bool(torch.equal(ref_kv.nan_to_num(7.0), kv.nan_to_num(7.0))),
+    }
+
+
+def check(result: dict[str, float | bool], dtype: torch.dtype) -> None:
+    assert result["written"], "output rows left unwritten (NaN poison survived)"
+    assert result["cache_equal"], "KV cache differs from the reference write"
+    assert result["err"] <= TOLERANCE[dtype], f"relative error {result['err']:.3g}"
+
+
+# --- CPU: the Triton kernels under the interpreter ----------------------------------------------
+F32 = torch.float32
+INTERPRETER_CASES = [
+    Case("decode_mha", (5, 40, 1, 70), (1, 1, 1, 1), 2, 2, 32, 16, F32, pad_tokens=2),
+    Case("decode_gqa4", (33, 17, 64), (1, 1, 1), 8, 2, 16, 8, F32),
+    Case("prefill_gqa2", (5, 40, 17), (5, 40, 17), 4, 2, 16, 16, F32),
+    Case("chunked_mixed_gqa8", (40, 17, 33, 9), (9, 1, 33, 2), 8, 1, 32, 8, F32, pad_tokens=3),
+    Case("prefill_group3_dim24", (21, 3), (21, 2), 6, 2, 24, 16, F32),
+    Case("decode_fp16", (50, 7), (1, 1), 4, 1, 32, 16, torch.float16),
+]
+PREPARED_CASES = ["decode_mha", "chunked_mixed_gqa8"]  # staged buffers + split-KV path
+
+
+def _interpreter_main() -> None:
+    """Run in a subprocess with TRITON_INTERPRET=1; prints one JSON line of results."""
+    _patch_interpreter_index()
+    from compiled_llm.attention_backends.triton_backend import TritonAttentionBackend
+
+    cpu = torch.device("cpu")
+    results: dict[str, object] = {}
+    for case in INTERPRETER_CASES:
+        backend = TritonAttentionBackend(spec_of(case, cpu))
+        results[case.name] = compare(backend, case)
+        if case.name in PREPARED_CASES:
+            backend = TritonAttentionBackend(spec_of(case, cpu))
+            results[case.name + "_prepared"] = compare(backend, case, prepare=True)
+    results["rope"] = rope_error(cpu, torch.float32)
+    print(json.dumps(results))
+
+
+def _patch_interpreter_index() -> None:
+    """Triton 3.6's interpreter turns 1-element arrays into loop bounds with int(), which NumPy
+    >= 2.4 refuses (triton-lang/triton#9171, fixed upstream); squeeze first."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):  # type: ignore[no-untyped-def]
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict[str, dict[str, float | bool]]:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, __file__, "--interpreter"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+INTERPRETER_NAMES = [c.name for c in INTERPRETER_CASES] + [n + "_prepared" for n in PREPARED_CASES]
+
+
+@pytest.mark.parametrize("name", INTERPRETER_NAMES)
+def test_triton_interpreter(interpreter_results: dict, name: str) -> None:
+    dtype = next(c.dtype for c in INTERPRETER_CASES if name.startswith(c.name))
+    check(interpreter_results[name], dtype)
+
+
+def test_triton_interpreter_rope(interpreter_results: dict) -> None:
+    assert interpreter_results["rope"]["q"] < 1e-5 and interpreter_results["rope"]["k"] < 1e-5
+    assert interpreter_results["rope"]["cache_close"]
+
+
+# --- RoPE fused with the KV write ---------------------------------------------------------------
+def rope_error(device: torch.device, dtype: torch.dtype) -> dict[str, float | bool]:
+    from compiled_llm.attention_backends.triton_kernels import rope_and_write_kv
+
+    from compiled_llm.layers.rotary import apply_rotary
+
+    gen = torch.Generator().manual_seed(3)
+    t, hq, hkv, d, bs, nb = 7, 4, 2, 32, 8, 6
+    q, k, v = (torch.randn(t, h, d, generator=gen).to(dtype) for h in (hq, hkv, hkv))
+    positions = torch.randint(0, 50, (t,), generator=gen)
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
+    freqs = torch.outer(torch.arange(64).float(), inv)
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1)
+    slots = torch.randperm(nb * bs, generator=gen)[:t]
+    slots[2] = -1
+    cache = torch.randn(nb, 2, bs, hkv, d, generator=gen).to(dtype)
+    cos, sin = cos_sin[positions].chunk(2, -1)
+    q_ref, k_ref = apply_rotary(q.float(), cos, sin), apply_rotary(k.float(), cos, sin)
+    ref_cache = cache.clone()
+    keep = slots >= 0
+    blk, off = slots[keep] // bs, slots[keep] % bs
+    ref_cache[blk, 0, off] = k_ref[keep].to(dtype)
+    ref_cache[blk, 1, off] = v[keep]
+    args = (q, k, v, positions, cos_sin, cache, slots)
+    q2, k2, v2, pos2, cs2, cache2, slots2 = (x.to(device) for x in args)
+    rope_and_write_kv(q2, k2, v2, pos2, cs2, cache2, slots2)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.cpu().float() - b).norm() / b.norm()).item()
+
+    return {
+        "q": rel(q2, q_ref),
+        "k": rel(k2, k_ref),
+        "cache_close": rel(cache2, ref_cache.float()) < 1e-2,
+    }
+
+
+# --- GPU ----------------------------------------------------------------------------------------
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+MODES = {
+    "decode": Case("decode", (1, 17, 100, 1000, 4096, 2049, 33, 512), (1,) * 8, pad_tokens=3),
+    "prefill": Case("prefill", (1, 7, 300, 1100, 2048), (1, 7, 300, 1100, 2048)),
+    "chunked": Case("chunked", (4096, 1500, 900, 64, 1), (512, 1, 900, 16, 1), pad_tokens=5),
+}
+HEADS = [(8, 8), (16, 4), (32, 4)]  # GQA ratios 1, 4, 8
+
+
+def make_backend(name: str, spec: AttentionSpec) -> AttentionBackend:
+    if name == "flashinfer" and not HAS_FLASHINFER:
+        pytest.skip("flashinfer is not installed")
+    from compiled_llm.attention_backends.registry import get_backend_class
+
+    return get_backend_class(name)(spec)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"{h[0]}q{h[1]}kv")
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("backend", ["triton", "flashinfer"])
+def test_matches_reference(
+    backend: str, mode: str, block_size: int, heads: tuple[int, int], head_dim: int
+) -> None:
+    case = replace(
+        MODES[mode],
+        num_heads=heads[0],
+        num_kv_heads=heads[1],
+        head_dim=head_dim,
+        block_size=block_size,
+    )
+    be = make_backend(backend, spec_of(case, torch.device("cuda")))
+    check(compare(be, case, seed=block_size + head_dim), case.dtype)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_triton_other_dtypes(mode: str, dtype: torch.dtype) -> None:
+    case = replace(MODES[mode], num_heads=16, num_kv_heads=4, dtype=dtype)
+    be = make_backend("triton", spec_of(case, torch.device("cuda")))
+    check(compare(be, case), dtype)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("backend", ["triton", "flashinfer"])
+def test_prepared_buffers(backend: str, mode: str) -> None:
+    """Staged (graph-ready) metadata, eagerly: padded request slots and fixed split counts."""
+    case = replace(MODES[mode], num_heads=32, num_kv_heads=8)
+    be = make_backend(backend, spec_of(case, torch.device("cuda")))
+    check(compare(be, case, prepare=True), case.dtype)
+
+
+@gpu
+@needs_cuda
+def test_rope_and_write_kv_gpu() -> None:
+    res = rope_error(torch.device("cuda"), torch.bfloat16)
+    assert res["q"] < 1e-2 and res["k"] < 1e-2 and res["cache_close"]
+
+
+GRAPH_BATCHES = {
+    # (seq_lens, query_lens) per step; every step pads to the same token count.
+    "decode": [((9, 300, 4000, 2), (1, 1, 1, 1)), ((1, 64, 2000, 17, 3000, 5), (1,) * 6)],
+    "mixed": [
+        ((300, 40, 2000), (20, 1, 3)),
+        ((1000, 2, 7, 600, 3000), (1, 2, 7, 1, 1)),
+        ((50, 60, 70), (1, 1, 1)),
+    ],
+}
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize(
+    ("backend", "kind"), [("triton", "decode"), ("triton", "mixed"), ("flashinfer", "decode")]
+)
+def test_cuda_graph_replay(backend: str, kind: str) -> None:
+    """Capture write + attend once, then replay for other batches of the same padded size."""
+    dev = torch.device("cuda")
+    padded = 8 if kind == "decode" else 32
+    base = Case("graph", (1,), (1,), num_heads=16, num_kv_heads=4)
+    spec = spec_of(base, dev)
+    be = make_backend(backend, spec)
+    be.prepare_for_capture(max_num_reqs=16, max_num_tokens=64)
+    ref_be = TorchAttentionBackend(spec)
+    gen = torch.Generator().manual_seed(11)
+    num_blocks = 2048
+    cache = torch.randn(num_blocks, 2, 16, 4, 128, generator=gen).to(torch.bfloat16).to(dev)
+    bufs = [torch.zeros(padded, h, 128, dtype=torch.bfloat16, device=dev) for h in (16, 4, 4)]
+    q_buf, k_buf, v_buf = bufs
+    out_buf = torch.zeros_like(q_buf)
+    graph = None
+    for step, (seq_lens, query_lens) in enumerate(GRAPH_BATCHES[kind]):
+        case = replace(
+            base,
+            seq_lens=seq_lens,
+            query_lens=query_lens,
+            pad_tokens=padded - sum(query_lens),
+        )
+        inputs = make_inputs(case, dev, gen)  # its pages all lie inside the shared pool
+        for buf in bufs:
+            buf.copy_(torch.randn(buf.shape, generator=gen).to(buf.dtype))
+        ref_cache = cache.clone()
+        md = be.build_metadata(inputs)
+        if graph is None:
+            be.write_kv(k_buf, v_buf, cache.clone(), md)  # warm up (compiles) outside capture
+            be.attend(q_buf, cache, md, out_buf)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                be.write_kv(k_buf, v_buf, cache, md)
+                be.attend(q_buf, cache, md, out_buf)
+        out_buf.fill_(float("nan"))
+        graph.replay()
+        ref_md = ref_be.build_metadata(inputs)
+        ref_be.write_kv(k_buf, v_buf, ref_cache, ref_md)
+        ref = torch.full_like(q_buf, float("nan"))
+        ref_be.attend(q_buf, ref_cache, ref_md, ref)
+        n = inputs.num_tokens
+        out, expect = out_buf[:n].float(), ref[:n].float()
+        err = ((out - expect).norm() / expect.norm()).item()
+        assert torch.isfinite(out).all(), f"step {step}: rows left unwritten"
+        assert torch.equal(cache, ref_cache), f"step {step}: cache differs"
+        assert err <= 1e-2, f"step {step}: relative error {err:.3g}"
+
+
+if __name__ == "__main__" and "--interpreter" in sys.argv:
+    _interpreter_main()
