@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compiled_llm.engine.forward_context import get_forward_context
+from compiled_llm.engine.forward_context import ForwardContext, get_forward_context
 
 _LIB = torch.library.Library("compiled_llm", "FRAGMENT")
 
@@ -51,7 +51,7 @@ def backend_ops(name: str) -> BackendOps:
     if name in _BACKEND_OPS:
         return _BACKEND_OPS[name]
 
-    def _backend(layer_idx: int):  # type: ignore[no-untyped-def]
+    def _backend(layer_idx: int) -> tuple[ForwardContext, torch.Tensor]:
         ctx = get_forward_context()
         if ctx.backend.name != name:
             raise RuntimeError(

@@ -35,7 +35,7 @@ class LLM:
     ) -> list[RequestOutput]:
         if isinstance(prompts, str | dict):
             prompts = [prompts]
-        prompts = list(prompts)  # type: ignore[arg-type]
+        prompts = list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):

@@ -47,7 +47,6 @@ class EngineCore:
             config.cache_config.block_size,
             num_blocks * config.cache_config.block_size,
         )
-        self._aborted: list[EngineCoreOutput] = []
 
     # --- requests -------------------------------------------------------------------------------
     def add_request(self, req: EngineCoreRequest) -> None:
@@ -66,14 +65,13 @@ class EngineCore:
         )
 
     def abort_requests(self, request_ids: list[str], reason: str = "abort") -> None:
-        """Finish requests now (client gone, stop string seen) and free their KV blocks."""
+        """Finish requests now (client gone, stop string seen) and free their KV blocks. The
+        frontend asked for it, so no output is sent for them."""
         for request_id in request_ids:
-            request = self.scheduler.finish(request_id, _FINISH_STATUS[reason])
-            if request is not None and reason == "abort":
-                self._aborted.append(EngineCoreOutput(request_id, [], finish_reason="abort"))
+            self.scheduler.finish(request_id, _FINISH_STATUS[reason])
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._aborted)
+        return self.scheduler.has_unfinished()
 
     # --- steps ----------------------------------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
@@ -102,10 +100,9 @@ class EngineCore:
             )
         return self._outputs(outputs, sched)
 
-    def _outputs(self, outputs: list[EngineCoreOutput], sched: SchedulerOutput) -> EngineCoreOutputs:
-        if self._aborted:
-            outputs = self._aborted + outputs
-            self._aborted = []
+    def _outputs(
+        self, outputs: list[EngineCoreOutput], sched: SchedulerOutput
+    ) -> EngineCoreOutputs:
         stats = self.scheduler.stats()
         num_sampled = sum(1 for s in sched.scheduled if s.samples)
         num_prompt = sum(

@@ -24,6 +24,7 @@ class LLMEngine:
         self.core = EngineCore(config)
         self._ids = itertools.count()
         self.last_stats: SchedulerStatsMsg | None = None
+        self.num_prompt_tokens_computed = 0  # over the engine's life: prefix hits are not counted
 
     def next_request_id(self) -> str:
         return str(next(self._ids))
@@ -61,6 +62,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         core_out = self.core.step()
         self.last_stats = core_out.stats
+        if core_out.stats is not None:
+            self.num_prompt_tokens_computed += core_out.stats.num_prompt_tokens_computed
         outputs, to_stop = self.output_processor.process_outputs(core_out.outputs)
         if to_stop:
             self.core.abort_requests(to_stop, reason="stop")

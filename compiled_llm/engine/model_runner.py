@@ -141,7 +141,9 @@ class ModelRunner:
         block_table = np.zeros((len(scheduled), width), dtype=np.int32)
         for i, ids in enumerate(block_ids):
             block_table[i, : len(ids)] = ids
-        slot_mapping = block_table[req_index, positions // bs].astype(np.int64) * bs + positions % bs
+        slot_mapping = (
+            block_table[req_index, positions // bs].astype(np.int64) * bs + positions % bs
+        )
         seq_lens = (starts + q_lens).astype(np.int32)
         samples = np.array([s.samples for s in scheduled], dtype=bool)
         logits_indices = cu[1:][samples] - 1
@@ -201,7 +203,7 @@ class ModelRunner:
         topk_lps = out.topk_logprobs.tolist()
         sampled_lps = out.sampled_logprobs.tolist()
         ranks = out.sampled_ranks.tolist()
-        logprobs = []
+        logprobs: list[Any] = []
         for i, r in enumerate(requests):
             k = r.sampling_params.logprobs
             if k is None:

@@ -165,7 +165,7 @@ class OutputProcessor:
     @staticmethod
     def _make_output(state: _ParentState) -> RequestOutput:
         params = state.params
-        holdback = max((len(s) for s in params.stop or ()), default=1) - 1  # type: ignore[union-attr]
+        holdback = max((len(s) for s in params.stop or ()), default=1) - 1
         completions = []
         for sample in state.samples.values():
             text = sample.text

@@ -95,10 +95,7 @@ class InputProcessor:
         arrival = time.monotonic() if arrival_time is None else arrival_time
         core_requests = []
         for i in range(params.n):
-            if params.seed is not None:
-                seed = params.seed + i
-            else:
-                seed = self._rng.getrandbits(31)
+            seed = params.seed + i if params.seed is not None else self._rng.getrandbits(31)
             child_id = request_id if params.n == 1 else f"{request_id}-{i}"
             core_requests.append(
                 EngineCoreRequest(

@@ -82,9 +82,7 @@ class LlamaModel(nn.Module):
     ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(int(cfg.vocab_size), int(cfg.hidden_size))
-        self.layers = nn.ModuleList(
-            [layer_cls(cfg, i) for i in range(int(cfg.num_hidden_layers))]
-        )
+        self.layers = nn.ModuleList([layer_cls(cfg, i) for i in range(int(cfg.num_hidden_layers))])
         self.norm = RMSNorm(int(cfg.hidden_size), float(cfg.rms_norm_eps))
         self.rotary_emb = RotaryEmbedding(cfg, _head_dim(cfg), max_positions, device)
 
@@ -113,9 +111,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = (
-            self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        )
+        weight = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
         return torch.nn.functional.linear(hidden, weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -125,7 +121,9 @@ class LlamaForCausalLM(nn.Module):
             if "rotary_emb." in name or (self.tie_word_embeddings and name == "lm_head.weight"):
                 continue
             if name not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}"
+                )
             param = params[name]
             if tuple(param.shape) != tuple(tensor.shape):
                 raise ValueError(

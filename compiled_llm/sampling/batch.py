@@ -37,8 +37,8 @@ def build_sampling_batch(
     # Stop tokens are banned until min_tokens outputs exist.
     banned_rows: list[int] = []
     banned_ids: list[int] = []
-    for i, (r, p) in enumerate(zip(requests, params)):
-        if steps[i] < p.min_tokens:
+    for i, (step, p) in enumerate(zip(steps, params)):
+        if step < p.min_tokens:
             stops = set(p.stop_token_ids or ())
             if not p.ignore_eos:
                 stops |= p.all_stop_token_ids

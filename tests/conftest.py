@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random-weight HF models saved to disk (with a real tokenizer), and the
+embedded default model's tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    initializer_range=0.2,  # spreads the logits so greedy choices are far from ties
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded model's tokenizer, converted once and saved as tokenizer.json."""
+    from compiled_llm.models.loader import default_model_path, load_tokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    load_tokenizer(default_model_path()).save_pretrained(path)
+    return path
+
+
+def make_tiny_model(kind: str, path: Path, tokenizer_dir: Path, **overrides: object) -> Path:
+    """Save a tiny random model of family `kind` (llama | qwen2 | qwen3) with our tokenizer."""
+    import transformers
+
+    cfg_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[kind]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    kwargs = dict(TINY, vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if kind == "qwen3":
+        kwargs["head_dim"] = 16
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    model = model_cls(cfg_cls(**kwargs)).eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory, embedded_tokenizer_dir: Path):
+    cache: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in cache:
+            cache[kind] = make_tiny_model(
+                kind, tmp_path_factory.mktemp(f"tiny-{kind}"), embedded_tokenizer_dir
+            )
+        return cache[kind]
+
+    return get
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

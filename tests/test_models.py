@@ -1,0 +1,80 @@
+"""Greedy outputs equal HF transformers' `generate` (float32) token for token."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from compiled_llm import LLM, SamplingParams
+
+PROMPTS = [
+    "Hi",
+    "The capital of France is",
+    "In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole",
+    "1 2 3 4 5 6 7",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Once upon a time, in a land far far away, there was a small village where",
+    "Q: What is the boiling point of water?\nA:",
+    "Paged attention stores the KV cache in fixed-size blocks so that memory " * 3,
+]
+
+
+def hf_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    results = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(
+                ids,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        results.append(out[0, ids.shape[1] :].tolist())
+    return results
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_tiny_models_match_hf(kind: str, tiny_models) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_models(kind)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    expected = hf_greedy(hf, tokenizer, PROMPTS, max_new_tokens=12)
+    llm = LLM(str(path), max_model_len=512, enforce_eager=True)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    free_before = llm.engine.num_free_blocks
+    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert [o.prompt for o in outputs] == PROMPTS
+    assert llm.engine.num_free_blocks == free_before
+
+
+def test_embedded_model_matches_hf() -> None:
+    """The embedded GGUF against transformers' own GGUF dequantization and Llama model."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from compiled_llm.models.loader import default_model_path
+
+    path = default_model_path()
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    hf = LlamaForCausalLM(config).eval()
+    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=hf)["tensors"]
+    hf.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    prompts = PROMPTS[:4]
+    expected = hf_greedy(hf, tokenizer, prompts, max_new_tokens=16)
+
+    llm = LLM(enforce_eager=True, max_model_len=1024)
+    outputs = llm.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False
+    )
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert "Paris" in outputs[1].outputs[0].text
