@@ -6,7 +6,7 @@ batch, mixed decode + prefill included); `attend` only calls `run()`. Decode bat
 sizes given to `prepare_for_capture` use one CUDA-graph wrapper per padded batch size, whose index
 buffers we own and `plan()` refills each step, so captured graphs are uniform-decode only.
 
-The KV write uses our Triton slot-mapping kernel rather than `flashinfer.page.append_paged_kv_cache`:
+The KV write uses our Triton slot-mapping kernel, not `flashinfer.page.append_paged_kv_cache`:
 the slot mapping is what the scheduler produces (append would need batch indices and positions
 rebuilt every step), padding slots (-1) are skipped by the kernel, and the same kernel, with its
 RoPE-fused variant, serves both GPU backends, so the compiler's RoPE+write fusion applies to both.
@@ -58,7 +58,7 @@ def _announce_jit() -> None:
         return
     _announced = True
     cache = Path(os.environ["FLASHINFER_WORKSPACE_BASE"]) / ".cache" / "flashinfer"
-    if any(cache.rglob("*.so")):
+    if cache.is_dir() and any(cache.rglob("*.so")):
         logger.info("FlashInfer kernels compiled earlier are cached in %s", cache)
     else:
         logger.warning(
@@ -115,6 +115,11 @@ class FlashInferAttentionBackend(AttentionBackend):
         self._buffers: StepBuffers | None = None
         self._graph_index: _GraphIndexBuffers | None = None
         self._graph_decode: dict[int, Any] = {}
+        self._num_blocks: int | None = None  # pool size, bounds a request's pages
+
+    def allocate_kv_caches(self, num_blocks: int, num_layers: int) -> list[torch.Tensor]:
+        self._num_blocks = num_blocks
+        return super().allocate_kv_caches(num_blocks, num_layers)
 
     def _decode_wrapper(self, batch_size: int | None = None) -> Any:
         kwargs: dict[str, Any] = {"use_tensor_cores": self.decode_tensor_cores}
@@ -133,19 +138,25 @@ class FlashInferAttentionBackend(AttentionBackend):
 
     # --- per step, outside the graph ------------------------------------------------------------
     def prepare_for_capture(self, max_num_reqs: int, max_num_tokens: int) -> None:
-        self._buffers = StepBuffers(max_num_reqs, max_num_tokens, self.spec.device)
+        dev = self.spec.device
+        self._buffers = StepBuffers(max_num_reqs, max_num_tokens, dev, self._num_blocks)
 
     def _graph_wrapper(self, batch_size: int, width: int) -> Any:
+        """The CUDA-graph decode wrapper for this padded batch size (created on first use)."""
         assert self._buffers is not None
         if self._graph_index is None:
             n, dev = self._buffers.max_num_reqs, self.spec.device
+            pages = self._buffers.max_blocks_per_req or width
             self._graph_index = _GraphIndexBuffers(
                 indptr=torch.zeros(n + 1, dtype=torch.int32, device=dev),
-                indices=torch.zeros(n * width, dtype=torch.int32, device=dev),
+                indices=torch.zeros(n * pages, dtype=torch.int32, device=dev),
                 last_page_len=torch.zeros(n, dtype=torch.int32, device=dev),
             )
         if self._graph_index.indices.numel() < batch_size * width:
-            raise ValueError("the block table grew wider than when CUDA graphs were prepared")
+            raise ValueError(
+                "more pages than staged for CUDA graphs: allocate the KV cache through the "
+                "backend (allocate_kv_caches) before prepare_for_capture"
+            )
         if batch_size not in self._graph_decode:
             self._graph_decode[batch_size] = self._decode_wrapper(batch_size)
         return self._graph_decode[batch_size]

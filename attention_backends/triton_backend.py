@@ -53,7 +53,7 @@ class KernelConfig:
     min_split_tokens: int = 256
 
     @staticmethod
-    def for_device(device: torch.device, head_dim: int) -> KernelConfig:
+    def for_device(device: torch.device, head_dim: int, dtype: torch.dtype) -> KernelConfig:
         if device.type != "cuda":  # interpreter: small tiles keep CPU tests fast
             return KernelConfig(
                 decode_block_n=16,
@@ -65,6 +65,10 @@ class KernelConfig:
                 prefill_stages=1,
                 waves=8,  # with 4 pretend SMs: several splits even on tiny batches
                 min_split_tokens=16,
+            )
+        if dtype == torch.float32:  # no tensor-core path: small tiles avoid register spills
+            return KernelConfig(
+                decode_block_n=32, prefill_block_m=32, prefill_block_n=32, prefill_warps=4
             )
         if head_dim <= 64:
             return KernelConfig(prefill_warps=4, prefill_stages=3)
@@ -94,7 +98,7 @@ class TritonAttentionBackend(AttentionBackend):
                 "the triton attention backend needs a CUDA device (or TRITON_INTERPRET=1, "
                 "set before triton is imported, for CPU tests)"
             )
-        self.config = config or KernelConfig.for_device(spec.device, spec.head_dim)
+        self.config = config or KernelConfig.for_device(spec.device, spec.head_dim, spec.dtype)
         if spec.device.type == "cuda":
             props = torch.cuda.get_device_properties(spec.device)
             self._num_sms = props.multi_processor_count
@@ -102,6 +106,11 @@ class TritonAttentionBackend(AttentionBackend):
             self._num_sms = 4
         self._buffers: StepBuffers | None = None
         self._scratch: torch.Tensor | None = None
+        self._num_blocks: int | None = None  # pool size, bounds a request's pages
+
+    def allocate_kv_caches(self, num_blocks: int, num_layers: int) -> list[torch.Tensor]:
+        self._num_blocks = num_blocks
+        return super().allocate_kv_caches(num_blocks, num_layers)
 
     # --- split-KV planning ----------------------------------------------------------------------
     def num_splits(self, num_req_slots: int, max_seq_len: int | None) -> int:
@@ -119,7 +128,7 @@ class TritonAttentionBackend(AttentionBackend):
     # --- per step, outside the graph ------------------------------------------------------------
     def prepare_for_capture(self, max_num_reqs: int, max_num_tokens: int) -> None:
         dev = self.spec.device
-        self._buffers = StepBuffers(max_num_reqs, max_num_tokens, dev)
+        self._buffers = StepBuffers(max_num_reqs, max_num_tokens, dev, self._num_blocks)
         need = max(self._partials(r, self.num_splits(r, None)) for r in range(1, max_num_reqs + 1))
         self._scratch = torch.empty(max(need, 1), dtype=torch.float32, device=dev)
 
@@ -185,7 +194,7 @@ class TritonAttentionBackend(AttentionBackend):
                 b.seq_lens,
                 out,
                 self.spec.scale,
-                num_reqs=b.num_req_slots,
+                num_reqs=min(b.num_req_slots, q.shape[0]),  # rows past q's end: none
                 num_splits=md.num_splits,
                 scratch=md.scratch,
                 block_n=cfg.decode_block_n,

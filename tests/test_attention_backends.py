@@ -151,7 +151,45 @@ def _interpreter_main() -> None:
             backend = TritonAttentionBackend(spec_of(case, cpu))
             results[case.name + "_prepared"] = compare(backend, case, prepare=True)
     results["rope"] = rope_error(cpu, torch.float32)
+    for kind in GRAPH_BATCHES:
+        results["replay_" + kind] = replay_without_graph(kind)
     print(json.dumps(results))
+
+
+def replay_without_graph(kind: str) -> dict[str, float | bool]:
+    """What a graph replay does, on CPU: every step launches with the first step's metadata
+    (grids, split counts, tensor addresses) while build_metadata refreshes the staged buffers."""
+    from compiled_llm.attention_backends.triton_backend import TritonAttentionBackend
+
+    cpu, padded = torch.device("cpu"), (8 if kind == "decode" else 32)
+    base = Case("replay", (1,), (1,), 8, 2, 32, 16, torch.float32)
+    spec = spec_of(base, cpu)
+    be, ref_be = TritonAttentionBackend(spec), TorchAttentionBackend(spec)
+    gen = torch.Generator().manual_seed(5)
+    cache = be.allocate_kv_caches(256, num_layers=1)[0]
+    cache.copy_(torch.randn(cache.shape, generator=gen))
+    be.prepare_for_capture(max_num_reqs=16, max_num_tokens=64)
+    first, worst, ok = None, 0.0, True
+    for seq_lens, query_lens in GRAPH_BATCHES[kind]:
+        seq = tuple(max(1, s // 64) for s in seq_lens)
+        qlen = tuple(min(q, s) for q, s in zip(query_lens, seq))
+        case = replace(base, seq_lens=seq, query_lens=qlen, pad_tokens=padded - sum(qlen))
+        inputs = make_inputs(case, cpu, gen)
+        q, k, v = (torch.randn(padded, h, 32, generator=gen) for h in (8, 2, 2))
+        md = be.build_metadata(inputs)
+        first = first or md
+        ref_cache = cache.clone()
+        be.write_kv(k, v, cache, first)
+        out = torch.full_like(q, float("nan"))
+        be.attend(q, cache, first, out)
+        ref_md = ref_be.build_metadata(inputs)
+        ref_be.write_kv(k, v, ref_cache, ref_md)
+        ref = torch.full_like(q, float("nan"))
+        ref_be.attend(q, ref_cache, ref_md, ref)
+        n = inputs.num_tokens
+        worst = max(worst, ((out[:n] - ref[:n]).norm() / ref[:n].norm()).item())
+        ok = ok and bool(torch.isfinite(out[:n]).all()) and torch.equal(cache, ref_cache)
+    return {"err": worst, "written": ok, "cache_equal": ok}
 
 
 def _patch_interpreter_index() -> None:
@@ -189,6 +227,11 @@ INTERPRETER_NAMES = [c.name for c in INTERPRETER_CASES] + [n + "_prepared" for n
 def test_triton_interpreter(interpreter_results: dict, name: str) -> None:
     dtype = next(c.dtype for c in INTERPRETER_CASES if name.startswith(c.name))
     check(interpreter_results[name], dtype)
+
+
+@pytest.mark.parametrize("kind", ["decode", "mixed"])
+def test_triton_interpreter_replay(interpreter_results: dict, kind: str) -> None:
+    check(interpreter_results["replay_" + kind], torch.float32)
 
 
 def test_triton_interpreter_rope(interpreter_results: dict) -> None:
@@ -325,11 +368,12 @@ def test_cuda_graph_replay(backend: str, kind: str) -> None:
     base = Case("graph", (1,), (1,), num_heads=16, num_kv_heads=4)
     spec = spec_of(base, dev)
     be = make_backend(backend, spec)
+    num_blocks = 2048
+    cache = be.allocate_kv_caches(num_blocks, num_layers=1)[0]  # tells it the pool size
     be.prepare_for_capture(max_num_reqs=16, max_num_tokens=64)
     ref_be = TorchAttentionBackend(spec)
     gen = torch.Generator().manual_seed(11)
-    num_blocks = 2048
-    cache = torch.randn(num_blocks, 2, 16, 4, 128, generator=gen).to(torch.bfloat16).to(dev)
+    cache.copy_(torch.randn(cache.shape, generator=gen).to(cache.dtype))
     bufs = [torch.zeros(padded, h, 128, dtype=torch.bfloat16, device=dev) for h in (16, 4, 4)]
     q_buf, k_buf, v_buf = bufs
     out_buf = torch.zeros_like(q_buf)
