@@ -140,6 +140,8 @@ class FlashInferAttentionBackend(AttentionBackend):
     def prepare_for_capture(self, max_num_reqs: int, max_num_tokens: int) -> None:
         dev = self.spec.device
         self._buffers = StepBuffers(max_num_reqs, max_num_tokens, dev, self._num_blocks)
+        self._graph_index = None  # graphs captured before this are invalid from now on
+        self._graph_decode = {}
 
     def _graph_wrapper(self, batch_size: int, width: int) -> Any:
         """The CUDA-graph decode wrapper for this padded batch size (created on first use)."""

@@ -10,6 +10,7 @@ On CPU the kernels run under TRITON_INTERPRET=1 (tests only).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -72,7 +73,9 @@ class KernelConfig:
             )
         if head_dim <= 64:
             return KernelConfig(prefill_warps=4, prefill_stages=3)
-        return KernelConfig()
+        # H100, D=128: BLOCK_N 32 with 4 warps beat 64/8 warps (365 vs 363 TFLOP/s at 8k,
+        # 257 vs 220 at 8x1k).
+        return KernelConfig(prefill_block_n=32, prefill_warps=4, prefill_stages=3)
 
 
 @dataclass(frozen=True)
@@ -115,12 +118,23 @@ class TritonAttentionBackend(AttentionBackend):
     # --- split-KV planning ----------------------------------------------------------------------
     def num_splits(self, num_req_slots: int, max_seq_len: int | None) -> int:
         """Splits per request so the decode grid fills the GPU; `max_seq_len` None means the
-        launch may be replayed for any length (a captured graph), so it cannot be used."""
+        launch may be replayed for any length (a captured graph), so it cannot be used.
+
+        Splits are also added until the last round of programs over the multiprocessors is at
+        least 90% full: with 8 requests x 8 KV heads, 9 splits leave 48 of 132 SMs one program
+        longer than the rest (measured 81% of copy bandwidth at 32k), 10 splits do not."""
         programs = max(num_req_slots * self.spec.num_kv_heads, 1)
-        splits = min(MAX_SPLITS, triton.cdiv(self.config.waves * self._num_sms, programs))
+        cap = MAX_SPLITS
         if max_seq_len is not None:
-            splits = min(splits, triton.cdiv(max_seq_len, self.config.min_split_tokens))
-        return max(splits, 1)
+            cap = min(cap, triton.cdiv(max_seq_len, self.config.min_split_tokens))
+        splits = min(cap, triton.cdiv(self.config.waves * self._num_sms, programs))
+        splits = max(splits, 1)
+        while splits > 1 and splits < cap:
+            rounds = programs * splits / self._num_sms
+            if rounds / math.ceil(rounds) >= 0.9:
+                break
+            splits += 1
+        return splits
 
     def _partials(self, num_req_slots: int, splits: int) -> int:
         return partial_numel(num_req_slots, self.spec.num_heads, self.spec.head_dim, splits)
