@@ -36,6 +36,7 @@ class EngineCore:
         self.runner = ModelRunner(config)
         num_blocks = self.runner.determine_num_blocks()
         self.runner.initialize_kv_cache(num_blocks)
+        self.runner.compile()
         self.num_blocks = num_blocks
         self.kv_cache = KVCacheManager(
             num_blocks, config.cache_config.block_size, config.cache_config.enable_prefix_caching

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 
 from compiled_llm.attention_backends.base import AttentionBackend, AttentionInputs, AttentionSpec
 from compiled_llm.attention_backends.registry import get_backend_class, resolve_backend_name
+from compiled_llm.compilation.compiler import CompiledModel
 from compiled_llm.config import EngineConfig
 from compiled_llm.engine.forward_context import ForwardContext, set_forward_context
 from compiled_llm.engine.request import Request
@@ -68,7 +70,8 @@ class ModelRunner:
         self.backend: AttentionBackend = get_backend_class(backend_name)(spec)
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
-        self.forward_fn = self.model.forward
+        self.forward_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self.model.forward
+        self.compiled: CompiledModel | None = None
 
     # --- KV cache -------------------------------------------------------------------------------
     def determine_num_blocks(self) -> int:
@@ -118,6 +121,14 @@ class ModelRunner:
         self.kv_caches = self.backend.allocate_kv_caches(
             num_blocks, self.config.model_config.num_layers
         )
+
+    def compile(self) -> None:
+        """At -O1 and above: capture and compile the forward now (not on the first request)."""
+        if self.config.compilation_config.level < 1:
+            return
+        self.compiled = CompiledModel(self.model, self.config, self.backend.name)
+        self.forward_fn = self.compiled
+        self.dummy_run(num_tokens=16, num_reqs=2)
 
     # --- one step -------------------------------------------------------------------------------
     def prepare_inputs(

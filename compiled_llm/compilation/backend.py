@@ -1,0 +1,177 @@
+"""Our torch.compile backend: graph passes, split at attention, Inductor per unique piece.
+
+Dynamo hands us the whole forward once (num_tokens symbolic). We run the graph-stage passes
+(attention lowering first), split at the attention ops, and compile each remaining piece with
+Inductor — running our post-grad passes inside it. Pieces with the same structure (the decoder
+layers) share one compiled artifact, and artifacts persist in the compile cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+from torch._guards import detect_fake_mode
+
+from compiled_llm.compilation.cache import CompileCache
+from compiled_llm.compilation.split import split_graph, structural_key
+from compiled_llm.passes.manager import PassPipeline
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CompileStats:
+    """Seconds per stage of one compilation, and what the cache did."""
+
+    trace_s: float = 0.0  # Dynamo (measured by the caller around the first call)
+    passes_s: float = 0.0  # graph-stage passes + splitting
+    inductor_s: float = 0.0  # compiling pieces (post-grad passes included)
+    load_s: float = 0.0  # loading cached pieces
+    cudagraph_s: float = 0.0  # capture (filled by the CUDA-graph layer)
+    num_pieces: int = 0
+    num_unique: int = 0
+    cache_hits: int = 0
+    piece_names: list[str] = field(default_factory=list)
+    instances: dict[str, int] = field(default_factory=dict)  # piece key -> pieces sharing it
+
+    @property
+    def warm(self) -> bool:
+        return self.num_unique > 0 and self.cache_hits == self.num_unique
+
+
+class _CompiledPiece(torch.nn.Module):
+    """Calls an Inductor artifact; a module so it can replace the piece in the split graph.
+    Artifacts return a sequence of outputs; a piece whose graph returns one value gets it back
+    unwrapped, as the split graph expects."""
+
+    def __init__(self, artifact: Callable[..., Any], key: str, single_output: bool) -> None:
+        super().__init__()
+        self.artifact = artifact
+        self.key = key
+        self.single_output = single_output
+
+    def forward(self, *args: Any) -> Any:
+        out = self.artifact(*args)
+        if self.single_output and isinstance(out, list | tuple):
+            return out[0]
+        return tuple(out) if isinstance(out, list) else out
+
+
+class CompilerBackend:
+    def __init__(
+        self,
+        pipeline: PassPipeline,
+        is_splitting_op: Callable[[fx.Node], bool],
+        cache: CompileCache | None,
+        wrap_piece: Callable[[str, torch.nn.Module], torch.nn.Module] | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.is_splitting_op = is_splitting_op
+        self.cache = cache
+        self.wrap_piece = wrap_piece
+        self.stats = CompileStats()
+        self.split_gm: fx.GraphModule | None = None
+        self.graph: fx.GraphModule | None = None  # after graph-stage passes, before splitting
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        start = time.perf_counter()
+        self.pipeline.run_stage("graph", gm.graph, example_inputs=tuple(example_inputs))
+        gm.recompile()
+        self.graph = gm
+        split_gm, is_split_piece = split_graph(gm, self.is_splitting_op)
+        self.stats.passes_s += time.perf_counter() - start
+        fake_mode = detect_fake_mode(example_inputs)
+        assert fake_mode is not None, "Dynamo provides a fake mode with its shape environment"
+        _PieceCompiler(self, split_gm, is_split_piece, fake_mode).run_fake(example_inputs)
+        self.split_gm = split_gm
+        logger.info(
+            "compiled %d pieces (%d unique, %d from cache): passes %.2f s, inductor %.2f s, "
+            "cache load %.2f s",
+            self.stats.num_pieces,
+            self.stats.num_unique,
+            self.stats.cache_hits,
+            self.stats.passes_s,
+            self.stats.inductor_s,
+            self.stats.load_s,
+        )
+        return split_gm
+
+
+class _PieceCompiler(fx.Interpreter):
+    """Propagates fake tensors through the split graph, compiling pieces as it reaches them
+    (each needs its inputs' symbolic shapes)."""
+
+    def __init__(
+        self,
+        backend: CompilerBackend,
+        split_gm: fx.GraphModule,
+        is_split_piece: dict[str, bool],
+        fake_mode: Any,
+    ) -> None:
+        super().__init__(split_gm)
+        self.backend = backend
+        self.split_gm = split_gm
+        self.is_split_piece = is_split_piece
+        self.fake_mode = fake_mode
+        self.compiled: dict[str, _CompiledPiece] = {}
+
+    def run_fake(self, example_inputs: Sequence[Any]) -> None:
+        with self.fake_mode:
+            args = [
+                self.fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                for a in example_inputs
+            ]
+            self.run(*args)
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        out = super().call_module(target, args, kwargs)
+        name = str(target)
+        if self.is_split_piece[name]:
+            return out
+        piece = getattr(self.split_gm, name)
+        stats = self.backend.stats
+        stats.num_pieces += 1
+        stats.piece_names.append(name)
+        key = structural_key(piece, args)
+        stats.instances[key] = stats.instances.get(key, 0) + 1
+        compiled = self.compiled.get(key)
+        if compiled is None:
+            compiled = self._compile(name, piece, args, key)
+            self.compiled[key] = compiled
+            stats.num_unique += 1
+        module: torch.nn.Module = compiled
+        if self.backend.wrap_piece is not None:
+            module = self.backend.wrap_piece(name, compiled)
+        setattr(self.split_gm, name, module)
+        return out
+
+    def _compile(self, name: str, piece: fx.GraphModule, args: Any, key: str) -> _CompiledPiece:
+        backend, stats = self.backend, self.backend.stats
+        output = next(n for n in reversed(piece.graph.nodes) if n.op == "output")
+        single = not isinstance(output.args[0], list | tuple)
+        cache = backend.cache
+        if cache is not None:
+            start = time.perf_counter()
+            artifact = cache.load(key)
+            if artifact is not None:
+                stats.load_s += time.perf_counter() - start
+                stats.cache_hits += 1
+                return _CompiledPiece(artifact, key, single)
+        start = time.perf_counter()
+        backend.pipeline.piece_name = key
+        artifact = torch._inductor.standalone_compile(
+            piece,
+            list(args),
+            dynamic_shapes="from_tracing_context",
+            options={"config_patches": {"post_grad_custom_post_pass": backend.pipeline.hook}},
+        )
+        stats.inductor_s += time.perf_counter() - start
+        if cache is not None:
+            cache.save(key, artifact)
+        return _CompiledPiece(artifact, key, single)
