@@ -29,6 +29,7 @@ from compiled_llm.attention_backends.triton_kernels import (
     rope_and_write_kv,
     write_kv,
 )
+from compiled_llm.attention_backends.triton_kernels.prefill import prefill_block_q
 from compiled_llm.attention_backends.triton_kernels.staging import (
     StagedBatch,
     StepBuffers,
@@ -39,43 +40,54 @@ MAX_SPLITS = 64
 
 
 @dataclass(frozen=True)
+class PrefillTiles:
+    block_m: int = 128  # query rows per program (tokens x GQA group)
+    block_n: int = 32  # keys per iteration
+    warps: int = 4
+    stages: int = 3
+
+
+@dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes; the defaults were picked on an H100 (docs/attention_backends.md)."""
+    """Tile sizes; the defaults were measured on an H100 (docs/attention_backends.md)."""
 
     decode_block_n: int = 64
     decode_warps: int = 4
     decode_stages: int = 3
-    prefill_block_m: int = 128
-    prefill_block_n: int = 64
-    prefill_warps: int = 8
-    prefill_stages: int = 2
-    waves: int = 4  # split-KV aims for this many programs per multiprocessor
+    # D=128 on H100: BLOCK_N 32 with 4 warps beat 64 with 8 (367 vs 358 TFLOP/s at 8k, 255 vs 219
+    # at 8x1k) ...
+    prefill: PrefillTiles = PrefillTiles()
+    # ... but grids under 2 programs per SM (a short chunk over a long prefix) want 8 warps per
+    # program (296 vs 183 TFLOP/s for 512 queries over an 8k prefix).
+    prefill_small_grid: PrefillTiles = PrefillTiles(128, 64, 8, 2)
+    # Split-KV aims for this many programs per SM: 8 reached 2.87 TB/s at 8 x 32k where 4 gave 2.59.
+    waves: int = 8
     # Eager steps only: shorter splits cost more in merging than they win.
     min_split_tokens: int = 256
 
     @staticmethod
     def for_device(device: torch.device, head_dim: int, dtype: torch.dtype) -> KernelConfig:
         if device.type != "cuda":  # interpreter: small tiles keep CPU tests fast
+            tiny = PrefillTiles(16, 16, 1, 1)
             return KernelConfig(
                 decode_block_n=16,
                 decode_warps=1,
                 decode_stages=1,
-                prefill_block_m=16,
-                prefill_block_n=16,
-                prefill_warps=1,
-                prefill_stages=1,
+                prefill=tiny,
+                prefill_small_grid=tiny,
                 waves=8,  # with 4 pretend SMs: several splits even on tiny batches
                 min_split_tokens=16,
             )
         if dtype == torch.float32:  # no tensor-core path: small tiles avoid register spills
+            small = PrefillTiles(32, 32, 4, 2)
+            return KernelConfig(decode_block_n=32, prefill=small, prefill_small_grid=small)
+        if head_dim <= 64:  # same bytes per K/V tile as D=128 with BLOCK_N 64
             return KernelConfig(
-                decode_block_n=32, prefill_block_m=32, prefill_block_n=32, prefill_warps=4
+                decode_block_n=128,
+                prefill=PrefillTiles(128, 64, 4, 3),
+                prefill_small_grid=PrefillTiles(128, 64, 8, 3),
             )
-        if head_dim <= 64:
-            return KernelConfig(prefill_warps=4, prefill_stages=3)
-        # H100, D=128: BLOCK_N 32 with 4 warps beat 64/8 warps (365 vs 363 TFLOP/s at 8k,
-        # 257 vs 220 at 8x1k).
-        return KernelConfig(prefill_block_n=32, prefill_warps=4, prefill_stages=3)
+        return KernelConfig()
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,7 @@ class TritonMetadata:
     is_decode: bool
     num_splits: int
     scratch: torch.Tensor | None  # float32 split-KV partials
+    prefill_tiles: PrefillTiles
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -165,6 +178,13 @@ class TritonAttentionBackend(AttentionBackend):
                 scratch = torch.empty(need, dtype=torch.float32, device=self.spec.device)
                 if self._buffers is None:  # nothing captured can hold the old one: reuse it
                     self._scratch = scratch
+        tiles = self.config.prefill
+        if not is_decode:
+            tokens = inputs.slot_mapping.shape[0] if batch.persistent else inputs.num_tokens
+            block_q = prefill_block_q(self.spec.num_heads // self.spec.num_kv_heads, tiles.block_m)
+            programs = (triton.cdiv(tokens, block_q) + batch.num_req_slots) * self.spec.num_kv_heads
+            if programs < 2 * self._num_sms:
+                tiles = self.config.prefill_small_grid
         return TritonMetadata(
             batch=batch,
             num_reqs=inputs.num_reqs,
@@ -173,6 +193,7 @@ class TritonAttentionBackend(AttentionBackend):
             is_decode=is_decode,
             num_splits=splits,
             scratch=scratch,
+            prefill_tiles=tiles,
         )
 
     # --- inside the graph -----------------------------------------------------------------------
@@ -226,8 +247,8 @@ class TritonAttentionBackend(AttentionBackend):
                 self.spec.scale,
                 num_reqs=b.num_req_slots,
                 num_tokens=md.num_tokens_padded if b.persistent else md.num_tokens,
-                block_m=cfg.prefill_block_m,
-                block_n=cfg.prefill_block_n,
-                num_warps=cfg.prefill_warps,
-                num_stages=cfg.prefill_stages,
+                block_m=md.prefill_tiles.block_m,
+                block_n=md.prefill_tiles.block_n,
+                num_warps=md.prefill_tiles.warps,
+                num_stages=md.prefill_tiles.stages,
             )

@@ -26,7 +26,11 @@ import torch
 import triton
 from compiled_llm.attention_backends.base import AttentionBackend, AttentionInputs, AttentionSpec
 from compiled_llm.attention_backends.registry import get_backend_class
-from compiled_llm.attention_backends.triton_backend import KernelConfig, TritonAttentionBackend
+from compiled_llm.attention_backends.triton_backend import (
+    KernelConfig,
+    PrefillTiles,
+    TritonAttentionBackend,
+)
 from triton.testing import do_bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -165,8 +169,8 @@ def attention_flops(shape: Shape, spec: AttentionSpec) -> float:
 
 def triton_sweep(spec: AttentionSpec) -> list[dict[str, Any]]:
     """Tile configurations for the Triton kernels on a few decisive shapes."""
-    decode_cfgs = [(32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 8, 3)]
-    prefill_cfgs = [(128, 32, 4, 3), (128, 32, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)]
+    decode_cfgs = [(64, 4, 3), (128, 4, 3)]
+    prefill_cfgs = [(128, 32, 4, 3), (128, 64, 8, 2)]
     rows = []
     for bn, w, st in decode_cfgs:
         for waves in (4, 8):
@@ -178,11 +182,10 @@ def triton_sweep(spec: AttentionSpec) -> list[dict[str, Any]]:
                              **dataclasses.asdict(shape), "ms": ms,
                              "tb_s": kv_bytes(shape, spec) / (ms * 1e-3) / 1e12})  # fmt: skip
     for bm, bn, w, st in prefill_cfgs:
-        cfg = KernelConfig(
-            prefill_block_m=bm, prefill_block_n=bn, prefill_warps=w, prefill_stages=st
-        )
+        tiles = PrefillTiles(bm, bn, w, st)
+        cfg = KernelConfig(prefill=tiles, prefill_small_grid=tiles)
         be = TritonAttentionBackend(spec, cfg)
-        for shape in (Shape(1, 8192, 8192), Shape(8, 1024, 1024)):
+        for shape in (Shape(1, 8192, 8192), Shape(8, 1024, 1024), Shape(1, 512, 8704)):
             ms = time_shape({"triton": be}, shape, spec)["triton"]["ms"]
             rows.append({"kind": "prefill", "config": dataclasses.asdict(cfg),
                          **dataclasses.asdict(shape), "ms": ms,
@@ -266,6 +269,7 @@ def main() -> None:
                 f"{r['tb_s']:.2f} TB/s" if r["kind"] == "decode" else f"{r['tflops']:.0f} TFLOP/s"
             )
             cfg = {k: v for k, v in r["config"].items() if k.startswith(r["kind"]) or k == "waves"}
+            cfg = cfg.get("prefill", cfg)
             print(f"  {r['kind']} b={r['batch']} q={r['query']} ctx={r['context']}: {perf} {cfg}")
     print_table(config, bw, decode, prefill, names, out)
 
