@@ -77,3 +77,10 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory, embedded_tokenizer_dir
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests never read or write the user's ~/.cache/compiled_llm (compile artifacts, GGUF
+    conversions): each session starts cold."""
+    os.environ["COMPILED_LLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("compiled_llm_cache"))

@@ -58,6 +58,13 @@ def make_cache(config: EngineConfig, pipeline: PassPipeline, backend_name: str) 
     return CompileCache(root, key)
 
 
+def _drop_shape_guards(entries: list[Any]) -> list[bool]:
+    """Keep Dynamo's guards except the symbolic-shape ones: num_tokens is the only dynamic size
+    and the graph is valid for every value of it, 1 included (tracing assumes >= 2; backed
+    size-oblivious tracing keeps the graph free of that assumption)."""
+    return [e.guard_type != "SHAPE_ENV" for e in entries]
+
+
 class CompiledModel:
     """Callable like `model.forward(input_ids, positions)`; compiles on the first call."""
 
@@ -77,7 +84,11 @@ class CompiledModel:
             self.pipeline, splitting_predicate(backend_name, splitting_ops), cache
         )
         self._compiled = torch.compile(
-            model.forward, fullgraph=True, backend=self.backend, dynamic=False
+            model.forward,
+            fullgraph=True,
+            backend=self.backend,
+            dynamic=False,
+            options={"guard_filter_fn": _drop_shape_guards},
         )
         self._traced = False
 
