@@ -131,7 +131,7 @@ def _prefill_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
         k_base = cache_ptr + kvh.to(tl.int64) * stride_c_head
-        bt_row = block_table_ptr + req.to(tl.int64) * stride_bt
+        bt_row = block_table_ptr + tl.cast(req, tl.int64) * stride_bt
 
         # Keys every row of the block sees need no mask; the diagonal tiles do.
         first_pos = prefix + tok0
