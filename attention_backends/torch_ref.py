@@ -22,10 +22,12 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> None:
         n = metadata.num_tokens
         slots = metadata.slot_mapping[:n]
+        keep = slots >= 0  # -1: a token that must not be written (padding, synthetic batches)
+        slots, k, v = slots[keep], k[:n][keep], v[:n][keep]
         bs = self.spec.block_size
         blocks, offsets = slots // bs, slots % bs
-        kv_cache[blocks, 0, offsets] = k[:n].to(kv_cache.dtype)
-        kv_cache[blocks, 1, offsets] = v[:n].to(kv_cache.dtype)
+        kv_cache[blocks, 0, offsets] = k.to(kv_cache.dtype)
+        kv_cache[blocks, 1, offsets] = v.to(kv_cache.dtype)
 
     def attend(
         self,

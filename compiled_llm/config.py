@@ -31,6 +31,8 @@ class ModelConfig:
     max_model_len: int
     tokenizer: str  # folder or .gguf file the tokenizer is read from
     seed: int = 0
+    load_format: str = "auto"  # "auto": the checkpoint's weights; "dummy": random, made on device
+    skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks)
 
     @property
     def architecture(self) -> str:
@@ -136,6 +138,8 @@ class EngineArgs:
 
     model: str | None = None
     tokenizer: str | None = None
+    skip_tokenizer_init: bool = False
+    load_format: str = "auto"
     dtype: str = "auto"
     seed: int = 0
     max_model_len: int | None = None
@@ -170,6 +174,8 @@ class EngineArgs:
     def create_config(self) -> EngineConfig:
         from compiled_llm.models.loader import load_hf_config, resolve_model
 
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         device = _resolve_device(self.device)
         model_path = resolve_model(self.model)
         hf_config = load_hf_config(model_path)
@@ -190,6 +196,8 @@ class EngineArgs:
             max_model_len=max_model_len,
             tokenizer=resolve_model(self.tokenizer) if self.tokenizer else model_path,
             seed=self.seed,
+            load_format=self.load_format,
+            skip_tokenizer_init=self.skip_tokenizer_init,
         )
         level = 0 if self.enforce_eager else self.compilation_level
         if level is None:

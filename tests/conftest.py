@@ -29,13 +29,43 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def trained_tokenizer(path: Path) -> None:
+    """A small byte-level BPE trained here, for machines without the embedded model (the GPU
+    machine cannot receive its 98 MB file)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = [
+        Path(__file__).read_text(),
+        *(p.read_text() for p in Path(__file__).parent.glob("*.py")),
+    ]
+    tok.train_from_iterator(corpus, trainer)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(path)
+
+
 @pytest.fixture(scope="session")
 def embedded_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The embedded model's tokenizer, converted once and saved as tokenizer.json."""
+    """The embedded model's tokenizer, converted once and saved as tokenizer.json (or a small
+    trained one where the embedded model is not installed)."""
     from compiled_llm.models.loader import default_model_path, load_tokenizer
 
     path = tmp_path_factory.mktemp("tokenizer")
-    load_tokenizer(default_model_path()).save_pretrained(path)
+    try:
+        model = default_model_path()
+    except ValueError:
+        trained_tokenizer(path)
+        return path
+    load_tokenizer(model).save_pretrained(path)
     return path
 
 

@@ -19,6 +19,7 @@ from torch import fx, nn
 from compiled_llm.attention_backends.ops import backend_ops
 from compiled_llm.compilation.backend import CompilerBackend, CompileStats
 from compiled_llm.compilation.cache import CompileCache, engine_key
+from compiled_llm.compilation.cuda_graphs import GraphPool, PiecewiseGraph, default_capture_sizes
 from compiled_llm.config import EngineConfig
 from compiled_llm.envs import Envs
 from compiled_llm.passes.base import PassContext
@@ -80,8 +81,15 @@ class CompiledModel:
         cache = None
         if not Envs.read().disable_compile_cache:
             cache = make_cache(config, self.pipeline, backend_name)
+        self.graph_pool: GraphPool | None = None
+        wrap_piece = None
+        if cc.level >= 2 and config.device.type == "cuda":
+            sizes = cc.cudagraph_capture_sizes or default_capture_sizes()
+            self.graph_pool = GraphPool(config.device, max(sizes), static_ptrs=set())
+            pool = self.graph_pool
+            wrap_piece = lambda _name, piece: PiecewiseGraph(piece, pool)  # noqa: E731
         self.backend = CompilerBackend(
-            self.pipeline, splitting_predicate(backend_name, splitting_ops), cache
+            self.pipeline, splitting_predicate(backend_name, splitting_ops), cache, wrap_piece
         )
         self._compiled = torch.compile(
             model.forward,
@@ -108,10 +116,10 @@ class CompiledModel:
         torch._dynamo.mark_dynamic(input_ids, 0)
         torch._dynamo.mark_dynamic(positions, 0)
         start = time.perf_counter()
-        with (
-            fx_config.patch(backed_size_oblivious=True),
-            torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096),
-        ):
+        dynamo_limits = torch._dynamo.config.patch(
+            recompile_limit=1024, accumulated_recompile_limit=4096
+        )
+        with fx_config.patch(backed_size_oblivious=True), dynamo_limits:  # type: ignore[attr-defined]
             out = self._compiled(input_ids, positions)
         s = self.backend.stats
         total = time.perf_counter() - start

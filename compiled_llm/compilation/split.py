@@ -31,7 +31,7 @@ def split_graph(
             current += 1
         previous_split = split
         partition[node] = current
-    split_gm = split_module(gm, None, lambda n: partition[n], keep_original_order=True)
+    split_gm = split_module(gm, gm, lambda n: partition[n], keep_original_order=True)
     kinds = {}
     for name, sub in split_gm.named_children():
         assert isinstance(sub, fx.GraphModule)

@@ -18,7 +18,8 @@ from compiled_llm.sampling_params import SamplingParams
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.tokenizer = load_tokenizer(config.model_config.tokenizer)
+        mc = config.model_config
+        self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(mc.tokenizer)
         self.processor = InputProcessor(config.model_config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.core = EngineCore(config)

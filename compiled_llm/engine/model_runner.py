@@ -19,6 +19,7 @@ from compiled_llm.attention_backends.base import AttentionBackend, AttentionInpu
 from compiled_llm.attention_backends.registry import get_backend_class, resolve_backend_name
 from compiled_llm.compilation.compiler import CompiledModel
 from compiled_llm.config import EngineConfig
+from compiled_llm.engine.cuda_graph_runner import CudaGraphRunner
 from compiled_llm.engine.forward_context import ForwardContext, set_forward_context
 from compiled_llm.engine.request import Request
 from compiled_llm.engine.scheduler import ScheduledRequest, SchedulerOutput
@@ -72,6 +73,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.forward_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self.model.forward
         self.compiled: CompiledModel | None = None
+        self.graphs: CudaGraphRunner | None = None
 
     # --- KV cache -------------------------------------------------------------------------------
     def determine_num_blocks(self) -> int:
@@ -129,6 +131,9 @@ class ModelRunner:
         self.compiled = CompiledModel(self.model, self.config, self.backend.name)
         self.forward_fn = self.compiled
         self.dummy_run(num_tokens=16, num_reqs=2)
+        if self.compiled.graph_pool is not None:
+            self.graphs = CudaGraphRunner(self, self.compiled.graph_pool)
+            self.graphs.capture()
 
     # --- one step -------------------------------------------------------------------------------
     def prepare_inputs(
@@ -155,33 +160,56 @@ class ModelRunner:
         slot_mapping = (
             block_table[req_index, positions // bs].astype(np.int64) * bs + positions % bs
         )
-        seq_lens = (starts + q_lens).astype(np.int32)
         samples = np.array([s.samples for s in scheduled], dtype=bool)
-        logits_indices = cu[1:][samples] - 1
+        ids_t, pos_t, attn = self._device_inputs(
+            input_ids, positions, q_lens, starts + q_lens, block_table, slot_mapping
+        )
+        return StepInputs(
+            input_ids=ids_t,
+            positions=pos_t,
+            attn=attn,
+            logits_indices=self._to_device(cu[1:][samples] - 1),
+            sampling_requests=[s.request for s in scheduled if s.samples],
+        )
 
-        def dev(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a).to(self.device, non_blocking=True)
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(self.device, non_blocking=True)
 
-        query_start_loc = cu.astype(np.int32)
+    def _device_inputs(
+        self,
+        input_ids: np.ndarray,
+        positions: np.ndarray,
+        q_lens: np.ndarray,
+        seq_lens: np.ndarray,
+        block_table: np.ndarray,
+        slot_mapping: np.ndarray,
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionInputs]:
+        """Device tensors for one step, padded to the CUDA-graph size the step will run at
+        (padding tokens: id 0, position 0, slot -1 so nothing is written)."""
+        num_tokens = len(input_ids)
+        padded = self.graphs.padded_size(num_tokens) if self.graphs else None
+        if padded is not None and padded > num_tokens:
+            extra = padded - num_tokens
+            input_ids = np.concatenate([input_ids, np.zeros(extra, dtype=input_ids.dtype)])
+            positions = np.concatenate([positions, np.zeros(extra, dtype=np.int64)])
+            slot_mapping = np.concatenate([slot_mapping, np.full(extra, -1, dtype=np.int64)])
+        query_start_loc = np.zeros(len(q_lens) + 1, dtype=np.int32)
+        np.cumsum(q_lens, out=query_start_loc[1:])
+        seq_lens = seq_lens.astype(np.int32)
         attn = AttentionInputs(
-            num_reqs=len(scheduled),
+            num_reqs=len(q_lens),
             num_tokens=num_tokens,
-            query_start_loc=dev(query_start_loc),
-            seq_lens=dev(seq_lens),
-            block_table=dev(block_table),
-            slot_mapping=dev(slot_mapping),
+            query_start_loc=self._to_device(query_start_loc),
+            seq_lens=self._to_device(seq_lens),
+            block_table=self._to_device(block_table.astype(np.int32)),
+            slot_mapping=self._to_device(slot_mapping.astype(np.int64)),
             query_start_loc_cpu=torch.from_numpy(query_start_loc),
             seq_lens_cpu=torch.from_numpy(seq_lens),
             max_query_len=int(q_lens.max()),
             max_seq_len=int(seq_lens.max()),
         )
-        return StepInputs(
-            input_ids=dev(input_ids.astype(np.int64)),
-            positions=dev(positions),
-            attn=attn,
-            logits_indices=dev(logits_indices),
-            sampling_requests=[s.request for s in scheduled if s.samples],
-        )
+        ids = self._to_device(input_ids.astype(np.int64))
+        return ids, self._to_device(positions.astype(np.int64)), attn
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, block_ids: list[list[int]]) -> ModelRunnerOutput:
@@ -198,8 +226,11 @@ class ModelRunner:
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs
     ) -> torch.Tensor:
         metadata = self.backend.build_metadata(attn)
-        with set_forward_context(ForwardContext(self.backend, self.kv_caches, metadata)):
-            hidden: torch.Tensor = self.forward_fn(input_ids, positions)
+        if self.graphs is not None:
+            hidden = self.graphs.run(input_ids, positions, attn, metadata)
+        else:
+            with set_forward_context(ForwardContext(self.backend, self.kv_caches, metadata)):
+                hidden = self.forward_fn(input_ids, positions)
         return hidden[: attn.num_tokens]
 
     @staticmethod
@@ -223,37 +254,32 @@ class ModelRunner:
                 logprobs.append((topk_ids[i][:k], topk_lps[i][:k], sampled_lps[i], ranks[i]))
         return ModelRunnerOutput(ids, tokens, logprobs)
 
-    @torch.inference_mode()
-    def dummy_run(self, num_tokens: int, num_reqs: int, sample_rows: int = 0) -> None:
-        """A forward over a synthetic batch (profiling, warm-up, compilation)."""
+    def dummy_inputs(
+        self, num_tokens: int, num_reqs: int
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionInputs]:
+        """A synthetic batch: `num_reqs` fresh requests sharing `num_tokens` (profiling,
+        compilation, graph capture). Nothing is written to the KV cache."""
         bs = self.block_size
         num_reqs = max(1, min(num_reqs, num_tokens))
-        q_lens = [num_tokens // num_reqs] * num_reqs
-        q_lens[-1] += num_tokens - sum(q_lens)
+        q_lens = np.full(num_reqs, num_tokens // num_reqs, dtype=np.int64)
+        q_lens[-1] += num_tokens - q_lens.sum()
+        width = -(-int(q_lens.max()) // bs)
         num_blocks = self.kv_caches[0].shape[0]
-        cu = np.zeros(num_reqs + 1, dtype=np.int32)
-        np.cumsum(q_lens, out=cu[1:])
-        width = -(-max(q_lens) // bs)
         block_table = (np.arange(num_reqs * width) % num_blocks).reshape(num_reqs, width)
-        positions = np.concatenate([np.arange(n) for n in q_lens])
-        req_index = np.repeat(np.arange(num_reqs), q_lens)
-        slots = block_table[req_index, positions // bs] * bs + positions % bs
-        seq_lens = np.array(q_lens, dtype=np.int32)
-        attn = AttentionInputs(
-            num_reqs=num_reqs,
-            num_tokens=num_tokens,
-            query_start_loc=torch.from_numpy(cu).to(self.device),
-            seq_lens=torch.from_numpy(seq_lens).to(self.device),
-            block_table=torch.from_numpy(block_table.astype(np.int32)).to(self.device),
-            slot_mapping=torch.from_numpy(slots.astype(np.int64)).to(self.device),
-            query_start_loc_cpu=torch.from_numpy(cu),
-            seq_lens_cpu=torch.from_numpy(seq_lens),
-            max_query_len=max(q_lens),
-            max_seq_len=max(q_lens),
+        positions = np.concatenate([np.arange(n) for n in q_lens]).astype(np.int64)
+        return self._device_inputs(
+            np.zeros(num_tokens, dtype=np.int64),
+            positions,
+            q_lens,
+            q_lens,
+            block_table,
+            np.full(num_tokens, -1, dtype=np.int64),
         )
-        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
-        pos = torch.from_numpy(positions.astype(np.int64)).to(self.device)
-        hidden = self.run_model(input_ids, pos, attn)
+
+    @torch.inference_mode()
+    def dummy_run(self, num_tokens: int, num_reqs: int, sample_rows: int = 0) -> None:
+        input_ids, positions, attn = self.dummy_inputs(num_tokens, num_reqs)
+        hidden = self.run_model(input_ids, positions, attn)
         if sample_rows:
             rows = hidden[:1].expand(sample_rows, -1)
             logits = self.model.compute_logits(rows)  # type: ignore[operator]

@@ -47,9 +47,9 @@ class _ParentState:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self._raw = tokenizer.backend_tokenizer  # the tokenizers.Tokenizer DecodeStream steps
+    def __init__(self, tokenizer: Any | None) -> None:
+        self.tokenizer = tokenizer  # None: token ids only, no text
+        self._raw = tokenizer.backend_tokenizer if tokenizer is not None else None
         self._parents: dict[str, _ParentState] = {}
         self._child_to_parent: dict[str, str] = {}
 
@@ -126,6 +126,8 @@ class OutputProcessor:
             sample.token_ids.append(token)
             if out.new_logprobs is not None and sample.logprobs is not None:
                 self._add_logprobs(sample, token, out.new_logprobs[i])
+            if self._raw is None:
+                continue
             piece = sample.stream.step(self._raw, token)
             if not piece:
                 continue
@@ -153,11 +155,12 @@ class OutputProcessor:
 
     def _add_logprobs(self, sample: _Sample, token: int, lp: Any) -> None:
         top_ids, top_lps, sampled_lp, rank = lp
+        decode = self.tokenizer.decode if self.tokenizer is not None else (lambda ids: None)
         entry = {
-            tid: Logprob(lpv, r + 1, self.tokenizer.decode([tid]))
+            tid: Logprob(lpv, r + 1, decode([tid]))
             for r, (tid, lpv) in enumerate(zip(top_ids, top_lps))
         }
-        entry[token] = Logprob(sampled_lp, rank, self.tokenizer.decode([token]))
+        entry[token] = Logprob(sampled_lp, rank, decode([token]))
         assert sample.logprobs is not None
         sample.logprobs.append(entry)
         sample.cumulative_logprob = (sample.cumulative_logprob or 0.0) + sampled_lp

@@ -48,6 +48,8 @@ class InputProcessor:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (skip_tokenizer_init is set)")
             return prompt, list(self.tokenizer.encode(prompt))
         if isinstance(prompt, Mapping) and "prompt_token_ids" in prompt:
             ids = list(prompt["prompt_token_ids"])

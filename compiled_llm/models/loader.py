@@ -166,8 +166,23 @@ def create_model(model_config: Any, device: torch.device) -> nn.Module:
     return model.eval()
 
 
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Random weights made on the model's device (benchmarks of model shapes without
+    checkpoints): norms at 1, everything else N(0, 0.02), from a fixed seed."""
+    for i, (name, param) in enumerate(model.named_parameters()):
+        if "norm" in name:
+            param.fill_(1.0)
+            continue
+        gen = torch.Generator(device=param.device).manual_seed(seed * 100003 + i)
+        param.normal_(0.0, 0.02, generator=gen)
+
+
 def load_model(model_config: Any, device: torch.device) -> nn.Module:
     model = create_model(model_config, device)
+    if model_config.load_format == "dummy":
+        init_dummy_weights(model, model_config.seed)
+        return model
     path = model_config.model
     if is_gguf(path):
         names = [n for n, _ in model.named_parameters()]

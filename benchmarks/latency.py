@@ -1,0 +1,210 @@
+"""Decode latency and prefill time per compilation level, against the bandwidth roofline.
+
+Decode at batch B: ms per engine step (schedule + forward + sample + detokenize-free outputs),
+output tokens/s, and weight bytes read per step over step time, compared with the device copy
+bandwidth measured in the same run. Prefill: one request of 1k and 4k tokens. Each level runs in
+a fresh process. Random weights from a config dict (benchmarks/shapes.py), never a download.
+
+  python benchmarks/latency.py --shape llama-3.1-8b --levels 0,1,2
+  python benchmarks/latency.py --shape tiny --levels 0,1 --batch-sizes 1,4 --decode-steps 4 \\
+      --prefill-lens 64   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import copy_bandwidth, environment, print_table, run_worker, write_result  # noqa: E402
+from shapes import SHAPES, shape_folder, weight_bytes  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    p.add_argument("--levels", default="0,1,2", help="compilation levels (-O) to compare")
+    p.add_argument("--batch-sizes", default="1,8,64")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--decode-steps", type=int, default=64)
+    p.add_argument("--prefill-lens", default="1024,4096")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--passes", default="", help="pass edits, e.g. -fuse_add_rmsnorm")
+    p.add_argument("--worker-level", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    from compiled_llm import LLM, SamplingParams
+
+    cuda = torch.cuda.is_available()
+    batches, prefills = _ints(args.batch_sizes), _ints(args.prefill_lens)
+    longest = max(prefills + [args.prompt_len + args.decode_steps + 16])
+    start = time.perf_counter()
+    llm = LLM(
+        shape_folder(args.shape),
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        dtype=args.dtype,
+        max_model_len=max(2 * longest, 2048),
+        max_num_seqs=max(batches),
+        max_num_batched_tokens=max(longest, 2048),
+        enable_prefix_caching=False,
+        compilation_level=args.worker_level,
+        attention_backend=args.attention_backend,
+        passes=[p for p in args.passes.split(",") if p],
+        gpu_memory_utilization=0.85,
+        kv_cache_memory_bytes=None if cuda else 1 << 28,
+    )
+    startup_s = time.perf_counter() - start
+    engine = llm.engine
+    runner = engine.core.runner
+    vocab = int(engine.config.model_config.hf_config.vocab_size)
+    rng = random.Random(0)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def add(prefix: str, n: int, length: int, max_tokens: int) -> list[str]:
+        ids = []
+        for i in range(n):
+            rid = f"{prefix}-{i}"
+            prompt = {"prompt_token_ids": [rng.randrange(vocab) for _ in range(length)]}
+            engine.add_request(
+                rid, prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+            )
+            ids.append(rid)
+        return ids
+
+    decode = {}
+    for b in batches:
+        ids = add(f"decode{b}", b, args.prompt_len, args.decode_steps + 8)
+        for _ in range(4):  # prefill, then warm decode steps
+            engine.step()
+        sync()
+        t = time.perf_counter()
+        for _ in range(args.decode_steps):
+            engine.step()
+        sync()
+        decode[b] = (time.perf_counter() - t) / args.decode_steps
+        for rid in ids:
+            engine.abort_request(rid)
+    prefill = {}
+    for length in prefills:
+        for attempt in range(2):  # the first run of a size warms kernels
+            (rid,) = add(f"prefill{length}-{attempt}", 1, length, 1)
+            sync()
+            t = time.perf_counter()
+            engine.step()
+            sync()
+            prefill[length] = time.perf_counter() - t
+            engine.abort_request(rid)
+    stats = runner.compiled.stats if runner.compiled else None
+    return {
+        "level": args.worker_level,
+        "attention_backend": runner.backend.name,
+        "startup_s": startup_s,
+        "decode_s_per_step": decode,
+        "prefill_s": prefill,
+        "compile": {
+            "warm": stats.warm,
+            "trace_s": stats.trace_s,
+            "passes_s": stats.passes_s,
+            "inductor_s": stats.inductor_s,
+            "load_s": stats.load_s,
+        }
+        if stats
+        else None,
+        "cudagraph_capture_s": runner.graphs.capture_seconds if runner.graphs else None,
+        "full_graph_replays": runner.graphs.full_replays if runner.graphs else None,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker_level is not None:
+        print(json.dumps(worker(args)))
+        return
+    env = environment()
+    print("config:", json.dumps(vars(args)), json.dumps(env), sep="\n  ")
+    bandwidth = copy_bandwidth()
+    _, read_bytes = weight_bytes(args.shape)
+    roofline_tok_s = bandwidth / read_bytes
+    print(
+        f"device copy bandwidth {bandwidth / 1e12:.3f} TB/s; batch-1 roofline {roofline_tok_s:.1f} tok/s"
+    )
+    results = {}
+    for level in _ints(args.levels):
+        worker_args = [a for a in sys.argv[1:]] + ["--worker-level", str(level)]
+        results[level] = run_worker(os.path.abspath(__file__), worker_args)
+        if "error" in results[level]:
+            print(f"-O{level} failed:\n{results[level]['error']}")
+    rows = []
+    for level, r in results.items():
+        if "error" in r:
+            continue
+        for b, s in r["decode_s_per_step"].items():
+            achieved = read_bytes / s
+            rows.append(
+                [
+                    f"-O{level}",
+                    r["attention_backend"],
+                    b,
+                    s * 1e3,
+                    int(b) / s,
+                    achieved / 1e9,
+                    f"{100 * achieved / bandwidth:.0f}%",
+                ]
+            )
+    path = write_result(
+        f"latency-{args.shape}",
+        {
+            "config": vars(args),
+            "env": env,
+            "copy_bandwidth": bandwidth,
+            "read_bytes": read_bytes,
+            "results": results,
+        },
+    )
+    print(f"\nresults: {path}\n")
+    print_table(
+        ["level", "backend", "batch", "ms/step", "tok/s", "weights GB/s", "of copy bw"], rows
+    )
+    prows = [
+        [f"-O{lv}", length, s * 1e3]
+        for lv, r in results.items()
+        if "error" not in r
+        for length, s in r["prefill_s"].items()
+    ]
+    print()
+    print_table(["level", "prefill tokens", "ms"], prows)
+    crows = [
+        [
+            f"-O{lv}",
+            r["startup_s"],
+            (r["compile"] or {}).get("trace_s", 0.0),
+            (r["compile"] or {}).get("inductor_s", 0.0),
+            r["cudagraph_capture_s"] or 0.0,
+        ]
+        for lv, r in results.items()
+        if "error" not in r
+    ]
+    print()
+    print_table(["level", "startup s", "trace s", "inductor s", "graph capture s"], crows)
+
+
+if __name__ == "__main__":
+    main()

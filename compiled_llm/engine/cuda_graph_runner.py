@@ -1,0 +1,119 @@
+"""-O2: run steps as CUDA-graph replays.
+
+Steps are padded up to a capture size. Uniform-decode batches replay one full-model graph when
+the attention backend allows it; other batches run the compiled pieces as piecewise graphs with
+attention eager between them; batches above the largest size run eagerly.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from compiled_llm.attention_backends.base import AttentionInputs, CudaGraphSupport
+from compiled_llm.compilation.cuda_graphs import GraphPool, default_capture_sizes, piecewise_graphs
+from compiled_llm.engine.forward_context import ForwardContext, set_forward_context
+
+if TYPE_CHECKING:
+    from compiled_llm.engine.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every tensor the model holds: parameters, buffers and plain tensor attributes."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    for module in model.modules():
+        tensors += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+class CudaGraphRunner:
+    def __init__(self, runner: ModelRunner, pool: GraphPool) -> None:
+        self.runner = runner
+        self.pool = pool
+        cc = runner.config.compilation_config
+        sc = runner.config.scheduler_config
+        sizes = sorted(set(cc.cudagraph_capture_sizes or default_capture_sizes()))
+        self.piecewise_sizes = [
+            s for s in sizes if s <= min(sc.max_num_batched_tokens, pool.max_tokens)
+        ]
+        full_ok = runner.backend.cudagraph_support is not CudaGraphSupport.NEVER
+        self.decode_sizes = (
+            [s for s in self.piecewise_sizes if s <= sc.max_num_seqs] if full_ok else []
+        )
+        largest_decode = max(self.decode_sizes, default=1)
+        self.static_ids = torch.zeros(largest_decode, dtype=torch.int64, device=runner.device)
+        self.static_positions = torch.zeros_like(self.static_ids)
+        self.full: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.full_replays = 0
+        self.capture_seconds = 0.0
+
+    @property
+    def piecewise_replays(self) -> int:
+        return self.pool.replays
+
+    def padded_size(self, num_tokens: int) -> int | None:
+        i = bisect.bisect_left(self.piecewise_sizes, num_tokens)
+        return self.piecewise_sizes[i] if i < len(self.piecewise_sizes) else None
+
+    def _context(self, metadata: Any) -> ForwardContext:
+        r = self.runner
+        return ForwardContext(r.backend, r.kv_caches, metadata)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        r = self.runner
+        start = time.perf_counter()
+        self.pool.static_ptrs = {t.data_ptr() for t in model_tensors(r.model)}
+        largest = max(self.piecewise_sizes, default=0)
+        r.backend.prepare_for_capture(
+            max_num_reqs=max(r.config.scheduler_config.max_num_seqs, largest),
+            max_num_tokens=largest,
+        )
+        for n in reversed(self.piecewise_sizes):  # largest first: later sizes fit in its memory
+            ids, pos, attn = r.dummy_inputs(n, num_reqs=1)
+            metadata = r.backend.build_metadata(attn)
+            with set_forward_context(self._context(metadata)), piecewise_graphs(n, capturing=True):
+                r.forward_fn(ids, pos)
+            self.pool.release()
+        for b in reversed(self.decode_sizes):
+            _, _, attn = r.dummy_inputs(b, num_reqs=b)
+            ids, pos = self.static_ids[:b], self.static_positions[:b]
+            metadata = r.backend.build_metadata(attn)
+            with set_forward_context(self._context(metadata)):
+                r.forward_fn(ids, pos)  # warm-up outside the graph
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool.pool):
+                    hidden = r.forward_fn(ids, pos)
+            self.full[b] = (graph, hidden)
+        torch.cuda.synchronize(r.device)
+        self.capture_seconds = time.perf_counter() - start
+        logger.info(
+            "captured %d piecewise sizes and %d full decode graphs in %.2f s",
+            len(self.piecewise_sizes),
+            len(self.full),
+            self.capture_seconds,
+        )
+
+    def run(
+        self, ids: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs, metadata: Any
+    ) -> torch.Tensor:
+        n = ids.shape[0]
+        full = self.full.get(n)
+        if full is not None and attn.is_uniform_decode and attn.num_reqs == attn.num_tokens:
+            self.static_ids[:n].copy_(ids, non_blocking=True)
+            self.static_positions[:n].copy_(positions, non_blocking=True)
+            graph, hidden = full
+            graph.replay()
+            self.full_replays += 1
+            return hidden
+        piecewise = n in self.piecewise_sizes and not torch.cuda.is_current_stream_capturing()
+        mode = piecewise_graphs(n) if piecewise else contextlib.nullcontext()
+        with set_forward_context(self._context(metadata)), mode:
+            return self.runner.forward_fn(ids, positions)

@@ -1,0 +1,11 @@
+"""Fused ops that compiler passes put into the graph.
+
+Each op is a `torch.library` op (namespace `compiled_llm`) with three implementations: a fake one
+(shapes only, for tracing), a CPU one in plain PyTorch that reuses the model's own layer code (so
+its numerics equal eager), and a CUDA one in Triton. Importing this package registers them all;
+the Triton modules are imported only when a CUDA op first runs.
+"""
+
+from compiled_llm.kernels import activation, norm, rotary
+
+__all__ = ["activation", "norm", "rotary"]
