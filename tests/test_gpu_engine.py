@@ -36,13 +36,27 @@ def available(name: str) -> bool:
     return True
 
 
+# FlashInfer's kernels need head_dim >= 64.
+GPU_SHAPE = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+
+
 @pytest.fixture(scope="module")
-def reference(tiny_models) -> dict[str, list[list[int]]]:
-    out = {}
-    for kind in ("llama", "qwen3"):
-        llm = LLM(
-            str(tiny_models(kind)), dtype="float16", attention_backend="torch", enforce_eager=True
+def gpu_models(tmp_path_factory, embedded_tokenizer_dir):
+    from .conftest import make_tiny_model
+
+    return {
+        kind: make_tiny_model(
+            kind, tmp_path_factory.mktemp(f"gpu-{kind}"), embedded_tokenizer_dir, **GPU_SHAPE
         )
+        for kind in ("llama", "qwen3")
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(gpu_models) -> dict[str, list[list[int]]]:
+    out = {}
+    for kind, path in gpu_models.items():
+        llm = LLM(str(path), dtype="float16", attention_backend="torch", enforce_eager=True)
         out[kind] = tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
         del llm
     return out
@@ -50,11 +64,11 @@ def reference(tiny_models) -> dict[str, list[list[int]]]:
 
 @pytest.mark.parametrize("backend", ["triton", "flashinfer"])
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
-def test_backend_with_cuda_graphs_matches_reference(kind, backend, tiny_models, reference):
+def test_backend_with_cuda_graphs_matches_reference(kind, backend, gpu_models, reference):
     if not available(backend):
         pytest.skip(f"{backend} not installed")
     llm = LLM(
-        str(tiny_models(kind)),
+        str(gpu_models[kind]),
         dtype="float16",
         attention_backend=backend,
         compilation_level=2,
@@ -72,9 +86,9 @@ def test_backend_with_cuda_graphs_matches_reference(kind, backend, tiny_models, 
     assert single == [reference[kind][2]]
 
 
-def test_o2_equals_o0_same_backend(tiny_models):
+def test_o2_equals_o0_same_backend(gpu_models):
     backend = "flashinfer" if available("flashinfer") else "triton"
-    path = str(tiny_models("llama"))
+    path = str(gpu_models["llama"])
     eager = LLM(path, dtype="float16", attention_backend=backend, enforce_eager=True)
     expected = tokens(eager.generate(PROMPTS, GREEDY, use_tqdm=False))
     del eager

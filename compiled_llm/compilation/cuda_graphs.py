@@ -89,12 +89,13 @@ class GraphPool:
         self.pool = torch.cuda.graph_pool_handle()
 
     def input_buffer(self, slot: int, like: torch.Tensor) -> torch.Tensor:
-        key = (slot, like.dtype, tuple(like.shape[1:]))
+        """A static buffer with `like`'s layout (strides included: compiled pieces check them;
+        e.g. cos/sin arrive as strided halves of one table)."""
+        key = (slot, like.dtype, tuple(like.shape[1:]), like.stride())
         buf = self._buffers.get(key)
         if buf is None:
-            buf = torch.empty(
-                (self.max_tokens, *like.shape[1:]), dtype=like.dtype, device=self.device
-            )
+            shape = (self.max_tokens, *like.shape[1:])
+            buf = torch.empty_strided(shape, like.stride(), dtype=like.dtype, device=self.device)
             self._buffers[key] = buf
         return buf[: like.shape[0]]
 

@@ -47,9 +47,10 @@ class CudaGraphRunner:
         self.decode_sizes = (
             [s for s in self.piecewise_sizes if s <= sc.max_num_seqs] if full_ok else []
         )
-        largest_decode = max(self.decode_sizes, default=1)
-        self.static_ids = torch.zeros(largest_decode, dtype=torch.int64, device=runner.device)
-        self.static_positions = torch.zeros_like(self.static_ids)
+        # Made in capture(), under inference mode like every step's inputs: Dynamo guards on
+        # the dispatch keys, so a tensor made outside inference mode would force a recompile.
+        self.static_ids = torch.empty(0, dtype=torch.int64)
+        self.static_positions = self.static_ids
         self.full: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.full_replays = 0
         self.capture_seconds = 0.0
@@ -70,6 +71,9 @@ class CudaGraphRunner:
     def capture(self) -> None:
         r = self.runner
         start = time.perf_counter()
+        largest_decode = max(self.decode_sizes, default=1)
+        self.static_ids = torch.zeros(largest_decode, dtype=torch.int64, device=r.device)
+        self.static_positions = torch.zeros_like(self.static_ids)
         self.pool.static_ptrs = {t.data_ptr() for t in model_tensors(r.model)}
         largest = max(self.piecewise_sizes, default=0)
         r.backend.prepare_for_capture(
