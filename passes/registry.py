@@ -18,6 +18,12 @@ ENTRY_POINT_GROUP = "compiled_llm.passes"
 # Pipeline order. Each stage runs its passes in this order.
 _BUILTIN: dict[str, str] = {
     "attention_lowering": "compiled_llm.passes.attention_lowering:AttentionLoweringPass",
+    "gemm_merge": "compiled_llm.passes.gemm_merge:GemmMergePass",
+    "noop_elimination": "compiled_llm.passes.noop_elimination:NoopEliminationPass",
+    "qk_norm_rope": "compiled_llm.passes.qk_norm_rope:QKNormRopePass",
+    "rope": "compiled_llm.passes.rope:RopePass",
+    "fuse_add_rmsnorm": "compiled_llm.passes.fuse_add_rmsnorm:FuseAddRMSNormPass",
+    "silu_and_mul": "compiled_llm.passes.silu_and_mul:SiluAndMulPass",
 }
 REQUIRED = frozenset({"attention_lowering"})
 
