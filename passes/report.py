@@ -1,0 +1,243 @@
+"""Per-pass ablation of one model, for pass developers (`compiled-llm passes report`).
+
+The selected pipeline (the default one edited by `--passes`) is compiled once with every pass on,
+then once more per optional pass with that pass off, and once with only the required passes.
+Each compile runs -O1 (Inductor, no CUDA graphs) with the compile cache and Inductor's own
+caches off, so every post-grad pass really runs. Each variant is timed on one fixed batch and its
+logits are compared with eager (-O0) on the same batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from compiled_llm.passes.registry import REQUIRED, resolve_pipeline
+
+
+@dataclass
+class PassRow:
+    name: str
+    stage: str
+    matches: int  # sites rewritten over the whole model (a shared piece counts once per use)
+    nodes_before: int  # summed over the graphs the pass ran on
+    nodes_after: int
+    ms_off: float  # step time with this pass removed from the pipeline
+    ms_on: float  # step time with the whole pipeline
+    diff_off: float  # max |logit - eager logit| with this pass removed
+    diff_on: float
+
+
+@dataclass
+class Report:
+    model: str
+    device: str
+    dtype: str
+    attention_backend: str
+    num_tokens: int
+    num_reqs: int
+    steps: int
+    pipeline: list[str]
+    eager_ms: float
+    none_ms: float  # required passes only
+    none_diff: float
+    all_ms: float
+    all_diff: float
+    rows: list[PassRow] = field(default_factory=list)
+
+
+@dataclass
+class _Variant:
+    ms: float
+    diff: float
+    compiled: Any  # compiled_llm.compilation.compiler.CompiledModel
+
+
+@contextlib.contextmanager
+def no_compile_caches() -> Iterator[None]:
+    """No compile cache and no Inductor/AOT caches: a cached piece would skip our passes."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    old = os.environ.get("COMPILED_LLM_DISABLE_COMPILE_CACHE")
+    os.environ["COMPILED_LLM_DISABLE_COMPILE_CACHE"] = "1"
+    # Without Inductor's cache, standalone_compile warns that it cannot make a saveable
+    # artifact; nothing here saves one.
+    quiet = logging.getLogger("torch._inductor.standalone_compile")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with (
+            inductor_config.patch(fx_graph_cache=False, fx_graph_remote_cache=False),
+            functorch_config.patch(enable_autograd_cache=False),
+        ):
+            yield
+    finally:
+        quiet.setLevel(level)
+        if old is None:
+            del os.environ["COMPILED_LLM_DISABLE_COMPILE_CACHE"]
+        else:
+            os.environ["COMPILED_LLM_DISABLE_COMPILE_CACHE"] = old
+
+
+class _Bench:
+    """The model, its attention backend and one fixed batch, shared by every variant."""
+
+    def __init__(self, engine_kwargs: dict[str, Any], num_tokens: int, num_reqs: int) -> None:
+        from compiled_llm.attention_backends.base import AttentionSpec
+        from compiled_llm.attention_backends.registry import get_backend_class, resolve_backend_name
+
+        from compiled_llm.config import EngineArgs
+        from compiled_llm.models.loader import load_model
+
+        kwargs = dict(engine_kwargs, compilation_level=1, enforce_eager=False)
+        self.config = EngineArgs.from_kwargs(**kwargs).create_config()
+        mc = self.config.model_config
+        self.device = self.config.device
+        self.model = load_model(mc, self.device)
+        self.backend_name = resolve_backend_name(self.config.attention_backend, self.device)
+        block_size = self.config.cache_config.block_size
+        spec = AttentionSpec(
+            num_heads=mc.num_heads,
+            num_kv_heads=mc.num_kv_heads,
+            head_dim=mc.head_dim,
+            block_size=block_size,
+            dtype=mc.dtype,
+            device=self.device,
+            scale=mc.head_dim**-0.5,
+        )
+        self.backend = get_backend_class(self.backend_name)(spec)
+        self._inputs(num_tokens, num_reqs, block_size, int(mc.hf_config.vocab_size))
+        self.kv_caches = self.backend.allocate_kv_caches(self.num_blocks, mc.num_layers)
+
+    def _inputs(self, num_tokens: int, num_reqs: int, block_size: int, vocab: int) -> None:
+        """`num_reqs` prefills of equal length from position 0, in disjoint cache blocks."""
+        from compiled_llm.attention_backends.base import AttentionInputs
+
+        dev = self.device
+        q_lens = [num_tokens // num_reqs] * num_reqs
+        q_lens[-1] += num_tokens - sum(q_lens)
+        width = -(-max(q_lens) // block_size)
+        self.num_blocks = num_reqs * width
+        block_table = torch.arange(self.num_blocks, dtype=torch.int32).view(num_reqs, width)
+        positions = torch.cat([torch.arange(n) for n in q_lens])
+        req = torch.repeat_interleave(torch.arange(num_reqs), torch.tensor(q_lens))
+        slots = block_table[req, positions // block_size].long() * block_size
+        slots += positions % block_size
+        cu = torch.zeros(num_reqs + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(q_lens).cumsum(0)
+        seq_lens = torch.tensor(q_lens, dtype=torch.int32)
+        self.attn = AttentionInputs(
+            num_reqs=num_reqs,
+            num_tokens=num_tokens,
+            query_start_loc=cu.to(dev),
+            seq_lens=seq_lens.to(dev),
+            block_table=block_table.to(dev),
+            slot_mapping=slots.to(dev),
+            query_start_loc_cpu=cu,
+            seq_lens_cpu=seq_lens,
+            max_query_len=max(q_lens),
+            max_seq_len=max(q_lens),
+        )
+        gen = torch.Generator().manual_seed(0)
+        self.input_ids = torch.randint(0, vocab, (num_tokens,), generator=gen).to(dev)
+        self.positions = positions.to(dev)
+
+    @torch.inference_mode()
+    def logits(self, forward: Callable[..., torch.Tensor]) -> torch.Tensor:
+        from compiled_llm.engine.forward_context import ForwardContext, set_forward_context
+
+        metadata = self.backend.build_metadata(self.attn)
+        with set_forward_context(ForwardContext(self.backend, self.kv_caches, metadata)):
+            hidden = forward(self.input_ids, self.positions)
+        return self.model.compute_logits(hidden)  # type: ignore[operator]
+
+    def time_ms(self, forward: Callable[..., torch.Tensor], steps: int) -> float:
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        for _ in range(2):
+            self.logits(forward)
+        times = []
+        for _ in range(steps):
+            sync()
+            start = time.perf_counter()
+            self.logits(forward)
+            sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
+
+    def compile(self, edits: list[str]) -> Any:
+        from compiled_llm.compilation.compiler import CompiledModel
+
+        cc = dataclasses.replace(self.config.compilation_config, passes=tuple(edits), level=1)
+        config = dataclasses.replace(self.config, compilation_config=cc)
+        torch._dynamo.reset()
+        compiled = CompiledModel(self.model, config, self.backend_name)
+        self.logits(compiled)  # compiles
+        return compiled
+
+
+def run_report(
+    engine_kwargs: dict[str, Any], num_tokens: int = 32, num_reqs: int = 4, steps: int = 10
+) -> Report:
+    edits = list(engine_kwargs.get("passes") or [])
+    selected = [cls.name for cls in resolve_pipeline(edits)]
+    optional = [n for n in selected if n not in REQUIRED]
+    bench = _Bench(engine_kwargs, num_tokens, num_reqs)
+    eager = bench.logits(bench.model.forward)
+    eager_ms = bench.time_ms(bench.model.forward, steps)
+    variants: dict[tuple[str, ...], _Variant] = {}
+
+    def variant(removed: list[str]) -> _Variant:
+        key = tuple(n for n in selected if n not in removed)
+        if key not in variants:
+            compiled = bench.compile(edits + [f"-{n}" for n in removed])
+            diff = (bench.logits(compiled) - eager).abs().max().item()
+            variants[key] = _Variant(bench.time_ms(compiled, steps), diff, compiled)
+        return variants[key]
+
+    with no_compile_caches():
+        full = variant([])
+        rows = []
+        for name in optional:
+            off = variant([name])
+            s = full.compiled.pipeline.stats[name]
+            p = next(p for p in full.compiled.pipeline.passes if p.name == name)
+            rows.append(
+                PassRow(
+                    name=name,
+                    stage=p.stage,
+                    matches=s.matches(full.compiled.stats.instances),
+                    nodes_before=s.nodes_before,
+                    nodes_after=s.nodes_after,
+                    ms_off=off.ms,
+                    ms_on=full.ms,
+                    diff_off=off.diff,
+                    diff_on=full.diff,
+                )
+            )
+        none = variant(optional)
+    mc = bench.config.model_config
+    return Report(
+        model=mc.model,
+        device=str(bench.device),
+        dtype=str(mc.dtype).removeprefix("torch."),
+        attention_backend=bench.backend_name,
+        num_tokens=num_tokens,
+        num_reqs=num_reqs,
+        steps=steps,
+        pipeline=selected,
+        eager_ms=eager_ms,
+        none_ms=none.ms,
+        none_diff=none.diff,
+        all_ms=full.ms,
+        all_diff=full.diff,
+        rows=rows,
+    )
