@@ -151,7 +151,7 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
-    async_scheduling: bool = False
+    async_scheduling: bool = True
     device: str = "auto"
     attention_backend: str = "auto"
     compilation_level: int | None = None  # -O; None picks the platform default

@@ -73,6 +73,12 @@ class SamplingParams:
             fail("stop_token_ids", "must be non-negative integers")
 
     @property
+    def has_penalties(self) -> bool:
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+        )
+
+    @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 

@@ -114,3 +114,31 @@ def test_n_samples_and_stop_strings(roomy: LLM) -> None:
     assert cut.finish_reason == "stop" and cut.stop_reason == stop
     assert cut.text == full.text[: full.text.find(stop)]
     assert stop not in cut.text
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        GREEDY,
+        SEEDED,
+        SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=12, min_tokens=4, logprobs=2),
+        SamplingParams(temperature=0.7, seed=5, max_tokens=16, repetition_penalty=1.3),
+    ],
+    ids=["greedy", "seeded", "n-min-logprobs", "penalties"],
+)
+def test_async_scheduling_gives_identical_outputs(tiny_models, params) -> None:
+    path = str(tiny_models("llama"))
+    runs = []
+    for async_scheduling in (False, True):
+        llm = LLM(
+            path,
+            max_model_len=256,
+            enforce_eager=True,
+            async_scheduling=async_scheduling,
+            num_gpu_blocks_override=24,  # tight: preemptions too
+        )
+        free = llm.engine.num_free_blocks
+        outs = llm.generate(PROMPTS, params, use_tqdm=False)
+        assert llm.engine.num_free_blocks == free
+        runs.append([[(c.token_ids, c.text, c.logprobs) for c in o.outputs] for o in outs])
+    assert runs[0] == runs[1]

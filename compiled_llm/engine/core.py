@@ -16,7 +16,7 @@ from compiled_llm.engine.messages import (
     EngineCoreRequest,
     SchedulerStatsMsg,
 )
-from compiled_llm.engine.model_runner import ModelRunner, ModelRunnerOutput
+from compiled_llm.engine.model_runner import ModelRunner, ModelRunnerOutput, StepHandle
 from compiled_llm.engine.request import Request, RequestStatus
 from compiled_llm.engine.scheduler import Scheduler, SchedulerOutput
 from compiled_llm.kv_cache.kv_cache_manager import KVCacheManager
@@ -42,6 +42,9 @@ class EngineCore:
             num_blocks, config.cache_config.block_size, config.cache_config.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler_config, self.kv_cache)
+        self.async_scheduling = config.scheduler_config.async_scheduling
+        self._inflight: StepHandle | None = None
+        self._pending_outputs: list[EngineCoreOutput] = []
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens)",
             num_blocks,
@@ -72,18 +75,46 @@ class EngineCore:
             self.scheduler.finish(request_id, _FINISH_STATUS[reason])
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return (
+            self.scheduler.has_unfinished()
+            or self._inflight is not None
+            or bool(self._pending_outputs)
+        )
 
     # --- steps ----------------------------------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
+        """One step. With async scheduling, step N+1 is scheduled and launched before step N's
+        results are read, so host work overlaps device work; results then lag one call."""
+        if not self.async_scheduling or self._needs_sync():
+            self._drain()
+            sched = self.scheduler.schedule()
+            if sched.is_empty:
+                return self._outputs([], sched)
+            handle = self.runner.execute_async(sched, self._block_ids(sched))
+            return self._outputs(self._process(handle.result()), sched)
         sched = self.scheduler.schedule()
-        if sched.is_empty:
+        previous, self._inflight = self._inflight, None
+        if not sched.is_empty:
+            self._inflight = self.runner.execute_async(sched, self._block_ids(sched), previous)
+        if previous is None:
             return self._outputs([], sched)
-        block_ids = [self.kv_cache.block_ids(s.request) for s in sched.scheduled]
-        result = self.runner.execute(sched, block_ids)
-        return self._process(sched, result)
+        return self._outputs(self._process(previous.result()), sched)
 
-    def _process(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> EngineCoreOutputs:
+    def _block_ids(self, sched: SchedulerOutput) -> list[list[int]]:
+        return [self.kv_cache.block_ids(s.request) for s in sched.scheduled]
+
+    def _drain(self) -> None:
+        """Finish the step in flight (its outputs are kept for the next call to return)."""
+        if self._inflight is not None:
+            handle, self._inflight = self._inflight, None
+            self._pending_outputs += self._process(handle.result())
+
+    def _needs_sync(self) -> bool:
+        """Penalties count every output token, so their requests need step N's token on the
+        host before step N+1 is sampled."""
+        return any(r.sampling_params.has_penalties for r in self.scheduler.running)
+
+    def _process(self, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
         updated = self.scheduler.update_from_output(dict(zip(result.request_ids, result.token_ids)))
         logprobs = dict(zip(result.request_ids, result.logprobs or []))
         outputs = []
@@ -99,11 +130,15 @@ class EngineCore:
                     num_cached_tokens=max(request.num_cached_tokens, 0),
                 )
             )
-        return self._outputs(outputs, sched)
+        return outputs
 
     def _outputs(
         self, outputs: list[EngineCoreOutput], sched: SchedulerOutput
     ) -> EngineCoreOutputs:
+        """Outputs (after any drained earlier) plus stats of `sched`, scheduled by this call."""
+        if self._pending_outputs:
+            outputs = self._pending_outputs + outputs
+            self._pending_outputs = []
         stats = self.scheduler.stats()
         num_sampled = sum(1 for s in sched.scheduled if s.samples)
         num_prompt = sum(

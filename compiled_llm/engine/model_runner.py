@@ -1,7 +1,9 @@
 """Turns a scheduled step into tensors, runs the model under the forward context, and samples.
 
-Inputs are built with numpy on the host and copied once; the only host sync per step is reading
-the sampled token ids back.
+Inputs are built with numpy on the host and copied once. `execute_async` launches a step and
+returns at once: the sampled ids stay on the device (the next step splices them into its input
+where the host does not know them yet) and reach the host by an asynchronous copy, read only
+when the step's result is asked for.
 """
 
 from __future__ import annotations
@@ -46,6 +48,50 @@ class ModelRunnerOutput:
     request_ids: list[str]  # requests that sampled, in row order
     token_ids: list[int]
     logprobs: list[Any] | None = None  # per row: (topk ids, topk logprobs, sampled lp, rank)
+
+
+class StepHandle:
+    """A launched step: its sampled ids on the device, and their host copy once ready."""
+
+    def __init__(self, requests: list[Request], out: SamplerOutput | None) -> None:
+        self.requests = requests
+        self.row = {r.request_id: i for i, r in enumerate(requests)}
+        self.device_tokens = out.token_ids if out is not None else None
+        self._out = out
+        self._host: list[torch.Tensor] = []
+        self._event: torch.cuda.Event | None = None
+        if out is None:
+            return
+        tensors = [out.token_ids]
+        if out.topk_ids is not None:
+            tensors += [out.topk_ids, out.topk_logprobs, out.sampled_logprobs, out.sampled_ranks]  # type: ignore[list-item]
+        cuda = out.token_ids.is_cuda
+        for t in tensors:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda)
+            host.copy_(t, non_blocking=cuda)
+            self._host.append(host)
+        if cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> ModelRunnerOutput:
+        if self._out is None:
+            return ModelRunnerOutput([], [])
+        if self._event is not None:
+            self._event.synchronize()
+        ids = [r.request_id for r in self.requests]
+        tokens: list[int] = self._host[0].tolist()
+        if len(self._host) == 1:
+            return ModelRunnerOutput(ids, tokens)
+        topk_ids, topk_lps, sampled_lps, ranks = (h.tolist() for h in self._host[1:])
+        logprobs: list[Any] = []
+        for i, r in enumerate(self.requests):
+            k = r.sampling_params.logprobs
+            if k is None:
+                logprobs.append(None)
+            else:
+                logprobs.append((topk_ids[i][:k], topk_lps[i][:k], sampled_lps[i], ranks[i]))
+        return ModelRunnerOutput(ids, tokens, logprobs)
 
 
 class ModelRunner:
@@ -137,8 +183,13 @@ class ModelRunner:
 
     # --- one step -------------------------------------------------------------------------------
     def prepare_inputs(
-        self, scheduled: list[ScheduledRequest], block_ids: list[list[int]]
+        self,
+        scheduled: list[ScheduledRequest],
+        block_ids: list[list[int]],
+        previous: StepHandle | None = None,
     ) -> StepInputs:
+        """Tensors for one step. Tokens the host does not know yet (sampled by `previous`, still
+        in flight) are taken from `previous`'s device output."""
         bs = self.block_size
         q_lens = np.array([s.num_tokens for s in scheduled], dtype=np.int64)
         starts = np.array([s.start for s in scheduled], dtype=np.int64)
@@ -147,12 +198,16 @@ class ModelRunner:
         num_tokens = int(cu[-1])
         req_index = np.repeat(np.arange(len(scheduled)), q_lens)
         positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(cu[:-1] - starts, q_lens)
-        input_ids = np.concatenate(
-            [
-                np.asarray(s.request.all_token_ids[s.start : s.start + s.num_tokens])
-                for s in scheduled
-            ]
-        )
+        pieces, pending_dst, pending_src = [], [], []
+        for i, s in enumerate(scheduled):
+            known = s.request.all_token_ids[s.start : s.start + s.num_tokens]
+            if len(known) < s.num_tokens:  # the last one is being sampled by `previous`
+                assert previous is not None and len(known) == s.num_tokens - 1
+                pending_dst.append(int(cu[i + 1]) - 1)
+                pending_src.append(previous.row[s.request.request_id])
+                known = known + [0]
+            pieces.append(np.asarray(known, dtype=np.int64))
+        input_ids = np.concatenate(pieces)
         width = max(len(b) for b in block_ids)
         block_table = np.zeros((len(scheduled), width), dtype=np.int32)
         for i, ids in enumerate(block_ids):
@@ -164,6 +219,10 @@ class ModelRunner:
         ids_t, pos_t, attn = self._device_inputs(
             input_ids, positions, q_lens, starts + q_lens, block_table, slot_mapping
         )
+        if pending_dst:
+            assert previous is not None and previous.device_tokens is not None
+            src = previous.device_tokens[self._to_device(np.asarray(pending_src))]
+            ids_t[self._to_device(np.asarray(pending_dst))] = src
         return StepInputs(
             input_ids=ids_t,
             positions=pos_t,
@@ -211,16 +270,24 @@ class ModelRunner:
         ids = self._to_device(input_ids.astype(np.int64))
         return ids, self._to_device(positions.astype(np.int64)), attn
 
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, block_ids: list[list[int]]) -> ModelRunnerOutput:
-        inputs = self.prepare_inputs(sched.scheduled, block_ids)
+        return self.execute_async(sched, block_ids).result()
+
+    @torch.inference_mode()
+    def execute_async(
+        self,
+        sched: SchedulerOutput,
+        block_ids: list[list[int]],
+        previous: StepHandle | None = None,
+    ) -> StepHandle:
+        """Launch a step; returns before the device finishes it."""
+        inputs = self.prepare_inputs(sched.scheduled, block_ids, previous)
         hidden = self.run_model(inputs.input_ids, inputs.positions, inputs.attn)
         if not inputs.sampling_requests:
-            return ModelRunnerOutput([], [])
+            return StepHandle([], None)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # type: ignore[operator]
         batch = build_sampling_batch(inputs.sampling_requests, self.vocab_size, self.device)
-        out = self.sampler(logits, batch)
-        return self._to_host(inputs.sampling_requests, out)
+        return StepHandle(inputs.sampling_requests, self.sampler(logits, batch))
 
     def run_model(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs
@@ -232,27 +299,6 @@ class ModelRunner:
             with set_forward_context(ForwardContext(self.backend, self.kv_caches, metadata)):
                 hidden = self.forward_fn(input_ids, positions)
         return hidden[: attn.num_tokens]
-
-    @staticmethod
-    def _to_host(requests: list[Request], out: SamplerOutput) -> ModelRunnerOutput:
-        ids = [r.request_id for r in requests]
-        tokens: list[int] = out.token_ids.tolist()
-        if out.topk_ids is None:
-            return ModelRunnerOutput(ids, tokens)
-        assert out.topk_logprobs is not None and out.sampled_logprobs is not None
-        assert out.sampled_ranks is not None
-        topk_ids = out.topk_ids.tolist()
-        topk_lps = out.topk_logprobs.tolist()
-        sampled_lps = out.sampled_logprobs.tolist()
-        ranks = out.sampled_ranks.tolist()
-        logprobs: list[Any] = []
-        for i, r in enumerate(requests):
-            k = r.sampling_params.logprobs
-            if k is None:
-                logprobs.append(None)
-            else:
-                logprobs.append((topk_ids[i][:k], topk_lps[i][:k], sampled_lps[i], ranks[i]))
-        return ModelRunnerOutput(ids, tokens, logprobs)
 
     def dummy_inputs(
         self, num_tokens: int, num_reqs: int

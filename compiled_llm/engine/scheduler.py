@@ -96,7 +96,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens_with_pending - request.num_computed_tokens, budget)
-            if num_new <= 0:  # waits for a token still being sampled (async scheduling)
+            out_with_pending = request.num_tokens_with_pending - request.num_prompt_tokens
+            if num_new <= 0 or out_with_pending >= request.max_tokens:
+                # waits for a token still being sampled, or its last token is (async scheduling)
                 i += 1
                 continue
             while not self.kv_cache.allocate_slots(request, num_new):

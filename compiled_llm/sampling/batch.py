@@ -31,9 +31,7 @@ def build_sampling_batch(
     top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     seeded = [i for i in random_rows if params[i].seed is not None]
-    any_penalty = any(
-        p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params
-    )
+    any_penalty = any(p.has_penalties for p in params)
     # Stop tokens are banned until min_tokens outputs exist.
     banned_rows: list[int] = []
     banned_ids: list[int] = []
