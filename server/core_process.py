@@ -1,0 +1,219 @@
+"""The engine core in a process of its own, fed over ZeroMQ by the API frontend.
+
+One thread receives and decodes input into a queue, another encodes and sends outputs, so the
+busy loop (take all queued input, then `step()` while there is work; block on the queue when
+idle) never waits on a socket. Started by `core_client.CoreClient` with multiprocessing spawn.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+from typing import Any
+
+import zmq
+from compiled_llm.server.messages import (
+    AbortRequests,
+    CoreFailed,
+    CoreReady,
+    OutputType,
+    RequestType,
+    UtilityCall,
+    UtilityResult,
+    decode_request,
+)
+
+from compiled_llm.config import EngineArgs
+from compiled_llm.engine.core import EngineCore
+from compiled_llm.engine.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
+
+logger = logging.getLogger(__name__)
+
+UTILITY_METHODS = frozenset(
+    {"ping", "reset_prefix_cache", "start_profile", "stop_profile", "shutdown"}
+)
+_PARENT_CHECK_S = 1.0  # how often an orphaned core notices that its frontend is gone
+_SHUTDOWN = object()
+
+
+def run_engine_core(engine_kwargs: dict[str, Any], input_address: str, output_address: str) -> None:
+    """Process entry point: build the engine from EngineArgs keywords, serve until told to stop,
+    the frontend disappears, or an error (reported to the frontend, then exit status 1)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the frontend, which stops us
+    signal.signal(signal.SIGTERM, lambda *_: _raise_exit())
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s core %(name)s: %(message)s")
+    proc = EngineCoreProc(input_address, output_address)
+    code = 0
+    try:
+        proc.start(engine_kwargs)
+        proc.run_busy_loop()
+    except SystemExit:
+        pass
+    except BaseException as e:  # reported, then the process exits non-zero
+        logger.exception("engine core failed")
+        proc.send(OutputType.FAILED, CoreFailed(f"{type(e).__name__}: {e}"))
+        code = 1
+    finally:
+        proc.close()
+    os._exit(code)  # skip interpreter teardown: torch and ZeroMQ threads can stall it
+
+
+def _raise_exit() -> None:
+    raise SystemExit(0)
+
+
+class EngineCoreProc:
+    def __init__(self, input_address: str, output_address: str) -> None:
+        self.ctx = zmq.Context(io_threads=1)
+        self.input_queue: queue.Queue[tuple[bytes, Any]] = queue.Queue()
+        self.output_queue: queue.Queue[Any] = queue.Queue()
+        self.core: EngineCore | None = None
+        self._stop = False
+        self._stats_dirty = False
+        self._parent = multiprocessing.parent_process()
+        self._last_parent_check = time.monotonic()
+        self._in_thread = threading.Thread(
+            target=self._input_thread, args=(input_address,), name="core-input", daemon=True
+        )
+        self._out_thread = threading.Thread(
+            target=self._output_thread, args=(output_address,), name="core-output", daemon=True
+        )
+        self._in_thread.start()
+        self._out_thread.start()
+
+    def start(self, engine_kwargs: dict[str, Any]) -> None:
+        started = time.monotonic()
+        config = EngineArgs.from_kwargs(**engine_kwargs).create_config()
+        self.core = EngineCore(config)
+        ready = CoreReady(
+            pid=os.getpid(),
+            num_blocks=self.core.num_blocks,
+            block_size=config.cache_config.block_size,
+            max_model_len=config.model_config.max_model_len,
+            startup_seconds=time.monotonic() - started,
+        )
+        self.send(OutputType.READY, ready)
+        self._stats_dirty = True  # the first loop turn reports the empty cache's stats
+
+    # --- I/O threads ----------------------------------------------------------------------------
+    def _input_thread(self, address: str) -> None:
+        sock = self.ctx.socket(zmq.PULL)
+        sock.connect(address)
+        try:
+            while True:
+                kind, payload = sock.recv_multipart(copy=False)
+                self.input_queue.put((kind.bytes, decode_request(kind.bytes, payload.buffer)))
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            sock.close(linger=0)
+
+    def _output_thread(self, address: str) -> None:
+        import msgspec
+
+        encoder = msgspec.msgpack.Encoder()
+        sock = self.ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.connect(address)
+        try:
+            while (item := self.output_queue.get()) is not _SHUTDOWN:
+                kind, msg = item
+                sock.send_multipart([kind, encoder.encode(msg)], copy=False)
+        finally:
+            sock.close(linger=2000)  # flush what is queued (a final error, say) before exit
+
+    def send(self, kind: OutputType, msg: Any) -> None:
+        self.output_queue.put((kind.value, msg))
+
+    def close(self) -> None:
+        """Flush queued outputs (a final error message, say); the process exits right after."""
+        self.output_queue.put(_SHUTDOWN)
+        self._out_thread.join(timeout=5)
+        if not self._out_thread.is_alive():
+            self.ctx.term()  # waits for the output socket's linger; stops the input thread
+
+    # --- the loop -------------------------------------------------------------------------------
+    def run_busy_loop(self) -> None:
+        core = self.core
+        assert core is not None
+        while not self._stop:
+            self._process_input(block=not core.has_unfinished_requests() and not self._stats_dirty)
+            if core.has_unfinished_requests() or self._stats_dirty:
+                # An idle step still reports stats: freed blocks after aborts reach /metrics.
+                self._stats_dirty = False
+                self.send(OutputType.OUTPUTS, core.step())
+
+    def _process_input(self, block: bool) -> None:
+        while True:
+            try:
+                kind, msg = self.input_queue.get(block=block, timeout=_PARENT_CHECK_S)
+            except queue.Empty:
+                self._check_parent()
+                if block:
+                    continue
+                return
+            block = False
+            self._handle(kind, msg)
+            self._check_parent()
+
+    def _check_parent(self) -> None:
+        now = time.monotonic()
+        if now - self._last_parent_check < _PARENT_CHECK_S:
+            return
+        self._last_parent_check = now
+        if self._parent is not None and not self._parent.is_alive():
+            logger.warning("frontend process is gone: engine core exits")
+            raise SystemExit(0)
+
+    def _handle(self, kind: bytes, msg: Any) -> None:
+        core = self.core
+        assert core is not None
+        if kind == RequestType.ADD.value:
+            assert isinstance(msg, EngineCoreRequest)
+            try:
+                core.add_request(msg)
+            except ValueError as e:  # the frontend validates; a duplicate id is its bug, not ours
+                logger.error("rejected request %s: %s", msg.request_id, e)
+                done = EngineCoreOutput(msg.request_id, [], finish_reason="abort")
+                self.send(OutputType.OUTPUTS, EngineCoreOutputs(outputs=[done]))
+        elif kind == RequestType.ABORT.value:
+            assert isinstance(msg, AbortRequests)
+            core.abort_requests(msg.request_ids, msg.reason)
+            self._stats_dirty = True
+        elif kind == RequestType.UTILITY.value:
+            assert isinstance(msg, UtilityCall)
+            self.send(OutputType.UTILITY, self._utility(msg))
+
+    def _utility(self, call: UtilityCall) -> UtilityResult:
+        core = self.core
+        assert core is not None
+        if call.method == "shutdown":
+            self._stop = True
+            return UtilityResult(call.call_id, True)
+        if call.method not in UTILITY_METHODS:  # the frontend checks; this is a backstop
+            return UtilityResult(call.call_id, error=f"unknown utility method {call.method!r}")
+        try:
+            if call.method == "ping":
+                return UtilityResult(call.call_id, "pong")
+            if call.method == "reset_prefix_cache":
+                return UtilityResult(call.call_id, bool(core.reset_prefix_cache()))
+            hook = getattr(core, call.method, None)
+            if hook is None:
+                raise RuntimeError(f"this engine core has no profiler hook ({call.method})")
+            if call.method == "start_profile":
+                profile_dir = core.config.observability_config.profile_dir
+                if profile_dir is None:
+                    raise RuntimeError("profiling needs --profile-dir")
+                hook(profile_dir)
+            else:
+                hook()
+            return UtilityResult(call.call_id, True)
+        except Exception as e:
+            logger.warning("utility %s failed: %s", call.method, traceback.format_exc())
+            return UtilityResult(call.call_id, error=f"{type(e).__name__}: {e}")

@@ -1,0 +1,354 @@
+"""`AsyncEngine`: the asyncio frontend of an engine core running in its own process.
+
+Validation and tokenization (InputProcessor) happen here, before anything is sent, so bad input
+raises ValueError with nothing queued. One task reads the core's output socket, turns
+EngineCoreOutputs into RequestOutputs (OutputProcessor: detokenization, stop strings) and hands
+each to its request's stream; stop strings found here go back to the core as aborts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from compiled_llm.server.core_client import CoreClient
+from compiled_llm.server.messages import CoreFailed, CoreReady, OutputType, UtilityResult
+
+from compiled_llm.config import EngineArgs
+from compiled_llm.engine.messages import EngineCoreOutputs, SchedulerStatsMsg
+from compiled_llm.engine.output_processor import OutputProcessor
+from compiled_llm.engine.processor import InputProcessor, PromptType
+from compiled_llm.models.loader import load_tokenizer
+from compiled_llm.outputs import RequestOutput
+from compiled_llm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine-core process is gone; nothing more can be served."""
+
+
+class EngineOverloadedError(RuntimeError):
+    """More requests are waiting for their first token than the configured limit."""
+
+
+class EngineMetrics(Protocol):
+    """What the engine reports as it runs (server/metrics.py implements it for Prometheus)."""
+
+    def on_step(self, stats: SchedulerStatsMsg) -> None: ...
+    def on_request_added(self, num_prompt_tokens: int) -> None: ...
+    def on_tokens(self, num_new: int, ttft: float | None, itl: float | None) -> None: ...
+    def on_request_done(self, outcome: str, e2e: float) -> None: ...
+
+
+class _Stream:
+    """Latest cumulative output of one request; a slow reader skips to the newest."""
+
+    def __init__(self, num_samples: int, arrival: float) -> None:
+        self.event = asyncio.Event()
+        self.output: RequestOutput | None = None
+        self.error: BaseException | None = None
+        self.closed = False
+        self.arrival = arrival
+        self.num_waiting = num_samples  # samples that have no token yet
+        self.num_tokens = 0
+        self.last_token_time: float | None = None
+
+    def put(self, output: RequestOutput) -> None:
+        self.output = output
+        self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.event.set()
+
+    async def get(self) -> RequestOutput | None:
+        """The next output; None once aborted."""
+        while True:
+            await self.event.wait()
+            self.event.clear()
+            if self.output is not None:
+                out, self.output = self.output, None
+                return out
+            if self.error is not None:
+                raise self.error
+            if self.closed:
+                return None
+
+
+class RequestStream:
+    """Async iterator over one request's cumulative outputs; ends after the finished one."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self._stream = stream
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            out = await self._stream.get()
+        except BaseException:  # cancelled (client gone) or the engine died
+            self.close()
+            raise
+        if out is None:  # aborted by someone else
+            self._done = True
+            raise StopAsyncIteration
+        self._done = out.finished
+        return out
+
+    def close(self) -> None:
+        """Abort the request unless it finished; idempotent and synchronous."""
+        if not self._done:
+            self._done = True
+            self.engine.abort_now(self.request_id)
+
+    async def aclose(self) -> None:
+        self.close()
+
+
+class AsyncEngine:
+    def __init__(
+        self,
+        engine_kwargs: dict[str, Any],
+        *,
+        max_waiting_requests: int | None = None,
+        metrics: EngineMetrics | None = None,
+    ) -> None:
+        """Validates the arguments here; `start()` launches the core and waits until it is ready."""
+        self.engine_kwargs = dict(engine_kwargs)
+        self.config = EngineArgs.from_kwargs(**self.engine_kwargs).create_config()
+        self.max_waiting_requests = max_waiting_requests
+        self.metrics = metrics
+        self.tokenizer: Any = None
+        self.processor: InputProcessor | None = None
+        self.output_processor: OutputProcessor | None = None
+        self.client: CoreClient | None = None
+        self.ready: CoreReady | None = None
+        self.last_stats: SchedulerStatsMsg | None = None
+        self.dead_reason: str | None = None
+        self.on_dead: list[Callable[[str], None]] = []
+        self._streams: dict[str, _Stream] = {}
+        self._num_waiting = 0
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._output_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> AsyncEngine:
+        self.client = CoreClient(self.engine_kwargs)
+        mc = self.config.model_config
+        if not mc.skip_tokenizer_init:  # loads while the core builds the model
+            self.tokenizer = await asyncio.to_thread(load_tokenizer, mc.tokenizer)
+        self.processor = InputProcessor(mc, self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        try:
+            self.ready = await self.client.wait_ready()
+        except BaseException:
+            self.client.shutdown()
+            raise
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.client.proc.sentinel, self._on_core_exit)
+        self._output_task = loop.create_task(self._output_loop(), name="engine-outputs")
+        return self
+
+    # --- requests -------------------------------------------------------------------------------
+    @property
+    def is_alive(self) -> bool:
+        return self.dead_reason is None and self.client is not None and self.client.is_alive()
+
+    @property
+    def num_waiting(self) -> int:
+        """Samples sent to the core that have not produced their first token."""
+        return self._num_waiting
+
+    def generate(
+        self,
+        prompt: PromptType,
+        sampling_params: SamplingParams,
+        request_id: str,
+        priority: int = 0,
+    ) -> RequestStream:
+        """Validate and send now (ValueError for bad input, EngineOverloadedError; nothing is sent
+        then); iterate the result with `async for` for cumulative outputs. Closing it, or
+        cancelling the task iterating it, aborts the request and frees its KV blocks."""
+        if self.dead_reason is not None or self.client is None:
+            raise EngineDeadError(self.dead_reason or "the engine is not started")
+        assert self.processor is not None and self.output_processor is not None
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, ids, params, core_requests = self.processor.process(
+            request_id, prompt, sampling_params, priority
+        )
+        limit = self.max_waiting_requests
+        if limit is not None and self._num_waiting + len(core_requests) > limit:
+            raise EngineOverloadedError(
+                f"{self._num_waiting} requests are waiting, the limit is {limit}; retry later"
+            )
+        arrival = core_requests[0].arrival_time
+        child_ids = [r.request_id for r in core_requests]
+        self.output_processor.add_request(request_id, text, ids, params, child_ids, arrival)
+        stream = self._streams[request_id] = _Stream(len(core_requests), arrival)
+        self._num_waiting += len(core_requests)
+        for r in core_requests:
+            self.client.send_add(r)
+        if self.metrics:
+            self.metrics.on_request_added(len(ids) * len(core_requests))
+        return RequestStream(self, request_id, stream)
+
+    def abort_now(self, request_id: str) -> None:
+        """Synchronous abort (safe in a `finally`): the core frees the request's blocks."""
+        stream = self._streams.pop(request_id, None)
+        if stream is None or self.output_processor is None or self.client is None:
+            return
+        children = self.output_processor.child_ids(request_id)
+        self.output_processor.abort(request_id)
+        self._num_waiting -= stream.num_waiting
+        stream.closed = True
+        stream.event.set()
+        if children and self.is_alive:
+            self.client.send_abort(children, "abort")
+        if self.metrics:
+            self.metrics.on_request_done("abort", time.monotonic() - stream.arrival)
+
+    async def abort(self, request_id: str) -> None:
+        self.abort_now(request_id)
+
+    def abort_all(self, reason: str) -> None:
+        """Abort every request; their iterators raise EngineDeadError(reason)."""
+        error = EngineDeadError(reason)
+        for request_id, stream in list(self._streams.items()):
+            self.abort_now(request_id)
+            stream.fail(error)
+
+    # --- utility calls --------------------------------------------------------------------------
+    async def call_utility(self, method: str, *args: Any, timeout: float = 60.0) -> Any:
+        if not self.is_alive or self.client is None:
+            raise EngineDeadError(self.dead_reason or "the engine core is not running")
+        call_id = self.client.send_utility(method, list(args))
+        future = self._calls[call_id] = asyncio.get_running_loop().create_future()
+        try:
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._calls.pop(call_id, None)
+
+    async def ping(self) -> bool:
+        return await self.call_utility("ping", timeout=10.0) == "pong"
+
+    async def reset_prefix_cache(self) -> bool:
+        return bool(await self.call_utility("reset_prefix_cache"))
+
+    async def start_profile(self) -> None:
+        await self.call_utility("start_profile")
+
+    async def stop_profile(self) -> None:
+        await self.call_utility("stop_profile", timeout=600.0)
+
+    # --- outputs --------------------------------------------------------------------------------
+    async def _output_loop(self) -> None:
+        assert self.client is not None
+        try:
+            while True:
+                kind, msg = await self.client.recv()
+                if kind == OutputType.OUTPUTS.value:
+                    self._on_outputs(msg)
+                elif kind == OutputType.UTILITY.value:
+                    self._on_utility(msg)
+                elif kind == OutputType.FAILED.value:
+                    assert isinstance(msg, CoreFailed)
+                    self._die(f"the engine core failed: {msg.message}")
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            logger.exception("output handler failed")
+            self._die(f"the output handler failed: {e}")
+
+    def _on_outputs(self, msg: EngineCoreOutputs) -> None:
+        assert self.output_processor is not None and self.client is not None
+        if msg.stats is not None:
+            self.last_stats = msg.stats
+            if self.metrics:
+                self.metrics.on_step(msg.stats)
+        if not msg.outputs:
+            return
+        outputs, to_stop = self.output_processor.process_outputs(msg.outputs)
+        if to_stop:
+            self.client.send_abort(to_stop, "stop")
+        now = time.monotonic()
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            self._account(stream, out, now)
+            stream.put(out)
+            if out.finished:
+                del self._streams[out.request_id]
+                if self.metrics:
+                    reason = out.outputs[0].finish_reason if out.outputs else None
+                    self.metrics.on_request_done(reason or "abort", now - stream.arrival)
+
+    def _account(self, stream: _Stream, out: RequestOutput, now: float) -> None:
+        num_tokens = sum(len(c.token_ids) for c in out.outputs)
+        waiting = sum(1 for c in out.outputs if not c.token_ids and c.finish_reason is None)
+        self._num_waiting -= stream.num_waiting - waiting
+        stream.num_waiting = waiting
+        new = num_tokens - stream.num_tokens
+        if new <= 0:
+            return
+        first = stream.last_token_time is None
+        ttft = now - stream.arrival if first else None
+        itl = None if stream.last_token_time is None else now - stream.last_token_time
+        stream.num_tokens, stream.last_token_time = num_tokens, now
+        if self.metrics:
+            self.metrics.on_tokens(new, ttft, itl)
+
+    def _on_utility(self, msg: UtilityResult) -> None:
+        future = self._calls.get(msg.call_id)
+        if future is None or future.done():
+            return
+        if msg.error is not None:
+            future.set_exception(RuntimeError(msg.error))
+        else:
+            future.set_result(msg.result)
+
+    # --- failure and shutdown -------------------------------------------------------------------
+    def _on_core_exit(self) -> None:
+        assert self.client is not None
+        asyncio.get_running_loop().remove_reader(self.client.proc.sentinel)
+        self.client.proc.join(timeout=1.0)
+        self._die(f"the engine core process exited (exit code {self.client.proc.exitcode})")
+
+    def _die(self, reason: str) -> None:
+        if self.dead_reason is not None:
+            return
+        logger.error("%s", reason)
+        self.dead_reason = reason
+        error = EngineDeadError(reason)
+        for stream in self._streams.values():
+            stream.fail(error)
+        self._streams.clear()
+        self._num_waiting = 0
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(error)
+        for callback in self.on_dead:
+            callback(reason)
+
+    async def shutdown(self) -> None:
+        """Abort what runs, stop the output task and the core process."""
+        for request_id in list(self._streams):
+            self.abort_now(request_id)
+        if self._output_task is not None:
+            self._output_task.cancel()
+            await asyncio.gather(self._output_task, return_exceptions=True)
+        if self.client is not None:
+            asyncio.get_running_loop().remove_reader(self.client.proc.sentinel)
+            await asyncio.to_thread(self.client.shutdown)

@@ -1,0 +1,384 @@
+"""The OpenAI-compatible server end to end: one live server per module (engine core in its own
+process, ZeroMQ between them) on the embedded model, driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.server.conftest import API_KEY, Server, children_of, pid_alive
+
+MODEL = "SmolLM2-135M-Instruct"
+PROMPT = "The capital of France is"
+MAX = 8
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+
+def complete(client: openai.OpenAI, **kw: object):  # type: ignore[no-untyped-def]
+    args = dict(model=MODEL, prompt=PROMPT, max_tokens=MAX, temperature=0)
+    return client.completions.create(**{**args, **kw})  # type: ignore[call-overload]
+
+
+def test_health_models_and_separate_core_process(server: Server, client: openai.OpenAI) -> None:
+    assert server.get("/health").status_code == 200
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    version = server.get("/version").json()
+    assert version["api_server_pid"] == server.pid
+    core = version["engine_core_pid"]
+    assert core != server.pid and pid_alive(core)
+    assert core in children_of(server.pid)
+
+
+def test_completion(client: openai.OpenAI) -> None:
+    r = complete(client)
+    assert "Paris" in r.choices[0].text
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == MAX
+    assert r.usage.total_tokens == r.usage.prompt_tokens + MAX
+
+
+def test_chat(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_completion_tokens=MAX, temperature=0
+    )
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert 0 < r.usage.completion_tokens <= MAX
+    # max_tokens (the older name) means the same
+    old = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=MAX, temperature=0
+    )
+    assert old.choices[0].message.content == choice.message.content
+
+
+def test_streaming_matches_non_streaming(client: openai.OpenAI) -> None:
+    full = complete(client).choices[0].text
+    chunks = list(complete(client, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == MAX
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+    kw = dict(model=MODEL, messages=QUESTION, max_completion_tokens=MAX, temperature=0)
+    answer = client.chat.completions.create(**kw).choices[0].message.content  # type: ignore[call-overload]
+    stream = list(client.chat.completions.create(**kw, stream=True))  # type: ignore[call-overload]
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == answer
+    assert stream[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_n2_and_seeded_sampling(client: openai.OpenAI) -> None:
+    kw = dict(prompt="My favourite animal is", temperature=1.0, n=2, seed=1234)
+    a, b = complete(client, **kw), complete(client, **kw)
+    assert sorted(c.index for c in a.choices) == [0, 1]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # same seed, same text
+    assert a.usage.completion_tokens == 2 * MAX
+    other = complete(client, **{**kw, "seed": 4321})
+    assert [c.text for c in other.choices] != [c.text for c in a.choices]
+    streamed: dict[int, str] = {0: "", 1: ""}
+    for chunk in complete(client, **kw, stream=True):
+        streamed[chunk.choices[0].index] += chunk.choices[0].text
+    assert [streamed[0], streamed[1]] == [c.text for c in sorted(a.choices, key=lambda c: c.index)]
+
+
+def test_logprobs(client: openai.OpenAI) -> None:
+    r = complete(client, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == MAX
+    assert "".join(lp.tokens) == r.choices[0].text
+    for top, sampled in zip(lp.top_logprobs, lp.token_logprobs):
+        assert len(top) >= 3
+        assert max(top.values()) == pytest.approx(sampled)  # greedy picks the top token
+
+    c = client.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        max_completion_tokens=MAX,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = c.choices[0].logprobs.content
+    assert len(content) == c.usage.completion_tokens
+    for item in content:
+        assert len(item.top_logprobs) == 2
+        assert item.top_logprobs[0].token == item.token
+        assert item.logprob <= 0.0
+
+
+def test_stop_strings(client: openai.OpenAI) -> None:
+    base = complete(client).choices[0].text
+    stop = base[len(base) // 2 : len(base) // 2 + 2]
+    expected = base[: base.find(stop)]
+    r = complete(client, stop=[stop])
+    assert r.choices[0].text == expected
+    assert r.choices[0].finish_reason == "stop"
+    chunks = [c for c in complete(client, stop=stop, stream=True) if c.choices]
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_token_id_prompt_tokenize_detokenize(server: Server, client: openai.OpenAI) -> None:
+    tok = server.post("/tokenize", json={"prompt": PROMPT}).json()
+    assert tok["count"] == len(tok["tokens"]) > 0 and tok["max_model_len"] == 512
+    assert server.post("/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == PROMPT
+    assert (
+        complete(client, prompt=tok["tokens"]).choices[0].text == complete(client).choices[0].text
+    )
+    chat = server.post("/tokenize", json={"messages": QUESTION}).json()
+    assert chat["count"] > tok["count"]
+
+
+def test_utility_endpoints(server: Server) -> None:
+    assert server.post("/reset_prefix_cache").status_code == 200
+    r = server.post("/start_profile")
+    assert r.status_code == 400 and "--profile-dir" in r.json()["error"]["message"]
+
+
+BAD_INPUTS = [
+    # (case, path, body or raw bytes, status, param)
+    ("invalid JSON", "/v1/completions", b"{bad", 400, None),
+    ("unknown field", "/v1/completions", {"prompt": "hi", "bogus": 1}, 400, "bogus"),
+    ("temperature < 0", "/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ("no prompt", "/v1/completions", {"max_tokens": 4}, 400, "prompt"),
+    ("prompt too long", "/v1/completions", {"prompt": "hello " * 600}, 400, "prompt"),
+    (
+        "max_tokens too big",
+        "/v1/completions",
+        {"prompt": "hi", "max_tokens": 600},
+        400,
+        "max_tokens",
+    ),
+    ("too many logprobs", "/v1/completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
+    ("id outside vocab", "/v1/completions", {"prompt": [10**8]}, 400, "prompt"),
+    ("no messages", "/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("bad top_p", "/v1/chat/completions", {"messages": QUESTION, "top_p": 0}, 400, "top_p"),
+    ("unknown model", "/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "model"),
+    (
+        "unknown chat model",
+        "/v1/chat/completions",
+        {"model": "x", "messages": QUESTION},
+        404,
+        "model",
+    ),
+]
+
+
+@pytest.mark.parametrize("case,path,body,status,param", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input(
+    server: Server, case: str, path: str, body, status: int, param: str | None
+) -> None:  # type: ignore[no-untyped-def]
+    if isinstance(body, bytes):
+        r = server.post(path, content=body, headers={"Content-Type": "application/json"})
+    else:
+        r = server.post(path, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == status and error["message"] and error["type"]
+    assert error["param"] == param
+
+
+def test_api_key_and_still_serving(server: Server, client: openai.OpenAI) -> None:
+    for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}):
+        r = server.post("/v1/completions", json={"prompt": "hi"}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "AuthenticationError"
+    assert server.get("/health").status_code == 200  # not under /v1
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError):
+        complete(client, model="nope")
+    with pytest.raises(openai.BadRequestError):
+        complete(client, temperature=-2)
+    assert "Paris" in complete(client).choices[0].text  # after all the bad input
+
+
+def test_waiting_limit_answers_503(server: Server) -> None:
+    async def burst() -> list[int]:
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(
+            base_url=server.url, headers=headers, timeout=300, limits=limits
+        ) as c:
+            body = {"prompt": "Tell me a story about a dragon", "max_tokens": 1}
+            rs = await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(160)))
+        return [r.status_code for r in rs]
+
+    codes = asyncio.run(burst())
+    assert set(codes) == {200, 503}, codes
+    assert codes.count(200) >= 96
+    assert server.get("/health").status_code == 200
+    assert server.metric("requests_total") >= 0  # /metrics still renders
+
+
+def test_concurrent_streams_with_cancellation_free_blocks(server: Server) -> None:
+    free_before = server.metric("kv_cache_free_blocks")
+    aborted_before = _outcome(server, "abort")
+
+    async def run() -> list[tuple[str | None, int]]:
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+
+        async def one(i: int) -> tuple[str | None, int]:
+            stream = await client.completions.create(
+                model=MODEL,
+                prompt=f"Request {i}: write about the number {i}.",
+                max_tokens=MAX,
+                temperature=0.8,
+                seed=i,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
+            finish, tokens = None, 0
+            async for chunk in stream:
+                if i % 4 == 0:  # 16 of 64 leave after their first chunk
+                    await stream.close()
+                    return "cancelled", 0
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    finish = chunk.choices[0].finish_reason
+                if chunk.usage:
+                    tokens = chunk.usage.completion_tokens
+            return finish, tokens
+
+        try:
+            return await asyncio.gather(*(one(i) for i in range(64)))
+        finally:
+            await client.close()
+
+    results = asyncio.run(run())
+    assert results.count(("cancelled", 0)) == 16
+    assert [r for r in results if r[0] != "cancelled"] == [("length", MAX)] * 48
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if (
+            server.metric("kv_cache_free_blocks") == free_before
+            and server.metric("num_requests_running") == 0
+        ):
+            break
+        time.sleep(0.2)
+    assert server.metric("kv_cache_free_blocks") == free_before
+    assert _outcome(server, "abort") - aborted_before == 16
+
+
+def _outcome(server: Server, outcome: str) -> float:
+    for line in server.get("/metrics").text.splitlines():
+        if line.startswith("compiled_llm:requests_total{") and f'outcome="{outcome}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(outcome)
+
+
+def test_metrics(server: Server) -> None:
+    text = server.get("/metrics").text
+    for name in (
+        "requests_total",
+        "prompt_tokens_total",
+        "generation_tokens_total",
+        "time_to_first_token_seconds_bucket",
+        "inter_token_latency_seconds_bucket",
+        "e2e_request_latency_seconds_bucket",
+        "num_requests_running",
+        "num_requests_waiting",
+        "kv_cache_usage_perc",
+        "kv_cache_free_blocks",
+        "prefix_cache_hit_rate",
+    ):
+        assert f"compiled_llm:{name}" in text, name
+    assert server.metric("generation_tokens_total") > 0
+    assert _outcome(server, "rejected") > 0  # the 503s and 400s above
+
+
+def test_greedy_outputs_equal_offline_llm(client: openai.OpenAI) -> None:
+    from compiled_llm import LLM, SamplingParams
+
+    prompts = [PROMPT, "def fibonacci(n):", "Water boils at"]
+    served = complete(client, prompt=prompts)
+    by_index = sorted(served.choices, key=lambda c: c.index)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_completion_tokens=MAX, temperature=0
+    )
+
+    llm = LLM(enforce_eager=True, max_model_len=512, seed=0)
+    params = SamplingParams(temperature=0, max_tokens=MAX)
+    offline = llm.generate(prompts, params, use_tqdm=False)
+    assert [c.text for c in by_index] == [o.outputs[0].text for o in offline]
+    offline_chat = llm.chat(QUESTION, params, use_tqdm=False)[0].outputs[0].text
+    assert chat.choices[0].message.content == offline_chat
+
+
+def test_benchmark_smoke(server: Server, tmp_path: Path) -> None:
+    script = Path(__file__).parents[2] / "benchmarks" / "serve.py"
+    cmd = [
+        sys.executable,
+        str(script),
+        "--base-url",
+        server.url,
+        "--api-key",
+        API_KEY,
+        "--num-prompts",
+        "4",
+        "--input-len",
+        "8",
+        "--output-len",
+        "4",
+        "--max-concurrency",
+        "2",
+        "--result-dir",
+        str(tmp_path),
+        "--label",
+        "smoke",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert done.stdout.lstrip().startswith("{")  # configuration first
+    assert "TTFT (ms)" in done.stdout.splitlines()[-4]  # the table last
+    result = json.loads((tmp_path / "smoke.json").read_text())
+    assert result["completed"] == 4 and result["output_tokens"] == 16
+    assert set(result["latency"]) == {"ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"}
+    assert set(result["latency"]["ttft_ms"]) == {"mean", "p50", "p90", "p99"}
+
+
+def test_sigterm_finishes_in_flight_and_leaves_no_child(server: Server) -> None:
+    """Last in this module: it stops the shared server."""
+    children = children_of(server.pid)
+    assert server.get("/version").json()["engine_core_pid"] in children
+    lines: list[str] = []
+    first = threading.Event()
+
+    def stream() -> None:
+        body = {"prompt": "Count to ten:", "max_tokens": 4, "stream": True}
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        with httpx.stream(
+            "POST", server.url + "/v1/completions", json=body, headers=headers, timeout=120
+        ) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                first.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert first.wait(120)
+    os.kill(server.pid, signal.SIGTERM)
+    assert server.proc.wait(60) == 0
+    reader.join(10)
+    assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
+    chunks = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    deadline = time.monotonic() + 10
+    while any(pid_alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in children if pid_alive(p)]
