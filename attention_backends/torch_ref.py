@@ -22,8 +22,10 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> None:
         n = metadata.num_tokens
         slots = metadata.slot_mapping[:n]
-        keep = slots >= 0  # -1: a token that must not be written (padding, synthetic batches)
-        slots, k, v = slots[keep], k[:n][keep], v[:n][keep]
+        k, v = k[:n], v[:n]
+        if bool((slots < 0).any()):  # -1: must not be written (padding, synthetic batches)
+            keep = slots >= 0
+            slots, k, v = slots[keep], k[keep], v[keep]
         bs = self.spec.block_size
         blocks, offsets = slots // bs, slots % bs
         kv_cache[blocks, 0, offsets] = k.to(kv_cache.dtype)
@@ -36,28 +38,79 @@ class TorchAttentionBackend(AttentionBackend):
         metadata: AttentionInputs,
         out: torch.Tensor,
     ) -> None:
-        bs = self.spec.block_size
         starts = metadata.query_start_loc_cpu.tolist()
         seq_lens = metadata.seq_lens_cpu.tolist()
+        decode = [i for i in range(len(seq_lens)) if starts[i + 1] - starts[i] == 1]
+        if len(decode) > 1:
+            self._attend_decode(q, kv_cache, metadata, out, decode, starts, seq_lens)
+            decode_set = set(decode)
+        else:
+            decode_set = set()
         for i, seq_len in enumerate(seq_lens):
-            q_start, q_end = starts[i], starts[i + 1]
-            q_len = q_end - q_start
-            if q_len == 0:
+            if i in decode_set or starts[i + 1] == starts[i]:
                 continue
-            num_blocks = -(-seq_len // bs)
-            pages = kv_cache[metadata.block_table[i, :num_blocks].long()]
-            k = pages[:, 0].reshape(num_blocks * bs, *pages.shape[-2:])[:seq_len]
-            v = pages[:, 1].reshape(num_blocks * bs, *pages.shape[-2:])[:seq_len]
-            qi = q[q_start:q_end].float().transpose(0, 1)  # [Hq, q_len, D]
-            key_pos = torch.arange(seq_len, device=q.device)
-            query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-            mask = key_pos[None, :] <= query_pos[:, None]
-            o = F.scaled_dot_product_attention(
-                qi,
-                k.float().transpose(0, 1),
-                v.float().transpose(0, 1),
-                attn_mask=mask,
-                scale=self.spec.scale,
-                enable_gqa=True,
-            )
-            out[q_start:q_end] = o.transpose(0, 1).to(out.dtype)
+            q_start, q_end = starts[i], starts[i + 1]
+            k, v = self._gather(kv_cache, metadata.block_table[i : i + 1], seq_len)
+            qi = q[q_start:q_end].float().transpose(0, 1)[None]  # [1, Hq, q_len, D]
+            q_len = q_end - q_start
+            if q_len == seq_len:  # no cached prefix: plain causal
+                o = self._sdpa(qi, k, v, None, causal=True)
+            else:
+                key_pos = torch.arange(seq_len, device=q.device)
+                query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+                mask = key_pos[None, :] <= query_pos[:, None]
+                o = self._sdpa(qi, k, v, mask, causal=False)
+            out[q_start:q_end] = o[0].transpose(0, 1).to(out.dtype)
+
+    def _attend_decode(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionInputs,
+        out: torch.Tensor,
+        rows: list[int],
+        starts: list[int],
+        seq_lens: list[int],
+    ) -> None:
+        """All one-token queries at once: pages gathered into a padded batch, keys masked."""
+        longest = max(seq_lens[i] for i in rows)
+        index = torch.tensor(rows, device=q.device)
+        k, v = self._gather(kv_cache, metadata.block_table[index], longest)
+        lens = torch.tensor([seq_lens[i] for i in rows], device=q.device)
+        valid = (torch.arange(longest, device=q.device)[None, :] < lens[:, None])[:, None, :, None]
+        # Pages past a row's length hold whatever was there (NaN included): zero them, since a
+        # masked-out NaN still poisons the weighted sum.
+        k, v = k.where(valid, 0.0), v.where(valid, 0.0)
+        mask = valid[..., 0][:, :, None]  # [B, 1, 1, longest]
+        tokens = torch.tensor([starts[i] for i in rows], device=q.device)
+        qi = q[tokens].float()[:, :, None]  # [B, Hq, 1, D]
+        o = self._sdpa(qi, k, v, mask, causal=False)
+        out[tokens] = o[:, :, 0].to(out.dtype)
+
+    def _gather(
+        self, kv_cache: torch.Tensor, block_table: torch.Tensor, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the first `length` positions of each row's pages: [B, Hkv, length, D]."""
+        bs = self.spec.block_size
+        num_blocks = -(-length // bs)
+        pages = kv_cache[block_table[:, :num_blocks].long()]  # [B, n, 2, bs, Hkv, D]
+        b = pages.shape[0]
+        k = pages[:, :, 0].reshape(b, num_blocks * bs, *pages.shape[-2:])[:, :length]
+        v = pages[:, :, 1].reshape(b, num_blocks * bs, *pages.shape[-2:])[:, :length]
+        return k.float().transpose(1, 2), v.float().transpose(1, 2)
+
+    def _sdpa(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+        causal: bool,
+    ) -> torch.Tensor:
+        group = q.shape[1] // k.shape[1]
+        if group > 1:
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.spec.scale
+        )

@@ -1,0 +1,188 @@
+"""Offline throughput: compiled-llm's `LLM.generate` against HF transformers on the same prompts,
+in the same run.
+
+Workloads (fixed seeds):
+  embedded   CPU: the embedded SmolLM2 model, text prompts; peer: HF `generate` (batched, greedy)
+  random     --num-prompts requests of --input-len random token ids, --output-len out each
+  nano       256 requests, input and output lengths uniform in 100..1024, seed 0 (nano-vllm's)
+  1024-128   --num-prompts requests of 1024 in / 128 out
+Model shapes other than the embedded model come from config dicts with random weights made on
+the device (benchmarks/shapes.py); the GPU peer is HF's continuous-batching `generate_batch`.
+
+  python benchmarks/throughput.py --workload embedded              # CPU, README's figure
+  python benchmarks/throughput.py --shape llama-3.1-8b --workload random --input-len 256 \\
+      --output-len 256 --num-prompts 1000 --peer-prompts 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import environment, print_table, run_worker, write_result  # noqa: E402
+from shapes import SHAPES, shape_folder  # noqa: E402
+
+EMBEDDED_PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea.",
+    "Explain what a compiler does in one paragraph.",
+    "List three uses of a paged KV cache:",
+    "Once upon a time, in a small village by the mountains,",
+    "The main differences between Python and C are",
+    "Q: What is 12 times 7?\nA:",
+    "A good breakfast consists of",
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--workload", default="embedded", choices=["embedded", "random", "nano", "1024-128"])
+    p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--peer-prompts", type=int, default=None, help="prompts for the peer (default all)")
+    p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--embedded-repeats", type=int, default=4, help="embedded: prompt list repeats")
+    p.add_argument("--embedded-output-len", type=int, default=64)
+    p.add_argument("--engine-args", default="{}", help="JSON dict of extra LLM(...) arguments")
+    p.add_argument("--worker", choices=["ours", "peer"], default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def workload(args: argparse.Namespace, vocab: int) -> list[tuple[list[int], int]]:
+    """(prompt token ids, output length) per request."""
+    rng = random.Random(0)
+    if args.workload == "nano":
+        lens = [(rng.randint(100, 1024), rng.randint(100, 1024)) for _ in range(256)]
+    elif args.workload == "1024-128":
+        lens = [(1024, 128)] * args.num_prompts
+    else:
+        lens = [(args.input_len, args.output_len)] * args.num_prompts
+    return [([rng.randrange(vocab) for _ in range(i)], o) for i, o in lens]
+
+
+def run_ours(args: argparse.Namespace) -> dict:
+    from compiled_llm import LLM, SamplingParams
+
+    extra = json.loads(args.engine_args)
+    start = time.perf_counter()
+    if args.workload == "embedded":
+        llm = LLM(**extra)
+        prompts = EMBEDDED_PROMPTS * args.embedded_repeats
+        params = SamplingParams(temperature=0, max_tokens=args.embedded_output_len, ignore_eos=True)
+        startup = time.perf_counter() - start
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    else:
+        reqs = workload(args, int(SHAPES[args.shape]["vocab_size"]))
+        longest = max(len(p) + o for p, o in reqs)
+        llm = LLM(
+            shape_folder(args.shape),
+            load_format="dummy",
+            skip_tokenizer_init=True,
+            max_model_len=max(longest, 2048),
+            **extra,
+        )
+        startup = time.perf_counter() - start
+        prompts = [{"prompt_token_ids": p} for p, _ in reqs]
+        params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in reqs]
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t
+    n_in = sum(len(o.prompt_token_ids) for o in outs)
+    n_out = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    return {"startup_s": startup, "seconds": elapsed, "requests": len(outs), "input_tokens": n_in,
+            "output_tokens": n_out}
+
+
+def run_peer(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    cuda = torch.cuda.is_available()
+    if args.workload == "embedded":
+        from compiled_llm.models.loader import default_model_path, gguf_side_folder, iterate_gguf
+
+        path = default_model_path()
+        folder = gguf_side_folder(path)
+        config = AutoConfig.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        names = [n for n, _ in model.named_parameters()]
+        model.load_state_dict(dict(iterate_gguf(path, config, names)), strict=False)
+        tok = AutoTokenizer.from_pretrained(folder)
+        tok.padding_side = "left"
+        prompts = EMBEDDED_PROMPTS * args.embedded_repeats
+        batch = tok(prompts, return_tensors="pt", padding=True)
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(
+                **batch, max_new_tokens=args.embedded_output_len,
+                min_new_tokens=args.embedded_output_len, do_sample=False,
+                pad_token_id=tok.pad_token_id or 0,
+            )
+        elapsed = time.perf_counter() - t
+        n_out = (out.shape[1] - batch.input_ids.shape[1]) * out.shape[0]
+        return {"seconds": elapsed, "requests": len(prompts), "output_tokens": n_out,
+                "input_tokens": int(batch.attention_mask.sum())}
+    config = AutoConfig.from_pretrained(shape_folder(args.shape))
+    with torch.device("cuda" if cuda else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    reqs = workload(args, int(config.vocab_size))[: args.peer_prompts]
+    by_len: dict[int, list[list[int]]] = {}
+    for p, o in reqs:
+        by_len.setdefault(o, []).append(p)
+    t = time.perf_counter()
+    n_out = 0
+    for out_len, prompts in by_len.items():
+        gen = GenerationConfig(max_new_tokens=out_len, do_sample=False, eos_token_id=-1,
+                               pad_token_id=0)
+        results = model.generate_batch(inputs=prompts, generation_config=gen)
+        n_out += sum(len(r.generated_tokens) for r in results.values())
+    elapsed = time.perf_counter() - t
+    return {"seconds": elapsed, "requests": len(reqs), "output_tokens": n_out,
+            "input_tokens": sum(len(p) for p, _ in reqs)}
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker == "ours":
+        print(json.dumps(run_ours(args)))
+        return
+    if args.worker == "peer":
+        print(json.dumps(run_peer(args)))
+        return
+    env = environment()
+    print("config:", json.dumps(vars(args)), json.dumps(env), sep="\n  ")
+    script = os.path.abspath(__file__)
+    results = {"compiled-llm": run_worker(script, sys.argv[1:] + ["--worker", "ours"])}
+    if not args.no_peer:
+        results["hf-transformers"] = run_worker(script, sys.argv[1:] + ["--worker", "peer"])
+    rows = []
+    for name, r in results.items():
+        if "error" in r:
+            print(f"{name} failed:\n{r['error']}")
+            continue
+        r["output_tok_s"] = r["output_tokens"] / r["seconds"]
+        r["total_tok_s"] = (r["output_tokens"] + r["input_tokens"]) / r["seconds"]
+        rows.append([name, r["requests"], r["seconds"], r["output_tok_s"], r["total_tok_s"]])
+    ours, peer = results["compiled-llm"], results.get("hf-transformers", {})
+    if "output_tok_s" in ours and "output_tok_s" in peer:
+        ratio = ours["output_tok_s"] / peer["output_tok_s"]
+        results["ratio_output_tok_s"] = ratio
+    path = write_result(f"throughput-{args.workload}", {"config": vars(args), "env": env,
+                                                        "results": results})
+    print(f"\nresults: {path}\n")
+    print_table(["engine", "requests", "seconds", "output tok/s", "total tok/s"], rows)
+    if "ratio_output_tok_s" in results:
+        print(f"\ncompiled-llm / HF transformers (output tok/s): {results['ratio_output_tok_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
