@@ -102,7 +102,8 @@ class ModelRunner:
         self.block_size = config.cache_config.block_size
         start = time.perf_counter()
         self.model = load_model(mc, self.device)
-        logger.info("loaded %s in %.1f s", mc.model, time.perf_counter() - start)
+        self.load_seconds = time.perf_counter() - start
+        logger.info("loaded %s in %.1f s", mc.model, self.load_seconds)
         self.vocab_size = int(mc.hf_config.vocab_size)
         backend_name = resolve_backend_name(config.attention_backend, self.device)
         spec = AttentionSpec(
