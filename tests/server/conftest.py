@@ -35,7 +35,8 @@ class Server:
     def post(self, path: str, **kw: object) -> httpx.Response:
         headers = {"Authorization": f"Bearer {API_KEY}"}
         headers.update(kw.pop("headers", {}))  # type: ignore[arg-type]
-        return httpx.post(self.url + path, timeout=300, headers=headers, **kw)  # type: ignore[arg-type]
+        kw.setdefault("timeout", 300)
+        return httpx.post(self.url + path, headers=headers, **kw)  # type: ignore[arg-type]
 
     def metric(self, name: str) -> float:
         for line in self.get("/metrics").text.splitlines():
@@ -57,9 +58,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(log: Path, *extra: str, timeout: float = 600) -> Server:
+def start_server(log: Path, *extra: str, model: str | None = None, timeout: float = 600) -> Server:
+    """`compiled-llm serve` on a free port, once /health answers 200 (default: embedded model)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "compiled_llm.cli", "serve", *SERVE_ARGS, *extra]
+    cmd = [sys.executable, "-m", "compiled_llm.cli", "serve", *([model] if model else [])]
+    cmd += [*SERVE_ARGS, *extra]
     cmd += ["--port", str(port), "--api-key", API_KEY, "--uvicorn-log-level", "warning"]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     with open(log, "w") as f:

@@ -1,7 +1,9 @@
-"""Faults around the server's engine core: a model that cannot load, and a core that dies."""
+"""Faults and shutdown around the server's engine-core process: a model that cannot load, a core
+that dies, SIGTERM with a request in flight. Each test owns a server on a tiny random model."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +14,34 @@ from pathlib import Path
 
 import httpx
 
-from tests.server.conftest import API_KEY, children_of, pid_alive, start_server
+from tests.server.conftest import API_KEY, Server, children_of, pid_alive, start_server
+
+
+def stream_in_background(server: Server, max_tokens: int) -> tuple[list[str], threading.Thread]:
+    """A streaming completion read on a thread; returns once its first line has arrived."""
+    lines: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        body = {"prompt": "Count:", "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        url = server.url + "/v1/completions"
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=120) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                started.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert started.wait(120)
+    return lines, reader
+
+
+def wait_gone(pids: list[int], timeout: float = 10) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if pid_alive(p)]
 
 
 def test_unloadable_model_fails_fast(tmp_path: Path) -> None:
@@ -22,28 +51,13 @@ def test_unloadable_model_fails_fast(tmp_path: Path) -> None:
     assert "neither a local HF folder" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_core_death_makes_health_503_and_server_exit(tmp_path: Path) -> None:
-    server = start_server(tmp_path / "server.log")
+def test_core_death_makes_health_503_and_server_exit(tmp_path: Path, tiny_models) -> None:
+    server = start_server(tmp_path / "server.log", model=str(tiny_models("llama")))
     try:
         core = server.get("/version").json()["engine_core_pid"]
         children = children_of(server.pid)
         assert core in children
-        lines: list[str] = []
-        started = threading.Event()
-
-        def stream() -> None:
-            body = {"prompt": "Count to a hundred:", "max_tokens": 200, "stream": True}
-            headers = {"Authorization": f"Bearer {API_KEY}"}
-            with httpx.stream(
-                "POST", server.url + "/v1/completions", json=body, headers=headers, timeout=120
-            ) as r:
-                for line in r.iter_lines():
-                    lines.append(line)
-                    started.set()
-
-        reader = threading.Thread(target=stream)
-        reader.start()
-        assert started.wait(120)
+        lines, reader = stream_in_background(server, max_tokens=400)
         os.kill(core, signal.SIGKILL)
         killed = time.monotonic()
         statuses = []
@@ -51,18 +65,34 @@ def test_core_death_makes_health_503_and_server_exit(tmp_path: Path) -> None:
             try:
                 statuses.append(server.get("/health").status_code)
             except httpx.HTTPError:
-                statuses.append(0)
+                statuses.append(0)  # no longer listening
             time.sleep(0.05)
-        assert server.proc.wait(30) != 0
+        assert server.proc.wait(30) == 1
         assert time.monotonic() - killed < 10
         assert 503 in statuses and 200 not in statuses[statuses.index(503) :]
         reader.join(10)
-        assert "data: [DONE]" in lines
+        assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
         assert any('"ServiceUnavailableError"' in line for line in lines)
-        deadline = time.monotonic() + 10
-        while any(pid_alive(p) for p in children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [p for p in children if pid_alive(p)]
+        assert not wait_gone(children)
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(30)
+
+
+def test_sigterm_finishes_in_flight_and_leaves_no_child(tmp_path: Path, tiny_models) -> None:
+    server = start_server(tmp_path / "server.log", model=str(tiny_models("llama")))
+    try:
+        children = children_of(server.pid)
+        assert server.get("/version").json()["engine_core_pid"] in children
+        lines, reader = stream_in_background(server, max_tokens=24)
+        os.kill(server.pid, signal.SIGTERM)
+        assert server.proc.wait(60) == 0
+        reader.join(10)
+        assert "data: [DONE]" in lines
+        chunks = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # it was allowed to finish
+        assert not wait_gone(children)
     finally:
         if server.proc.poll() is None:
             server.proc.kill()
