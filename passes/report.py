@@ -3,8 +3,9 @@
 The selected pipeline (the default one edited by `--passes`) is compiled once with every pass on,
 then once more per optional pass with that pass off, and once with only the required passes.
 Each compile runs -O1 (Inductor, no CUDA graphs) with the compile cache and Inductor's own
-caches off, so every post-grad pass really runs. Each variant is timed on one fixed batch and its
-logits are compared with eager (-O0) on the same batch.
+caches off, so every post-grad pass really runs. All variants and eager (-O0) then run the same
+fixed batch in turns, so that load from other processes falls on each alike; each reports its
+median step time and its largest logit difference from eager.
 """
 
 from __future__ import annotations
@@ -160,25 +161,27 @@ class _Bench:
             hidden = forward(self.input_ids, self.positions)
         return self.model.compute_logits(hidden)  # type: ignore[operator]
 
-    def time_ms(self, forward: Callable[..., torch.Tensor], steps: int) -> float:
+    def time_ms(self, forwards: list[Callable[..., torch.Tensor]], steps: int) -> list[float]:
+        """Median step time of each forward, timed in turns so that load from other processes
+        falls on all of them alike."""
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        for _ in range(2):
-            self.logits(forward)
-        times = []
-        for _ in range(steps):
-            sync()
-            start = time.perf_counter()
-            self.logits(forward)
-            sync()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e3
+        times: list[list[float]] = [[] for _ in forwards]
+        for step in range(steps + 2):  # the first two rounds warm up
+            for forward, samples in zip(forwards, times):
+                sync()
+                start = time.perf_counter()
+                self.logits(forward)
+                sync()
+                if step >= 2:
+                    samples.append(time.perf_counter() - start)
+        return [statistics.median(t) * 1e3 for t in times]
 
     def compile(self, edits: list[str]) -> Any:
+        """A compiled variant. Variants coexist: Dynamo keeps one cache entry per backend."""
         from compiled_llm.compilation.compiler import CompiledModel
 
         cc = dataclasses.replace(self.config.compilation_config, passes=tuple(edits), level=1)
         config = dataclasses.replace(self.config, compilation_config=cc)
-        torch._dynamo.reset()
         compiled = CompiledModel(self.model, config, self.backend_name)
         self.logits(compiled)  # compiles
         return compiled
@@ -192,38 +195,47 @@ def run_report(
     optional = [n for n in selected if n not in REQUIRED]
     bench = _Bench(engine_kwargs, num_tokens, num_reqs)
     eager = bench.logits(bench.model.forward)
-    eager_ms = bench.time_ms(bench.model.forward, steps)
+    # Pipelines to compile: all selected passes, each one left out, only the required ones.
+    removals = [[], *([n] for n in optional), optional]
     variants: dict[tuple[str, ...], _Variant] = {}
-
-    def variant(removed: list[str]) -> _Variant:
-        key = tuple(n for n in selected if n not in removed)
-        if key not in variants:
-            compiled = bench.compile(edits + [f"-{n}" for n in removed])
-            diff = (bench.logits(compiled) - eager).abs().max().item()
-            variants[key] = _Variant(bench.time_ms(compiled, steps), diff, compiled)
-        return variants[key]
-
+    torch._dynamo.reset()
     with no_compile_caches():
-        full = variant([])
-        rows = []
-        for name in optional:
-            off = variant([name])
-            s = full.compiled.pipeline.stats[name]
-            p = next(p for p in full.compiled.pipeline.passes if p.name == name)
-            rows.append(
-                PassRow(
-                    name=name,
-                    stage=p.stage,
-                    matches=s.matches(full.compiled.stats.instances),
-                    nodes_before=s.nodes_before,
-                    nodes_after=s.nodes_after,
-                    ms_off=off.ms,
-                    ms_on=full.ms,
-                    diff_off=off.diff,
-                    diff_on=full.diff,
-                )
+        for removed in removals:
+            key = tuple(n for n in selected if n not in removed)
+            if key not in variants:
+                compiled = bench.compile(edits + [f"-{n}" for n in removed])
+                diff = (bench.logits(compiled) - eager).abs().max().item()
+                variants[key] = _Variant(0.0, diff, compiled)
+    forwards = [bench.model.forward] + [v.compiled for v in variants.values()]
+    pieces = [v.compiled.stats.num_pieces for v in variants.values()]
+    eager_ms, *variant_ms = bench.time_ms(forwards, steps)
+    if pieces != [v.compiled.stats.num_pieces for v in variants.values()]:
+        raise RuntimeError("a variant was recompiled while being timed")
+    for v, ms in zip(variants.values(), variant_ms):
+        v.ms = ms
+
+    def without(*names: str) -> _Variant:
+        return variants[tuple(n for n in selected if n not in names)]
+
+    full, none = without(), without(*optional)
+    rows = []
+    for name in optional:
+        off = without(name)
+        s = full.compiled.pipeline.stats[name]
+        p = next(p for p in full.compiled.pipeline.passes if p.name == name)
+        rows.append(
+            PassRow(
+                name=name,
+                stage=p.stage,
+                matches=s.matches(full.compiled.stats.instances),
+                nodes_before=s.nodes_before,
+                nodes_after=s.nodes_after,
+                ms_off=off.ms,
+                ms_on=full.ms,
+                diff_off=off.diff,
+                diff_on=full.diff,
             )
-        none = variant(optional)
+        )
     mc = bench.config.model_config
     return Report(
         model=mc.model,

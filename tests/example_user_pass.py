@@ -1,6 +1,6 @@
 """The worked example of docs/passes.md: a fusion written outside compiled-llm.
 
-Enable it with `--passes +tests.example_user_pass:SwiGLUPass` (or an entry point).
+Enable it with `--passes=+tests.example_user_pass:SwiGLUPass` (or an entry point).
 """
 
 from __future__ import annotations
