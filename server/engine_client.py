@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from compiled_llm.server.core_client import CoreClient
 from compiled_llm.server.messages import CoreFailed, CoreReady, OutputType, UtilityResult
+from compiled_llm.server.streams import RequestCollector, RequestStream
 
 from compiled_llm.config import EngineArgs
 from compiled_llm.engine.messages import EngineCoreOutputs, SchedulerStatsMsg
@@ -45,77 +46,6 @@ class EngineMetrics(Protocol):
     def on_request_done(self, outcome: str, e2e: float) -> None: ...
 
 
-class _Stream:
-    """Latest cumulative output of one request; a slow reader skips to the newest."""
-
-    def __init__(self, num_samples: int, arrival: float) -> None:
-        self.event = asyncio.Event()
-        self.output: RequestOutput | None = None
-        self.error: BaseException | None = None
-        self.closed = False
-        self.arrival = arrival
-        self.num_waiting = num_samples  # samples that have no token yet
-        self.num_tokens = 0
-        self.last_token_time: float | None = None
-
-    def put(self, output: RequestOutput) -> None:
-        self.output = output
-        self.event.set()
-
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        self.event.set()
-
-    async def get(self) -> RequestOutput | None:
-        """The next output; None once aborted."""
-        while True:
-            await self.event.wait()
-            self.event.clear()
-            if self.output is not None:
-                out, self.output = self.output, None
-                return out
-            if self.error is not None:
-                raise self.error
-            if self.closed:
-                return None
-
-
-class RequestStream:
-    """Async iterator over one request's cumulative outputs; ends after the finished one."""
-
-    def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream) -> None:
-        self.engine = engine
-        self.request_id = request_id
-        self._stream = stream
-        self._done = False
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            out = await self._stream.get()
-        except BaseException:  # cancelled (client gone) or the engine died
-            self.close()
-            raise
-        if out is None:  # aborted by someone else
-            self._done = True
-            raise StopAsyncIteration
-        self._done = out.finished
-        return out
-
-    def close(self) -> None:
-        """Abort the request unless it finished; idempotent and synchronous."""
-        if not self._done:
-            self._done = True
-            self.engine.abort_now(self.request_id)
-
-    async def aclose(self) -> None:
-        self.close()
-
-
 class AsyncEngine:
     def __init__(
         self,
@@ -137,19 +67,21 @@ class AsyncEngine:
         self.last_stats: SchedulerStatsMsg | None = None
         self.dead_reason: str | None = None
         self.on_dead: list[Callable[[str], None]] = []
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, RequestCollector] = {}
         self._num_waiting = 0
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._output_task: asyncio.Task[None] | None = None
 
     async def start(self) -> AsyncEngine:
+        """Spawn the core and wait for its ready message (engine built: loaded, compiled).
+        Callers' scripts need an `if __name__ == "__main__":` guard (multiprocessing spawn)."""
         self.client = CoreClient(self.engine_kwargs)
         mc = self.config.model_config
-        if not mc.skip_tokenizer_init:  # loads while the core builds the model
-            self.tokenizer = await asyncio.to_thread(load_tokenizer, mc.tokenizer)
-        self.processor = InputProcessor(mc, self.tokenizer)
-        self.output_processor = OutputProcessor(self.tokenizer)
         try:
+            if not mc.skip_tokenizer_init:  # loads while the core builds the model
+                self.tokenizer = await asyncio.to_thread(load_tokenizer, mc.tokenizer)
+            self.processor = InputProcessor(mc, self.tokenizer)
+            self.output_processor = OutputProcessor(self.tokenizer)
             self.ready = await self.client.wait_ready()
         except BaseException:
             self.client.shutdown()
@@ -195,13 +127,13 @@ class AsyncEngine:
         arrival = core_requests[0].arrival_time
         child_ids = [r.request_id for r in core_requests]
         self.output_processor.add_request(request_id, text, ids, params, child_ids, arrival)
-        stream = self._streams[request_id] = _Stream(len(core_requests), arrival)
+        stream = self._streams[request_id] = RequestCollector(len(core_requests), arrival)
         self._num_waiting += len(core_requests)
         for r in core_requests:
             self.client.send_add(r)
         if self.metrics:
             self.metrics.on_request_added(len(ids) * len(core_requests))
-        return RequestStream(self, request_id, stream)
+        return RequestStream(request_id, stream, self.abort_now)
 
     def abort_now(self, request_id: str) -> None:
         """Synchronous abort (safe in a `finally`): the core frees the request's blocks."""
@@ -211,8 +143,7 @@ class AsyncEngine:
         children = self.output_processor.child_ids(request_id)
         self.output_processor.abort(request_id)
         self._num_waiting -= stream.num_waiting
-        stream.closed = True
-        stream.event.set()
+        stream.close()
         if children and self.is_alive:
             self.client.send_abort(children, "abort")
         if self.metrics:
@@ -295,7 +226,7 @@ class AsyncEngine:
                     reason = out.outputs[0].finish_reason if out.outputs else None
                     self.metrics.on_request_done(reason or "abort", now - stream.arrival)
 
-    def _account(self, stream: _Stream, out: RequestOutput, now: float) -> None:
+    def _account(self, stream: RequestCollector, out: RequestOutput, now: float) -> None:
         num_tokens = sum(len(c.token_ids) for c in out.outputs)
         waiting = sum(1 for c in out.outputs if not c.token_ids and c.finish_reason is None)
         self._num_waiting -= stream.num_waiting - waiting

@@ -12,12 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from compiled_llm.server.engine_client import (
-    AsyncEngine,
-    EngineDeadError,
-    EngineOverloadedError,
-    RequestStream,
-)
+from compiled_llm.server.engine_client import AsyncEngine, EngineDeadError, EngineOverloadedError
 from compiled_llm.server.logprobs import ChoiceCursor, chat_logprobs, completion_logprobs
 from compiled_llm.server.metrics import ServerMetrics
 from compiled_llm.server.protocol import (
@@ -26,6 +21,7 @@ from compiled_llm.server.protocol import (
     CompletionRequest,
     param_of,
 )
+from compiled_llm.server.streams import RequestStream
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
