@@ -91,11 +91,13 @@ class NoopEliminationPass(CompilerPass):
                 continue
             source = _noop_source(node)
             if source is not None:
-                # An output that would alias a graph input, or a copy that someone writes into,
-                # must stay.
+                # An output that would alias a graph input must stay, and so must a copy that
+                # someone writes into or that protects a graph input (written back at the end).
                 if source.op == "placeholder" and any(u.op == "output" for u in node.users):
                     continue
-                if node.target is aten.clone.default and _mutated(node):
+                if node.target is aten.clone.default and (
+                    source.op == "placeholder" or _mutated(node)
+                ):
                     continue
                 node.replace_all_uses_with(source)
                 graph.erase_node(node)

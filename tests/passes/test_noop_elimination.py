@@ -36,7 +36,8 @@ def test_post_grad_leftovers() -> None:
 
 
 def every_rule(x: torch.Tensor) -> torch.Tensor:
-    a = aten.reshape.default(x, [x.shape[0], 32])  # same shape
+    a = aten.add.Tensor(x, 1)
+    a = aten.reshape.default(a, [x.shape[0], 32])  # same shape
     a = aten.slice.Tensor(a, 1, 0, 9223372036854775807)  # full slice
     a = aten.slice.Tensor(a, 0, 0, a.shape[0])  # full slice, symbolic end
     a = aten.clone.default(a, memory_format=torch.contiguous_format)  # already contiguous
