@@ -17,6 +17,7 @@ import time
 import traceback
 from typing import Any
 
+import msgspec
 import zmq
 from compiled_llm.server.messages import (
     AbortRequests,
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 UTILITY_METHODS = frozenset(
     {"ping", "reset_prefix_cache", "start_profile", "stop_profile", "shutdown"}
 )
-_PARENT_CHECK_S = 1.0  # how often an orphaned core notices that its frontend is gone
+_PARENT_CHECK_S = 1.0  # how often the loop checks its frontend and input thread are alive
 _SHUTDOWN = object()
 
 
@@ -108,15 +109,18 @@ class EngineCoreProc:
         try:
             while True:
                 kind, payload = sock.recv_multipart(copy=False)
-                self.input_queue.put((kind.bytes, decode_request(kind.bytes, payload.buffer)))
+                try:
+                    msg = decode_request(kind.bytes, payload.buffer)
+                except (KeyError, msgspec.DecodeError):
+                    logger.error("dropped a malformed input message: %s", traceback.format_exc())
+                    continue
+                self.input_queue.put((kind.bytes, msg))
         except zmq.ContextTerminated:
             pass
         finally:
             sock.close(linger=0)
 
     def _output_thread(self, address: str) -> None:
-        import msgspec
-
         encoder = msgspec.msgpack.Encoder()
         sock = self.ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.SNDHWM, 0)
@@ -125,6 +129,10 @@ class EngineCoreProc:
             while (item := self.output_queue.get()) is not _SHUTDOWN:
                 kind, msg = item
                 sock.send_multipart([kind, encoder.encode(msg)], copy=False)
+        except BaseException:
+            # Nothing can reach the frontend any more: exit, so that it sees the process die.
+            logger.exception("engine core output thread failed")
+            os._exit(1)
         finally:
             sock.close(linger=2000)  # flush what is queued (a final error, say) before exit
 
@@ -154,15 +162,15 @@ class EngineCoreProc:
             try:
                 kind, msg = self.input_queue.get(block=block, timeout=_PARENT_CHECK_S)
             except queue.Empty:
-                self._check_parent()
+                self._check_liveness()
                 if block:
                     continue
                 return
             block = False
             self._handle(kind, msg)
-            self._check_parent()
+            self._check_liveness()
 
-    def _check_parent(self) -> None:
+    def _check_liveness(self) -> None:
         now = time.monotonic()
         if now - self._last_parent_check < _PARENT_CHECK_S:
             return
@@ -170,6 +178,8 @@ class EngineCoreProc:
         if self._parent is not None and not self._parent.is_alive():
             logger.warning("frontend process is gone: engine core exits")
             raise SystemExit(0)
+        if not self._in_thread.is_alive():
+            raise RuntimeError("the engine core's input thread died")
 
     def _handle(self, kind: bytes, msg: Any) -> None:
         core = self.core
