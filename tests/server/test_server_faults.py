@@ -81,10 +81,16 @@ def test_core_death_makes_health_503_and_server_exit(tmp_path: Path, tiny_models
 
 
 def test_sigterm_finishes_in_flight_and_leaves_no_child(tmp_path: Path, tiny_models) -> None:
-    server = start_server(tmp_path / "server.log", model=str(tiny_models("llama")))
+    model = str(tiny_models("llama"))
+    server = start_server(tmp_path / "server.log", "--profile-dir", str(tmp_path), model=model)
     try:
         children = children_of(server.pid)
         assert server.get("/version").json()["engine_core_pid"] in children
+        # Profiling is forwarded to the core: done, or an error naming the missing hook.
+        r = server.post("/start_profile")
+        assert r.status_code == 200 or "profiler hook" in r.json()["error"]["message"], r.text
+        if r.status_code == 200:
+            assert server.post("/stop_profile").status_code == 200
         lines, reader = stream_in_background(server, max_tokens=24)
         os.kill(server.pid, signal.SIGTERM)
         assert server.proc.wait(60) == 0
