@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--passes", default="", help="pass edits, e.g. -fuse_add_rmsnorm")
+    p.add_argument("--capture-sizes", default="", help="CUDA-graph sizes (default: the engine's)")
     p.add_argument("--worker-level", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -65,6 +66,7 @@ def worker(args: argparse.Namespace) -> dict:
         compilation_level=args.worker_level,
         attention_backend=args.attention_backend,
         passes=[p for p in args.passes.split(",") if p],
+        cudagraph_capture_sizes=_ints(args.capture_sizes) or None,
         gpu_memory_utilization=0.85,
         kv_cache_memory_bytes=None if cuda else 1 << 28,
     )

@@ -21,11 +21,28 @@ PROMPTS = [
     "for i in range(10):",
     "return self.engine.step()" * 3,
 ]
-GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
 
 
-def tokens(outputs) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in outputs]
+def tokens(outputs) -> list[tuple[list[int], list[dict]]]:
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outputs]
+
+
+def assert_greedy_close(expected, got) -> None:
+    """Greedy sequences agree until the first position where two fp16 implementations may
+    legitimately pick differently: there each side's token must be in the other's top 5 (the
+    logits nearly tie), and the rest of that sequence is not compared (it follows a different
+    prefix). vLLM's tests use the same oracle."""
+    diverged = 0
+    for (ref_ids, ref_lps), (ids, lps) in zip(expected, got):
+        assert len(ids) == len(ref_ids)
+        for pos, (a, b) in enumerate(zip(ref_ids, ids)):
+            if a == b:
+                continue
+            assert a in lps[pos] and b in ref_lps[pos], (pos, a, b)
+            diverged += 1
+            break
+    assert diverged <= max(1, len(expected) // 2), "most sequences must match exactly"
 
 
 def available(name: str) -> bool:
@@ -78,12 +95,12 @@ def test_backend_with_cuda_graphs_matches_reference(kind, backend, gpu_models, r
     runner = llm.engine.core.runner
     assert runner.graphs is not None and runner.graphs.full  # decode graphs captured
     got = tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
-    assert got == reference[kind]
+    assert_greedy_close(reference[kind], got)
     assert runner.graphs.full_replays > 0
     assert runner.graphs.piecewise_replays > 0  # prefill steps of <= 256 tokens
     # alone: 1-token decode graphs
     single = tokens(llm.generate(PROMPTS[2], GREEDY, use_tqdm=False))
-    assert single == [reference[kind][2]]
+    assert_greedy_close([reference[kind][2]], single)
 
 
 def test_o2_equals_o0_same_backend(gpu_models):
@@ -95,4 +112,4 @@ def test_o2_equals_o0_same_backend(gpu_models):
     torch.cuda.empty_cache()
     compiled = LLM(path, dtype="float16", attention_backend=backend, max_num_seqs=16)
     assert compiled.engine.config.compilation_config.level == 2  # the CUDA default
-    assert tokens(compiled.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
+    assert_greedy_close(expected, tokens(compiled.generate(PROMPTS, GREEDY, use_tqdm=False)))

@@ -1,0 +1,75 @@
+"""Per-pass ablation: decode step time and prefill time with each pass flipped from its default.
+
+Each configuration runs benchmarks/latency.py's worker in a fresh process; the baseline is the
+default pipeline. Random weights from a config dict (benchmarks/shapes.py).
+
+  python benchmarks/passes.py --shape llama-3.1-8b
+  python benchmarks/passes.py --shape tiny -O 1 --batch-sizes 1 --decode-steps 4 \\
+      --prefill-lens 64   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import environment, print_table, run_worker, write_result  # noqa: E402
+from shapes import SHAPES  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    p.add_argument("-O", dest="level", type=int, default=2)
+    p.add_argument("--batch-sizes", default="1,64")
+    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--prefill-lens", default="1024")
+    p.add_argument("--capture-sizes", default="1,8,64,512")
+    args = p.parse_args()
+    from compiled_llm.passes.registry import REQUIRED, builtin_names, get_pass
+
+    env = environment()
+    print("config:", json.dumps(vars(args)), json.dumps(env), sep="\n  ")
+    latency = os.path.join(os.path.dirname(os.path.abspath(__file__)), "latency.py")
+    common = ["--shape", args.shape, "--batch-sizes", args.batch_sizes,
+              "--decode-steps", str(args.decode_steps), "--prefill-lens", args.prefill_lens,
+              "--capture-sizes", args.capture_sizes, "--worker-level", str(args.level)]
+    configs = {"default pipeline": ""}
+    for name in builtin_names():
+        if name in REQUIRED:
+            continue
+        on = get_pass(name).enabled_by_default
+        configs[f"{'-' if on else '+'}{name}"] = f"{'-' if on else '+'}{name}"
+    results = {}
+    for label, edit in configs.items():
+        results[label] = run_worker(latency, [*common, f"--passes={edit}"])
+        if "error" in results[label]:
+            print(f"{label} failed:\n{results[label]['error']}")
+    base = results["default pipeline"]
+    batches = args.batch_sizes.split(",")
+    rows = []
+    for label, r in results.items():
+        if "error" in r:
+            continue
+        row: list = [label]
+        for b in batches:
+            s = r["decode_s_per_step"][b]
+            row += [s * 1e3, f"{100 * (s / base['decode_s_per_step'][b] - 1):+.1f}%"]
+        pre = next(iter(r["prefill_s"].values()))
+        row += [pre * 1e3, f"{100 * (pre / next(iter(base['prefill_s'].values())) - 1):+.1f}%"]
+        rows.append(row)
+    path = write_result(f"passes-{args.shape}", {"config": vars(args), "env": env, "results": results})
+    print(f"\nresults: {path}\n")
+    headers = ["pipeline"]
+    for b in batches:
+        headers += [f"decode b={b} ms", "vs default"]
+    headers += [f"prefill {args.prefill_lens.split(',')[0]} ms", "vs default"]
+    print_table(headers, rows)
+
+
+if __name__ == "__main__":
+    main()
