@@ -59,10 +59,14 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(
         temperature=args.temperature, max_tokens=args.max_tokens, seed=args.sampling_seed
     )
+    if args.profile_dir:  # the whole generation is the profiled window
+        llm.start_profile()
     if args.chat:
         out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
     else:
         out = llm.generate(args.prompt, params, use_tqdm=False)
+    if args.profile_dir:
+        print(f"profiler trace: {llm.stop_profile()}", file=sys.stderr)
     text = out[0].outputs[0].text
     print(text if args.chat else args.prompt + text)
     return 0

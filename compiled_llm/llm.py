@@ -26,6 +26,14 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.tokenizer
 
+    def start_profile(self, profile_dir: str | None = None) -> None:
+        """Start a torch-profiler window (traces go to `profile_dir` or the engine's)."""
+        self.engine.core.start_profile(profile_dir)
+
+    def stop_profile(self) -> str:
+        """End the window; returns the path of its Chrome/Perfetto JSON trace."""
+        return self.engine.core.stop_profile()
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],

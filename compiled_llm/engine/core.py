@@ -20,6 +20,7 @@ from compiled_llm.engine.model_runner import ModelRunner, ModelRunnerOutput, Ste
 from compiled_llm.engine.request import Request, RequestStatus
 from compiled_llm.engine.scheduler import Scheduler, SchedulerOutput
 from compiled_llm.kv_cache.kv_cache_manager import KVCacheManager
+from compiled_llm.profiler import Profiler
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,9 @@ _FINISH_STATUS = {
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.runner = ModelRunner(config)
+        obs = config.observability_config
+        self.profiler = Profiler(obs.profile_dir, obs.nvtx)
+        self.runner = ModelRunner(config, self.profiler)
         num_blocks = self.runner.determine_num_blocks()
         self.runner.initialize_kv_cache(num_blocks)
         self.runner.compile()
@@ -87,12 +90,14 @@ class EngineCore:
         results are read, so host work overlaps device work; results then lag one call."""
         if not self.async_scheduling or self._needs_sync():
             self._drain()
-            sched = self.scheduler.schedule()
+            with self.profiler.stage("schedule"):
+                sched = self.scheduler.schedule()
             if sched.is_empty:
                 return self._outputs([], sched)
             handle = self.runner.execute_async(sched, self._block_ids(sched))
             return self._outputs(self._process(handle.result()), sched)
-        sched = self.scheduler.schedule()
+        with self.profiler.stage("schedule"):
+            sched = self.scheduler.schedule()
         previous, self._inflight = self._inflight, None
         if not sched.is_empty:
             self._inflight = self.runner.execute_async(sched, self._block_ids(sched), previous)
@@ -162,5 +167,11 @@ class EngineCore:
         )
 
     # --- utilities ------------------------------------------------------------------------------
+    def start_profile(self, profile_dir: str | None = None) -> None:
+        self.profiler.start(profile_dir)
+
+    def stop_profile(self) -> str:
+        return self.profiler.stop()
+
     def reset_prefix_cache(self) -> bool:
         return self.kv_cache.pool.reset_prefix_cache()

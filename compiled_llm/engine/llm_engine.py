@@ -65,7 +65,8 @@ class LLMEngine:
         self.last_stats = core_out.stats
         if core_out.stats is not None:
             self.num_prompt_tokens_computed += core_out.stats.num_prompt_tokens_computed
-        outputs, to_stop = self.output_processor.process_outputs(core_out.outputs)
+        with self.core.profiler.stage("detokenize"):
+            outputs, to_stop = self.output_processor.process_outputs(core_out.outputs)
         if to_stop:
             self.core.abort_requests(to_stop, reason="stop")
         return outputs

@@ -26,6 +26,7 @@ from compiled_llm.engine.forward_context import ForwardContext, set_forward_cont
 from compiled_llm.engine.request import Request
 from compiled_llm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from compiled_llm.models.loader import load_model
+from compiled_llm.profiler import Profiler
 from compiled_llm.sampling.batch import build_sampling_batch
 from compiled_llm.sampling.sampler import Sampler, SamplerOutput
 
@@ -95,8 +96,9 @@ class StepHandle:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, profiler: Profiler | None = None) -> None:
         self.config = config
+        self.profiler = profiler or Profiler(None, False)
         self.device = config.device
         mc = config.model_config
         self.block_size = config.cache_config.block_size
@@ -282,13 +284,17 @@ class ModelRunner:
         previous: StepHandle | None = None,
     ) -> StepHandle:
         """Launch a step; returns before the device finishes it."""
-        inputs = self.prepare_inputs(sched.scheduled, block_ids, previous)
-        hidden = self.run_model(inputs.input_ids, inputs.positions, inputs.attn)
+        stage = self.profiler.stage
+        with stage("prepare inputs"):
+            inputs = self.prepare_inputs(sched.scheduled, block_ids, previous)
+        with stage("forward"):
+            hidden = self.run_model(inputs.input_ids, inputs.positions, inputs.attn)
         if not inputs.sampling_requests:
             return StepHandle([], None)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # type: ignore[operator]
-        batch = build_sampling_batch(inputs.sampling_requests, self.vocab_size, self.device)
-        return StepHandle(inputs.sampling_requests, self.sampler(logits, batch))
+        with stage("sample"):
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])  # type: ignore[operator]
+            batch = build_sampling_batch(inputs.sampling_requests, self.vocab_size, self.device)
+            return StepHandle(inputs.sampling_requests, self.sampler(logits, batch))
 
     def run_model(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs
