@@ -37,12 +37,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--passes", default="", help="pass edits, e.g. -fuse_add_rmsnorm")
     p.add_argument("--capture-sizes", default="", help="CUDA-graph sizes (default: the engine's)")
+    p.add_argument("--no-async-scheduling", action="store_true")
+    p.add_argument(
+        "--idle-steps",
+        type=int,
+        default=16,
+        help="decode steps profiled per batch size for the GPU-idle fraction (0: skip)",
+    )
     p.add_argument("--worker-level", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
+
+
+def gpu_idle_fraction(engine, steps: int) -> float:  # noqa: ANN001
+    """Share of the window from the first to the last kernel of `steps` decode steps in which no
+    kernel runs, from a torch-profiler trace (kernels inside CUDA-graph replays included)."""
+    import tempfile
+
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    spans = sorted(
+        (e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "kernel" and "dur" in e
+    )
+    if not spans:
+        return float("nan")
+    busy, end = 0.0, spans[0][0]
+    for s, e in spans:
+        if e > end:
+            busy += e - max(s, end)
+            end = e
+    return 1.0 - busy / (spans[-1][1] - spans[0][0])
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -67,6 +103,7 @@ def worker(args: argparse.Namespace) -> dict:
         attention_backend=args.attention_backend,
         passes=[p for p in args.passes.split(",") if p],
         cudagraph_capture_sizes=_ints(args.capture_sizes) or None,
+        async_scheduling=not args.no_async_scheduling,
         gpu_memory_utilization=0.85,
         kv_cache_memory_bytes=None if cuda else 1 << 28,
     )
@@ -91,7 +128,7 @@ def worker(args: argparse.Namespace) -> dict:
             ids.append(rid)
         return ids
 
-    decode = {}
+    decode, idle = {}, {}
     for b in batches:
         ids = add(f"decode{b}", b, args.prompt_len, args.decode_steps + 8)
         for _ in range(4):  # prefill, then warm decode steps
@@ -102,6 +139,8 @@ def worker(args: argparse.Namespace) -> dict:
             engine.step()
         sync()
         decode[b] = (time.perf_counter() - t) / args.decode_steps
+        if cuda and args.idle_steps:
+            idle[b] = gpu_idle_fraction(engine, args.idle_steps)
         for rid in ids:
             engine.abort_request(rid)
     prefill = {}
@@ -120,6 +159,7 @@ def worker(args: argparse.Namespace) -> dict:
         "attention_backend": runner.backend.name,
         "startup_s": startup_s,
         "decode_s_per_step": decode,
+        "gpu_idle_fraction": idle,
         "prefill_s": prefill,
         "compile": {
             "warm": stats.warm,
@@ -160,6 +200,7 @@ def main() -> None:
             continue
         for b, s in r["decode_s_per_step"].items():
             achieved = read_bytes / s
+            idle = r["gpu_idle_fraction"].get(b)
             rows.append(
                 [
                     f"-O{level}",
@@ -169,6 +210,7 @@ def main() -> None:
                     int(b) / s,
                     achieved / 1e9,
                     f"{100 * achieved / bandwidth:.0f}%",
+                    "-" if idle is None else f"{100 * idle:.1f}%",
                 ]
             )
     path = write_result(
@@ -182,9 +224,8 @@ def main() -> None:
         },
     )
     print(f"\nresults: {path}\n")
-    print_table(
-        ["level", "backend", "batch", "ms/step", "tok/s", "weights GB/s", "of copy bw"], rows
-    )
+    headers = ["level", "backend", "batch", "ms/step", "tok/s", "weights GB/s", "of copy bw"]
+    print_table([*headers, "GPU idle"], rows)
     prows = [
         [f"-O{lv}", length, s * 1e3]
         for lv, r in results.items()

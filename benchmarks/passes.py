@@ -35,9 +35,20 @@ def main() -> None:
     env = environment()
     print("config:", json.dumps(vars(args)), json.dumps(env), sep="\n  ")
     latency = os.path.join(os.path.dirname(os.path.abspath(__file__)), "latency.py")
-    common = ["--shape", args.shape, "--batch-sizes", args.batch_sizes,
-              "--decode-steps", str(args.decode_steps), "--prefill-lens", args.prefill_lens,
-              "--capture-sizes", args.capture_sizes, "--worker-level", str(args.level)]
+    common = [
+        "--shape",
+        args.shape,
+        "--batch-sizes",
+        args.batch_sizes,
+        "--decode-steps",
+        str(args.decode_steps),
+        "--prefill-lens",
+        args.prefill_lens,
+        "--capture-sizes",
+        args.capture_sizes,
+        "--worker-level",
+        str(args.level),
+    ]
     configs = {"default pipeline": ""}
     for name in builtin_names():
         if name in REQUIRED:
@@ -62,7 +73,9 @@ def main() -> None:
         pre = next(iter(r["prefill_s"].values()))
         row += [pre * 1e3, f"{100 * (pre / next(iter(base['prefill_s'].values())) - 1):+.1f}%"]
         rows.append(row)
-    path = write_result(f"passes-{args.shape}", {"config": vars(args), "env": env, "results": results})
+    path = write_result(
+        f"passes-{args.shape}", {"config": vars(args), "env": env, "results": results}
+    )
     print(f"\nresults: {path}\n")
     headers = ["pipeline"]
     for b in batches:

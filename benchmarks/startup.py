@@ -35,9 +35,14 @@ def worker(args: argparse.Namespace) -> dict:
     from compiled_llm import LLM
 
     start = time.perf_counter()
-    llm = LLM(shape_folder(args.shape), load_format="dummy", skip_tokenizer_init=True,
-              max_model_len=args.max_model_len, compilation_level=args.level,
-              kv_cache_memory_bytes=None if _cuda() else 1 << 28)
+    llm = LLM(
+        shape_folder(args.shape),
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        max_model_len=args.max_model_len,
+        compilation_level=args.level,
+        kv_cache_memory_bytes=None if _cuda() else 1 << 28,
+    )
     total = time.perf_counter() - start
     runner = llm.engine.core.runner
     s = runner.compiled.stats if runner.compiled else None
@@ -85,8 +90,16 @@ def main() -> None:
         runs[name] = json.loads(r.stdout.strip().splitlines()[-1])
     path = write_result(f"startup-{args.shape}", {"config": vars(args), "env": env, "runs": runs})
     print(f"\nresults: {path}\n")
-    cols = ["total_s", "weights_s", "trace_s", "passes_s", "inductor_s", "cache_load_s",
-            "compile_s", "cudagraph_s"]
+    cols = [
+        "total_s",
+        "weights_s",
+        "trace_s",
+        "passes_s",
+        "inductor_s",
+        "cache_load_s",
+        "compile_s",
+        "cudagraph_s",
+    ]
     print_table(["start", *cols], [[n, *(r[c] for c in cols)] for n, r in runs.items()])
 
 

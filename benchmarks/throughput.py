@@ -42,12 +42,16 @@ EMBEDDED_PROMPTS = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--workload", default="embedded", choices=["embedded", "random", "nano", "1024-128"])
+    p.add_argument(
+        "--workload", default="embedded", choices=["embedded", "random", "nano", "1024-128"]
+    )
     p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=256)
-    p.add_argument("--peer-prompts", type=int, default=None, help="prompts for the peer (default all)")
+    p.add_argument(
+        "--peer-prompts", type=int, default=None, help="prompts for the peer (default all)"
+    )
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--embedded-repeats", type=int, default=4, help="embedded: prompt list repeats")
     p.add_argument("--embedded-output-len", type=int, default=64)
@@ -98,8 +102,13 @@ def run_ours(args: argparse.Namespace) -> dict:
     elapsed = time.perf_counter() - t
     n_in = sum(len(o.prompt_token_ids) for o in outs)
     n_out = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    return {"startup_s": startup, "seconds": elapsed, "requests": len(outs), "input_tokens": n_in,
-            "output_tokens": n_out}
+    return {
+        "startup_s": startup,
+        "seconds": elapsed,
+        "requests": len(outs),
+        "input_tokens": n_in,
+        "output_tokens": n_out,
+    }
 
 
 def run_peer(args: argparse.Namespace) -> dict:
@@ -123,14 +132,20 @@ def run_peer(args: argparse.Namespace) -> dict:
         t = time.perf_counter()
         with torch.no_grad():
             out = model.generate(
-                **batch, max_new_tokens=args.embedded_output_len,
-                min_new_tokens=args.embedded_output_len, do_sample=False,
+                **batch,
+                max_new_tokens=args.embedded_output_len,
+                min_new_tokens=args.embedded_output_len,
+                do_sample=False,
                 pad_token_id=tok.pad_token_id or 0,
             )
         elapsed = time.perf_counter() - t
         n_out = (out.shape[1] - batch.input_ids.shape[1]) * out.shape[0]
-        return {"seconds": elapsed, "requests": len(prompts), "output_tokens": n_out,
-                "input_tokens": int(batch.attention_mask.sum())}
+        return {
+            "seconds": elapsed,
+            "requests": len(prompts),
+            "output_tokens": n_out,
+            "input_tokens": int(batch.attention_mask.sum()),
+        }
     config = AutoConfig.from_pretrained(shape_folder(args.shape))
     with torch.device("cuda" if cuda else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
@@ -141,13 +156,18 @@ def run_peer(args: argparse.Namespace) -> dict:
     t = time.perf_counter()
     n_out = 0
     for out_len, prompts in by_len.items():
-        gen = GenerationConfig(max_new_tokens=out_len, do_sample=False, eos_token_id=-1,
-                               pad_token_id=0)
+        gen = GenerationConfig(
+            max_new_tokens=out_len, do_sample=False, eos_token_id=-1, pad_token_id=0
+        )
         results = model.generate_batch(inputs=prompts, generation_config=gen)
         n_out += sum(len(r.generated_tokens) for r in results.values())
     elapsed = time.perf_counter() - t
-    return {"seconds": elapsed, "requests": len(reqs), "output_tokens": n_out,
-            "input_tokens": sum(len(p) for p, _ in reqs)}
+    return {
+        "seconds": elapsed,
+        "requests": len(reqs),
+        "output_tokens": n_out,
+        "input_tokens": sum(len(p) for p, _ in reqs),
+    }
 
 
 def main() -> None:
@@ -176,12 +196,15 @@ def main() -> None:
     if "output_tok_s" in ours and "output_tok_s" in peer:
         ratio = ours["output_tok_s"] / peer["output_tok_s"]
         results["ratio_output_tok_s"] = ratio
-    path = write_result(f"throughput-{args.workload}", {"config": vars(args), "env": env,
-                                                        "results": results})
+    path = write_result(
+        f"throughput-{args.workload}", {"config": vars(args), "env": env, "results": results}
+    )
     print(f"\nresults: {path}\n")
     print_table(["engine", "requests", "seconds", "output tok/s", "total tok/s"], rows)
     if "ratio_output_tok_s" in results:
-        print(f"\ncompiled-llm / HF transformers (output tok/s): {results['ratio_output_tok_s']:.2f}x")
+        print(
+            f"\ncompiled-llm / HF transformers (output tok/s): {results['ratio_output_tok_s']:.2f}x"
+        )
 
 
 if __name__ == "__main__":
