@@ -112,9 +112,10 @@ def test_n2_and_seeded_sampling(client: openai.OpenAI) -> None:
 
 
 def test_logprobs(client: openai.OpenAI) -> None:
-    r, c = parallel(
+    r, c, streamed = parallel(
         lambda: complete(client, logprobs=3),
         lambda: chat(client, logprobs=True, top_logprobs=2),
+        lambda: [x.choices[0] for x in complete(client, logprobs=1, stream=True) if x.choices],
     )
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == MAX
@@ -122,6 +123,10 @@ def test_logprobs(client: openai.OpenAI) -> None:
     for top, sampled in zip(lp.top_logprobs, lp.token_logprobs):
         assert len(top) >= 3
         assert max(top.values()) == pytest.approx(sampled)  # greedy picks the top token
+    tokens = [t for choice in streamed for t in choice.logprobs.tokens]
+    assert tokens == lp.tokens
+    offsets = [o for choice in streamed for o in choice.logprobs.text_offset]
+    assert offsets == lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(MAX)]
     content = c.choices[0].logprobs.content
     assert len(content) == c.usage.completion_tokens
     for item in content:
