@@ -200,28 +200,31 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetr
             raise APIError(400, f"tokens outside the vocabulary [0, {vocab}): {bad[:5]}", "tokens")
         return {"prompt": engine.tokenizer.decode(body.tokens)}
 
-    async def _utility(name: str, *, needs_profile_dir: bool = False) -> Response:
+    async def _utility(name: str, *, needs_profile_dir: bool = False) -> Any:
         if needs_profile_dir and profile_dir is None:
             raise APIError(400, "profiling is off: start the server with --profile-dir")
         try:
-            await engine.call_utility(name, timeout=600.0)
+            return await engine.call_utility(name, timeout=600.0)
         except RuntimeError as e:
             if isinstance(e, EngineDeadError):
                 raise
             raise APIError(500, str(e)) from e
-        return Response(status_code=200)
 
     @app.post("/start_profile")
     async def start_profile() -> Response:
-        return await _utility("start_profile", needs_profile_dir=True)
+        await _utility("start_profile", needs_profile_dir=True)
+        return Response(status_code=200)
 
     @app.post("/stop_profile")
-    async def stop_profile() -> Response:
-        return await _utility("stop_profile", needs_profile_dir=True)
+    async def stop_profile() -> dict[str, Any]:
+        """Ends the window; answers with the trace file the engine core wrote."""
+        trace = await _utility("stop_profile", needs_profile_dir=True)
+        return {"trace": trace if isinstance(trace, str) else None}
 
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache() -> Response:
-        return await _utility("reset_prefix_cache")
+        await _utility("reset_prefix_cache")
+        return Response(status_code=200)
 
     return app
 

@@ -220,10 +220,10 @@ class EngineCoreProc:
                 profile_dir = core.config.observability_config.profile_dir
                 if profile_dir is None:
                     raise RuntimeError("profiling needs --profile-dir")
-                hook(profile_dir)
+                result = hook(profile_dir)
             else:
-                hook()
-            return UtilityResult(call.call_id, True)
+                result = hook()  # stop_profile: the trace's path
+            return UtilityResult(call.call_id, True if result is None else result)
         except Exception as e:
             logger.warning("utility %s failed: %s", call.method, traceback.format_exc())
             return UtilityResult(call.call_id, error=f"{type(e).__name__}: {e}")

@@ -90,7 +90,10 @@ def test_sigterm_finishes_in_flight_and_leaves_no_child(tmp_path: Path, tiny_mod
         r = server.post("/start_profile")
         assert r.status_code == 200 or "profiler hook" in r.json()["error"]["message"], r.text
         if r.status_code == 200:
-            assert server.post("/stop_profile").status_code == 200
+            stopped = server.post("/stop_profile")
+            assert stopped.status_code == 200, stopped.text
+            trace = stopped.json()["trace"]
+            assert trace is None or Path(trace).is_file()
         lines, reader = stream_in_background(server, max_tokens=24)
         os.kill(server.pid, signal.SIGTERM)
         assert server.proc.wait(60) == 0
