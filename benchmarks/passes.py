@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--prefill-lens", default="1024")
     p.add_argument("--capture-sizes", default="1,8,64,512")
+    p.add_argument("--only", default="", help="comma-separated passes to flip (default: all)")
     args = p.parse_args()
     from compiled_llm.passes.registry import REQUIRED, builtin_names, get_pass
 
@@ -50,8 +51,9 @@ def main() -> None:
         str(args.level),
     ]
     configs = {"default pipeline": ""}
+    only = [n for n in args.only.split(",") if n]
     for name in builtin_names():
-        if name in REQUIRED:
+        if name in REQUIRED or (only and name not in only):
             continue
         on = get_pass(name).enabled_by_default
         configs[f"{'-' if on else '+'}{name}"] = f"{'-' if on else '+'}{name}"

@@ -28,6 +28,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--profile-dir", default=None)
     g.add_argument("--nvtx", action="store_true", help="NVTX ranges for Nsight Systems")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--load-format", default="auto", help="auto | dummy (random weights)")
+    g.add_argument(
+        "--skip-tokenizer-init", action="store_true", help="token ids in and out, no text"
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -49,6 +53,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
         profile_dir=args.profile_dir,
         nvtx=args.nvtx,
         seed=args.seed,
+        load_format=args.load_format,
+        skip_tokenizer_init=args.skip_tokenizer_init,
     )
 
 

@@ -20,11 +20,13 @@ class ChoiceCursor:
         self.finished = False
 
     def advance(self, c: CompletionOutput) -> str | None:
-        """The new text, or None when there is nothing to send (no text, not finished)."""
+        """The new text, or None when there is nothing to send (no new token, not finished).
+        A new token with no text yet (a partial UTF-8 character, a held-back stop string, a
+        server without tokenizer) still gets a chunk, so clients see every token's timing."""
         if self.finished:
             return None
         delta = c.text[self.prev_text :]
-        if not delta and c.finish_reason is None:
+        if not delta and c.finish_reason is None and len(c.token_ids) == self.prev_tokens:
             return None
         return delta
 
