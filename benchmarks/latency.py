@@ -44,7 +44,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=16,
         help="decode steps profiled per batch size for the GPU-idle fraction (0: skip)",
     )
+    p.add_argument(
+        "--peer",
+        action="store_true",
+        help="also run HF transformers' generate (static cache, torch.compile) at batch 1",
+    )
+    p.add_argument("--peer-compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--worker-level", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -175,10 +182,54 @@ def worker(args: argparse.Namespace) -> dict:
     }
 
 
+def peer_worker(args: argparse.Namespace) -> dict:
+    """HF transformers on the same shape and weights scheme: batch-1 `generate` with a static
+    KV cache, its forward compiled with torch.compile (as HF documents for latency)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = AutoConfig.from_pretrained(shape_folder(args.shape))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    if args.peer_compile:
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    rng = random.Random(0)
+    ids = torch.tensor([[rng.randrange(config.vocab_size) for _ in range(args.prompt_len)]])
+    ids = ids.to(device)
+
+    def run(new_tokens: int) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(
+                ids,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                cache_implementation="static",
+                pad_token_id=0,
+            )
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    start = time.perf_counter()
+    run(args.decode_steps)  # compiles
+    warmup_s = time.perf_counter() - start
+    short, long = run(1), run(1 + args.decode_steps)
+    return {"warmup_s": warmup_s, "decode_s_per_step": (long - short) / args.decode_steps}
+
+
 def main() -> None:
     args = parse_args()
     if args.worker_level is not None:
         print(json.dumps(worker(args)))
+        return
+    if args.peer_worker:
+        print(json.dumps(peer_worker(args)))
         return
     env = environment()
     print("config:", json.dumps(vars(args)), json.dumps(env), sep="\n  ")
@@ -194,6 +245,12 @@ def main() -> None:
         results[level] = run_worker(os.path.abspath(__file__), worker_args)
         if "error" in results[level]:
             print(f"-O{level} failed:\n{results[level]['error']}")
+    peer = None
+    if args.peer:
+        peer = run_worker(os.path.abspath(__file__), [*sys.argv[1:], "--peer-worker"])
+        if "error" in peer:
+            print(f"HF peer failed:\n{peer['error']}")
+            peer = None
     rows = []
     for level, r in results.items():
         if "error" in r:
@@ -221,11 +278,35 @@ def main() -> None:
             "copy_bandwidth": bandwidth,
             "read_bytes": read_bytes,
             "results": results,
+            "hf_peer": peer,
         },
     )
     print(f"\nresults: {path}\n")
+    if peer is not None:
+        s = peer["decode_s_per_step"]
+        rows.append(
+            [
+                "HF peer",
+                "sdpa",
+                1,
+                s * 1e3,
+                1 / s,
+                read_bytes / s / 1e9,
+                f"{100 * read_bytes / s / bandwidth:.0f}%",
+                "-",
+            ]
+        )
     headers = ["level", "backend", "batch", "ms/step", "tok/s", "weights GB/s", "of copy bw"]
     print_table([*headers, "GPU idle"], rows)
+    print(f"\nbatch-1 roofline {roofline_tok_s:.1f} tok/s; ratio to it and to the peer:")
+    for level, r in results.items():
+        if "error" in r or "1" not in r["decode_s_per_step"]:
+            continue
+        tok_s = 1 / r["decode_s_per_step"]["1"]
+        line = f"  -O{level}: {tok_s / roofline_tok_s:.2f}x roofline"
+        if peer is not None:
+            line += f", {tok_s * peer['decode_s_per_step']:.2f}x HF peer"
+        print(line)
     prows = [
         [f"-O{lv}", length, s * 1e3]
         for lv, r in results.items()

@@ -1,0 +1,85 @@
+"""Each benchmark script runs on CPU with tiny shapes and writes its JSON (no timing checks)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+CASES = {
+    "latency": [
+        "--shape",
+        "tiny",
+        "--levels",
+        "0",
+        "--batch-sizes",
+        "1,2",
+        "--decode-steps",
+        "2",
+        "--prefill-lens",
+        "32",
+        "--peer",
+        "--no-peer-compile",
+    ],
+    "throughput": [
+        "--shape",
+        "tiny",
+        "--workload",
+        "random",
+        "--num-prompts",
+        "4",
+        "--input-len",
+        "8",
+        "--output-len",
+        "4",
+    ],
+    "startup": ["--shape", "tiny", "-O", "0"],
+    "passes": [
+        "--shape",
+        "tiny",
+        "-O",
+        "0",
+        "--only",
+        "gemm_merge",
+        "--batch-sizes",
+        "1",
+        "--decode-steps",
+        "2",
+        "--prefill-lens",
+        "32",
+    ],
+}
+
+
+@pytest.mark.parametrize("script", sorted(CASES))
+def test_benchmark_smoke(script: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{script}.py"), *CASES[script]],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("config:")  # configuration first
+    assert "failed" not in result.stdout, result.stdout
+    path = re.search(r"results: (\S+\.json)", result.stdout).group(1)
+    payload = json.loads(Path(path).read_text())
+    assert payload["env"]["torch"] and payload["config"]
+    Path(path).unlink()
+
+
+@pytest.mark.parametrize("script", ["attention", "serve", *sorted(CASES)])
+def test_benchmark_help(script: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{script}.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and "usage" in result.stdout
