@@ -7,7 +7,7 @@ the artifacts it shaped.
 
 Stages:
 - "graph": the whole captured FX graph (torch-level ops), once, before the graph is split at
-  attention. Sees the real parameter tensors (`PassContext.example_inputs`).
+  attention. Sees the real parameter tensors (`self.example_inputs`, set before `apply`).
 - "post_grad": each compiled piece's aten-level graph, inside Inductor (its post-grad custom
   pass hook), before Inductor's own fusion and code generation.
 """

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 class CompileStats:
     """Seconds per stage of one compilation, and what the cache did."""
 
-    trace_s: float = 0.0  # Dynamo (measured by the caller around the first call)
+    trace_s: float = 0.0  # Dynamo tracing plus the first run of the compiled graph
     passes_s: float = 0.0  # graph-stage passes + splitting
     inductor_s: float = 0.0  # compiling pieces (post-grad passes included)
     load_s: float = 0.0  # loading cached pieces
