@@ -37,7 +37,6 @@ from compiled_llm.attention_backends.base import (  # noqa: E402
 )
 from compiled_llm.attention_backends.triton_kernels import (  # noqa: E402
     flatten_block_table,
-    rope_and_write_kv,
     write_kv,
 )
 from compiled_llm.attention_backends.triton_kernels.staging import (  # noqa: E402
@@ -228,19 +227,6 @@ class FlashInferAttentionBackend(AttentionBackend):
         metadata: FlashInferMetadata,
     ) -> None:
         write_kv(k, v, kv_cache, metadata.slot_mapping)
-
-    def rope_and_write_kv(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        positions: torch.Tensor,
-        cos_sin_cache: torch.Tensor,
-        kv_cache: torch.Tensor,
-        metadata: FlashInferMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE on q and k (in place) fused with the KV write, for the compiler's fusion pass."""
-        return rope_and_write_kv(q, k, v, positions, cos_sin_cache, kv_cache, metadata.slot_mapping)
 
     def attend(
         self,

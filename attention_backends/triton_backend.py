@@ -26,7 +26,6 @@ from compiled_llm.attention_backends.triton_kernels import (
     decode_attention,
     partial_numel,
     prefill_attention,
-    rope_and_write_kv,
     write_kv,
 )
 from compiled_llm.attention_backends.triton_kernels.prefill import prefill_block_q
@@ -201,21 +200,6 @@ class TritonAttentionBackend(AttentionBackend):
         self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, metadata: TritonMetadata
     ) -> None:
         write_kv(k, v, kv_cache, metadata.batch.slot_mapping)
-
-    def rope_and_write_kv(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        positions: torch.Tensor,
-        cos_sin_cache: torch.Tensor,
-        kv_cache: torch.Tensor,
-        metadata: TritonMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE on q and k (in place) fused with the KV write, for the compiler's fusion pass."""
-        return rope_and_write_kv(
-            q, k, v, positions, cos_sin_cache, kv_cache, metadata.batch.slot_mapping
-        )
 
     def attend(
         self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: TritonMetadata, out: torch.Tensor
