@@ -33,11 +33,9 @@ class CompileStats:
     passes_s: float = 0.0  # graph-stage passes + splitting
     inductor_s: float = 0.0  # compiling pieces (post-grad passes included)
     load_s: float = 0.0  # loading cached pieces
-    cudagraph_s: float = 0.0  # capture (filled by the CUDA-graph layer)
     num_pieces: int = 0
     num_unique: int = 0
     cache_hits: int = 0
-    piece_names: list[str] = field(default_factory=list)
     instances: dict[str, int] = field(default_factory=dict)  # piece key -> pieces sharing it
 
     @property
@@ -137,7 +135,6 @@ class _PieceCompiler(fx.Interpreter):
         piece = getattr(self.split_gm, name)
         stats = self.backend.stats
         stats.num_pieces += 1
-        stats.piece_names.append(name)
         key = structural_key(piece, args)
         stats.instances[key] = stats.instances.get(key, 0) + 1
         compiled = self.compiled.get(key)
