@@ -51,8 +51,9 @@ def _adjacent(tensors: Sequence[torch.Tensor]) -> bool:
     return True
 
 
-def _merge(params: list[nn.Parameter], keep: list[torch.Tensor]) -> bool:
-    """Make `params` adjacent rows of one new tensor (unless they already are)."""
+def merge_storage(params: Sequence[torch.Tensor], keep: list[torch.Tensor] | None = None) -> bool:
+    """Make `params` adjacent rows of one new tensor (unless they already are). Also how a warm
+    start that skips the graph passes restores the layout the compiled graph relies on."""
     if _adjacent(params):
         return True
     # The compiler converts its real inputs to fake tensors after the graph passes, under the
@@ -60,7 +61,7 @@ def _merge(params: list[nn.Parameter], keep: list[torch.Tensor]) -> bool:
     # re-pointed parameter no longer matches. Converting them now memoizes fakes that do; the
     # memo holds them weakly, so `keep` holds them for the rest of the compilation.
     mode = detect_fake_mode()
-    if mode is not None:
+    if mode is not None and keep is not None:
         keep.extend(mode.from_tensor(p) for p in params)
     first = params[0]
     total = sum(p.shape[0] for p in params)
@@ -149,7 +150,9 @@ class GemmMergePass(CompilerPass):
             for w in weights
         ) or any(b.dim() != 1 or b.dtype != biases[0].dtype for b in biases):
             return False
-        if not _merge(weights, self._fakes) or (biases and not _merge(biases, self._fakes)):
+        if not merge_storage(weights, self._fakes) or (
+            biases and not merge_storage(biases, self._fakes)
+        ):
             return False
         sizes = [int(w.shape[0]) for w in weights]
         total, k = sum(sizes), int(w0.shape[1])

@@ -1,5 +1,5 @@
 """The compiler on CPU (-O1): outputs equal eager, no recompiles, identical layers compile once,
-warm starts reuse the compile cache, corrupt entries are rebuilt."""
+warm starts reuse the compile cache and skip Dynamo, corrupt entries are rebuilt."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def test_identical_layers_compile_once(tmp_path: Path, embedded_tokenizer_dir) -
     assert deep_s <= 1.5 * shallow_s, (deep_s, shallow_s)
 
 
-def test_warm_start_uses_cache_and_matches(tiny_models, tmp_path: Path) -> None:
+def test_warm_start_skips_dynamo_and_matches(tiny_models, tmp_path: Path) -> None:
     path = tiny_models("qwen3")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
     try:
@@ -116,21 +116,32 @@ def test_warm_start_uses_cache_and_matches(tiny_models, tmp_path: Path) -> None:
         cold_out = token_ids(cold.generate(PROMPTS, GREEDY, use_tqdm=False))
         del cold
         torch._dynamo.reset()
+        graphs = counters["stats"]["unique_graphs"]
         start = time.perf_counter()
         warm = compiled_llm(path, tmp_path / "cc")
         warm_s = time.perf_counter() - start
     finally:
         del os.environ["TORCHINDUCTOR_CACHE_DIR"]
     stats = warm.engine.core.runner.compiled.stats
-    assert stats.warm and stats.inductor_s == 0.0
+    assert stats.warm and stats.dynamo_skipped and stats.inductor_s == 0.0
+    assert stats.num_pieces == 3 and stats.num_unique == 3
     assert warm_s < cold_s, (warm_s, cold_s)
     assert token_ids(warm.generate(PROMPTS, GREEDY, use_tqdm=False)) == cold_out
+    assert counters["stats"]["unique_graphs"] == graphs  # Dynamo never traced
+    # gemm_merge's layout (q/k/v rows back to back in one storage) was restored on the fresh model
+    attn = warm.engine.core.runner.model.model.layers[0].self_attn
+    storages = {p.untyped_storage().data_ptr() for p in (attn.q_proj.weight, attn.k_proj.weight)}
+    assert len(storages) == 1
+
+
+def _piece_entries(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.bin") if p.stem != "graph")
 
 
 def test_corrupt_cache_entry_is_rebuilt(tiny_models, tmp_path: Path) -> None:
     path = tiny_models("llama")
     reference = token_ids(compiled_llm(path, tmp_path).generate(PROMPTS, GREEDY, use_tqdm=False))
-    entries = sorted(tmp_path.rglob("*.bin"))
+    entries = _piece_entries(tmp_path)
     assert len(entries) == 3
     entries[0].write_bytes(b"garbage" + entries[0].read_bytes()[7:])
     entries[1].write_bytes(b"")
@@ -138,11 +149,28 @@ def test_corrupt_cache_entry_is_rebuilt(tiny_models, tmp_path: Path) -> None:
     llm = compiled_llm(path, tmp_path)
     cache = llm.engine.core.runner.compiled.cache
     assert cache is not None and cache.rebuilt == 2 and cache.hits == 1
+    assert not llm.engine.core.runner.compiled.stats.dynamo_skipped  # traced to rebuild them
     assert token_ids(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference
     # rebuilt entries are valid again
     torch._dynamo.reset()
-    again = compiled_llm(path, tmp_path).engine.core.runner.compiled.cache
-    assert again is not None and again.hits == 3 and again.rebuilt == 0
+    again = compiled_llm(path, tmp_path).engine.core.runner.compiled
+    assert again.cache is not None and again.cache.hits == 3 and again.cache.rebuilt == 0
+    assert again.stats.dynamo_skipped
+
+
+def test_corrupt_saved_graph_is_rebuilt(tiny_models, tmp_path: Path) -> None:
+    path = tiny_models("llama")
+    reference = token_ids(compiled_llm(path, tmp_path).generate(PROMPTS, GREEDY, use_tqdm=False))
+    (graph,) = tmp_path.rglob("graph.bin")
+    graph.write_bytes(graph.read_bytes()[:-10])
+    torch._dynamo.reset()
+    llm = compiled_llm(path, tmp_path)
+    compiled = llm.engine.core.runner.compiled
+    assert compiled.cache is not None and compiled.cache.rebuilt == 1
+    assert compiled.stats.warm and not compiled.stats.dynamo_skipped  # pieces from the cache
+    assert token_ids(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference
+    torch._dynamo.reset()
+    assert compiled_llm(path, tmp_path).engine.core.runner.compiled.stats.dynamo_skipped
 
 
 def test_cache_can_be_disabled(tiny_models, tmp_path: Path, monkeypatch) -> None:

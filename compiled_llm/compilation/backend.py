@@ -19,6 +19,7 @@ from torch import fx
 from torch._guards import detect_fake_mode
 
 from compiled_llm.compilation.cache import CompileCache
+from compiled_llm.compilation.graph_cache import graph_blob
 from compiled_llm.compilation.split import split_graph, structural_key
 from compiled_llm.passes.manager import PassPipeline
 
@@ -32,7 +33,8 @@ class CompileStats:
     trace_s: float = 0.0  # Dynamo tracing plus the first run of the compiled graph
     passes_s: float = 0.0  # graph-stage passes + splitting
     inductor_s: float = 0.0  # compiling pieces (post-grad passes included)
-    load_s: float = 0.0  # loading cached pieces
+    load_s: float = 0.0  # loading cached pieces (and the saved graph, on a warm start)
+    dynamo_skipped: bool = False  # warm start from the saved split graph (graph_cache.py)
     num_pieces: int = 0
     num_unique: int = 0
     cache_hits: int = 0
@@ -43,7 +45,18 @@ class CompileStats:
         return self.num_unique > 0 and self.cache_hits == self.num_unique
 
 
-class _CompiledPiece(torch.nn.Module):
+@dataclass
+class Capture:
+    """What the compilation saw, for saving the split graph (graph_cache.py)."""
+
+    example_inputs: list[Any]
+    sources: list[Any]  # Dynamo's source of each graph input
+    graph: bytes  # the split graph without its compiled pieces, pickled
+    pieces: dict[str, tuple[str, bool]] = field(default_factory=dict)  # name -> (key, single)
+    outputs: tuple[Any, ...] | None = None  # what the split graph returned on its first call
+
+
+class CompiledPiece(torch.nn.Module):
     """Calls an Inductor artifact; a module so it can replace the piece in the split graph.
     Artifacts return a sequence of outputs; a piece whose graph returns one value gets it back
     unwrapped, as the split graph expects."""
@@ -76,13 +89,24 @@ class CompilerBackend:
         self.stats = CompileStats()
         self.split_gm: fx.GraphModule | None = None
         self.graph: fx.GraphModule | None = None  # after graph-stage passes, before splitting
+        self.capture: Capture | None = None  # with a cache: for saving the split graph
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         start = time.perf_counter()
+        sources = [
+            getattr(n.meta.get("grapharg"), "source", None)
+            for n in gm.graph.nodes
+            if n.op == "placeholder"
+        ]
         self.pipeline.run_stage("graph", gm.graph, example_inputs=tuple(example_inputs))
         gm.recompile()
         self.graph = gm
         split_gm, is_split_piece = split_graph(gm, self.is_splitting_op)
+        if self.cache is not None:
+            self.capture = Capture(
+                list(example_inputs), sources, graph_blob(split_gm, is_split_piece)
+            )
+            self._record_first_outputs(split_gm, self.capture)
         self.stats.passes_s += time.perf_counter() - start
         fake_mode = detect_fake_mode(example_inputs)
         assert fake_mode is not None, "Dynamo provides a fake mode with its shape environment"
@@ -99,6 +123,14 @@ class CompilerBackend:
             self.stats.load_s,
         )
         return split_gm
+
+    @staticmethod
+    def _record_first_outputs(split_gm: fx.GraphModule, capture: Capture) -> None:
+        def hook(_module: Any, _args: Any, out: Any) -> None:
+            capture.outputs = tuple(out) if isinstance(out, list | tuple) else (out,)
+            handle.remove()
+
+        handle = split_gm.register_forward_hook(hook)
 
 
 class _PieceCompiler(fx.Interpreter):
@@ -117,7 +149,7 @@ class _PieceCompiler(fx.Interpreter):
         self.split_gm = split_gm
         self.is_split_piece = is_split_piece
         self.fake_mode = fake_mode
-        self.compiled: dict[str, _CompiledPiece] = {}
+        self.compiled: dict[str, CompiledPiece] = {}
 
     def run_fake(self, example_inputs: Sequence[Any]) -> None:
         with self.fake_mode:
@@ -137,9 +169,13 @@ class _PieceCompiler(fx.Interpreter):
         stats.num_pieces += 1
         key = structural_key(piece, args)
         stats.instances[key] = stats.instances.get(key, 0) + 1
+        output = next(n for n in reversed(piece.graph.nodes) if n.op == "output")
+        single = not isinstance(output.args[0], list | tuple)
+        if self.backend.capture is not None:
+            self.backend.capture.pieces[name] = (key, single)
         compiled = self.compiled.get(key)
         if compiled is None:
-            compiled = self._compile(name, piece, args, key)
+            compiled = self._compile(piece, args, key, single)
             self.compiled[key] = compiled
             stats.num_unique += 1
         module: torch.nn.Module = compiled
@@ -148,10 +184,8 @@ class _PieceCompiler(fx.Interpreter):
         setattr(self.split_gm, name, module)
         return out
 
-    def _compile(self, name: str, piece: fx.GraphModule, args: Any, key: str) -> _CompiledPiece:
+    def _compile(self, piece: fx.GraphModule, args: Any, key: str, single: bool) -> CompiledPiece:
         backend, stats = self.backend, self.backend.stats
-        output = next(n for n in reversed(piece.graph.nodes) if n.op == "output")
-        single = not isinstance(output.args[0], list | tuple)
         cache = backend.cache
         if cache is not None:
             start = time.perf_counter()
@@ -159,7 +193,7 @@ class _PieceCompiler(fx.Interpreter):
             if artifact is not None:
                 stats.load_s += time.perf_counter() - start
                 stats.cache_hits += 1
-                return _CompiledPiece(artifact, key, single)
+                return CompiledPiece(artifact, key, single)
         start = time.perf_counter()
         backend.pipeline.piece_name = key
         artifact = torch._inductor.standalone_compile(
@@ -171,4 +205,4 @@ class _PieceCompiler(fx.Interpreter):
         stats.inductor_s += time.perf_counter() - start
         if cache is not None:
             cache.save(key, artifact)
-        return _CompiledPiece(artifact, key, single)
+        return CompiledPiece(artifact, key, single)

@@ -1,10 +1,12 @@
 """On-disk cache of compiled pieces.
 
-Layout: `<root>/<engine key>/<piece key>.bin` plus `<piece key>.sha256`. The engine key hashes
-everything a compiled piece depends on besides its own graph: torch's version, our own source
-code, the pass pipeline's uuids and options, the model config, dtype, device and attention
-backend. A piece key hashes the piece's graph and input layout. An entry whose checksum does not
-match, or that fails to load, is deleted and rebuilt; it never stops a start.
+Layout: `<root>/<engine key>/<name>.bin` plus `<name>.sha256`: one entry per compiled piece
+(named by its piece key) and one, `graph`, for the split graph that lets warm starts skip Dynamo
+(graph_cache.py). The engine key hashes everything a compiled piece depends on besides its own
+graph: torch's version, our own source code, the pass pipeline's uuids and options, the model
+config, dtype, device and attention backend. A piece key hashes the piece's graph and input
+layout. An entry whose checksum does not match, or that fails to load, is deleted and rebuilt; it
+never stops a start.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def source_hash() -> str:
@@ -52,38 +57,69 @@ class CompileCache:
         self.misses = 0
         self.rebuilt = 0
 
-    def _paths(self, piece_key: str) -> tuple[Path, Path]:
-        return self.dir / f"{piece_key}.bin", self.dir / f"{piece_key}.sha256"
+    def _paths(self, name: str) -> tuple[Path, Path]:
+        return self.dir / f"{name}.bin", self.dir / f"{name}.sha256"
+
+    def _read(self, name: str) -> tuple[Path, bytes] | None:
+        """An entry's bytes if present and matching its checksum; a mismatch raises."""
+        blob, digest = self._paths(name)
+        if not blob.exists():
+            return None
+        data = blob.read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest.read_text().strip():
+            raise ValueError("checksum mismatch")
+        return blob, data
+
+    def _drop(self, name: str, error: Exception) -> None:
+        blob, digest = self._paths(name)
+        logger.warning("compile cache entry %s is corrupt (%s); rebuilding it", blob, error)
+        blob.unlink(missing_ok=True)
+        digest.unlink(missing_ok=True)
+        self.rebuilt += 1
 
     def load(self, piece_key: str) -> Any | None:
+        """A compiled piece (an Inductor artifact), or None if absent or broken."""
         from torch._inductor import CompiledArtifact
 
-        blob, digest = self._paths(piece_key)
-        if not blob.exists():
-            self.misses += 1
-            return None
         try:
-            data = blob.read_bytes()
-            if hashlib.sha256(data).hexdigest() != digest.read_text().strip():
-                raise ValueError("checksum mismatch")
-            artifact = CompiledArtifact.load(path=str(blob), format="binary")
+            found = self._read(piece_key)
+            artifact = (
+                None
+                if found is None
+                else CompiledArtifact.load(path=str(found[0]), format="binary")
+            )
         except Exception as e:  # noqa: BLE001 - any broken entry is rebuilt, never fatal
-            logger.warning("compile cache entry %s is corrupt (%s); rebuilding it", blob, e)
-            blob.unlink(missing_ok=True)
-            digest.unlink(missing_ok=True)
-            self.rebuilt += 1
+            self._drop(piece_key, e)
+            artifact = None
+        if artifact is None:
             self.misses += 1
             return None
         self.hits += 1
         return artifact
 
+    def load_bytes(self, name: str, parse: Callable[[bytes], T]) -> T | None:
+        """`parse` of a raw entry, or None if absent or broken (then the entry is deleted)."""
+        try:
+            found = self._read(name)
+            return None if found is None else parse(found[1])
+        except Exception as e:  # noqa: BLE001 - any broken entry is rebuilt, never fatal
+            self._drop(name, e)
+            return None
+
     def save(self, piece_key: str, artifact: Any) -> None:
-        blob, digest = self._paths(piece_key)
+        self._write(piece_key, lambda path: artifact.save(path=path, format="binary"))
+
+    def save_bytes(self, name: str, data: bytes) -> None:
+        self._write(name, lambda path: Path(path).write_bytes(data))
+
+    def _write(self, name: str, write: Callable[[str], object]) -> None:
+        """Write to a temporary file, then move it into place: readers never see half."""
+        blob, digest = self._paths(name)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
             os.close(fd)
-            artifact.save(path=tmp, format="binary")
+            write(tmp)
             data = Path(tmp).read_bytes()
             os.replace(tmp, blob)
             digest.write_text(hashlib.sha256(data).hexdigest())

@@ -8,6 +8,8 @@ tokens, prefill or decode, all run the same graph: no recompilation.
 from __future__ import annotations
 
 import logging
+import operator
+import pickle
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,11 +17,19 @@ from typing import Any
 import torch
 import torch.fx.experimental._config as fx_config
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from compiled_llm.attention_backends.ops import backend_ops
-from compiled_llm.compilation.backend import CompilerBackend, CompileStats
+from compiled_llm.compilation.backend import CompiledPiece, CompilerBackend, CompileStats
 from compiled_llm.compilation.cache import CompileCache, engine_key
 from compiled_llm.compilation.cuda_graphs import GraphPool, PiecewiseGraph, default_capture_sizes
+from compiled_llm.compilation.graph_cache import FORMAT as GRAPH_FORMAT
+from compiled_llm.compilation.graph_cache import (
+    SavedGraph,
+    SavedGraphForward,
+    describe_inputs,
+    storage_groups,
+)
 from compiled_llm.config import EngineConfig
 from compiled_llm.envs import Envs
 from compiled_llm.passes.base import PassContext
@@ -29,16 +39,31 @@ from compiled_llm.passes.registry import resolve_pipeline
 logger = logging.getLogger(__name__)
 
 DEFAULT_SPLITTING_OPS = ("kv_write", "attention")
+GRAPH_ENTRY = "graph"  # the compile-cache entry of the saved split graph
 
 
 def splitting_predicate(backend_name: str, names: tuple[str, ...]) -> Callable[[fx.Node], bool]:
+    """Selects the graph nodes the graph is split at. "kv_write" also selects the backend's fused
+    RoPE + KV-write op and the getitems unpacking its (q_rot, dep) result, so the whole fused
+    write runs in the eager attention piece and the compiled pieces stay layer-independent."""
     ops = backend_ops(backend_name)
-    by_name = {"kv_write": ops.kv_write, "attention": ops.attention}
+    by_name = {
+        "kv_write": (ops.kv_write, ops.rope_kv_write),
+        "attention": (ops.attention,),
+    }
     unknown = set(names) - set(by_name)
     if unknown:
         raise ValueError(f"splitting_ops must be among {sorted(by_name)}, got {sorted(unknown)}")
-    targets = {by_name[n] for n in names}
-    return lambda node: node.op == "call_function" and node.target in targets
+    targets = {op for n in names for op in by_name[n] if op is not None}
+
+    def is_splitting(node: fx.Node) -> bool:
+        if node.op != "call_function":
+            return False
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+            return is_splitting(node.args[0])
+        return node.target in targets
+
+    return is_splitting
 
 
 def make_cache(config: EngineConfig, pipeline: PassPipeline, backend_name: str) -> CompileCache:
@@ -98,7 +123,9 @@ class CompiledModel:
             dynamic=False,
             options={"guard_filter_fn": _drop_shape_guards},
         )
-        self._traced = False
+        self.model = model
+        self.backend_name = backend_name
+        self._forward: Callable[..., Any] | None = None
 
     @property
     def stats(self) -> CompileStats:
@@ -109,29 +136,106 @@ class CompiledModel:
         return self.backend.cache
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> Any:
-        if self._traced:
-            return self._compiled(input_ids, positions)
-        if input_ids.shape[0] < 2:
-            raise ValueError("the first (compiling) call needs at least 2 tokens")
-        torch._dynamo.mark_dynamic(input_ids, 0)
-        torch._dynamo.mark_dynamic(positions, 0)
+        if self._forward is None:
+            return self._first_call(input_ids, positions)
+        return self._forward(input_ids, positions)
+
+    def _first_call(self, input_ids: torch.Tensor, positions: torch.Tensor) -> Any:
         start = time.perf_counter()
-        dynamo_limits = torch._dynamo.config.patch(
-            recompile_limit=1024, accumulated_recompile_limit=4096
-        )
-        with fx_config.patch(backed_size_oblivious=True), dynamo_limits:  # type: ignore[attr-defined]
-            out = self._compiled(input_ids, positions)
         s = self.backend.stats
-        total = time.perf_counter() - start
-        s.trace_s = max(0.0, total - s.passes_s - s.inductor_s - s.load_s)
-        self._traced = True
+        self._forward = self._from_saved_graph()
+        if self._forward is not None:
+            out = self._forward(input_ids, positions)
+            s.trace_s = max(0.0, time.perf_counter() - start - s.load_s)  # the first run
+        else:
+            out = self._trace(input_ids, positions)
+            s.trace_s = max(0.0, time.perf_counter() - start - s.passes_s - s.inductor_s - s.load_s)
+            self._save_graph((input_ids, positions), out)
         logger.info(
-            "%s compile in %.2f s: trace %.2f s, passes %.2f s, inductor %.2f s, load %.2f s",
+            "%s compile in %.2f s: %s %.2f s, passes %.2f s, inductor %.2f s, load %.2f s",
             "warm" if s.warm else "cold",
-            total,
+            time.perf_counter() - start,
+            "first run (Dynamo skipped)" if s.dynamo_skipped else "trace",
             s.trace_s,
             s.passes_s,
             s.inductor_s,
             s.load_s,
         )
         return out
+
+    def _trace(self, input_ids: torch.Tensor, positions: torch.Tensor) -> Any:
+        if input_ids.shape[0] < 2:
+            raise ValueError("the first (compiling) call needs at least 2 tokens")
+        torch._dynamo.mark_dynamic(input_ids, 0)
+        torch._dynamo.mark_dynamic(positions, 0)
+        dynamo_limits = torch._dynamo.config.patch(
+            recompile_limit=1024, accumulated_recompile_limit=4096
+        )
+        with fx_config.patch(backed_size_oblivious=True), dynamo_limits:  # type: ignore[attr-defined]
+            out = self._compiled(input_ids, positions)
+        self._forward = self._compiled
+        return out
+
+    def _save_graph(self, call_args: tuple[torch.Tensor, ...], out: Any) -> None:
+        """After a traced start: save what lets the next start skip Dynamo (graph_cache.py)."""
+        capture, cache = self.backend.capture, self.backend.cache
+        self.backend.capture = None  # holds the first call's inputs
+        if capture is None or cache is None or capture.outputs is None:
+            return
+        leaves, spec = pytree.tree_flatten(out)
+        same = len(leaves) == len(capture.outputs) and all(
+            a is b for a, b in zip(leaves, capture.outputs, strict=True)
+        )
+        inputs = describe_inputs(
+            self.model.forward, self.model, call_args, capture.example_inputs, capture.sources
+        )
+        if not same or inputs is None:
+            logger.info("graph inputs or outputs not describable; warm starts will trace")
+            return
+        saved = SavedGraph(
+            format=GRAPH_FORMAT,
+            graph=capture.graph,
+            pieces=capture.pieces,
+            inputs=inputs,
+            storage_groups=storage_groups(inputs, capture.example_inputs),
+            out_spec=pytree.treespec_dumps(spec),
+        )
+        cache.save_bytes(GRAPH_ENTRY, saved.dumps())
+
+    def _from_saved_graph(self) -> Callable[..., Any] | None:
+        """The split graph saved by an earlier start with all its pieces, or None."""
+        cache = self.backend.cache
+        if cache is None:
+            return None
+        start = time.perf_counter()
+        saved = cache.load_bytes(GRAPH_ENTRY, SavedGraph.loads)
+        if saved is None:
+            return None
+        hits, misses = cache.hits, cache.misses
+        try:
+            backend_ops(self.backend_name)  # the graph's code calls the backend's ops
+            gm = pickle.loads(saved.graph)
+            compiled: dict[str, CompiledPiece] = {}
+            for name, (key, single) in saved.pieces.items():
+                if key not in compiled:
+                    artifact = cache.load(key)
+                    if artifact is None:
+                        raise LookupError(f"compiled piece {key} is missing")
+                    compiled[key] = CompiledPiece(artifact, key, single)
+                piece: torch.nn.Module = compiled[key]
+                if self.backend.wrap_piece is not None:
+                    piece = self.backend.wrap_piece(name, piece)
+                setattr(gm, name, piece)
+            forward = SavedGraphForward(gm, saved, self.model, num_args=2)
+        except Exception as e:  # noqa: BLE001 - fall back to tracing, which rebuilds what is missing
+            logger.warning("cannot use the saved graph (%s); tracing with Dynamo", e)
+            cache.hits, cache.misses = hits, misses
+            return None
+        s = self.backend.stats
+        s.dynamo_skipped = True
+        s.load_s += time.perf_counter() - start
+        s.num_pieces = len(saved.pieces)
+        s.num_unique = s.cache_hits = len(compiled)
+        for key, _ in saved.pieces.values():
+            s.instances[key] = s.instances.get(key, 0) + 1
+        return forward

@@ -1,0 +1,178 @@
+"""Warm starts without Dynamo: the split graph saved next to its compiled pieces.
+
+For a given cache key (model config, pass pipeline, our source, torch version), Dynamo's trace
+plus our graph-stage passes always produce the same split graph, and on an 8B model that trace is
+most of a warm start. So a cold start also saves what it takes to call the split graph without
+Dynamo: its FX code (pickled: GraphModules serialize as code), which compiled piece each
+submodule is, where each graph input comes from, and which inputs must share one storage. A warm
+start loads that, binds the inputs and calls the graph directly: no tracing, no guards.
+
+Where each input comes from: a tensor of the model (parameter, buffer or plain tensor attribute)
+by dotted name, a forward argument by position, or a size of one. A graph with an input of any
+other kind is not saved; the next start traces with Dynamo again.
+"""
+
+from __future__ import annotations
+
+import inspect
+import pickle
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from compiled_llm.passes.gemm_merge import merge_storage
+
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class InputSource:
+    """Where one input of the split graph comes from."""
+
+    kind: Literal["tensor", "arg", "size"]
+    name: str = ""  # "tensor": dotted name in the model
+    arg: int = 0  # "arg" and "size": forward argument position
+    dim: int = 0  # "size": which dimension
+
+    def resolve(self, model: nn.Module) -> torch.Tensor:
+        module_name, _, attr = self.name.rpartition(".")
+        value = getattr(model.get_submodule(module_name), attr)
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{self.name} is not a tensor")
+        return value
+
+
+@dataclass(frozen=True)
+class SavedGraph:
+    format: int
+    graph: bytes  # pickled split GraphModule, compiled pieces replaced by empty modules
+    pieces: dict[str, tuple[str, bool]]  # submodule -> (piece key, returns a single value)
+    inputs: tuple[InputSource, ...]
+    storage_groups: tuple[tuple[str, ...], ...]  # model tensors laid out back to back, in order
+    out_spec: str  # pytree spec of the forward's result over the graph's outputs
+
+    def dumps(self) -> bytes:
+        return pickle.dumps(self)
+
+    @staticmethod
+    def loads(data: bytes) -> SavedGraph:
+        saved = pickle.loads(data)
+        if not isinstance(saved, SavedGraph) or saved.format != FORMAT:
+            raise ValueError("not a saved graph of this format")
+        return saved
+
+
+def model_tensors(model: nn.Module) -> dict[int, str]:
+    """id -> dotted name of every tensor the model holds (parameters, buffers, attributes)."""
+    names: dict[int, str] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        members = {**module._parameters, **module._buffers}
+        members.update((k, v) for k, v in vars(module).items() if isinstance(v, torch.Tensor))
+        for attr, value in members.items():
+            if value is not None:
+                names.setdefault(id(value), prefix + attr)
+    return names
+
+
+def describe_inputs(
+    forward: Callable[..., Any],
+    model: nn.Module,
+    call_args: Sequence[Any],
+    example_inputs: Sequence[Any],
+    sources: Sequence[Any],
+) -> tuple[InputSource, ...] | None:
+    """Sources of the captured graph's inputs (Dynamo's example values and their sources), or
+    None if one cannot be named."""
+    from torch._dynamo.source import LocalSource, TensorProperty, TensorPropertySource
+
+    arg_index = {n: i for i, n in enumerate(inspect.signature(forward).parameters)}
+    tensors = model_tensors(model)
+    out = []
+    for value, source in zip(example_inputs, sources, strict=True):
+        if isinstance(value, torch.Tensor):
+            hit = [i for i, a in enumerate(call_args) if a is value]
+            if hit:
+                out.append(InputSource("arg", arg=hit[0]))
+            elif id(value) in tensors:
+                out.append(InputSource("tensor", name=tensors[id(value)]))
+            else:
+                return None
+        elif (
+            isinstance(source, TensorPropertySource)
+            and source.prop is TensorProperty.SIZE
+            and isinstance(source.base, LocalSource)
+            and source.base.local_name in arg_index
+            and source.idx is not None
+        ):
+            out.append(InputSource("size", arg=arg_index[source.base.local_name], dim=source.idx))
+        else:
+            return None
+    return tuple(out)
+
+
+def storage_groups(
+    inputs: Sequence[InputSource], values: Sequence[Any]
+) -> tuple[tuple[str, ...], ...]:
+    """Model tensors among the inputs that share a storage (e.g. weights merged by gemm_merge),
+    each group in storage order."""
+    by_storage: dict[int, list[tuple[int, str]]] = {}
+    for src, value in zip(inputs, values, strict=True):
+        if src.kind == "tensor":
+            key = value.untyped_storage().data_ptr()
+            by_storage.setdefault(key, []).append((value.storage_offset(), src.name))
+    return tuple(
+        tuple(name for _, name in sorted(members))
+        for members in by_storage.values()
+        if len(members) > 1
+    )
+
+
+def graph_blob(split_gm: fx.GraphModule, is_split_piece: dict[str, bool]) -> bytes:
+    """The split graph with its to-be-compiled pieces left out (their artifacts are cached)."""
+    shell = fx.GraphModule(split_gm, split_gm.graph)
+    for name, splitting in is_split_piece.items():
+        if not splitting:
+            setattr(shell, name, nn.Module())
+    return pickle.dumps(shell)
+
+
+class SavedGraphForward:
+    """Calls a saved split graph like the model's forward."""
+
+    def __init__(
+        self, gm: fx.GraphModule, saved: SavedGraph, model: nn.Module, num_args: int
+    ) -> None:
+        for group in saved.storage_groups:
+            tensors = [InputSource("tensor", name=n).resolve(model) for n in group]
+            if not merge_storage(tensors):
+                raise ValueError(f"cannot lay out {group} in one storage")
+        self.gm = gm
+        self.spec = pytree.treespec_loads(saved.out_spec)
+        self.inputs: list[Any] = []
+        self.args: list[tuple[int, int]] = []  # (input slot, argument)
+        self.sizes: list[tuple[int, int, int]] = []  # (input slot, argument, dim)
+        for slot, src in enumerate(saved.inputs):
+            if src.kind == "tensor":
+                self.inputs.append(src.resolve(model))
+                continue
+            if src.arg >= num_args:
+                raise ValueError(f"graph input from forward argument {src.arg}")
+            self.inputs.append(None)
+            if src.kind == "arg":
+                self.args.append((slot, src.arg))
+            else:
+                self.sizes.append((slot, src.arg, src.dim))
+
+    def __call__(self, *args: torch.Tensor) -> Any:
+        inputs = list(self.inputs)
+        for slot, i in self.args:
+            inputs[slot] = args[i]
+        for slot, i, dim in self.sizes:
+            inputs[slot] = args[i].shape[dim]
+        out = self.gm(*inputs)
+        return pytree.tree_unflatten(list(out), self.spec)
