@@ -9,9 +9,10 @@ eager code and weight loading (`param.copy_`) still work. In the graph the merge
 the parameters stay graph inputs and identical layers still compile to one piece.
 
 Every site is checked (same input, dtype, device, in_features; plain nn.Parameters used only by
-this linear; adjacent and contiguous after merging) and skipped otherwise. Graph-stage passes
-run on every start, warm ones included, so the pass is idempotent: parameters already merged
-are found adjacent and only the graph is rewritten.
+this linear; adjacent and contiguous after merging) and skipped otherwise. The pass is
+idempotent: parameters already merged are found adjacent and only the graph is rewritten. Warm
+starts skip graph-stage passes; the saved graph records which inputs share a storage and
+restores that layout with `merge_storage` (compilation/graph_cache.py).
 
 Dynamo guards the parameters (graph inputs) on shape, stride, dtype and device, all kept by
 re-pointing; it does not guard data pointers, and skips its no-aliasing guards on parameters
