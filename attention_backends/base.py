@@ -74,7 +74,8 @@ class AttentionBackend(ABC):
 
     name: ClassVar[str]
     cudagraph_support: ClassVar[CudaGraphSupport] = CudaGraphSupport.NEVER
-    # True where `write_kv` may be given k already rotated by a fused RoPE op.
+    # True where `rope_write_kv` is implemented: the compiler's `rope_kv_write` pass then hands
+    # RoPE of q and k to the backend together with the KV write.
     accepts_fused_rope_kv_write: ClassVar[bool] = False
 
     def __init__(self, spec: AttentionSpec) -> None:
@@ -108,6 +109,22 @@ class AttentionBackend(ABC):
         self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, metadata: Any
     ) -> None:
         """Store k, v ([T, num_kv_heads, head_dim]) at their slots in `kv_cache`."""
+
+    def rope_write_kv(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: Any,
+    ) -> torch.Tensor:
+        """RoPE of q and k (NeoX half split, `layers/rotary.apply_rotary` with per-token cos/sin
+        [T, head_dim/2]) fused with `write_kv` of the rotated k and v. Returns the rotated q as a
+        new contiguous tensor; q and k are not modified. Only where `accepts_fused_rope_kv_write`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no fused RoPE + KV write")
 
     @abstractmethod
     def attend(

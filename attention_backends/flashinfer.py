@@ -37,6 +37,7 @@ from compiled_llm.attention_backends.base import (  # noqa: E402
 )
 from compiled_llm.attention_backends.triton_kernels import (  # noqa: E402
     flatten_block_table,
+    rope_and_write_kv_per_token,
     write_kv,
 )
 from compiled_llm.attention_backends.triton_kernels.staging import (  # noqa: E402
@@ -227,6 +228,18 @@ class FlashInferAttentionBackend(AttentionBackend):
         metadata: FlashInferMetadata,
     ) -> None:
         write_kv(k, v, kv_cache, metadata.slot_mapping)
+
+    def rope_write_kv(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: FlashInferMetadata,
+    ) -> torch.Tensor:
+        return rope_and_write_kv_per_token(q, k, v, cos, sin, kv_cache, metadata.slot_mapping)
 
     def attend(
         self,

@@ -4,15 +4,20 @@ The model calls one generic op, `compiled_llm::attention(q, k, v, layer_idx)`. T
 lowering pass replaces it with the selected backend's pair of ops,
 `compiled_llm::<backend>_kv_write(k, v, layer_idx) -> dep` and
 `compiled_llm::<backend>_attention(q, dep, layer_idx) -> out`; the empty `dep` tensor orders the
-write before the read. None of the ops carry the cache or metadata as graph inputs: they read the
-forward context, so graph pieces between attention layers are identical and compile once.
+write before the read. Backends that accept it (`accepts_fused_rope_kv_write`) also get
+`compiled_llm::<backend>_rope_kv_write(q, k, v, cos, sin, layer_idx) -> (q_rot, dep)`, which the
+`rope_kv_write` pass puts in place of RoPE of q and k plus the KV write. None of the ops carry the
+cache or metadata as graph inputs: they read the forward context, so graph pieces between
+attention layers are identical and compile once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from compiled_llm.attention_backends.registry import get_backend_class
 
 from compiled_llm.engine.forward_context import ForwardContext, get_forward_context
 
@@ -41,13 +46,15 @@ class BackendOps:
 
     kv_write: torch._ops.OpOverload
     attention: torch._ops.OpOverload
+    rope_kv_write: torch._ops.OpOverload | None = None  # only where the backend accepts it
 
 
 _BACKEND_OPS: dict[str, BackendOps] = {}
 
 
 def backend_ops(name: str) -> BackendOps:
-    """Define (once) and return the kv_write/attention op pair for backend `name`."""
+    """Define (once) and return the kv_write/attention ops for backend `name` (and its fused
+    RoPE + KV-write op where the backend accepts one)."""
     if name in _BACKEND_OPS:
         return _BACKEND_OPS[name]
 
@@ -82,12 +89,53 @@ def backend_ops(name: str) -> BackendOps:
         f"compiled_llm::{name}_attention", lambda q, dep, layer_idx: torch.empty_like(q), lib=_LIB
     )
     namespace = torch.ops.compiled_llm
+    fused = None
+    if get_backend_class(name).accepts_fused_rope_kv_write:
+        _define_rope_kv_write(name, _backend)
+        fused = getattr(namespace, f"{name}_rope_kv_write").default
     ops = BackendOps(
         kv_write=getattr(namespace, f"{name}_kv_write").default,
         attention=getattr(namespace, f"{name}_attention").default,
+        rope_kv_write=fused,
     )
     _BACKEND_OPS[name] = ops
     return ops
+
+
+def _define_rope_kv_write(
+    name: str, backend: Callable[[int], tuple[ForwardContext, torch.Tensor]]
+) -> None:
+    """`<name>_rope_kv_write`: the rotated q comes back as a new contiguous tensor (the fake
+    promises exactly that layout to the pieces compiled after it), q and k are left unchanged."""
+
+    def rope_kv_write(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layer_idx: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx, cache = backend(layer_idx)
+        q_rot = ctx.backend.rope_write_kv(q, k, v, cos, sin, cache, ctx.attn_metadata)
+        return q_rot.contiguous(), k.new_empty(0)
+
+    def fake(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layer_idx: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return q.new_empty(q.shape), k.new_empty(0)
+
+    _LIB.define(
+        f"{name}_rope_kv_write(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, "
+        "int layer_idx) -> (Tensor, Tensor)"
+    )
+    _LIB.impl(f"{name}_rope_kv_write", rope_kv_write, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"compiled_llm::{name}_rope_kv_write", fake, lib=_LIB)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:

@@ -10,9 +10,12 @@ import torch
 import torch.nn.functional as F
 from compiled_llm.attention_backends.base import AttentionBackend, AttentionInputs
 
+from compiled_llm.layers.rotary import apply_rotary
+
 
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+    accepts_fused_rope_kv_write = True  # as the oracle: the model's own RoPE, then write_kv
 
     def build_metadata(self, inputs: AttentionInputs) -> AttentionInputs:
         return inputs
@@ -30,6 +33,19 @@ class TorchAttentionBackend(AttentionBackend):
         blocks, offsets = slots // bs, slots % bs
         kv_cache[blocks, 0, offsets] = k.to(kv_cache.dtype)
         kv_cache[blocks, 1, offsets] = v.to(kv_cache.dtype)
+
+    def rope_write_kv(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionInputs,
+    ) -> torch.Tensor:
+        self.write_kv(apply_rotary(k, cos, sin), v, kv_cache, metadata)
+        return apply_rotary(q, cos, sin).contiguous()
 
     def attend(
         self,

@@ -26,6 +26,7 @@ from compiled_llm.attention_backends.triton_kernels import (
     decode_attention,
     partial_numel,
     prefill_attention,
+    rope_and_write_kv_per_token,
     write_kv,
 )
 from compiled_llm.attention_backends.triton_kernels.prefill import prefill_block_q
@@ -200,6 +201,18 @@ class TritonAttentionBackend(AttentionBackend):
         self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, metadata: TritonMetadata
     ) -> None:
         write_kv(k, v, kv_cache, metadata.batch.slot_mapping)
+
+    def rope_write_kv(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: TritonMetadata,
+    ) -> torch.Tensor:
+        return rope_and_write_kv_per_token(q, k, v, cos, sin, kv_cache, metadata.batch.slot_mapping)
 
     def attend(
         self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: TritonMetadata, out: torch.Tensor

@@ -18,6 +18,7 @@ ENTRY_POINT_GROUP = "compiled_llm.passes"
 # Pipeline order. Each stage runs its passes in this order.
 _BUILTIN: dict[str, str] = {
     "attention_lowering": "compiled_llm.passes.attention_lowering:AttentionLoweringPass",
+    "rope_kv_write": "compiled_llm.passes.rope_kv_write:RopeKVWritePass",
     "gemm_merge": "compiled_llm.passes.gemm_merge:GemmMergePass",
     "noop_elimination": "compiled_llm.passes.noop_elimination:NoopEliminationPass",
     "qk_norm_rope": "compiled_llm.passes.qk_norm_rope:QKNormRopePass",

@@ -118,6 +118,57 @@ def compare(
     }
 
 
+def fused_rope_compare(
+    backend: AttentionBackend, case: Case, seed: int = 0
+) -> dict[str, float | bool]:
+    """`rope_write_kv` (RoPE of q and k fused with the KV write) against the torch reference's,
+    which is the model's own `apply_rotary` followed by `write_kv`. cos/sin are per-token views
+    of a float32 table with a row stride of head_dim, as `RotaryEmbedding` hands them over."""
+    device = backend.spec.device
+    gen = torch.Generator().manual_seed(seed)
+    inputs = make_inputs(case, device, gen)
+    cache = random_cache(case, inputs, gen)
+    rows, d = inputs.slot_mapping.shape[0], case.head_dim
+    q, k, v = (
+        torch.randn(rows, h, d, generator=gen).to(case.dtype).to(device)
+        for h in (case.num_heads, case.num_kv_heads, case.num_kv_heads)
+    )
+    table = torch.randn(64, d, generator=gen)
+    positions = torch.randint(0, 64, (rows,), generator=gen)
+    cos, sin = table[positions].to(device).chunk(2, dim=-1)
+    q0, k0 = q.clone(), k.clone()
+    results = []
+    for be in (TorchAttentionBackend(backend.spec), backend):
+        kv = cache.clone()
+        q_rot = be.rope_write_kv(q, k, v, cos, sin, kv, be.build_metadata(inputs))
+        results.append((kv.nan_to_num(7.0).float(), q_rot))
+    (ref_kv, ref_q), (kv, q_rot) = results
+    return {
+        "q_err": ((q_rot.float() - ref_q.float()).norm() / ref_q.float().norm()).item(),
+        "cache_max_err": (kv - ref_kv).abs().max().item(),
+        "inputs_unchanged": bool(torch.equal(q, q0) and torch.equal(k, k0)),
+        "contiguous": q_rot.is_contiguous() and q_rot.shape == q.shape,
+    }
+
+
+def check_fused_rope(result: dict[str, float | bool], dtype: torch.dtype) -> None:
+    assert result["inputs_unchanged"] and result["contiguous"]
+    assert result["q_err"] <= TOLERANCE[dtype], f"rotated q: relative error {result['q_err']:.3g}"
+    # Elementwise: a stray write (a padding token's slot -1) would be off by O(1).
+    bound = 1e-5 if dtype == torch.float32 else 0.1
+    assert result["cache_max_err"] <= bound, f"cache: max error {result['cache_max_err']:.3g}"
+
+
+def test_torch_fused_rope_write_kv() -> None:
+    """The reference's fused method is exactly apply_rotary + write_kv: zero error against it,
+    and q, k untouched; padding rows (slot -1) are rotated but not written."""
+    case = Case("fused", (9, 4), (5, 4), 4, 2, 16, 4, torch.bfloat16, pad_tokens=2)
+    backend = TorchAttentionBackend(spec_of(case, torch.device("cpu")))
+    result = fused_rope_compare(backend, case)
+    assert result["q_err"] == 0 and result["cache_max_err"] == 0
+    check_fused_rope(result, case.dtype)
+
+
 def check(result: dict[str, float | bool], dtype: torch.dtype) -> None:
     assert result["written"], "output rows left unwritten (NaN poison survived)"
     assert result["cache_equal"], "KV cache differs from the reference write"
@@ -135,6 +186,10 @@ INTERPRETER_CASES = [
     Case("decode_fp16", (50, 7), (1, 1), 4, 1, 32, 16, torch.float16),
 ]
 PREPARED_CASES = ["decode_mha", "chunked_mixed_gqa8"]  # staged buffers + split-KV path
+FUSED_ROPE_CASES = [
+    Case("mixed_gqa2", (40, 17, 9), (9, 1, 9), 4, 2, 32, 8, F32, pad_tokens=3),
+    Case("dim24_fp16", (5, 3), (5, 1), 6, 3, 24, 16, torch.float16, pad_tokens=1),
+]
 
 
 def _interpreter_main() -> None:
@@ -151,6 +206,9 @@ def _interpreter_main() -> None:
             backend = TritonAttentionBackend(spec_of(case, cpu))
             results[case.name + "_prepared"] = compare(backend, case, prepare=True)
     results["rope"] = rope_error(cpu, torch.float32)
+    for case in FUSED_ROPE_CASES:
+        backend = TritonAttentionBackend(spec_of(case, cpu))
+        results["fused_rope_" + case.name] = fused_rope_compare(backend, case)
     for kind in GRAPH_BATCHES:
         results["replay_" + kind] = replay_without_graph(kind)
     print(json.dumps(results))
@@ -237,6 +295,11 @@ def test_triton_interpreter_replay(interpreter_results: dict, kind: str) -> None
 def test_triton_interpreter_rope(interpreter_results: dict) -> None:
     assert interpreter_results["rope"]["q"] < 1e-5 and interpreter_results["rope"]["k"] < 1e-5
     assert interpreter_results["rope"]["cache_close"]
+
+
+@pytest.mark.parametrize("case", FUSED_ROPE_CASES, ids=lambda c: c.name)
+def test_triton_interpreter_fused_rope(interpreter_results: dict, case: Case) -> None:
+    check_fused_rope(interpreter_results["fused_rope_" + case.name], case.dtype)
 
 
 # --- RoPE fused with the KV write ---------------------------------------------------------------
@@ -343,6 +406,18 @@ def test_prepared_buffers(backend: str, mode: str) -> None:
 def test_rope_and_write_kv_gpu() -> None:
     res = rope_error(torch.device("cuda"), torch.bfloat16)
     assert res["q"] < 1e-2 and res["k"] < 1e-2 and res["cache_close"]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("backend", ["triton", "flashinfer"])
+def test_fused_rope_write_kv_gpu(backend: str, mode: str, dtype: torch.dtype) -> None:
+    """`rope_write_kv` (the op behind the rope_kv_write pass) against apply_rotary + write_kv."""
+    case = replace(MODES[mode], num_heads=32, num_kv_heads=8, dtype=dtype)
+    be = make_backend(backend, spec_of(case, torch.device("cuda")))
+    check_fused_rope(fused_rope_compare(be, case, seed=7), dtype)
 
 
 GRAPH_BATCHES = {

@@ -54,17 +54,22 @@ def _write_kv_kernel(
 @triton.jit
 def _rope_heads(
     x_ptr,
+    out_ptr,
     t,
     stride_t,
     stride_h,
+    stride_out_t,
+    stride_out_h,
     cos,
     sin,
     NUM_HEADS: tl.constexpr,
     H_PAD: tl.constexpr,
     HALF: tl.constexpr,
     HALF_PAD: tl.constexpr,
+    STORE: tl.constexpr,
 ):
-    """Rotate all heads of token t in place (NeoX half split) and return the rotated halves."""
+    """Rotate all heads of token t (NeoX half split), store them at out_ptr if STORE (out_ptr may
+    be x_ptr: in place), and return the rotated halves in float32."""
     h = tl.arange(0, H_PAD)
     i = tl.arange(0, HALF_PAD)
     mask = (h[:, None] < NUM_HEADS) & (i[None, :] < HALF)
@@ -73,28 +78,35 @@ def _rope_heads(
     x2 = tl.load(ptr1 + HALF, mask=mask).to(tl.float32)
     y1 = x1 * cos[None, :] - x2 * sin[None, :]
     y2 = x2 * cos[None, :] + x1 * sin[None, :]
-    tl.store(ptr1, y1.to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(ptr1 + HALF, y2.to(x_ptr.dtype.element_ty), mask=mask)
+    if STORE:
+        out1 = out_ptr + t * stride_out_t + h[:, None] * stride_out_h + i[None, :]
+        tl.store(out1, y1.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out1 + HALF, y2.to(out_ptr.dtype.element_ty), mask=mask)
     return y1, y2
 
 
 @triton.jit
 def _rope_write_kv_kernel(
     q_ptr,
+    q_out_ptr,
     k_ptr,
     v_ptr,
     pos_ptr,
-    cos_sin_ptr,
+    cos_ptr,
+    sin_ptr,
     cache_ptr,
     slot_ptr,
     num_slots,
     stride_qt,
     stride_qh,
+    stride_qot,
+    stride_qoh,
     stride_kt,
     stride_kh,
     stride_vt,
     stride_vh,
-    stride_cs,
+    stride_cos,
+    stride_sin,
     stride_c_blk,
     stride_c_kv,
     stride_c_tok,
@@ -106,16 +118,49 @@ def _rope_write_kv_kernel(
     HALF: tl.constexpr,
     HALF_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    HAS_POSITIONS: tl.constexpr,  # cos/sin rows by positions[t] (a table), else by t
+    K_IN_PLACE: tl.constexpr,  # also store the rotated k back into k
 ):
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
+    row = tl.load(pos_ptr + t).to(tl.int64) if HAS_POSITIONS else t
     i = tl.arange(0, HALF_PAD)
-    cos = tl.load(cos_sin_ptr + pos * stride_cs + i, mask=i < HALF, other=0.0).to(tl.float32)
-    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + i, mask=i < HALF, other=0.0)
+    # Rounded to the activations' dtype first, as layers/rotary.py's `.to(x.dtype)` does.
+    dtype = q_ptr.dtype.element_ty
+    cos = tl.load(cos_ptr + row * stride_cos + i, mask=i < HALF, other=0.0).to(dtype)
+    sin = tl.load(sin_ptr + row * stride_sin + i, mask=i < HALF, other=0.0).to(dtype)
+    cos = cos.to(tl.float32)
     sin = sin.to(tl.float32)
-    _rope_heads(q_ptr, t, stride_qt, stride_qh, cos, sin, NUM_HEADS, HQ_PAD, HALF, HALF_PAD)
+    _rope_heads(
+        q_ptr,
+        q_out_ptr,
+        t,
+        stride_qt,
+        stride_qh,
+        stride_qot,
+        stride_qoh,
+        cos,
+        sin,
+        NUM_HEADS,
+        HQ_PAD,
+        HALF,
+        HALF_PAD,
+        True,
+    )
     k1, k2 = _rope_heads(
-        k_ptr, t, stride_kt, stride_kh, cos, sin, NUM_KV_HEADS, HKV_PAD, HALF, HALF_PAD
+        k_ptr,
+        k_ptr,
+        t,
+        stride_kt,
+        stride_kh,
+        stride_kt,
+        stride_kh,
+        cos,
+        sin,
+        NUM_KV_HEADS,
+        HKV_PAD,
+        HALF,
+        HALF_PAD,
+        K_IN_PLACE,
     )
     slot = tl.load(slot_ptr + t, mask=t < num_slots, other=-1).to(tl.int64)
     h = tl.arange(0, HKV_PAD)
@@ -177,6 +222,65 @@ def write_kv(
     )
 
 
+def _launch_rope_write_kv(
+    q: torch.Tensor,
+    q_out: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_in_place: bool,
+) -> None:
+    _check_cache(kv_cache, k)
+    num_tokens, d = q.shape[0], q.shape[2]
+    if d % 2 or cos.shape[-1] != d // 2 or sin.shape[-1] != d // 2:
+        raise ValueError(
+            f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} need a last dim of head_dim / 2 "
+            f"(head_dim {d}, even)"
+        )
+    if q.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        raise ValueError("q, cos and sin need a contiguous last dimension")
+    if num_tokens == 0:
+        return
+    hq, hkv = q.shape[1], k.shape[1]
+    _rope_write_kv_kernel[(num_tokens,)](
+        q,
+        q_out,
+        k,
+        v,
+        slot_mapping if positions is None else positions,  # unread without positions
+        cos,
+        sin,
+        kv_cache,
+        slot_mapping,
+        slot_mapping.shape[0],
+        q.stride(0),
+        q.stride(1),
+        q_out.stride(0),
+        q_out.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        cos.stride(0),
+        sin.stride(0),
+        *kv_cache.stride()[:4],
+        NUM_HEADS=hq,
+        HQ_PAD=triton.next_power_of_2(hq),
+        NUM_KV_HEADS=hkv,
+        HKV_PAD=triton.next_power_of_2(hkv),
+        HALF=d // 2,
+        HALF_PAD=triton.next_power_of_2(d // 2),
+        BLOCK_SIZE=kv_cache.shape[2],
+        HAS_POSITIONS=positions is not None,
+        K_IN_PLACE=k_in_place,
+        num_warps=4,
+    )
+
+
 def rope_and_write_kv(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -192,41 +296,36 @@ def rope_and_write_kv(
     One launch instead of RoPE's elementwise kernels plus the write: q and k are read and written
     once. Tokens past `slot_mapping`'s length or with slot -1 are rotated but not stored.
     """
-    _check_cache(kv_cache, k)
-    num_tokens, d = q.shape[0], q.shape[2]
-    if cos_sin_cache.shape[-1] != d or d % 2:
+    half = cos_sin_cache.shape[-1] // 2
+    if cos_sin_cache.shape[-1] != q.shape[2]:
         raise ValueError(
-            f"cos_sin_cache's last dim {cos_sin_cache.shape[-1]} must equal head_dim {d} (even)"
+            f"cos_sin_cache's last dim {cos_sin_cache.shape[-1]} must equal head_dim {q.shape[2]}"
         )
-    if q.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
-        raise ValueError("q and cos_sin_cache need a contiguous last dimension")
-    if num_tokens == 0:
-        return q, k
-    hq, hkv = q.shape[1], k.shape[1]
-    _rope_write_kv_kernel[(num_tokens,)](
-        q,
-        k,
-        v,
-        positions,
-        cos_sin_cache,
-        kv_cache,
-        slot_mapping,
-        slot_mapping.shape[0],
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        cos_sin_cache.stride(0),
-        *kv_cache.stride()[:4],
-        NUM_HEADS=hq,
-        HQ_PAD=triton.next_power_of_2(hq),
-        NUM_KV_HEADS=hkv,
-        HKV_PAD=triton.next_power_of_2(hkv),
-        HALF=d // 2,
-        HALF_PAD=triton.next_power_of_2(d // 2),
-        BLOCK_SIZE=kv_cache.shape[2],
-        num_warps=4,
-    )
+    cos, sin = cos_sin_cache[:, :half], cos_sin_cache[:, half:]
+    _launch_rope_write_kv(q, q, k, v, positions, cos, sin, kv_cache, slot_mapping, True)
     return q, k
+
+
+def rope_and_write_kv_per_token(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """RoPE with cos/sin already looked up per token ([T, D/2] each, as `RotaryEmbedding`
+    returns them): writes the rotated k and v at their slots and returns the rotated q as a new
+    contiguous tensor. q and k are left unchanged, so the op is functional in a graph.
+
+    Same launch as `rope_and_write_kv`; the only allocation is q's output, sized by q's shape,
+    so it is safe inside a CUDA graph.
+    """
+    if cos.shape[0] < q.shape[0] or sin.shape[0] < q.shape[0]:
+        raise ValueError(f"cos/sin have fewer rows than q's {q.shape[0]} tokens")
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
+    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
+    _launch_rope_write_kv(q, q_out, k, v, None, cos, sin, kv_cache, slot_mapping, False)
+    return q_out
