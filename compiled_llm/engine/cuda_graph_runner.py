@@ -76,6 +76,9 @@ class CudaGraphRunner:
         self.static_positions = torch.zeros_like(self.static_ids)
         self.pool.static_ptrs = {t.data_ptr() for t in model_tensors(r.model)}
         largest = max(self.piecewise_sizes, default=0)
+        # Captures allocate from the graph pool, which cannot use memory the default pool caches
+        # (e.g. weights freed by gemm_merge's re-pointing): hand that back to the driver once.
+        torch.cuda.empty_cache()
         r.backend.prepare_for_capture(
             max_num_reqs=max(r.config.scheduler_config.max_num_seqs, largest),
             max_num_tokens=largest,
@@ -93,7 +96,7 @@ class CudaGraphRunner:
             with set_forward_context(self._context(metadata)):
                 r.forward_fn(ids, pos)  # warm-up outside the graph
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool.pool):
+                with self.pool.capture(graph):
                     hidden = r.forward_fn(ids, pos)
             self.full[b] = (graph, hidden)
         torch.cuda.synchronize(r.device)
