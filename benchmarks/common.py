@@ -87,6 +87,28 @@ def run_worker(script: str, args: list[str], timeout: float = 1800) -> dict[str,
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def kernel_spans(events: list[dict[str, Any]], category: str = "kernel") -> list[tuple]:
+    """(start, end, name) of every event of `category` in a Chrome trace, in start order
+    (kernels inside CUDA-graph replays included)."""
+    return sorted(
+        (e["ts"], e["ts"] + e["dur"], e["name"])
+        for e in events
+        if e.get("cat") == category and "dur" in e
+    )
+
+
+def idle_fraction(spans: list[tuple]) -> float:
+    """Share of the window from the first span's start to the last span's end covered by none."""
+    if not spans:
+        return float("nan")
+    busy, end = 0.0, spans[0][0]
+    for s, e, *_ in spans:
+        if e > end:
+            busy += e - max(s, end)
+            end = e
+    return 1.0 - busy / (max(e for _, e, *_ in spans) - spans[0][0])
+
+
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:
     cells = [headers] + [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

@@ -21,7 +21,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import copy_bandwidth, environment, print_table, run_worker, write_result  # noqa: E402
+from common import (  # noqa: E402
+    copy_bandwidth,
+    environment,
+    idle_fraction,
+    kernel_spans,
+    print_table,
+    run_worker,
+    write_result,
+)
 from shapes import SHAPES, shape_folder, weight_bytes  # noqa: E402
 
 
@@ -75,17 +83,7 @@ def gpu_idle_fraction(engine, steps: int) -> float:  # noqa: ANN001
         prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
-    spans = sorted(
-        (e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "kernel" and "dur" in e
-    )
-    if not spans:
-        return float("nan")
-    busy, end = 0.0, spans[0][0]
-    for s, e in spans:
-        if e > end:
-            busy += e - max(s, end)
-            end = e
-    return 1.0 - busy / (spans[-1][1] - spans[0][0])
+    return idle_fraction(kernel_spans(events))
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -184,32 +182,36 @@ def worker(args: argparse.Namespace) -> dict:
 
 def peer_worker(args: argparse.Namespace) -> dict:
     """HF transformers on the same shape and weights scheme: batch-1 `generate` with a static
-    KV cache, its forward compiled with torch.compile (as HF documents for latency)."""
+    KV cache, which transformers compiles itself on CUDA (torch.compile, reduce-overhead mode:
+    its documented latency recipe). Compiling `model.forward` by hand on top of that breaks
+    (CUDA-graph outputs overwritten by the next step)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, StaticCache
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = AutoConfig.from_pretrained(shape_folder(args.shape))
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    if args.peer_compile:
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     rng = random.Random(0)
     ids = torch.tensor([[rng.randrange(config.vocab_size) for _ in range(args.prompt_len)]])
     ids = ids.to(device)
 
     def run(new_tokens: int) -> float:
+        # One cache length for every call: transformers compiles for the static cache's shape, so
+        # a cache sized per call would recompile on each.
+        cache = StaticCache(config=config, max_cache_len=args.prompt_len + args.decode_steps + 1)
         if device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.no_grad():
             model.generate(
                 ids,
+                past_key_values=cache,
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
                 do_sample=False,
-                cache_implementation="static",
+                disable_compile=not args.peer_compile,
                 pad_token_id=0,
             )
         if device == "cuda":
@@ -218,6 +220,7 @@ def peer_worker(args: argparse.Namespace) -> dict:
 
     start = time.perf_counter()
     run(args.decode_steps)  # compiles
+    run(args.decode_steps)  # reduce-overhead mode records its CUDA graphs on a later call
     warmup_s = time.perf_counter() - start
     short, long = run(1), run(1 + args.decode_steps)
     return {"warmup_s": warmup_s, "decode_s_per_step": (long - short) / args.decode_steps}

@@ -150,17 +150,25 @@ def run_peer(args: argparse.Namespace) -> dict:
     with torch.device("cuda" if cuda else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     reqs = workload(args, int(config.vocab_size))[: args.peer_prompts]
-    by_len: dict[int, list[list[int]]] = {}
-    for p, o in reqs:
-        by_len.setdefault(o, []).append(p)
+    gen = GenerationConfig(
+        max_new_tokens=max(o for _, o in reqs), do_sample=False, eos_token_id=-1, pad_token_id=0
+    )
+    # One continuous-batching manager for all requests, each with its own output length (one
+    # `generate_batch` per length would serialize workloads such as 'nano').
+    manager = model.init_continuous_batching(generation_config=gen)
+    manager.start()
     t = time.perf_counter()
     n_out = 0
-    for out_len, prompts in by_len.items():
-        gen = GenerationConfig(
-            max_new_tokens=out_len, do_sample=False, eos_token_id=-1, pad_token_id=0
-        )
-        results = model.generate_batch(inputs=prompts, generation_config=gen)
-        n_out += sum(len(r.generated_tokens) for r in results.values())
+    try:
+        for p, o in reqs:
+            manager.add_request(p, max_new_tokens=o)
+        for _ in reqs:
+            result = manager.get_result(timeout=600)
+            if result is None:
+                raise TimeoutError("HF continuous batching returned no result in 600 s")
+            n_out += len(result.generated_tokens)
+    finally:
+        manager.stop(block=True)
     elapsed = time.perf_counter() - t
     return {
         "seconds": elapsed,

@@ -40,6 +40,7 @@ CASES = {
         "4",
     ],
     "startup": ["--shape", "tiny", "-O", "0"],
+    "kernels": ["--shape", "tiny", "--steps", "2"],
     "passes": [
         "--shape",
         "tiny",
@@ -71,6 +72,9 @@ def test_benchmark_smoke(script: str) -> None:
     path = re.search(r"results: (\S+\.json)", result.stdout).group(1)
     payload = json.loads(Path(path).read_text())
     assert payload["env"]["torch"] and payload["config"]
+    if "rows" in payload:  # kernels.py: the step's time, grouped by kernel (CPU: by aten op)
+        assert payload["rows"] and payload["busy_us_per_step"] > 0
+        Path(payload["trace"]).unlink()
     Path(path).unlink()
 
 

@@ -1,0 +1,148 @@
+"""Where a decode step's time goes: GPU time per kernel per step, and GPU idle, from a
+torch-profiler trace of a few engine steps.
+
+Builds the engine (random weights from a config dict, benchmarks/shapes.py), starts `--batch`
+decode requests, profiles `--steps` steps and groups the trace's kernels by name (kernels inside
+CUDA-graph replays included). On CPU it groups the top-level aten ops instead (there are no
+kernels). `--trace FILE` only analyses a trace written earlier (by this script, the latency
+benchmark or `--profile-dir`).
+
+  python benchmarks/kernels.py --shape llama-3.1-8b --batch 1
+  python benchmarks/kernels.py --trace benchmarks/results/kernels-b1-trace.json --steps 20
+  python benchmarks/kernels.py --shape tiny --steps 2   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from collections import defaultdict
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    RESULTS,
+    environment,
+    idle_fraction,
+    kernel_spans,
+    print_table,
+    write_result,
+)
+from shapes import SHAPES, shape_folder  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    p.add_argument("--batch", type=int, default=1, help="decode requests running together")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--steps", type=int, default=20, help="decode steps profiled")
+    p.add_argument("--top", type=int, default=20, help="rows of the table")
+    p.add_argument("--trace", default=None, help="analyse this Chrome trace instead of running")
+    p.add_argument("--engine-args", default="{}", help="JSON dict of extra LLM(...) arguments")
+    return p.parse_args()
+
+
+def profile(args: argparse.Namespace) -> str:
+    """Run the engine and write a trace of `args.steps` decode steps; returns its path."""
+    import torch
+
+    from compiled_llm import LLM, SamplingParams
+
+    cuda = torch.cuda.is_available()
+    llm = LLM(
+        shape_folder(args.shape),
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        max_model_len=max(2048, 2 * (args.prompt_len + args.steps + 16)),
+        max_num_seqs=max(args.batch, 1),
+        enable_prefix_caching=False,
+        kv_cache_memory_bytes=None if cuda else 1 << 28,
+        **json.loads(args.engine_args),
+    )
+    engine = llm.engine
+    vocab = int(engine.config.model_config.hf_config.vocab_size)
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0, max_tokens=args.steps + 32, ignore_eos=True)
+    for i in range(args.batch):
+        prompt = {"prompt_token_ids": [rng.randrange(vocab) for _ in range(args.prompt_len)]}
+        engine.add_request(f"r{i}", prompt, params)
+    for _ in range(8):  # prefill, then warm decode steps
+        engine.step()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            engine.step()
+        if cuda:
+            torch.cuda.synchronize()
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"kernels-{args.shape}-b{args.batch}-trace.json")
+    prof.export_chrome_trace(path)
+    return path
+
+
+def top_level(spans: list[tuple]) -> list[tuple]:
+    """Spans not nested in an earlier one (for CPU ops, which nest)."""
+    out: list[tuple] = []
+    end = float("-inf")
+    for span in spans:
+        if span[0] >= end:
+            out.append(span)
+            end = span[1]
+    return out
+
+
+def summarize(events: list[dict[str, Any]], steps: int) -> dict[str, Any]:
+    spans = kernel_spans(events, "kernel")
+    category = "kernel"
+    if not spans:
+        spans, category = top_level(kernel_spans(events, "cpu_op")), "cpu_op"
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for start, end, name in spans:
+        entry = by_name[name]
+        entry[0] += 1
+        entry[1] += end - start
+    rows = [
+        {"name": n, "calls_per_step": c / steps, "us_per_step": d / steps, "us_per_call": d / c}
+        for n, (c, d) in sorted(by_name.items(), key=lambda item: -item[1][1])
+    ]
+    return {
+        "category": category,
+        "steps": steps,
+        "busy_us_per_step": sum(r["us_per_step"] for r in rows),
+        "idle_fraction": idle_fraction(spans),
+        "rows": rows,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    env = environment()
+    print("config:", json.dumps(vars(args)), json.dumps(env), sep="\n  ")
+    trace = args.trace or profile(args)
+    with open(trace) as f:
+        summary = summarize(json.load(f)["traceEvents"], args.steps)
+    summary["trace"] = trace
+    path = write_result(
+        f"kernels-{args.shape}-b{args.batch}", {"config": vars(args), "env": env, **summary}
+    )
+    print(f"\ntrace: {trace}\nresults: {path}\n")
+    print(
+        f"{summary['category']} time per step: {summary['busy_us_per_step']:.1f} us; "
+        f"idle {100 * summary['idle_fraction']:.1f}% of the window"
+    )
+    rows = [
+        [r["name"][:70], r["calls_per_step"], r["us_per_step"], r["us_per_call"]]
+        for r in summary["rows"][: args.top]
+    ]
+    print_table(["name", "calls/step", "us/step", "us/call"], rows)
+
+
+if __name__ == "__main__":
+    main()
