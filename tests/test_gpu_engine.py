@@ -113,3 +113,26 @@ def test_o2_equals_o0_same_backend(gpu_models):
     compiled = LLM(path, dtype="float16", attention_backend=backend, max_num_seqs=16)
     assert compiled.engine.config.compilation_config.level == 2  # the CUDA default
     assert_greedy_close(expected, tokens(compiled.generate(PROMPTS, GREEDY, use_tqdm=False)))
+
+
+def test_o2_warm_start_skips_dynamo_and_matches(gpu_models, tmp_path):
+    """A second -O2 start calls the saved split graph (no Dynamo) under CUDA graphs."""
+    backend = "flashinfer" if available("flashinfer") else "triton"
+    kwargs = dict(
+        dtype="float16",
+        attention_backend=backend,
+        max_num_seqs=16,
+        compile_cache_dir=str(tmp_path),
+        cudagraph_capture_sizes=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+    )
+    cold = LLM(str(gpu_models["llama"]), **kwargs)
+    assert not cold.engine.core.runner.compiled.stats.dynamo_skipped
+    expected = tokens(cold.generate(PROMPTS, GREEDY, use_tqdm=False))
+    del cold
+    torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    warm = LLM(str(gpu_models["llama"]), **kwargs)
+    runner = warm.engine.core.runner
+    assert runner.compiled.stats.dynamo_skipped and runner.compiled.stats.warm
+    assert tokens(warm.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
+    assert runner.graphs.full_replays > 0 and runner.graphs.piecewise_replays > 0
