@@ -29,6 +29,7 @@ os.environ.setdefault(
 
 import flashinfer  # noqa: E402  (needs the variable above at import)
 import torch  # noqa: E402
+
 from compiled_llm.attention_backends.base import (  # noqa: E402
     AttentionBackend,
     AttentionInputs,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 
 import torch
+
 from compiled_llm.attention_backends.base import AttentionBackend
 
 _BACKENDS: dict[str, tuple[str, str]] = {

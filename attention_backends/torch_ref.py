@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from compiled_llm.attention_backends.base import AttentionBackend, AttentionInputs
 
+from compiled_llm.attention_backends.base import AttentionBackend, AttentionInputs
 from compiled_llm.layers.rotary import apply_rotary
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+
 from compiled_llm.attention_backends.base import (
     AttentionBackend,
     AttentionInputs,

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 import triton
+from triton.testing import do_bench
+
 from compiled_llm.attention_backends.base import AttentionBackend, AttentionInputs, AttentionSpec
 from compiled_llm.attention_backends.registry import get_backend_class
 from compiled_llm.attention_backends.triton_backend import (
@@ -31,7 +33,6 @@ from compiled_llm.attention_backends.triton_backend import (
     PrefillTiles,
     TritonAttentionBackend,
 )
-from triton.testing import do_bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

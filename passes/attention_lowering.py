@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+from torch import fx
+
 from compiled_llm.attention_backends.ops import backend_ops
 from compiled_llm.passes.base import CompilerPass, Stage
-from torch import fx
 
 
 def is_generic_attention(node: fx.Node) -> bool:

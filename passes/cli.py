@@ -20,9 +20,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from compiled_llm.passes.report import run_report
-
     from compiled_llm.cli import engine_kwargs
+    from compiled_llm.passes.report import run_report
 
     kwargs = dict(engine_kwargs(args), model=args.model)
     if args.all:

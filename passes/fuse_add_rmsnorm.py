@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from compiled_llm.passes.base import PatternPass
 
 import compiled_llm.kernels  # noqa: F401  (registers the ops)
 from compiled_llm.layers.norm import rms_norm
+from compiled_llm.passes.base import PatternPass
 
 EPS = {"eps": 1e-6}  # matched as a wildcard; the graph's own value reaches the replacement
 

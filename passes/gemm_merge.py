@@ -29,11 +29,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
-from compiled_llm.passes.base import CompilerPass, Stage
 from torch import fx, nn
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
+
+from compiled_llm.passes.base import CompilerPass, Stage
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
 

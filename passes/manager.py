@@ -10,9 +10,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from compiled_llm.passes.base import CompilerPass, PassContext
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from compiled_llm.passes.base import CompilerPass, PassContext
 
 logger = logging.getLogger(__name__)
 

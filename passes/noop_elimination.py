@@ -13,9 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from compiled_llm.passes.base import CompilerPass
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
+
+from compiled_llm.passes.base import CompilerPass
 
 aten = torch.ops.aten
 _RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)

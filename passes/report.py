@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from compiled_llm.passes.registry import REQUIRED, resolve_pipeline
 
 
@@ -95,7 +96,6 @@ class _Bench:
     def __init__(self, engine_kwargs: dict[str, Any], num_tokens: int, num_reqs: int) -> None:
         from compiled_llm.attention_backends.base import AttentionSpec
         from compiled_llm.attention_backends.registry import get_backend_class, resolve_backend_name
-
         from compiled_llm.config import EngineArgs
         from compiled_llm.models.loader import load_model
 

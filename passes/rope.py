@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from compiled_llm.passes.base import PatternPass
 
 import compiled_llm.kernels  # noqa: F401  (registers the ops)
 from compiled_llm.layers.rotary import apply_rotary
+from compiled_llm.passes.base import PatternPass
 
 
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

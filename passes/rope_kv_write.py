@@ -21,13 +21,13 @@ import operator
 from typing import Any, ClassVar
 
 import torch
-from compiled_llm.attention_backends.ops import BackendOps, backend_ops
-from compiled_llm.attention_backends.registry import get_backend_class
-from compiled_llm.passes.base import CompilerPass, PassContext, Stage
-from compiled_llm.passes.graph_pattern import PatternMatch, TorchPattern
 from torch import fx
 
+from compiled_llm.attention_backends.ops import BackendOps, backend_ops
+from compiled_llm.attention_backends.registry import get_backend_class
 from compiled_llm.layers.rotary import apply_rotary
+from compiled_llm.passes.base import CompilerPass, PassContext, Stage
+from compiled_llm.passes.graph_pattern import PatternMatch, TorchPattern
 
 
 class RopeKVWritePass(CompilerPass):

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from compiled_llm.passes.base import PatternPass
 
 import compiled_llm.kernels  # noqa: F401  (registers the ops)
+from compiled_llm.passes.base import PatternPass
 
 
 def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+import compiled_llm
 from compiled_llm.server.engine_client import AsyncEngine, EngineDeadError
 from compiled_llm.server.metrics import ServerMetrics
 from compiled_llm.server.protocol import (
@@ -29,14 +37,6 @@ from compiled_llm.server.protocol import (
     TokenizeRequest,
 )
 from compiled_llm.server.serving import OpenAIServing
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
-
-import compiled_llm
 
 logger = logging.getLogger(__name__)
 _DEAD_EXIT_DELAY_S = 1.0  # /health answers 503 this long before the server exits

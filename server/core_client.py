@@ -19,6 +19,8 @@ from typing import Any
 import msgspec
 import zmq
 import zmq.asyncio
+
+from compiled_llm.engine.messages import EngineCoreRequest
 from compiled_llm.server.core_process import run_engine_core
 from compiled_llm.server.messages import (
     AbortRequests,
@@ -29,8 +31,6 @@ from compiled_llm.server.messages import (
     UtilityCall,
     decode_output,
 )
-
-from compiled_llm.engine.messages import EngineCoreRequest
 
 logger = logging.getLogger(__name__)
 

@@ -19,6 +19,10 @@ from typing import Any
 
 import msgspec
 import zmq
+
+from compiled_llm.config import EngineArgs
+from compiled_llm.engine.core import EngineCore
+from compiled_llm.engine.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
 from compiled_llm.server.messages import (
     AbortRequests,
     CoreFailed,
@@ -29,10 +33,6 @@ from compiled_llm.server.messages import (
     UtilityResult,
     decode_request,
 )
-
-from compiled_llm.config import EngineArgs
-from compiled_llm.engine.core import EngineCore
-from compiled_llm.engine.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
 
 logger = logging.getLogger(__name__)
 

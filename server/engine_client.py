@@ -14,10 +14,6 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from compiled_llm.server.core_client import CoreClient
-from compiled_llm.server.messages import CoreFailed, CoreReady, OutputType, UtilityResult
-from compiled_llm.server.streams import RequestCollector, RequestStream
-
 from compiled_llm.config import EngineArgs
 from compiled_llm.engine.messages import EngineCoreOutputs, SchedulerStatsMsg
 from compiled_llm.engine.output_processor import OutputProcessor
@@ -25,6 +21,9 @@ from compiled_llm.engine.processor import InputProcessor, PromptType
 from compiled_llm.models.loader import load_tokenizer
 from compiled_llm.outputs import RequestOutput
 from compiled_llm.sampling_params import SamplingParams
+from compiled_llm.server.core_client import CoreClient
+from compiled_llm.server.messages import CoreFailed, CoreReady, OutputType, UtilityResult
+from compiled_llm.server.streams import RequestCollector, RequestStream
 
 logger = logging.getLogger(__name__)
 

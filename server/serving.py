@@ -12,6 +12,13 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from compiled_llm.engine.processor import PromptType
+from compiled_llm.outputs import RequestOutput
+from compiled_llm.sampling_params import SamplingParams
 from compiled_llm.server.engine_client import AsyncEngine, EngineDeadError, EngineOverloadedError
 from compiled_llm.server.logprobs import ChoiceCursor, chat_logprobs, completion_logprobs
 from compiled_llm.server.metrics import ServerMetrics
@@ -22,13 +29,6 @@ from compiled_llm.server.protocol import (
     param_of,
 )
 from compiled_llm.server.streams import RequestStream
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
-
-from compiled_llm.engine.processor import PromptType
-from compiled_llm.outputs import RequestOutput
-from compiled_llm.sampling_params import SamplingParams
 
 T = TypeVar("T")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from compiled_llm.passes.base import PatternPass
 
 

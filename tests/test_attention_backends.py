@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
+
 from compiled_llm.attention_backends.base import AttentionBackend, AttentionInputs, AttentionSpec
 from compiled_llm.attention_backends.torch_ref import TorchAttentionBackend
 
@@ -305,7 +306,6 @@ def test_triton_interpreter_fused_rope(interpreter_results: dict, case: Case) ->
 # --- RoPE fused with the KV write ---------------------------------------------------------------
 def rope_error(device: torch.device, dtype: torch.dtype) -> dict[str, float | bool]:
     from compiled_llm.attention_backends.triton_kernels import rope_and_write_kv
-
     from compiled_llm.layers.rotary import apply_rotary
 
     gen = torch.Generator().manual_seed(3)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from compiled_llm.attention_backends.registry import get_backend_class
 
 from compiled_llm import LLM, SamplingParams
+from compiled_llm.attention_backends.registry import get_backend_class
 
 pytestmark = pytest.mark.gpu
 

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
 from compiled_llm.passes.base import CompilerPass, PassContext
 from compiled_llm.passes.manager import PassPipeline
 from compiled_llm.passes.registry import get_pass
-from torch import fx
-from torch._inductor.custom_graph_pass import CustomGraphPass
 
 
 def op_name(node: fx.Node) -> str:

@@ -4,10 +4,10 @@ permute/expand, clone of a contiguous tensor) are dropped and view chains collap
 from __future__ import annotations
 
 import torch
-from compiled_llm.passes.base import PassContext
-from compiled_llm.passes.noop_elimination import NoopEliminationPass
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from compiled_llm.passes.base import PassContext
+from compiled_llm.passes.noop_elimination import NoopEliminationPass
 from tests.passes.harness import compile_with_passes, dynamic, op_counts
 
 aten = torch.ops.aten

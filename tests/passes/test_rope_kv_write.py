@@ -17,23 +17,23 @@ from typing import Any
 
 import pytest
 import torch
+from torch import fx, nn
+from torch._dynamo.utils import counters
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from compiled_llm import LLM, SamplingParams
 from compiled_llm.attention_backends.base import AttentionInputs, AttentionSpec
 from compiled_llm.attention_backends.ops import attention, backend_ops
 from compiled_llm.attention_backends.torch_ref import TorchAttentionBackend
+from compiled_llm.engine.forward_context import ForwardContext, set_forward_context
+from compiled_llm.layers.rotary import apply_rotary
+from compiled_llm.models.registry import get_model_class
 from compiled_llm.passes.attention_lowering import AttentionLoweringPass
 from compiled_llm.passes.base import PassContext
 from compiled_llm.passes.manager import PassPipeline
 from compiled_llm.passes.registry import builtin_names
 from compiled_llm.passes.report import no_compile_caches
 from compiled_llm.passes.rope_kv_write import RopeKVWritePass
-from torch import fx, nn
-from torch._dynamo.utils import counters
-from torch._subclasses.fake_tensor import FakeTensorMode
-
-from compiled_llm import LLM, SamplingParams
-from compiled_llm.engine.forward_context import ForwardContext, set_forward_context
-from compiled_llm.layers.rotary import apply_rotary
-from compiled_llm.models.registry import get_model_class
 from tests.conftest import TINY
 from tests.passes.harness import dynamic, op_counts
 

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+
+from compiled_llm.engine.messages import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    SchedulerStatsMsg,
+)
+from compiled_llm.sampling_params import SamplingParams
 from compiled_llm.server.messages import (
     AbortRequests,
     CoreReady,
@@ -15,14 +23,6 @@ from compiled_llm.server.messages import (
     decode_request,
 )
 from compiled_llm.server.protocol import CompletionRequest, RequestError, param_of
-
-from compiled_llm.engine.messages import (
-    EngineCoreOutput,
-    EngineCoreOutputs,
-    EngineCoreRequest,
-    SchedulerStatsMsg,
-)
-from compiled_llm.sampling_params import SamplingParams
 
 ENCODE = msgspec.msgpack.Encoder().encode
 
