@@ -88,20 +88,25 @@ class TorchAttentionBackend(AttentionBackend):
         starts: list[int],
         seq_lens: list[int],
     ) -> None:
-        """All one-token queries at once: pages gathered into a padded batch, keys masked."""
+        """All one-token queries at once: pages gathered into a padded batch, keys masked. The
+        query heads sharing a KV head become that head's query rows (GQA without copying K/V)."""
         longest = max(seq_lens[i] for i in rows)
         index = torch.tensor(rows, device=q.device)
         k, v = self._gather(kv_cache, metadata.block_table[index], longest)
         lens = torch.tensor([seq_lens[i] for i in rows], device=q.device)
-        valid = (torch.arange(longest, device=q.device)[None, :] < lens[:, None])[:, None, :, None]
+        valid = torch.arange(longest, device=q.device)[None, :] < lens[:, None]  # [B, longest]
         # Pages past a row's length hold whatever was there (NaN included): zero them, since a
-        # masked-out NaN still poisons the weighted sum.
-        k, v = k.where(valid, 0.0), v.where(valid, 0.0)
-        mask = valid[..., 0][:, :, None]  # [B, 1, 1, longest]
+        # masked-out NaN still poisons the weighted sum. k and v are our own gathered copies.
+        invalid = ~valid[:, None, :, None]
+        k.masked_fill_(invalid, 0.0)
+        v.masked_fill_(invalid, 0.0)
         tokens = torch.tensor([starts[i] for i in rows], device=q.device)
-        qi = q[tokens].float()[:, :, None]  # [B, Hq, 1, D]
-        o = self._sdpa(qi, k, v, mask, causal=False)
-        out[tokens] = o[:, :, 0].to(out.dtype)
+        b, hkv, (hq, d) = len(rows), k.shape[1], q.shape[1:]
+        qi = q[tokens].float().view(b, hkv, hq // hkv, d)  # [B, Hkv, group, D]
+        o = F.scaled_dot_product_attention(
+            qi, k, v, attn_mask=valid[:, None, None, :], scale=self.spec.scale
+        )
+        out[tokens] = o.reshape(b, hq, d).to(out.dtype)
 
     def _gather(
         self, kv_cache: torch.Tensor, block_table: torch.Tensor, length: int
@@ -123,10 +128,6 @@ class TorchAttentionBackend(AttentionBackend):
         mask: torch.Tensor | None,
         causal: bool,
     ) -> torch.Tensor:
-        group = q.shape[1] // k.shape[1]
-        if group > 1:
-            k = k.repeat_interleave(group, dim=1)
-            v = v.repeat_interleave(group, dim=1)
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, scale=self.spec.scale
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.spec.scale, enable_gqa=True
         )
