@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import time
 
@@ -41,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--decode-steps", type=int, default=64)
     p.add_argument("--prefill-lens", default="1024,4096")
+    p.add_argument(
+        "--prefill-repeats", type=int, default=5, help="timed prefills per length (median)"
+    )
     p.add_argument("--dtype", default="auto")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--passes", default="", help="pass edits, e.g. -fuse_add_rmsnorm")
@@ -93,7 +97,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     cuda = torch.cuda.is_available()
     batches, prefills = _ints(args.batch_sizes), _ints(args.prefill_lens)
-    longest = max(prefills + [args.prompt_len + args.decode_steps + 16])
+    longest = max(prefills + [args.prompt_len + args.decode_steps + args.idle_steps + 32])
     start = time.perf_counter()
     llm = LLM(
         shape_folder(args.shape),
@@ -135,7 +139,8 @@ def worker(args: argparse.Namespace) -> dict:
 
     decode, idle = {}, {}
     for b in batches:
-        ids = add(f"decode{b}", b, args.prompt_len, args.decode_steps + 8)
+        # Requests outlive the timed and the profiled steps: none finishes inside a window.
+        ids = add(f"decode{b}", b, args.prompt_len, args.decode_steps + args.idle_steps + 16)
         for _ in range(4):  # prefill, then warm decode steps
             engine.step()
         sync()
@@ -150,14 +155,16 @@ def worker(args: argparse.Namespace) -> dict:
             engine.abort_request(rid)
     prefill = {}
     for length in prefills:
-        for attempt in range(2):  # the first run of a size warms kernels
+        times = []
+        for attempt in range(1 + args.prefill_repeats):  # the first run of a size warms kernels
             (rid,) = add(f"prefill{length}-{attempt}", 1, length, 1)
             sync()
             t = time.perf_counter()
             engine.step()
             sync()
-            prefill[length] = time.perf_counter() - t
+            times.append(time.perf_counter() - t)
             engine.abort_request(rid)
+        prefill[length] = statistics.median(times[1:])
     stats = runner.compiled.stats if runner.compiled else None
     return {
         "level": args.worker_level,
