@@ -111,14 +111,18 @@ class TorchAttentionBackend(AttentionBackend):
     def _gather(
         self, kv_cache: torch.Tensor, block_table: torch.Tensor, length: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the first `length` positions of each row's pages: [B, Hkv, length, D]."""
+        """K and V of the first `length` positions of each row's pages: [B, Hkv, length, D].
+        One gather per tensor straight into its final layout (no copy after it)."""
         bs = self.spec.block_size
         num_blocks = -(-length // bs)
-        pages = kv_cache[block_table[:, :num_blocks].long()]  # [B, n, 2, bs, Hkv, D]
-        b = pages.shape[0]
-        k = pages[:, :, 0].reshape(b, num_blocks * bs, *pages.shape[-2:])[:, :length]
-        v = pages[:, :, 1].reshape(b, num_blocks * bs, *pages.shape[-2:])[:, :length]
-        return k.float().transpose(1, 2), v.float().transpose(1, 2)
+        index = block_table[:, :num_blocks].reshape(-1).long()
+        b = block_table.shape[0]
+        out = []
+        for which in (0, 1):
+            pages = kv_cache[:, which].index_select(0, index)  # [B * n, bs, Hkv, D], contiguous
+            t = pages.view(b, num_blocks * bs, *pages.shape[-2:])[:, :length]
+            out.append(t.float().transpose(1, 2))
+        return out[0], out[1]
 
     def _sdpa(
         self,
