@@ -66,17 +66,20 @@ class SavedGraph:
         return saved
 
 
-def model_tensors(model: nn.Module) -> dict[int, str]:
-    """id -> dotted name of every tensor the model holds (parameters, buffers, attributes)."""
-    names: dict[int, str] = {}
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor the model holds (parameters, buffers, plain tensor attributes), each once,
+    under the first dotted name that reaches it."""
+    named: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
     for module_name, module in model.named_modules(remove_duplicate=False):
         prefix = f"{module_name}." if module_name else ""
         members = {**module._parameters, **module._buffers}
         members.update((k, v) for k, v in vars(module).items() if isinstance(v, torch.Tensor))
         for attr, value in members.items():
-            if value is not None:
-                names.setdefault(id(value), prefix + attr)
-    return names
+            if value is not None and id(value) not in seen:
+                seen.add(id(value))
+                named[prefix + attr] = value
+    return named
 
 
 def describe_inputs(
@@ -91,7 +94,7 @@ def describe_inputs(
     from torch._dynamo.source import LocalSource, TensorProperty, TensorPropertySource
 
     arg_index = {n: i for i, n in enumerate(inspect.signature(forward).parameters)}
-    tensors = model_tensors(model)
+    tensors = {id(t): name for name, t in model_tensors(model).items()}
     out = []
     for value, source in zip(example_inputs, sources, strict=True):
         if isinstance(value, torch.Tensor):

@@ -17,20 +17,13 @@ import torch
 
 from compiled_llm.attention_backends.base import AttentionInputs, CudaGraphSupport
 from compiled_llm.compilation.cuda_graphs import GraphPool, default_capture_sizes, piecewise_graphs
+from compiled_llm.compilation.graph_cache import model_tensors
 from compiled_llm.engine.forward_context import ForwardContext, set_forward_context
 
 if TYPE_CHECKING:
     from compiled_llm.engine.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
-
-
-def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
-    """Every tensor the model holds: parameters, buffers and plain tensor attributes."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    for module in model.modules():
-        tensors += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
-    return tensors
 
 
 class CudaGraphRunner:
@@ -74,7 +67,7 @@ class CudaGraphRunner:
         largest_decode = max(self.decode_sizes, default=1)
         self.static_ids = torch.zeros(largest_decode, dtype=torch.int64, device=r.device)
         self.static_positions = torch.zeros_like(self.static_ids)
-        self.pool.static_ptrs = {t.data_ptr() for t in model_tensors(r.model)}
+        self.pool.static_ptrs = {t.data_ptr() for t in model_tensors(r.model).values()}
         largest = max(self.piecewise_sizes, default=0)
         # Captures allocate from the graph pool, which cannot use memory the default pool caches
         # (e.g. weights freed by gemm_merge's re-pointing): hand that back to the driver once.
