@@ -12,6 +12,15 @@ import triton.language as tl
 
 
 @triton.jit
+def _slot_ptrs(cache_ptr, slot, h, d, stride_c_blk, stride_c_tok, stride_c_head, BLOCK_SIZE):
+    """Pointers to heads `h` x dims `d` of the K half of cache slot `slot` (the V half is
+    `stride_c_kv` further). A negative slot (padding) maps to slot 0; callers mask its stores."""
+    blk = tl.maximum(slot, 0) // BLOCK_SIZE
+    off = tl.maximum(slot, 0) % BLOCK_SIZE
+    return cache_ptr + blk * stride_c_blk + off * stride_c_tok + h[:, None] * stride_c_head + d
+
+
+@triton.jit
 def _write_kv_kernel(
     k_ptr,
     v_ptr,
@@ -36,14 +45,8 @@ def _write_kv_kernel(
     h = tl.arange(0, H_PAD)
     d = tl.arange(0, D_PAD)
     mask = (h[:, None] < NUM_KV_HEADS) & (d[None, :] < HEAD_DIM) & (slot >= 0)
-    blk = tl.maximum(slot, 0) // BLOCK_SIZE
-    off = tl.maximum(slot, 0) % BLOCK_SIZE
-    dst = (
-        cache_ptr
-        + blk * stride_c_blk
-        + off * stride_c_tok
-        + h[:, None] * stride_c_head
-        + d[None, :]
+    dst = _slot_ptrs(
+        cache_ptr, slot, h, d[None, :], stride_c_blk, stride_c_tok, stride_c_head, BLOCK_SIZE
     )
     k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
@@ -165,14 +168,8 @@ def _rope_write_kv_kernel(
     slot = tl.load(slot_ptr + t, mask=t < num_slots, other=-1).to(tl.int64)
     h = tl.arange(0, HKV_PAD)
     mask = (h[:, None] < NUM_KV_HEADS) & (i[None, :] < HALF) & (slot >= 0)
-    blk = tl.maximum(slot, 0) // BLOCK_SIZE
-    off = tl.maximum(slot, 0) % BLOCK_SIZE
-    dst = (
-        cache_ptr
-        + blk * stride_c_blk
-        + off * stride_c_tok
-        + h[:, None] * stride_c_head
-        + i[None, :]
+    dst = _slot_ptrs(
+        cache_ptr, slot, h, i[None, :], stride_c_blk, stride_c_tok, stride_c_head, BLOCK_SIZE
     )
     out_ty = cache_ptr.dtype.element_ty
     tl.store(dst, k1.to(out_ty), mask=mask)

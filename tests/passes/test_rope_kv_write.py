@@ -21,7 +21,7 @@ from torch import fx, nn
 from torch._dynamo.utils import counters
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from compiled_llm import LLM, SamplingParams
+from compiled_llm import LLM
 from compiled_llm.attention_backends.base import AttentionInputs, AttentionSpec
 from compiled_llm.attention_backends.ops import attention, backend_ops
 from compiled_llm.attention_backends.torch_ref import TorchAttentionBackend
@@ -36,16 +36,10 @@ from compiled_llm.passes.report import no_compile_caches
 from compiled_llm.passes.rope_kv_write import RopeKVWritePass
 from tests.conftest import TINY
 from tests.passes.harness import dynamic, op_counts
+from tests.test_compile import GREEDY, PROMPTS, token_ids
 
 OPS = backend_ops("torch")
 FUSED, KV_WRITE, ATTENTION = (str(op) for op in (OPS.rope_kv_write, OPS.kv_write, OPS.attention))
-GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-PROMPTS = [
-    "Compiled and eager",
-    "must agree token for token on every prompt, long or short",
-    "x",
-    "A mixed batch of prefills and decodes " * 4,
-]
 KINDS = ["llama", "qwen2", "qwen3"]
 BLOCK = 4
 
@@ -244,10 +238,6 @@ def test_options_name_backend_support() -> None:
 
 
 # --- the engine ----------------------------------------------------------------------------------
-def token_ids(outputs: Any) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in outputs]
-
-
 def split_pieces(compiled: Any) -> list[list[str]]:
     """The ops of each eager (splitting) piece of the compiled model's split graph."""
     pieces = []
