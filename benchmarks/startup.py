@@ -56,6 +56,7 @@ def worker(args: argparse.Namespace) -> dict:
         "cache_load_s": s.load_s if s else 0.0,
         "compile_s": (s.trace_s + s.passes_s + s.inductor_s + s.load_s) if s else 0.0,
         "cudagraph_s": runner.graphs.capture_seconds if runner.graphs else 0.0,
+        "cudagraph_piecewise_s": runner.graphs.piecewise_capture_seconds if runner.graphs else 0.0,
     }
 
 
@@ -99,6 +100,7 @@ def main() -> None:
         "cache_load_s",
         "compile_s",
         "cudagraph_s",
+        "cudagraph_piecewise_s",
     ]
     print_table(["start", *cols], [[n, *(r[c] for c in cols)] for n, r in runs.items()])
 

@@ -104,15 +104,21 @@ def test_backend_with_cuda_graphs_matches_reference(kind, backend, gpu_models, r
 
 
 def test_o2_equals_o0_same_backend(gpu_models):
+    """Default capture sizes: 24 decoding requests replay the size-24 decode graph, a size
+    the coarser piecewise list does not have (the 24 prompts' prefill runs piecewise)."""
     backend = "flashinfer" if available("flashinfer") else "triton"
     path = str(gpu_models["llama"])
+    prompts = PROMPTS * 3
     eager = LLM(path, dtype="float16", attention_backend=backend, enforce_eager=True)
-    expected = tokens(eager.generate(PROMPTS, GREEDY, use_tqdm=False))
+    expected = tokens(eager.generate(prompts, GREEDY, use_tqdm=False))
     del eager
     torch.cuda.empty_cache()
-    compiled = LLM(path, dtype="float16", attention_backend=backend, max_num_seqs=16)
+    compiled = LLM(path, dtype="float16", attention_backend=backend, max_num_seqs=24)
     assert compiled.engine.config.compilation_config.level == 2  # the CUDA default
-    assert_greedy_close(expected, tokens(compiled.generate(PROMPTS, GREEDY, use_tqdm=False)))
+    graphs = compiled.engine.core.runner.graphs
+    assert 24 in graphs.full and 24 not in graphs.piecewise_sizes
+    assert_greedy_close(expected, tokens(compiled.generate(prompts, GREEDY, use_tqdm=False)))
+    assert graphs.full_replays > 0 and graphs.piecewise_replays > 0
 
 
 def test_o2_warm_start_skips_dynamo_and_matches(gpu_models, tmp_path):

@@ -150,6 +150,7 @@ class _PieceCompiler(fx.Interpreter):
         self.is_split_piece = is_split_piece
         self.fake_mode = fake_mode
         self.compiled: dict[str, CompiledPiece] = {}
+        self.fake_outputs: dict[str, Any] = {}  # piece key -> its fake outputs
 
     def run_fake(self, example_inputs: Sequence[Any]) -> None:
         with self.fake_mode:
@@ -160,14 +161,18 @@ class _PieceCompiler(fx.Interpreter):
             self.run(*args)
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        out = super().call_module(target, args, kwargs)
         name = str(target)
         if self.is_split_piece[name]:
-            return out
+            return super().call_module(target, args, kwargs)
         piece = getattr(self.split_gm, name)
         stats = self.backend.stats
         stats.num_pieces += 1
         key = structural_key(piece, args)
+        # Pieces with one key compute one function of inputs with the same metadata, so their
+        # outputs' metadata (all that the fake tensors carry) is the same too: propagate once.
+        out = self.fake_outputs.get(key)
+        if out is None:
+            out = self.fake_outputs[key] = super().call_module(target, args, kwargs)
         stats.instances[key] = stats.instances.get(key, 0) + 1
         output = next(n for n in reversed(piece.graph.nodes) if n.op == "output")
         single = not isinstance(output.args[0], list | tuple)

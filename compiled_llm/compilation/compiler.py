@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 from compiled_llm.attention_backends.ops import backend_ops
 from compiled_llm.compilation.backend import CompiledPiece, CompilerBackend, CompileStats
 from compiled_llm.compilation.cache import CompileCache, engine_key
-from compiled_llm.compilation.cuda_graphs import GraphPool, PiecewiseGraph, default_capture_sizes
+from compiled_llm.compilation.cuda_graphs import GraphPool, PiecewiseGraph, default_piecewise_sizes
 from compiled_llm.compilation.graph_cache import FORMAT as GRAPH_FORMAT
 from compiled_llm.compilation.graph_cache import (
     SavedGraph,
@@ -109,7 +109,7 @@ class CompiledModel:
         self.graph_pool: GraphPool | None = None
         wrap_piece = None
         if cc.level >= 2 and config.device.type == "cuda":
-            sizes = cc.cudagraph_capture_sizes or default_capture_sizes()
+            sizes = cc.cudagraph_capture_sizes or default_piecewise_sizes()
             self.graph_pool = GraphPool(config.device, max(sizes), static_ptrs=set())
             pool = self.graph_pool
             wrap_piece = lambda _name, piece: PiecewiseGraph(piece, pool)  # noqa: E731

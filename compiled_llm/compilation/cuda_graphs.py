@@ -21,7 +21,18 @@ from torch import nn
 
 
 def default_capture_sizes(max_size: int = 512) -> list[int]:
+    """Batch sizes of the full-model decode graphs: fine-grained, since a decode step's cost
+    is in the padded batch's weight reads and its attention."""
     sizes = [1, 2, 4] + list(range(8, 257, 8)) + list(range(272, 513, 16))
+    return [s for s in sizes if s <= max_size]
+
+
+def default_piecewise_sizes(max_size: int = 512) -> list[int]:
+    """Token counts of the piecewise graphs, which serve prefill and mixed batches: powers of
+    two up to 256, where a step's GEMMs cost about the same for any token count (they are
+    bound by the weight reads), then steps of 64. A third as many sizes as the decode graphs:
+    each size captures a graph per compiled piece, so this list sets most of capture time."""
+    sizes = [1 << i for i in range(9)] + list(range(320, 513, 64))
     return [s for s in sizes if s <= max_size]
 
 

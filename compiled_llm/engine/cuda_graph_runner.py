@@ -2,7 +2,9 @@
 
 Steps are padded up to a capture size. Uniform-decode batches replay one full-model graph when
 the attention backend allows it; other batches run the compiled pieces as piecewise graphs with
-attention eager between them; batches above the largest size run eagerly.
+attention eager between them; batches above the largest size run eagerly. The two kinds have
+their own sizes (`default_capture_sizes`, `default_piecewise_sizes`) unless
+`cudagraph_capture_sizes` is given, which then sets both.
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from compiled_llm.attention_backends.base import AttentionInputs, CudaGraphSupport
-from compiled_llm.compilation.cuda_graphs import GraphPool, default_capture_sizes, piecewise_graphs
+from compiled_llm.compilation.cuda_graphs import (
+    GraphPool,
+    default_capture_sizes,
+    default_piecewise_sizes,
+    piecewise_graphs,
+)
 from compiled_llm.compilation.graph_cache import model_tensors
 from compiled_llm.engine.forward_context import ForwardContext, set_forward_context
 
@@ -32,13 +39,17 @@ class CudaGraphRunner:
         self.pool = pool
         cc = runner.config.compilation_config
         sc = runner.config.scheduler_config
-        sizes = sorted(set(cc.cudagraph_capture_sizes or default_capture_sizes()))
-        self.piecewise_sizes = [
-            s for s in sizes if s <= min(sc.max_num_batched_tokens, pool.max_tokens)
-        ]
+        given = cc.cudagraph_capture_sizes
+        self.piecewise_sizes = sorted(
+            s
+            for s in set(given or default_piecewise_sizes())
+            if s <= min(sc.max_num_batched_tokens, pool.max_tokens)
+        )
         full_ok = runner.backend.cudagraph_support is not CudaGraphSupport.NEVER
-        self.decode_sizes = (
-            [s for s in self.piecewise_sizes if s <= sc.max_num_seqs] if full_ok else []
+        self.decode_sizes = sorted(
+            s
+            for s in set(given or default_capture_sizes())
+            if full_ok and s <= min(sc.max_num_seqs, sc.max_num_batched_tokens)
         )
         # Made in capture(), under inference mode like every step's inputs: Dynamo guards on
         # the dispatch keys, so a tensor made outside inference mode would force a recompile.
@@ -47,14 +58,19 @@ class CudaGraphRunner:
         self.full: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.full_replays = 0
         self.capture_seconds = 0.0
+        self.piecewise_capture_seconds = 0.0  # of capture_seconds
 
     @property
     def piecewise_replays(self) -> int:
         return self.pool.replays
 
-    def padded_size(self, num_tokens: int) -> int | None:
-        i = bisect.bisect_left(self.piecewise_sizes, num_tokens)
-        return self.piecewise_sizes[i] if i < len(self.piecewise_sizes) else None
+    def padded_size(self, num_tokens: int, uniform_decode: bool) -> int | None:
+        """The graph size a step of `num_tokens` runs at, or None (eager)."""
+        for sizes in (self.decode_sizes if uniform_decode else [], self.piecewise_sizes):
+            i = bisect.bisect_left(sizes, num_tokens)
+            if i < len(sizes):
+                return sizes[i]
+        return None
 
     def _context(self, metadata: Any) -> ForwardContext:
         r = self.runner
@@ -68,7 +84,7 @@ class CudaGraphRunner:
         self.static_ids = torch.zeros(largest_decode, dtype=torch.int64, device=r.device)
         self.static_positions = torch.zeros_like(self.static_ids)
         self.pool.static_ptrs = {t.data_ptr() for t in model_tensors(r.model).values()}
-        largest = max(self.piecewise_sizes, default=0)
+        largest = max(self.piecewise_sizes + self.decode_sizes, default=0)
         # Captures allocate from the graph pool, which cannot use memory the default pool caches
         # (e.g. weights freed by gemm_merge's re-pointing): hand that back to the driver once.
         torch.cuda.empty_cache()
@@ -82,6 +98,8 @@ class CudaGraphRunner:
             with set_forward_context(self._context(metadata)), piecewise_graphs(n, capturing=True):
                 r.forward_fn(ids, pos)
             self.pool.release()
+        torch.cuda.synchronize(r.device)
+        self.piecewise_capture_seconds = time.perf_counter() - start
         for b in reversed(self.decode_sizes):
             _, _, attn = r.dummy_inputs(b, num_reqs=b)
             ids, pos = self.static_ids[:b], self.static_positions[:b]
@@ -95,10 +113,11 @@ class CudaGraphRunner:
         torch.cuda.synchronize(r.device)
         self.capture_seconds = time.perf_counter() - start
         logger.info(
-            "captured %d piecewise sizes and %d full decode graphs in %.2f s",
+            "captured %d piecewise sizes in %.2f s and %d full decode graphs in %.2f s",
             len(self.piecewise_sizes),
+            self.piecewise_capture_seconds,
             len(self.full),
-            self.capture_seconds,
+            self.capture_seconds - self.piecewise_capture_seconds,
         )
 
     def run(

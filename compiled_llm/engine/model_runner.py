@@ -249,7 +249,8 @@ class ModelRunner:
         """Device tensors for one step, padded to the CUDA-graph size the step will run at
         (padding tokens: id 0, position 0, slot -1 so nothing is written)."""
         num_tokens = len(input_ids)
-        padded = self.graphs.padded_size(num_tokens) if self.graphs else None
+        uniform_decode = num_tokens == len(q_lens)  # every request has one query token
+        padded = self.graphs.padded_size(num_tokens, uniform_decode) if self.graphs else None
         if padded is not None and padded > num_tokens:
             extra = padded - num_tokens
             input_ids = np.concatenate([input_ids, np.zeros(extra, dtype=input_ids.dtype)])
