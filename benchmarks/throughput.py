@@ -204,9 +204,10 @@ def main() -> None:
     if "output_tok_s" in ours and "output_tok_s" in peer:
         ratio = ours["output_tok_s"] / peer["output_tok_s"]
         results["ratio_output_tok_s"] = ratio
-    path = write_result(
-        f"throughput-{args.workload}", {"config": vars(args), "env": env, "results": results}
-    )
+    name = f"throughput-{args.workload}"
+    if args.workload != "embedded":
+        name += f"-{args.shape}"
+    path = write_result(name, {"config": vars(args), "env": env, "results": results})
     print(f"\nresults: {path}\n")
     print_table(["engine", "requests", "seconds", "output tok/s", "total tok/s"], rows)
     if "ratio_output_tok_s" in results:
