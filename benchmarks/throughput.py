@@ -9,6 +9,9 @@ Workloads (fixed seeds):
 Model shapes other than the embedded model come from config dicts with random weights made on
 the device (benchmarks/shapes.py); the GPU peer is HF's continuous-batching `generate_batch`.
 
+With --repeats N our engine runs the workload N times (fresh random token ids each time, same
+lengths) and reports the median; the peer runs it once.
+
   python benchmarks/throughput.py --workload embedded              # CPU, README's figure
   python benchmarks/throughput.py --shape llama-3.1-8b --workload random --input-len 256 \\
       --output-len 256 --num-prompts 1000 --peer-prompts 128
@@ -20,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import time
 
@@ -53,15 +57,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--peer-prompts", type=int, default=None, help="prompts for the peer (default all)"
     )
     p.add_argument("--no-peer", action="store_true")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="timed runs of our engine (median); not embedded"
+    )
     p.add_argument("--embedded-repeats", type=int, default=4, help="embedded: prompt list repeats")
     p.add_argument("--embedded-output-len", type=int, default=64)
     p.add_argument("--engine-args", default="{}", help="JSON dict of extra LLM(...) arguments")
     p.add_argument("--worker", choices=["ours", "peer"], default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.repeats < 1 or (args.repeats > 1 and args.workload == "embedded"):
+        p.error("--repeats must be >= 1, and 1 for the embedded workload (fixed prompts)")
+    return args
 
 
-def workload(args: argparse.Namespace, vocab: int) -> list[tuple[list[int], int]]:
-    """(prompt token ids, output length) per request."""
+def workload(args: argparse.Namespace, vocab: int, repeat: int = 0) -> list[tuple[list[int], int]]:
+    """(prompt token ids, output length) per request; repeats keep the lengths and draw new ids,
+    so a later run gets no prefix-cache hits from an earlier one."""
     rng = random.Random(0)
     if args.workload == "nano":
         lens = [(rng.randint(100, 1024), rng.randint(100, 1024)) for _ in range(256)]
@@ -69,6 +80,8 @@ def workload(args: argparse.Namespace, vocab: int) -> list[tuple[list[int], int]
         lens = [(1024, 128)] * args.num_prompts
     else:
         lens = [(args.input_len, args.output_len)] * args.num_prompts
+    if repeat:
+        rng = random.Random(repeat)
     return [([rng.randrange(vocab) for _ in range(i)], o) for i, o in lens]
 
 
@@ -84,8 +97,10 @@ def run_ours(args: argparse.Namespace) -> dict:
         startup = time.perf_counter() - start
         t = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
+        runs = [time.perf_counter() - t]
     else:
-        reqs = workload(args, int(SHAPES[args.shape]["vocab_size"]))
+        vocab = int(SHAPES[args.shape]["vocab_size"])
+        reqs = workload(args, vocab)
         longest = max(len(p) + o for p, o in reqs)
         llm = LLM(
             shape_folder(args.shape),
@@ -95,16 +110,20 @@ def run_ours(args: argparse.Namespace) -> dict:
             **extra,
         )
         startup = time.perf_counter() - start
-        prompts = [{"prompt_token_ids": p} for p, _ in reqs]
-        params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in reqs]
-        t = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - t
+        runs = []
+        for repeat in range(args.repeats):
+            reqs = workload(args, vocab, repeat)
+            prompts = [{"prompt_token_ids": p} for p, _ in reqs]
+            params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in reqs]
+            t = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            runs.append(time.perf_counter() - t)
     n_in = sum(len(o.prompt_token_ids) for o in outs)
     n_out = sum(len(c.token_ids) for o in outs for c in o.outputs)
     return {
         "startup_s": startup,
-        "seconds": elapsed,
+        "seconds": statistics.median(runs),
+        "runs_s": runs,
         "requests": len(outs),
         "input_tokens": n_in,
         "output_tokens": n_out,
@@ -210,6 +229,9 @@ def main() -> None:
     path = write_result(name, {"config": vars(args), "env": env, "results": results})
     print(f"\nresults: {path}\n")
     print_table(["engine", "requests", "seconds", "output tok/s", "total tok/s"], rows)
+    runs = results["compiled-llm"].get("runs_s", [])
+    if len(runs) > 1:
+        print(f"\ncompiled-llm: median of {len(runs)} runs ({min(runs):.2f}-{max(runs):.2f} s)")
     if "ratio_output_tok_s" in results:
         print(
             f"\ncompiled-llm / HF transformers (output tok/s): {results['ratio_output_tok_s']:.2f}x"

@@ -38,6 +38,8 @@ CASES = {
         "8",
         "--output-len",
         "4",
+        "--repeats",
+        "2",
     ],
     "startup": ["--shape", "tiny", "-O", "0"],
     "kernels": ["--shape", "tiny", "--steps", "2"],
@@ -75,6 +77,9 @@ def test_benchmark_smoke(script: str) -> None:
     if "rows" in payload:  # kernels.py: the step's time, grouped by kernel (CPU: by aten op)
         assert payload["rows"] and payload["busy_us_per_step"] > 0
         Path(payload["trace"]).unlink()
+    if script == "throughput":  # --repeats 2: both timed runs recorded, the median reported
+        ours = payload["results"]["compiled-llm"]
+        assert len(ours["runs_s"]) == 2 and min(ours["runs_s"]) <= ours["seconds"]
     Path(path).unlink()
 
 
