@@ -17,8 +17,10 @@ FLASHINFER_WORKSPACE_BASE, which we point at ~/.cache/compiled_llm/flashinfer un
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +119,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         self._graph_index: _GraphIndexBuffers | None = None
         self._graph_decode: dict[int, Any] = {}
         self._num_blocks: int | None = None  # pool size, bounds a request's pages
+        self._planned: dict[int, torch.cuda.Event] = {}  # id(wrapper) -> after its last plan
 
     def allocate_kv_caches(self, num_blocks: int, num_layers: int) -> list[torch.Tensor]:
         self._num_blocks = num_blocks
@@ -201,24 +204,40 @@ class FlashInferAttentionBackend(AttentionBackend):
                 wrapper = self._graph_wrapper(batch, inputs.block_table.shape[1])
             else:
                 wrapper = self._decode
-            wrapper.plan(
-                indptr, indices, last, s.num_heads, s.num_kv_heads, s.head_dim, bs, **common
-            )
+            with self._planning(wrapper):
+                wrapper.plan(
+                    indptr, indices, last, s.num_heads, s.num_kv_heads, s.head_dim, bs, **common
+                )
             return FlashInferMetadata(wrapper, batch, slot_mapping)
         qo_indptr = inputs.query_start_loc_cpu[: r + 1].to(torch.int32)
-        self._prefill.plan(
-            qo_indptr,
-            indptr,
-            indices,
-            last,
-            s.num_heads,
-            s.num_kv_heads,
-            s.head_dim,
-            bs,
-            causal=True,
-            **common,
-        )
+        with self._planning(self._prefill):
+            self._prefill.plan(
+                qo_indptr,
+                indptr,
+                indices,
+                last,
+                s.num_heads,
+                s.num_kv_heads,
+                s.head_dim,
+                bs,
+                causal=True,
+                **common,
+            )
         return FlashInferMetadata(self._prefill, inputs.num_tokens, slot_mapping)
+
+    @contextlib.contextmanager
+    def _planning(self, wrapper: Any) -> Iterator[None]:
+        """`plan()` writes the schedule into the wrapper's pinned host buffer, then copies it to
+        the device asynchronously. With async scheduling the next step's plan can come before
+        the device has run that copy, so wait for it first (it is queued right after the step
+        before, so the wait is almost always already over)."""
+        done = self._planned.get(id(wrapper))
+        if done is not None:
+            done.synchronize()
+        yield
+        event = torch.cuda.Event()
+        event.record()
+        self._planned[id(wrapper)] = event
 
     # --- inside the graph -----------------------------------------------------------------------
     def write_kv(

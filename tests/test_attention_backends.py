@@ -88,11 +88,10 @@ def random_cache(case: Case, inputs: AttentionInputs, gen: torch.Generator) -> t
     return cache.to(inputs.block_table.device)
 
 
-def compare(
-    backend: AttentionBackend, case: Case, seed: int = 0, prepare: bool = False
-) -> dict[str, float | bool]:
-    """Write + attend with `backend` and with the reference on the same inputs."""
-    device = backend.spec.device
+def case_tensors(
+    case: Case, device: torch.device, seed: int
+) -> tuple[AttentionInputs, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch's inputs, its KV cache, and the q, k, v of its query rows."""
     gen = torch.Generator().manual_seed(seed)
     inputs = make_inputs(case, device, gen)
     cache = random_cache(case, inputs, gen)
@@ -101,6 +100,16 @@ def compare(
         torch.randn(rows, h, case.head_dim, generator=gen).to(case.dtype).to(device)
         for h in (case.num_heads, case.num_kv_heads, case.num_kv_heads)
     )
+    return inputs, cache, q, k, v
+
+
+def compare(
+    backend: AttentionBackend, case: Case, seed: int = 0, prepare: bool = False
+) -> dict[str, float | bool]:
+    """Write + attend with `backend` and with the reference on the same inputs."""
+    device = backend.spec.device
+    inputs, cache, q, k, v = case_tensors(case, device, seed)
+    rows = inputs.slot_mapping.shape[0]
     results = []
     for be in (TorchAttentionBackend(backend.spec), backend):
         if prepare and be is backend:
@@ -399,6 +408,44 @@ def test_prepared_buffers(backend: str, mode: str) -> None:
     case = replace(MODES[mode], num_heads=32, num_kv_heads=8)
     be = make_backend(backend, spec_of(case, torch.device("cuda")))
     check(compare(be, case, prepare=True), case.dtype)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize(
+    "first,second",
+    [
+        ("decode", replace(MODES["decode"], seq_lens=(3000, 5, 700, 64, 9, 1200, 4000, 100))),
+        ("prefill", MODES["chunked"]),
+    ],
+    ids=["decode", "prefill"],
+)
+def test_flashinfer_plans_while_device_is_behind(first: str, second: Case) -> None:
+    """With async scheduling, step N+1 is planned while the device has not yet run step N.
+    FlashInfer stages each plan in one pinned host buffer per wrapper and copies it to the device
+    asynchronously: each step must still attend with its own plan."""
+    cases = [replace(c, num_heads=32, num_kv_heads=8) for c in (MODES[first], second)]
+    device = torch.device("cuda")
+    be = make_backend("flashinfer", spec_of(cases[0], device))
+    batches = [case_tensors(c, device, seed) for seed, c in enumerate(cases)]
+    refs = []
+    for inputs, cache, q, k, v in batches:
+        ref_be = TorchAttentionBackend(be.spec)
+        kv, out, md = cache.clone(), torch.empty_like(q), ref_be.build_metadata(inputs)
+        ref_be.write_kv(k, v, kv, md)
+        ref_be.attend(q, kv, md, out)
+        refs.append(out[: inputs.num_tokens].float())
+    torch.cuda.synchronize()
+    outs = []
+    torch.cuda._sleep(200_000_000)  # ~0.1 s: both steps below queue behind this
+    for inputs, cache, q, k, v in batches:
+        kv, out, md = cache.clone(), torch.full_like(q, float("nan")), be.build_metadata(inputs)
+        be.write_kv(k, v, kv, md)
+        be.attend(q, kv, md, out)
+        outs.append(out[: inputs.num_tokens].float())
+    torch.cuda.synchronize()
+    for out, ref in zip(outs, refs, strict=True):
+        assert ((out - ref).norm() / ref.norm()).item() < TOLERANCE[torch.bfloat16]
 
 
 @gpu
