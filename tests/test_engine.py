@@ -123,8 +123,9 @@ def test_n_samples_and_stop_strings(roomy: LLM) -> None:
         SEEDED,
         SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=12, min_tokens=4, logprobs=2),
         SamplingParams(temperature=0.7, seed=5, max_tokens=16, repetition_penalty=1.3),
+        SamplingParams(temperature=0, max_tokens=16, presence_penalty=1.5, frequency_penalty=1.0),
     ],
-    ids=["greedy", "seeded", "n-min-logprobs", "penalties"],
+    ids=["greedy", "seeded", "n-min-logprobs", "penalties", "greedy-penalties"],
 )
 def test_async_scheduling_gives_identical_outputs(tiny_models, params) -> None:
     path = str(tiny_models("llama"))

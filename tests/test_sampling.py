@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -77,6 +79,27 @@ def test_penalties_on_fixed_logits() -> None:
     expected[0] -= 0.25 * 2 + 0.5  # output counts only for frequency / presence
     expected[5] -= 0.25 * 1 + 0.5
     assert torch.allclose(got, expected)
+
+
+def test_penalties_count_the_token_still_on_the_device() -> None:
+    """Async scheduling: a request's newest output token may still be in the step running on the
+    device. The penalties must see it exactly as they would if it were on the host."""
+    params = SamplingParams(
+        presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0, seed=0
+    )
+    cpu = torch.device("cpu")
+    on_host = make_requests(params, 2, output=[0, 0, 5])
+    expected = apply_penalties(
+        LOGITS.expand(2, -1).clone(), build_sampling_batch(on_host, VOCAB, cpu)
+    )
+    lagging = make_requests(params, 2, output=[0, 0, 5])
+    lagging[0].output_token_ids = [0, 0]  # its 5 is still on the device...
+    lagging[0].num_pending_output_tokens = 2  # ...as well as the token this step samples
+    in_flight = SimpleNamespace(device_tokens=torch.tensor([7, 5]), row={"r0": 1, "r1": 0})
+    got = apply_penalties(
+        LOGITS.expand(2, -1).clone(), build_sampling_batch(lagging, VOCAB, cpu, in_flight)
+    )
+    assert torch.equal(got, expected)
 
 
 def test_min_tokens_bans_stop_tokens() -> None:

@@ -88,7 +88,7 @@ class EngineCore:
     def step(self) -> EngineCoreOutputs:
         """One step. With async scheduling, step N+1 is scheduled and launched before step N's
         results are read, so host work overlaps device work; results then lag one call."""
-        if not self.async_scheduling or self._needs_sync():
+        if not self.async_scheduling:
             self._drain()
             with self.profiler.stage("schedule"):
                 sched = self.scheduler.schedule()
@@ -113,11 +113,6 @@ class EngineCore:
         if self._inflight is not None:
             handle, self._inflight = self._inflight, None
             self._pending_outputs += self._process(handle.result())
-
-    def _needs_sync(self) -> bool:
-        """Penalties count every output token, so their requests need step N's token on the
-        host before step N+1 is sampled."""
-        return any(r.sampling_params.has_penalties for r in self.scheduler.running)
 
     def _process(self, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
         updated = self.scheduler.update_from_output(dict(zip(result.request_ids, result.token_ids)))

@@ -294,7 +294,9 @@ class ModelRunner:
             return StepHandle([], None)
         with stage("sample"):
             logits = self.model.compute_logits(hidden[inputs.logits_indices])  # type: ignore[operator]
-            batch = build_sampling_batch(inputs.sampling_requests, self.vocab_size, self.device)
+            batch = build_sampling_batch(
+                inputs.sampling_requests, self.vocab_size, self.device, previous
+            )
             return StepHandle(inputs.sampling_requests, self.sampler(logits, batch))
 
     def run_model(

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from compiled_llm.engine.request import Request
 from compiled_llm.sampling.sampler import SamplingBatch
+
+
+class InFlightStep(Protocol):
+    """The step still running on the device (async scheduling): its sampled ids, by request."""
+
+    device_tokens: torch.Tensor | None
+    row: dict[str, int]
 
 
 def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
@@ -17,8 +26,37 @@ def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tens
     return out.to(device, non_blocking=True)
 
 
+def _output_ids(
+    requests: list[Request],
+    steps: list[int],
+    vocab_size: int,
+    device: torch.device,
+    in_flight: InFlightStep | None,
+) -> torch.Tensor:
+    """Each row's output ids so far, padded with vocab_size. Under async scheduling the newest
+    may still be on the device (sampled by `in_flight`): it is appended from there, so the
+    penalties see it without waiting for the step."""
+    ids = _padded([r.output_token_ids for r in requests], vocab_size, device)
+    missing = [i for i, (r, n) in enumerate(zip(requests, steps)) if n > len(r.output_token_ids)]
+    if not missing:
+        return ids
+    assert in_flight is not None and in_flight.device_tokens is not None
+    assert all(steps[i] == len(requests[i].output_token_ids) + 1 for i in missing)
+    src = [in_flight.row[requests[i].request_id] for i in missing]
+    column = torch.full((len(requests),), vocab_size, dtype=torch.int64, device=device)
+    column[_index(missing, device)] = in_flight.device_tokens[_index(src, device)]
+    return torch.cat([ids, column[:, None]], dim=1)
+
+
+def _index(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+
+
 def build_sampling_batch(
-    requests: list[Request], vocab_size: int, device: torch.device
+    requests: list[Request],
+    vocab_size: int,
+    device: torch.device,
+    in_flight: InFlightStep | None = None,
 ) -> SamplingBatch:
     params = [r.sampling_params for r in requests]
     # Index of the token each row samples in its request's output (scheduling already counted it
@@ -65,7 +103,7 @@ def build_sampling_batch(
         repetition_penalty=col([p.repetition_penalty for p in params], torch.float32)
         if any_penalty
         else None,
-        output_token_ids=_padded([r.output_token_ids for r in requests], vocab_size, device)
+        output_token_ids=_output_ids(requests, steps, vocab_size, device, in_flight)
         if any_penalty
         else None,
         prompt_token_ids=_padded([r.prompt_token_ids for r in requests], vocab_size, device)
