@@ -44,12 +44,16 @@ def _output_ids(
     assert all(steps[i] == len(requests[i].output_token_ids) + 1 for i in missing)
     src = [in_flight.row[requests[i].request_id] for i in missing]
     column = torch.full((len(requests),), vocab_size, dtype=torch.int64, device=device)
-    column[_index(missing, device)] = in_flight.device_tokens[_index(src, device)]
+    column[_tensor(missing, torch.int64, device)] = in_flight.device_tokens[
+        _tensor(src, torch.int64, device)
+    ]
     return torch.cat([ids, column[:, None]], dim=1)
 
 
-def _index(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+def _tensor(
+    values: list[float] | list[int], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def build_sampling_batch(
@@ -64,7 +68,7 @@ def build_sampling_batch(
     steps = [r.num_tokens_with_pending - r.num_prompt_tokens - 1 for r in requests]
 
     def col(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        return _tensor(values, dtype, device)
 
     top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
