@@ -4,19 +4,24 @@ Layout: `<root>/<engine key>/<name>.bin` plus `<name>.sha256`: one entry per com
 (named by its piece key) and one, `graph`, for the split graph that lets warm starts skip Dynamo
 (graph_cache.py). The engine key hashes everything a compiled piece depends on besides its own
 graph: torch's version, our own source code, the pass pipeline's uuids and options, the model
-config, dtype, device and attention backend. A piece key hashes the piece's graph and input
-layout. An entry whose checksum does not match, or that fails to load, is deleted and rebuilt; it
-never stops a start.
+config, dtype, device and attention backend, and the machine (`platform_key`): the GPU and its
+compute capability, or on CPU its instruction sets and thread count, and the CUDA, Triton and
+FlashInfer versions. Warm starts skip Dynamo's guards, so nothing else would notice a cache
+directory shared between machines: a different machine is a different key, and builds its own.
+A piece key hashes the piece's graph and input layout. An entry whose checksum does not match,
+or that fails to load, is deleted and rebuilt; it never stops a start.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
+import platform
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,8 +49,62 @@ def source_hash() -> str:
     return h.hexdigest()
 
 
+def dist_version(*names: str) -> str | None:
+    """The installed version of the first of these distributions found, read from its metadata
+    (importing FlashInfer to ask it would take seconds)."""
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def gpu_properties(device: torch.device) -> dict[str, Any]:
+    """The GPU's name and compute capability: what Triton and Inductor compile for."""
+    props = torch.cuda.get_device_properties(device)
+    found: dict[str, Any] = {"name": props.name, "capability": f"{props.major}.{props.minor}"}
+    if torch.version.hip:
+        found["arch"] = props.gcnArchName
+    return found
+
+
+def cpu_properties() -> dict[str, Any]:
+    """What Inductor's C++ code is built for: the instruction sets (its vector ISA follows
+    them and ATEN_CPU_CAPABILITY), and the thread count it writes into `omp parallel`."""
+    probe = getattr(torch.cpu, "get_capabilities", None)  # newer than torch 2.11
+    caps: Mapping[str, Any] = probe() if probe is not None else {}
+    return {
+        "arch": platform.machine(),
+        "isa": sorted(k for k, v in caps.items() if v is True),
+        "sve_max_length": caps.get("sve_max_length"),
+        "aten_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def platform_key(device: torch.device) -> dict[str, Any]:
+    """The machine and toolchain compiled pieces were built for."""
+    key: dict[str, Any] = {
+        "cuda": torch.version.cuda,
+        "hip": torch.version.hip,
+        "triton": dist_version("triton", "pytorch-triton", "pytorch-triton-rocm"),
+        "flashinfer": dist_version("flashinfer-python", "flashinfer"),
+    }
+    if device.type == "cuda":
+        key["gpu"] = gpu_properties(device)
+    elif device.type == "cpu":
+        key["cpu"] = cpu_properties()
+    return key
+
+
 def engine_key(parts: dict[str, Any]) -> str:
-    payload = dict(parts, torch=torch.__version__, source=source_hash())
+    """`parts` names the device the pieces run on (`parts["device"]`, e.g. "cuda" or "cuda:1";
+    a bare "cuda" is the current device)."""
+    device = torch.device(parts.get("device", "cpu"))
+    payload = dict(
+        parts, torch=torch.__version__, source=source_hash(), platform=platform_key(device)
+    )
     blob = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
