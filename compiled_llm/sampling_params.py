@@ -3,7 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
 
 
 @dataclass
@@ -41,14 +63,27 @@ class SamplingParams:
         def fail(name: str, why: str) -> None:
             raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
 
-        if not isinstance(self.n, int) or self.n < 1:
-            fail("n", "must be an integer >= 1")
+        def integer(name: str, low: int, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            if not _is_int(value) or not low <= value <= INT64_MAX:
+                bound = "-2**63" if low == INT64_MIN else str(low)
+                fail(name, f"must be an integer in [{bound}, 2**63)")
+
+        for name in _FLOAT_FIELDS:
+            if not _is_real(getattr(self, name)):
+                fail(name, "must be a finite number")
+        integer("n", 1)
+        integer("top_k", 0)
+        integer("max_tokens", 1, optional=True)
+        integer("min_tokens", 0)
+        integer("logprobs", 0, optional=True)
+        integer("seed", INT64_MIN, optional=True)
         if self.temperature < 0:
             fail("temperature", "must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
             fail("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            fail("top_k", "must be -1, 0 (off) or a positive integer")
         if not 0.0 <= self.min_p <= 1.0:
             fail("min_p", "must be in [0, 1]")
         if not -2.0 <= self.presence_penalty <= 2.0:
@@ -57,20 +92,17 @@ class SamplingParams:
             fail("frequency_penalty", "must be in [-2, 2]")
         if self.repetition_penalty <= 0:
             fail("repetition_penalty", "must be > 0")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            fail("max_tokens", "must be >= 1")
-        if self.min_tokens < 0:
-            fail("min_tokens", "must be >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             fail("min_tokens", f"must be <= max_tokens={self.max_tokens}")
-        if self.logprobs is not None and self.logprobs < 0:
-            fail("logprobs", "must be >= 0")
-        if self.seed is not None and not isinstance(self.seed, int):
-            fail("seed", "must be an integer")
         if any(not isinstance(s, str) or not s for s in self.stop):  # type: ignore[union-attr]
             fail("stop", "must be non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):  # type: ignore[union-attr]
-            fail("stop_token_ids", "must be non-negative integers")
+        if any(not _is_int(t) or not 0 <= t <= INT64_MAX for t in self.stop_token_ids):  # type: ignore[union-attr]
+            fail("stop_token_ids", "must be non-negative integers below 2**63")
+
+    def sample_seed(self, index: int) -> int | None:
+        """The seed of sample `index` of `n`: seed + index, folded into [0, 2**63) (the
+        sampler hashes the low 32 bits, which the fold keeps)."""
+        return None if self.seed is None else (self.seed + index) % (INT64_MAX + 1)
 
     @property
     def has_penalties(self) -> bool:

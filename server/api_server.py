@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP server (FastAPI + uvicorn) in front of an `AsyncEngine`.
 
-Lifecycle: the engine core is started (and ready) before the port is bound. If the core dies,
+Lifecycle: the port is bound first (a busy port fails before the model loads), then the engine
+core is started; connections are accepted once it is ready. If the core dies,
 /health answers 503 and the server exits with status 1 a moment later. SIGTERM or Ctrl-C: uvicorn
 stops accepting, lets in-flight requests finish for up to `--shutdown-timeout` seconds, cancels
 the rest (aborting them), then the core process is stopped; exit status 0.
@@ -9,13 +10,12 @@ the rest (aborting them), then the core process is stopped; exit status 0.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import os
 import secrets
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
@@ -24,10 +24,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import compiled_llm
-from compiled_llm.server.engine_client import AsyncEngine, EngineDeadError
+from compiled_llm.server.engine_client import AsyncEngine, EngineDeadError, UtilityRefusedError
 from compiled_llm.server.metrics import ServerMetrics
 from compiled_llm.server.protocol import (
     APIError,
@@ -37,42 +37,108 @@ from compiled_llm.server.protocol import (
     TokenizeRequest,
 )
 from compiled_llm.server.serving import OpenAIServing
+from compiled_llm.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 _DEAD_EXIT_DELAY_S = 1.0  # /health answers 503 this long before the server exits
 
 
-@dataclass
-class ServerSettings:
-    model_names: list[str]
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    max_waiting_requests: int | None = None
-    shutdown_timeout: float = 10.0
-    log_level: str = "info"
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+class _ErrorResponse(JSONResponse):
+    """An OpenAI-shaped error, rendered as ASCII JSON: a message that quotes the request's text
+    (a lone surrogate, say) must not fail to encode."""
 
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(APIError(status, message, param).body(), status_code=status)
 
-def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(APIError(status, message, param).body(), status_code=status)
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
 class _APIKeyMiddleware:
-    """401 on /v1/* without `Authorization: Bearer KEY` (plain ASGI: streams stay untouched)."""
+    """401 without `Authorization: Bearer KEY` on every path but /health and the ones the
+    operator left open (plain ASGI: streams stay untouched)."""
 
-    def __init__(self, app: ASGIApp, key: str) -> None:
+    def __init__(self, app: ASGIApp, key: str, open_paths: tuple[str, ...]) -> None:
         self.app = app
         self.expected = f"Bearer {key}".encode()
+        self.open_paths = {"/health", *open_paths}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and scope["path"] not in self.open_paths:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if scope["method"] != "OPTIONS" and not secrets.compare_digest(given, self.expected):
-                response = _error(401, "missing or wrong API key (Authorization: Bearer ...)")
+                response = _ErrorResponse(
+                    401, "missing or wrong API key (Authorization: Bearer ...)"
+                )
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is over the server's limit of {limit} bytes")
+
+
+class _BodyLimitMiddleware:
+    """413 in OpenAI's error shape past `limit` bytes of body: at once for a declared
+    Content-Length, else as the bytes arrive (raised from `receive`, which FastAPI passes on as
+    an HTTPException to our handler). FastAPI's own `max_body_size` answers a declared length in
+    plain text, in place of any response the app sends."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.limit:
+            error = _BodyTooLarge(self.limit)
+            await _ErrorResponse(error.status_code, error.detail)(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class _InternalErrorMiddleware:
+    """An unexpected exception becomes a 500 with a generic message (the details go to the
+    log), sent as a complete response so the keep-alive connection survives. Starlette's own
+    handler for `Exception` re-raises after answering, which makes uvicorn drop the connection."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception:
+            logger.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if started:
+                raise
+            await _ErrorResponse(500, "internal server error")(scope, receive, send)
 
 
 class _Server(uvicorn.Server):
@@ -94,53 +160,61 @@ class _Server(uvicorn.Server):
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetrics) -> FastAPI:
-    app = FastAPI(title="compiled-llm", version=compiled_llm.__version__)
-    serving = OpenAIServing(engine, settings.model_names, metrics)
+    docs = settings.enable_docs
+    app = FastAPI(
+        title="compiled-llm",
+        version=compiled_llm.__version__,
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    serving = OpenAIServing(engine, settings.model_names, metrics, settings.limits)
     profile_dir = engine.config.observability_config.profile_dir
 
+    # Outermost last: errors, the key, the body limit, then the routes.
+    app.add_middleware(_BodyLimitMiddleware, limit=settings.max_request_body_bytes)
     if settings.api_key:
-        app.add_middleware(_APIKeyMiddleware, key=settings.api_key)
+        app.add_middleware(
+            _APIKeyMiddleware, key=settings.api_key, open_paths=settings.unauthenticated_endpoints
+        )
+    app.add_middleware(_InternalErrorMiddleware)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return _ErrorResponse(e.status, e.message, e.param)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # A union field (prompt, stop) fails once per member: report the most telling failure,
+        # a value refused rather than a member of the wrong type, deepest first.
+        errors = e.errors()
+        first = (
+            min(errors, key=lambda x: (x["type"].endswith("_type"), -len(x["loc"])))
+            if errors
+            else {}
+        )
         if first.get("type") == "json_invalid":
-            return _error(400, f"the body is not valid JSON: {first.get('msg', '')}")
-        param = ".".join(loc) or None
-        return _error(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param)
+            return _ErrorResponse(400, f"the body is not valid JSON: {first.get('msg', '')}")
+        param = _param(first.get("loc", ()))
+        return _ErrorResponse(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return _error(e.status_code, str(e.detail))
+        return _ErrorResponse(e.status_code, str(e.detail))
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(_: Request, e: EngineDeadError) -> JSONResponse:
-        return _error(503, str(e))
-
-    @app.exception_handler(Exception)
-    async def internal(_: Request, e: Exception) -> JSONResponse:
-        logger.exception("unhandled error")
-        return _error(500, f"{type(e).__name__}: {e}")
+        return _ErrorResponse(503, str(e))
 
     @app.get("/health")
     async def health() -> Response:
         if not engine.is_alive:
-            return _error(503, engine.dead_reason or "the engine core is not running")
+            return _ErrorResponse(503, engine.dead_reason or "the engine core is not running")
         return Response(status_code=200)
 
     @app.get("/version")
     async def version() -> dict[str, Any]:
-        pid = engine.client.pid if engine.client else None
-        return {
-            "version": compiled_llm.__version__,
-            "api_server_pid": os.getpid(),
-            "engine_core_pid": pid,
-        }
+        return {"version": compiled_llm.__version__}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -173,42 +247,19 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetr
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        serving.check_model(body.model)
-        tokenizer = engine.tokenizer
-        if tokenizer is None:
-            raise APIError(400, "this server has no tokenizer (skip_tokenizer_init)")
-        if (body.prompt is None) == (body.messages is None):
-            raise APIError(400, "give exactly one of prompt and messages", "prompt")
-        if body.messages is not None:
-            chat_req = ChatCompletionRequest(
-                messages=body.messages, add_generation_prompt=body.add_generation_prompt
-            )
-            tokens = serving._admit(lambda: serving._chat_prompt(chat_req))["prompt_token_ids"]
-        else:
-            tokens = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        mc = engine.config.model_config
-        return {"count": len(tokens), "max_model_len": mc.max_model_len, "tokens": list(tokens)}
+        return await serving.tokenize(body)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
-        serving.check_model(body.model)
-        if engine.tokenizer is None:
-            raise APIError(400, "this server has no tokenizer (skip_tokenizer_init)")
-        vocab = int(engine.config.model_config.hf_config.vocab_size)
-        bad = [t for t in body.tokens if t >= vocab]
-        if bad:
-            raise APIError(400, f"tokens outside the vocabulary [0, {vocab}): {bad[:5]}", "tokens")
-        return {"prompt": engine.tokenizer.decode(body.tokens)}
+        return await serving.detokenize(body)
 
     async def _utility(name: str, *, needs_profile_dir: bool = False) -> Any:
         if needs_profile_dir and profile_dir is None:
             raise APIError(400, "profiling is off: start the server with --profile-dir")
         try:
             return await engine.call_utility(name, timeout=600.0)
-        except RuntimeError as e:
-            if isinstance(e, EngineDeadError):
-                raise
-            raise APIError(500, str(e)) from e
+        except UtilityRefusedError as e:  # e.g. a profile is already running
+            raise APIError(409, str(e)) from e
 
     @app.post("/start_profile")
     async def start_profile() -> Response:
@@ -229,8 +280,40 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetr
     return app
 
 
+def _param(loc: tuple[int | str, ...]) -> str | None:
+    """The field path of a validation error: `messages.0.content`, without the `body` prefix
+    and the union-member tags pydantic appends (`function-after[...]`, `list[int]`)."""
+    parts: list[str] = []
+    for part in loc[1:] if loc[:1] == ("body",) else loc:
+        if isinstance(part, int) or part.isidentifier():
+            parts.append(str(part))
+    return ".".join(parts) or None
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound now so a busy port fails before the model loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except (OSError, OverflowError) as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', e)}") from None
+    return sock
+
+
 async def serve(settings: ServerSettings) -> int:
-    """Start the engine core, then serve HTTP until SIGTERM/SIGINT (0) or core death (1)."""
+    """Bind the port, start the engine core, then serve HTTP until SIGTERM/SIGINT (0) or core
+    death (1)."""
+    sock = bind(settings.host, settings.port)
+    try:
+        return await _serve(settings, sock)
+    finally:
+        sock.close()
+
+
+async def _serve(settings: ServerSettings, sock: socket.socket) -> int:
     loop = asyncio.get_running_loop()
     metrics = ServerMetrics(settings.model_names[0])
     engine = AsyncEngine(
@@ -278,7 +361,7 @@ async def serve(settings: ServerSettings) -> int:
 
     engine.on_dead.append(on_dead)
     try:
-        await server.serve()
+        await server.serve(sockets=[sock])
     finally:
         await engine.shutdown()
     if engine.dead_reason is not None:

@@ -8,6 +8,7 @@ import logging
 import os
 
 from compiled_llm.cli import add_engine_args, engine_kwargs
+from compiled_llm.server.settings import UNAUTHENTICATED_CHOICES, RequestLimits, ServerSettings
 
 
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +22,34 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
         "--api-key",
         default=os.environ.get("COMPILED_LLM_API_KEY"),
         help="require `Authorization: Bearer KEY` on /v1/* (default: $COMPILED_LLM_API_KEY)",
+    )
+    g.add_argument(
+        "--unauthenticated-endpoints",
+        nargs="*",
+        choices=UNAUTHENTICATED_CHOICES,
+        default=[],
+        help="endpoints that stay open with --api-key (e.g. /metrics for a scraper); /health "
+        "is always open",
+    )
+    g.add_argument(
+        "--enable-docs", action="store_true", help="serve /docs and /openapi.json (default off)"
+    )
+    g.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        default=ServerSettings.max_request_body_bytes,
+        help="larger request bodies are answered 413 (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-samples-per-request",
+        type=int,
+        default=RequestLimits.max_samples_per_request,
+        help="cap on prompts x n in one request (default %(default)s)",
+    )
+    g.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="accept chat templates sent in requests (chat_template); refused by default",
     )
     g.add_argument(
         "--served-model-name",
@@ -60,20 +89,26 @@ def default_model_name(model: str | None) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from compiled_llm.server.api_server import ServerSettings, serve
+    from compiled_llm.server.api_server import serve
 
     if args.model and args.model_flag and args.model != args.model_flag:
         raise ValueError("give the model once: positional MODEL or --model")
     model = args.model or args.model_flag
-    if args.max_waiting_requests is not None and args.max_waiting_requests < 1:
-        raise ValueError("--max-waiting-requests must be at least 1")
+    for flag in ("max_waiting_requests", "max_request_body_bytes", "max_samples_per_request"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
     kwargs = dict(engine_kwargs(args), model=model, async_scheduling=args.async_scheduling)
     settings = ServerSettings(
         model_names=args.served_model_name or [default_model_name(model)],
         host=args.host,
         port=args.port,
         api_key=args.api_key,
+        unauthenticated_endpoints=tuple(args.unauthenticated_endpoints),
+        enable_docs=args.enable_docs,
         max_waiting_requests=args.max_waiting_requests,
+        max_request_body_bytes=args.max_request_body_bytes,
+        limits=RequestLimits(args.max_samples_per_request, args.trust_request_chat_template),
         shutdown_timeout=args.shutdown_timeout,
         log_level=args.uvicorn_log_level,
         engine_kwargs=kwargs,

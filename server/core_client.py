@@ -57,7 +57,7 @@ class CoreClient:
         spawn = multiprocessing.get_context("spawn")
         self.proc = spawn.Process(
             target=run_engine_core,
-            args=(engine_kwargs, input_address, output_address),
+            args=(engine_kwargs, input_address, output_address, self._dir),
             name="EngineCore",
             daemon=True,
         )
@@ -95,10 +95,17 @@ class CoreClient:
         return kind.bytes, decode_output(kind.bytes, payload.buffer)
 
     def _send(self, kind: RequestType, msg: Any) -> None:
-        self._input.send_multipart([kind.value, self._encoder.encode(msg)], copy=False)
+        self._send_bytes(kind, self._encoder.encode(msg))
 
-    def send_add(self, request: EngineCoreRequest) -> None:
-        self._send(RequestType.ADD, request)
+    def _send_bytes(self, kind: RequestType, payload: bytes) -> None:
+        self._input.send_multipart([kind.value, payload], copy=False)
+
+    def encode_add(self, request: EngineCoreRequest) -> bytes:
+        """The ADD message's payload; encoding first lets a caller send all or nothing."""
+        return self._encoder.encode(request)
+
+    def send_add(self, payload: bytes) -> None:
+        self._send_bytes(RequestType.ADD, payload)
 
     def send_abort(self, request_ids: list[str], reason: str = "abort") -> None:
         self._send(RequestType.ABORT, AbortRequests(request_ids, reason))

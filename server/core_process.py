@@ -7,10 +7,12 @@ idle) never waits on a socket. Started by `core_client.CoreClient` with multipro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import queue
+import shutil
 import signal
 import threading
 import time
@@ -43,9 +45,12 @@ _PARENT_CHECK_S = 1.0  # how often the loop checks its frontend and input thread
 _SHUTDOWN = object()
 
 
-def run_engine_core(engine_kwargs: dict[str, Any], input_address: str, output_address: str) -> None:
+def run_engine_core(
+    engine_kwargs: dict[str, Any], input_address: str, output_address: str, socket_dir: str
+) -> None:
     """Process entry point: build the engine from EngineArgs keywords, serve until told to stop,
-    the frontend disappears, or an error (reported to the frontend, then exit status 1)."""
+    the frontend disappears, or an error (reported to the frontend, then exit status 1). The
+    socket folder is removed on the way out too: the frontend may be gone (killed) already."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the frontend, which stops us
     signal.signal(signal.SIGTERM, lambda *_: _raise_exit())
     logging.basicConfig(level=logging.INFO, format="%(levelname)s core %(name)s: %(message)s")
@@ -62,6 +67,7 @@ def run_engine_core(engine_kwargs: dict[str, Any], input_address: str, output_ad
         code = 1
     finally:
         proc.close()
+        shutil.rmtree(socket_dir, ignore_errors=True)
     os._exit(code)  # skip interpreter teardown: torch and ZeroMQ threads can stall it
 
 
@@ -111,8 +117,8 @@ class EngineCoreProc:
                 kind, payload = sock.recv_multipart(copy=False)
                 try:
                     msg = decode_request(kind.bytes, payload.buffer)
-                except (KeyError, msgspec.DecodeError):
-                    logger.error("dropped a malformed input message: %s", traceback.format_exc())
+                except (KeyError, msgspec.DecodeError) as e:
+                    self._on_malformed(kind.bytes, payload.buffer, e)
                     continue
                 self.input_queue.put((kind.bytes, msg))
         except zmq.ContextTerminated:
@@ -135,6 +141,21 @@ class EngineCoreProc:
             os._exit(1)
         finally:
             sock.close(linger=2000)  # flush what is queued (a final error, say) before exit
+
+    def _on_malformed(self, kind: bytes, payload: memoryview, error: Exception) -> None:
+        """An ADD the core cannot decode (its SamplingParams refused a value, say) still ends:
+        its request id is read from the raw message and the request finishes as aborted."""
+        logger.error("malformed input message: %s", error)
+        if kind != RequestType.ADD.value:
+            return
+        with contextlib.suppress(msgspec.DecodeError):
+            raw = msgspec.msgpack.decode(payload)
+            if isinstance(raw, list) and raw and isinstance(raw[0], str):
+                self._reject(raw[0])
+
+    def _reject(self, request_id: str) -> None:
+        done = EngineCoreOutput(request_id, [], finish_reason="abort")
+        self.send(OutputType.OUTPUTS, EngineCoreOutputs(outputs=[done]))
 
     def send(self, kind: OutputType, msg: Any) -> None:
         self.output_queue.put((kind.value, msg))
@@ -188,10 +209,9 @@ class EngineCoreProc:
             assert isinstance(msg, EngineCoreRequest)
             try:
                 core.add_request(msg)
-            except ValueError as e:  # the frontend validates; a duplicate id is its bug, not ours
+            except ValueError as e:  # the frontend validates; this is a backstop
                 logger.error("rejected request %s: %s", msg.request_id, e)
-                done = EngineCoreOutput(msg.request_id, [], finish_reason="abort")
-                self.send(OutputType.OUTPUTS, EngineCoreOutputs(outputs=[done]))
+                self._reject(msg.request_id)
         elif kind == RequestType.ABORT.value:
             assert isinstance(msg, AbortRequests)
             core.abort_requests(msg.request_ids, msg.reason)
@@ -219,11 +239,13 @@ class EngineCoreProc:
             if call.method == "start_profile":
                 profile_dir = core.config.observability_config.profile_dir
                 if profile_dir is None:
-                    raise RuntimeError("profiling needs --profile-dir")
+                    raise ValueError("profiling needs --profile-dir")
                 result = hook(profile_dir)
             else:
                 result = hook()  # stop_profile: the trace's path
             return UtilityResult(call.call_id, True if result is None else result)
+        except ValueError as e:  # not possible in the current state (a profile already running)
+            return UtilityResult(call.call_id, error=str(e), refused=True)
         except Exception as e:
             logger.warning("utility %s failed: %s", call.method, traceback.format_exc())
             return UtilityResult(call.call_id, error=f"{type(e).__name__}: {e}")

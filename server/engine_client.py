@@ -12,10 +12,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
 
 from compiled_llm.config import EngineArgs
-from compiled_llm.engine.messages import EngineCoreOutputs, SchedulerStatsMsg
+from compiled_llm.engine.messages import EngineCoreOutputs, EngineCoreRequest, SchedulerStatsMsg
 from compiled_llm.engine.output_processor import OutputProcessor
 from compiled_llm.engine.processor import InputProcessor, PromptType
 from compiled_llm.models.loader import load_tokenizer
@@ -26,6 +27,7 @@ from compiled_llm.server.messages import CoreFailed, CoreReady, OutputType, Util
 from compiled_llm.server.streams import RequestCollector, RequestStream
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -34,6 +36,10 @@ class EngineDeadError(RuntimeError):
 
 class EngineOverloadedError(RuntimeError):
     """More requests are waiting for their first token than the configured limit."""
+
+
+class UtilityRefusedError(RuntimeError):
+    """A utility call the core refused in its current state (a profile already running)."""
 
 
 class EngineMetrics(Protocol):
@@ -70,6 +76,9 @@ class AsyncEngine:
         self._num_waiting = 0
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._output_task: asyncio.Task[None] | None = None
+        # One thread, as in vLLM: a tokenizer is not safe to share between threads, and the
+        # request-body limit bounds how long one item can hold it.
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
 
     async def start(self) -> AsyncEngine:
         """Spawn the core and wait for its ready message (engine built: loaded, compiled).
@@ -100,39 +109,64 @@ class AsyncEngine:
         """Samples sent to the core that have not produced their first token."""
         return self._num_waiting
 
-    def generate(
+    async def generate(
         self,
         prompt: PromptType,
         sampling_params: SamplingParams,
         request_id: str,
         priority: int = 0,
     ) -> RequestStream:
-        """Validate and send now (ValueError for bad input, EngineOverloadedError; nothing is sent
-        then); iterate the result with `async for` for cumulative outputs. Closing it, or
-        cancelling the task iterating it, aborts the request and frees its KV blocks."""
-        if self.dead_reason is not None or self.client is None:
-            raise EngineDeadError(self.dead_reason or "the engine is not started")
-        assert self.processor is not None and self.output_processor is not None
+        """Validate, tokenize (on the tokenizer thread) and send (ValueError for bad input,
+        EngineOverloadedError; nothing is sent or counted then); iterate the result with
+        `async for` for cumulative outputs. Closing it, or cancelling the task iterating it,
+        aborts the request and frees its KV blocks."""
+        self._check_alive()
+        assert self.processor is not None
+        processed = await self.run_blocking(
+            self.processor.process, request_id, prompt, sampling_params, priority
+        )
+        return self._submit(request_id, *processed)
+
+    def _submit(
+        self,
+        request_id: str,
+        text: str | None,
+        ids: list[int],
+        params: SamplingParams,
+        core_requests: list[EngineCoreRequest],
+    ) -> RequestStream:
+        """Register and send a processed request: everything that can fail (the id, the waiting
+        limit, encoding) is checked before any state changes, so a failure leaks nothing."""
+        self._check_alive()
+        assert self.client is not None and self.output_processor is not None
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        text, ids, params, core_requests = self.processor.process(
-            request_id, prompt, sampling_params, priority
-        )
         limit = self.max_waiting_requests
         if limit is not None and self._num_waiting + len(core_requests) > limit:
             raise EngineOverloadedError(
                 f"{self._num_waiting} requests are waiting, the limit is {limit}; retry later"
             )
+        payloads = [self.client.encode_add(r) for r in core_requests]
         arrival = core_requests[0].arrival_time
         child_ids = [r.request_id for r in core_requests]
         self.output_processor.add_request(request_id, text, ids, params, child_ids, arrival)
         stream = self._streams[request_id] = RequestCollector(len(core_requests), arrival)
         self._num_waiting += len(core_requests)
-        for r in core_requests:
-            self.client.send_add(r)
+        for payload in payloads:
+            self.client.send_add(payload)
         if self.metrics:
             self.metrics.on_request_added(len(ids) * len(core_requests))
         return RequestStream(request_id, stream, self.abort_now)
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run tokenizer work (encoding, chat templates, decoding large inputs) on the one
+        tokenizer thread, so the event loop keeps serving while it runs."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizer_thread, fn, *args)
+
+    def _check_alive(self) -> None:
+        if self.dead_reason is not None or self.client is None:
+            raise EngineDeadError(self.dead_reason or "the engine is not started")
 
     def abort_now(self, request_id: str) -> None:
         """Synchronous abort (safe in a `finally`): the core frees the request's blocks."""
@@ -245,7 +279,8 @@ class AsyncEngine:
         if future is None or future.done():
             return
         if msg.error is not None:
-            future.set_exception(RuntimeError(msg.error))
+            error = UtilityRefusedError if msg.refused else RuntimeError
+            future.set_exception(error(msg.error))
         else:
             future.set_result(msg.result)
 
@@ -279,6 +314,7 @@ class AsyncEngine:
         if self._output_task is not None:
             self._output_task.cancel()
             await asyncio.gather(self._output_task, return_exceptions=True)
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
         if self.client is not None:
             asyncio.get_running_loop().remove_reader(self.client.proc.sentinel)
             await asyncio.to_thread(self.client.shutdown)

@@ -44,6 +44,7 @@ class UtilityResult(msgspec.Struct, array_like=True, gc=False):
     call_id: int
     result: Any = None
     error: str | None = None
+    refused: bool = False  # the error is the caller's: not possible in the core's state
 
 
 class CoreReady(msgspec.Struct, array_like=True, gc=False):

@@ -1,5 +1,12 @@
 """OpenAI-compatible request bodies (pydantic), with vLLM's extra sampling fields, and their
-mapping onto SamplingParams. Unknown fields are rejected with 400 naming the field.
+mapping onto SamplingParams.
+
+Every field that reaches the engine core is checked here, at the edge, before any work is done:
+types are strict (no `true` for 1, no 4.0 for 4), integers fit a signed 64-bit value, floats are
+finite, text is valid Unicode (no lone surrogates). Semantic ranges (temperature >= 0, top_p in
+(0, 1], ...) come from `SamplingParams`, whose ValueError names the field, and token ids are
+checked against the vocabulary by the InputProcessor. Unknown fields are rejected with 400
+naming the field.
 
 Responses are built as plain dicts in serving.py; their shapes follow the OpenAI API.
 """
@@ -8,17 +15,28 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from compiled_llm.sampling_params import SamplingParams
+from compiled_llm.engine.processor import check_unicode
+from compiled_llm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams
 
 MAX_LOGPROBS = 20
 
-NonNegInt = Annotated[int, Field(ge=0)]
+
+def _valid_unicode(text: str) -> str:
+    check_unicode("text", text)  # pydantic's error names the field
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]  # the vocabulary is checked downstream
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -28,28 +46,28 @@ class StreamOptions(_Strict):
 class _SamplingFields(_Strict):
     """Fields shared by completions and chat; names and defaults as in the OpenAI API / vLLM."""
 
-    model: str | None = None
+    model: Text | None = None
     n: int = Field(1, ge=1, le=128)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: Int64 | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     logit_bias: dict[str, float] | None = None
     # vLLM's extensions
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
     repetition_penalty: float | None = Field(None, gt=0.0)
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: Count = 0
     ignore_eos: bool = False
-    stop_token_ids: list[NonNegInt] | None = None
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    priority: int = 0
+    priority: Int64 = 0
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         if self.logit_bias:
@@ -81,12 +99,12 @@ class _SamplingFields(_Strict):
 
 class CompletionRequest(_SamplingFields):
     # A string, a list of strings, a list of token ids, or a list of token-id lists (vLLM).
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: Text | TokenIds | Annotated[list[Text], Field(min_length=1)] | list[TokenIds]
+    max_tokens: Count | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
+    best_of: Count | None = None
+    suffix: Text | None = None
 
     def prompts(self) -> list[str | dict[str, Any]]:
         p = self.prompt
@@ -108,16 +126,17 @@ class CompletionRequest(_SamplingFields):
         return self._sampling_params(self.max_tokens, self.logprobs)
 
 
-class TextPart(BaseModel):
+class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # clients echo back fields such as `refusal`
+    # Clients echo back fields such as `refusal`; they are kept but never reach the template.
+    model_config = ConfigDict(extra="allow", strict=True)
 
-    role: str
-    content: str | list[TextPart] | None = None
+    role: Text
+    content: Text | list[TextPart] | None = None
 
     def to_template(self) -> dict[str, Any]:
         content = self.content
@@ -126,17 +145,26 @@ class ChatMessage(BaseModel):
         return {"role": self.role, "content": content or ""}
 
 
-class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI, still accepted
-    max_completion_tokens: int | None = Field(None, ge=1)
+Messages = Annotated[list[ChatMessage], Field(min_length=1)]
+
+
+class ChatTemplateFields(_Strict):
+    """How messages become a prompt: shared by chat completions and /tokenize."""
+
+    messages: Messages
+    add_generation_prompt: bool = True
+    chat_template: Text | None = None  # needs --trust-request-chat-template
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
+    max_tokens: Count | None = Field(None, ge=1)  # deprecated by OpenAI, still accepted
+    max_completion_tokens: Count | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
-    add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
 
     def to_sampling_params(self) -> SamplingParams:
         if self.tools:
@@ -150,17 +178,24 @@ class ChatCompletionRequest(_SamplingFields):
         return self._sampling_params(max_tokens, logprobs)
 
 
-class TokenizeRequest(_Strict):
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+class TokenizeRequest(ChatTemplateFields):
+    """vLLM's /tokenize: a `prompt`, or chat `messages` rendered with the chat template."""
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: Messages | None = None  # type: ignore[assignment]
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
 
 
 class DetokenizeRequest(_Strict):
-    model: str | None = None
-    tokens: list[NonNegInt]
+    model: Text | None = None
+    tokens: list[TokenId]
 
 
 class RequestError(ValueError):
@@ -189,6 +224,9 @@ class APIError(Exception):
         400: "BadRequestError",
         401: "AuthenticationError",
         404: "NotFoundError",
+        405: "MethodNotAllowedError",
+        409: "ConflictError",
+        413: "RequestTooLargeError",
         500: "InternalServerError",
         503: "ServiceUnavailableError",
     }

@@ -6,10 +6,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import inspect
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -25,9 +28,14 @@ from compiled_llm.server.metrics import ServerMetrics
 from compiled_llm.server.protocol import (
     APIError,
     ChatCompletionRequest,
+    ChatTemplateFields,
     CompletionRequest,
+    DetokenizeRequest,
+    RequestError,
+    TokenizeRequest,
     param_of,
 )
+from compiled_llm.server.settings import RequestLimits
 from compiled_llm.server.streams import RequestStream
 
 T = TypeVar("T")
@@ -35,11 +43,17 @@ T = TypeVar("T")
 
 class OpenAIServing:
     def __init__(
-        self, engine: AsyncEngine, model_names: list[str], metrics: ServerMetrics | None
+        self,
+        engine: AsyncEngine,
+        model_names: list[str],
+        metrics: ServerMetrics | None,
+        limits: RequestLimits | None = None,
     ) -> None:
         self.engine = engine
         self.model_names = model_names
         self.metrics = metrics
+        self.limits = limits or RequestLimits()
+        self._template_params = _chat_template_parameters(engine.tokenizer)
 
     def check_model(self, name: str | None) -> str:
         if name is None or name in self.model_names:
@@ -49,10 +63,11 @@ class OpenAIServing:
     # --- endpoints ------------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, raw: Request) -> Response:
         model = self.check_model(req.model)
-        params = self._admit(req.to_sampling_params)
-        prompts: list[PromptType] = list(self._admit(req.prompts))
+        with self._admission():
+            params = req.to_sampling_params()
+            prompts: list[PromptType] = list(req.prompts())
         base_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = self._start(base_id, prompts, params, req.priority)
+        streams = await self._start(base_id, prompts, params, req.priority)
         head = {"id": base_id, "created": int(time.time()), "model": model}
         k = req.logprobs
         if req.stream:
@@ -73,10 +88,11 @@ class OpenAIServing:
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         model = self.check_model(req.model)
-        params = self._admit(req.to_sampling_params)
-        prompt = self._admit(lambda: self._chat_prompt(req))
+        with self._admission():
+            params = req.to_sampling_params()
+            prompt = await self._chat_prompt(req)
         base_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = self._start(base_id, [prompt], params, req.priority)
+        streams = await self._start(base_id, [prompt], params, req.priority)
         head = {"id": base_id, "created": int(time.time()), "model": model}
         if req.stream:
             return _SSEResponse(self._chat_chunks(req, streams[0], head), streams)
@@ -96,11 +112,36 @@ class OpenAIServing:
         body = {**head, "object": "chat.completion", "choices": choices, "usage": _usage(finals)}
         return JSONResponse(body)
 
+    async def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
+        self.check_model(req.model)
+        tokenizer = self._tokenizer()
+        with self._admission():
+            if req.prompt is not None:
+                encode = functools.partial(
+                    tokenizer.encode, add_special_tokens=req.add_special_tokens
+                )
+                tokens = list(await self.engine.run_blocking(encode, req.prompt))
+            else:
+                tokens = (await self._chat_prompt(req))["prompt_token_ids"]
+        mc = self.engine.config.model_config
+        return {"count": len(tokens), "max_model_len": mc.max_model_len, "tokens": tokens}
+
+    async def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
+        self.check_model(req.model)
+        tokenizer = self._tokenizer()
+        vocab = int(self.engine.config.model_config.hf_config.vocab_size)
+        bad = [t for t in req.tokens if t >= vocab]
+        if bad:
+            raise APIError(400, f"tokens outside the vocabulary [0, {vocab}): {bad[:5]}", "tokens")
+        return {"prompt": await self.engine.run_blocking(tokenizer.decode, req.tokens)}
+
     # --- admission ------------------------------------------------------------------------------
-    def _admit(self, fn: Callable[[], T]) -> T:
-        """Run a validation step; ValueError -> 400 naming the field, overload -> 503."""
+    @contextlib.contextmanager
+    def _admission(self) -> Iterator[None]:
+        """Validation and admission: ValueError -> 400 naming the field, overload -> 503; both
+        count as rejected requests."""
         try:
-            return fn()
+            yield
         except ValueError as e:
             if self.metrics:
                 self.metrics.on_rejected()
@@ -112,35 +153,64 @@ class OpenAIServing:
         except EngineDeadError as e:
             raise APIError(503, str(e)) from e
 
-    def _start(
+    async def _start(
         self, base_id: str, prompts: list[PromptType], params: SamplingParams, priority: int
     ) -> list[RequestStream]:
         streams: list[RequestStream] = []
         try:
-            for i, prompt in enumerate(prompts):
-                request_id = f"{base_id}-{i}"
-
-                def add(p: PromptType = prompt, r: str = request_id) -> RequestStream:
-                    return self.engine.generate(p, params, r, priority)
-
-                streams.append(self._admit(add))
+            with self._admission():
+                limit = self.limits.max_samples_per_request
+                if len(prompts) * params.n > limit:
+                    raise RequestError(
+                        f"n={params.n} samples of {len(prompts)} prompts exceed the server's "
+                        f"limit of {limit} per request",
+                        "n",
+                    )
+                for i, prompt in enumerate(prompts):
+                    request_id = f"{base_id}-{i}"
+                    streams.append(await self.engine.generate(prompt, params, request_id, priority))
         except BaseException:
             for stream in streams:
                 stream.close()
             raise
         return streams
 
-    def _chat_prompt(self, req: ChatCompletionRequest) -> PromptType:
-        tokenizer = self.engine.tokenizer
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+    def _tokenizer(self) -> Any:
+        if self.engine.tokenizer is None:
+            raise APIError(400, "this server has no tokenizer (skip_tokenizer_init)")
+        return self.engine.tokenizer
+
+    async def _chat_prompt(self, req: ChatTemplateFields) -> dict[str, Any]:
+        """The prompt's token ids, rendered with the chat template on the tokenizer thread.
+        transformers renders templates in Jinja's immutable sandbox; a template given by the
+        request is refused unless the server trusts request templates."""
+        tokenizer = self._tokenizer()
+        if not getattr(tokenizer, "chat_template", None) and req.chat_template is None:
             raise ValueError("messages: this model has no tokenizer chat template")
-        try:
-            ids = tokenizer.apply_chat_template(
-                [m.to_template() for m in req.messages],
-                add_generation_prompt=req.add_generation_prompt,
-                tokenize=True,
-                **(req.chat_template_kwargs or {}),
+        variables = dict(req.chat_template_kwargs or {})
+        for name in variables:
+            if name in self._template_params:
+                raise RequestError(
+                    f"chat_template_kwargs.{name} is set by the server, not a template variable",
+                    f"chat_template_kwargs.{name}",
+                )
+        template = variables.pop("chat_template", None) or req.chat_template
+        if template is not None and not self.limits.trust_request_chat_template:
+            raise RequestError(
+                "chat templates from requests are refused (the server was not started with "
+                "--trust-request-chat-template)",
+                "chat_template",
             )
+        render = functools.partial(
+            tokenizer.apply_chat_template,
+            [m.to_template() for m in req.messages],
+            add_generation_prompt=req.add_generation_prompt,
+            chat_template=template,
+            tokenize=True,
+            **variables,
+        )
+        try:
+            ids = await self.engine.run_blocking(render)
         except Exception as e:  # template errors (jinja raise_exception) are the caller's
             raise ValueError(f"messages: the chat template failed: {e}") from e
         if hasattr(ids, "keys"):
@@ -214,6 +284,21 @@ class OpenAIServing:
         except EngineDeadError as e:
             yield _sse(APIError(503, str(e)).body())
         yield "data: [DONE]\n\n"
+
+
+# apply_chat_template's parameters that choose the template or shape its output; a request sets
+# the first two through their own fields, the rest belong to the server.
+_TEMPLATE_VARIABLES = frozenset({"chat_template", "tools", "documents", "continue_final_message"})
+
+
+def _chat_template_parameters(tokenizer: Any) -> frozenset[str]:
+    """apply_chat_template's own parameters (tokenize, return_tensors, ...), which a request
+    must not set through chat_template_kwargs."""
+    if tokenizer is None:
+        return frozenset()
+    params = inspect.signature(tokenizer.apply_chat_template).parameters.values()
+    own = {p.name for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    return frozenset(own - _TEMPLATE_VARIABLES)
 
 
 class _SSEResponse(StreamingResponse):

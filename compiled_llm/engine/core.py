@@ -21,6 +21,7 @@ from compiled_llm.engine.request import Request, RequestStatus
 from compiled_llm.engine.scheduler import Scheduler, SchedulerOutput
 from compiled_llm.kv_cache.kv_cache_manager import KVCacheManager
 from compiled_llm.profiler import Profiler
+from compiled_llm.sampling_params import INT64_MAX, INT64_MIN
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,13 @@ class EngineCore:
 
     # --- requests -------------------------------------------------------------------------------
     def add_request(self, req: EngineCoreRequest) -> None:
+        """Queue a request; ValueError (and nothing queued) for one this core cannot run. The
+        frontend validates first; this is the backstop that keeps one bad request from reaching
+        the step loop, where it would take every other request down with it. (Its
+        SamplingParams validated themselves when they were built or decoded.)"""
         if req.request_id in self.scheduler.requests:
             raise ValueError(f"request_id {req.request_id!r} is already running")
+        self._check(req)
         self.scheduler.add_request(
             Request(
                 request_id=req.request_id,
@@ -70,6 +76,19 @@ class EngineCore:
                 arrival_time=req.arrival_time,
             )
         )
+
+    def _check(self, req: EngineCoreRequest) -> None:
+        mc = self.config.model_config
+        vocab = int(mc.hf_config.vocab_size)
+        ids = req.prompt_token_ids
+        if not ids or not all(0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt_token_ids must be 1+ ids in [0, {vocab})")
+        if not 1 <= req.max_tokens <= mc.max_model_len - len(ids):
+            raise ValueError(f"max_tokens={req.max_tokens} does not fit max_model_len")
+        if not 0 <= req.sampling_seed <= INT64_MAX:
+            raise ValueError(f"sampling_seed={req.sampling_seed} is outside [0, 2**63)")
+        if not INT64_MIN <= req.priority <= INT64_MAX:
+            raise ValueError(f"priority={req.priority} does not fit 64 bits")
 
     def abort_requests(self, request_ids: list[str], reason: str = "abort") -> None:
         """Finish requests now (client gone, stop string seen) and free their KV blocks. The

@@ -15,6 +15,14 @@ from compiled_llm.sampling_params import SamplingParams
 PromptType = str | Mapping[str, Any]
 
 
+def check_unicode(name: str, text: str) -> None:
+    """ValueError naming `name` if `text` cannot be encoded (JSON allows lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid Unicode (a lone surrogate at {e.start})") from None
+
+
 def stop_token_ids_of(model_config: ModelConfig, tokenizer: Any) -> set[int]:
     """EOS ids from the tokenizer, the model config and generation_config.json."""
     ids: set[int] = set()
@@ -50,10 +58,11 @@ class InputProcessor:
                 raise ValueError("prompt must not be empty")
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer (skip_tokenizer_init is set)")
+            check_unicode("prompt", prompt)
             return prompt, list(self.tokenizer.encode(prompt))
         if isinstance(prompt, Mapping) and "prompt_token_ids" in prompt:
             ids = list(prompt["prompt_token_ids"])
-            if not all(isinstance(t, int) for t in ids):
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
                 raise ValueError("prompt_token_ids must be a list of integers")
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
@@ -92,12 +101,25 @@ class InputProcessor:
                 f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} tokens exceeds "
                 f"max_model_len={max_len}"
             )
-        params = params.clone(all_stop_token_ids=set(self.eos_ids))
+        bad = [t for t in params.stop_token_ids or () if t >= self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"stop_token_ids contains ids outside the vocabulary [0, {self.vocab_size}): "
+                f"{bad[:5]}"
+            )
         max_tokens = params.max_tokens or max_len - len(ids)
+        if params.min_tokens > max_tokens:
+            raise ValueError(
+                f"min_tokens={params.min_tokens} exceeds the {max_tokens} tokens this prompt can "
+                f"generate within max_model_len={max_len}"
+            )
+        params = params.clone(all_stop_token_ids=set(self.eos_ids))
         arrival = time.monotonic() if arrival_time is None else arrival_time
         core_requests = []
         for i in range(params.n):
-            seed = params.seed + i if params.seed is not None else self._rng.getrandbits(31)
+            seed = params.sample_seed(i)
+            if seed is None:
+                seed = self._rng.getrandbits(31)
             child_id = request_id if params.n == 1 else f"{request_id}-{i}"
             core_requests.append(
                 EngineCoreRequest(

@@ -30,7 +30,15 @@ class Server:
         return self.proc.pid
 
     def get(self, path: str, **kw: object) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=60, **kw)  # type: ignore[arg-type]
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        headers.update(kw.pop("headers", {}))  # type: ignore[arg-type]
+        return httpx.get(self.url + path, headers=headers, timeout=60, **kw)  # type: ignore[arg-type]
+
+    @property
+    def core_pid(self) -> int:
+        """The engine-core process (the server's one multiprocessing-spawned child)."""
+        (pid,) = [p for p in children_of(self.pid) if b"spawn_main" in _cmdline(p)]
+        return pid
 
     def post(self, path: str, **kw: object) -> httpx.Response:
         headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -89,6 +97,13 @@ def pid_alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def children_of(pid: int) -> list[int]:

@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import API_KEY, Server, children_of, pid_alive
+from tests.server.conftest import API_KEY, Server, pid_alive
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "The capital of France is"
@@ -49,11 +49,8 @@ def parallel(*calls: Callable[[], Any]) -> list[Any]:
 def test_health_models_and_separate_core_process(server: Server, client: openai.OpenAI) -> None:
     assert server.get("/health").status_code == 200
     assert [m.id for m in client.models.list().data] == [MODEL]
-    version = server.get("/version").json()
-    assert version["api_server_pid"] == server.pid
-    core = version["engine_core_pid"]
-    assert core != server.pid and pid_alive(core)
-    assert core in children_of(server.pid)
+    assert set(server.get("/version").json()) == {"version"}  # no process ids
+    assert pid_alive(server.core_pid)
 
 
 def test_completion_and_chat(client: openai.OpenAI) -> None:
@@ -214,7 +211,7 @@ def test_api_key_and_still_serving(server: Server, client: openai.OpenAI) -> Non
     for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}):
         r = server.post("/v1/completions", json={"prompt": "hi"}, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["type"] == "AuthenticationError"
-    assert server.get("/health").status_code == 200  # not under /v1
+    assert httpx.get(server.url + "/health").status_code == 200  # open without the key
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
     with pytest.raises(openai.NotFoundError):

@@ -54,7 +54,7 @@ def test_unloadable_model_fails_fast(tmp_path: Path) -> None:
 def test_core_death_makes_health_503_and_server_exit(tmp_path: Path, tiny_models) -> None:
     server = start_server(tmp_path / "server.log", model=str(tiny_models("llama")))
     try:
-        core = server.get("/version").json()["engine_core_pid"]
+        core = server.core_pid
         children = children_of(server.pid)
         assert core in children
         lines, reader = stream_in_background(server, max_tokens=400)
@@ -85,7 +85,7 @@ def test_sigterm_finishes_in_flight_and_leaves_no_child(tmp_path: Path, tiny_mod
     server = start_server(tmp_path / "server.log", "--profile-dir", str(tmp_path), model=model)
     try:
         children = children_of(server.pid)
-        assert server.get("/version").json()["engine_core_pid"] in children
+        assert server.core_pid in children
         # Profiling is forwarded to the core: done, or an error naming the missing hook.
         r = server.post("/start_profile")
         assert r.status_code == 200 or "profiler hook" in r.json()["error"]["message"], r.text
