@@ -10,7 +10,7 @@ from typing import Any
 
 from compiled_llm.config import ModelConfig
 from compiled_llm.engine.messages import EngineCoreRequest
-from compiled_llm.sampling_params import SamplingParams
+from compiled_llm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams
 
 PromptType = str | Mapping[str, Any]
 
@@ -87,6 +87,10 @@ class InputProcessor:
     ) -> tuple[str | None, list[int], SamplingParams, list[EngineCoreRequest]]:
         """Validate and tokenize; returns the prompt, its ids, the resolved params and one core
         request per sample (`n`)."""
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if not INT64_MIN <= priority <= INT64_MAX:
+            raise ValueError(f"priority must fit a signed 64-bit integer, got {priority}")
         text, ids = self.tokenize(prompt)
         if not ids:
             raise ValueError("prompt must not be empty")
