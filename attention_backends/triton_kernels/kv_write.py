@@ -21,6 +21,14 @@ def _slot_ptrs(cache_ptr, slot, h, d, stride_c_blk, stride_c_tok, stride_c_head,
 
 
 @triton.jit
+def _heads_to_store(slot, NUM_KV_HEADS: tl.constexpr):
+    """All heads for a real slot, none for padding (slot < 0). Masks compare against this bound
+    instead of AND-ing in the scalar `slot >= 0`: Triton's interpreter broadcasts a scalar
+    comparison as an integer array, which its loads refuse as a mask from Triton 3.9 on."""
+    return tl.where(slot >= 0, NUM_KV_HEADS, 0)
+
+
+@triton.jit
 def _write_kv_kernel(
     k_ptr,
     v_ptr,
@@ -44,7 +52,7 @@ def _write_kv_kernel(
     slot = tl.load(slot_ptr + t).to(tl.int64)
     h = tl.arange(0, H_PAD)
     d = tl.arange(0, D_PAD)
-    mask = (h[:, None] < NUM_KV_HEADS) & (d[None, :] < HEAD_DIM) & (slot >= 0)
+    mask = (h[:, None] < _heads_to_store(slot, NUM_KV_HEADS)) & (d[None, :] < HEAD_DIM)
     dst = _slot_ptrs(
         cache_ptr, slot, h, d[None, :], stride_c_blk, stride_c_tok, stride_c_head, BLOCK_SIZE
     )
@@ -167,7 +175,7 @@ def _rope_write_kv_kernel(
     )
     slot = tl.load(slot_ptr + t, mask=t < num_slots, other=-1).to(tl.int64)
     h = tl.arange(0, HKV_PAD)
-    mask = (h[:, None] < NUM_KV_HEADS) & (i[None, :] < HALF) & (slot >= 0)
+    mask = (h[:, None] < _heads_to_store(slot, NUM_KV_HEADS)) & (i[None, :] < HALF)
     dst = _slot_ptrs(
         cache_ptr, slot, h, i[None, :], stride_c_blk, stride_c_tok, stride_c_head, BLOCK_SIZE
     )

@@ -17,11 +17,13 @@ def _flatten_kernel(bt_ptr, indptr_ptr, out_ptr, stride_bt, num_reqs, BLOCK: tl.
     start = tl.load(indptr_ptr + req)
     count = tl.load(indptr_ptr + req + 1) - start
     row = bt_ptr + req.to(tl.int64) * stride_bt
+    # Padding rows read nothing. A bound rather than `mask & (req < num_reqs)`: the interpreter
+    # broadcasts a scalar comparison as an integer array, which Triton >= 3.9 refuses as a mask.
+    readable = tl.where(req < num_reqs, count, 0)
     for i0 in range(0, count, BLOCK):
         i = i0 + tl.arange(0, BLOCK)
-        mask = i < count
-        pages = tl.load(row + i, mask=mask & (req < num_reqs), other=0)
-        tl.store(out_ptr + start + i, pages, mask=mask)
+        pages = tl.load(row + i, mask=i < readable, other=0)
+        tl.store(out_ptr + start + i, pages, mask=i < count)
 
 
 def flatten_block_table(
