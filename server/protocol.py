@@ -5,21 +5,23 @@ Every field that reaches the engine core is checked here, at the edge, before an
 types are strict (no `true` for 1, no 4.0 for 4), integers fit a signed 64-bit value, floats are
 finite, text is valid Unicode (no lone surrogates). Semantic ranges (temperature >= 0, top_p in
 (0, 1], ...) come from `SamplingParams`, whose ValueError names the field, and token ids are
-checked against the vocabulary by the InputProcessor. Unknown fields are rejected with 400
-naming the field.
+checked against the vocabulary by the InputProcessor. Unknown fields are ignored.
 
 Responses are built as plain dicts in serving.py; their shapes follow the OpenAI API.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import functools
+import logging
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from compiled_llm.engine.processor import check_unicode
 from compiled_llm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams
 
+logger = logging.getLogger(__name__)
 MAX_LOGPROBS = 20
 
 
@@ -36,7 +38,24 @@ TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    """Known fields are validated strictly; unknown ones are ignored, as vLLM does (SDKs and
+    agent frameworks send fields of their own), and logged once per field name."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _drop_unknown(self) -> Self:
+        extra = self.model_extra
+        if extra:
+            for name in extra:
+                _log_ignored(type(self).__name__, name)
+            extra.clear()
+        return self
+
+
+@functools.cache
+def _log_ignored(model: str, field: str) -> None:
+    logger.warning("ignoring the unknown request field %r (%s); logged once", field, model)
 
 
 class StreamOptions(_Strict):

@@ -167,7 +167,6 @@ def test_utility_endpoints(server: Server) -> None:
 BAD_INPUTS = [
     # (case, path, body or raw bytes, status, param)
     ("invalid JSON", "/v1/completions", b"{bad", 400, None),
-    ("unknown field", "/v1/completions", {"prompt": "hi", "bogus": 1}, 400, "bogus"),
     ("temperature < 0", "/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature"),
     ("no prompt", "/v1/completions", {"max_tokens": 4}, 400, "prompt"),
     ("prompt too long", "/v1/completions", {"prompt": "hello " * 600}, 400, "prompt"),
@@ -205,6 +204,27 @@ def test_bad_input(
     error = r.json()["error"]
     assert error["code"] == status and error["message"] and error["type"]
     assert error["param"] == param
+
+
+def test_unknown_fields_are_ignored(server: Server) -> None:
+    body = {"prompt": PROMPT, "max_tokens": MAX, "temperature": 0, "bogus": {"a": [1]}}
+    extra = {**body, "stream_options": {"include_usage": True, "x": 1}, "stream": False}
+    r, plain = server.post("/v1/completions", json=extra), server.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
+    chat_body = {"messages": [{"role": "user", "content": "Hi", "name": "x"}], "max_tokens": 2}
+    assert (
+        server.post(
+            "/v1/chat/completions", json={**chat_body, "parallel_tool_calls": False}
+        ).status_code
+        == 200
+    )
+    assert (
+        server.post("/v1/completions", json={**body, "temperature": -1, "bogus": 1}).status_code
+        == 400
+    )
+    assert server.post("/tokenize", json={"prompt": "hi", "bogus": 1}).status_code == 200
+    assert "ignoring the unknown request field 'bogus'" in server.log.read_text()
 
 
 def test_api_key_and_still_serving(server: Server, client: openai.OpenAI) -> None:
