@@ -59,6 +59,7 @@ class CudaGraphRunner:
         self.full_replays = 0
         self.capture_seconds = 0.0
         self.piecewise_capture_seconds = 0.0  # of capture_seconds
+        self._piecewise_captured = False
 
     @property
     def piecewise_replays(self) -> int:
@@ -78,20 +79,42 @@ class CudaGraphRunner:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        """Capture every graph: the piecewise ones unless KV sizing has already (they hold no
+        KV-cache address), then the full decode graphs, which read the KV cache in place."""
+        self.capture_piecewise()
+        start = time.perf_counter()
+        self.prepare_full_graphs()  # the backend's buffers for this KV cache
+        for b in reversed(self.decode_sizes):
+            self.full[b] = self.capture_full_graph(b)
+        torch.cuda.synchronize(self.runner.device)
+        # Steady state starts, like KV sizing's activation profile, from an empty default pool.
+        torch.cuda.empty_cache()
+        full_seconds = time.perf_counter() - start
+        self.capture_seconds = self.piecewise_capture_seconds + full_seconds
+        logger.info(
+            "captured %d piecewise sizes in %.2f s and %d full decode graphs in %.2f s",
+            len(self.piecewise_sizes),
+            self.piecewise_capture_seconds,
+            len(self.full),
+            full_seconds,
+        )
+
+    @torch.inference_mode()
+    def capture_piecewise(self) -> None:
+        """Piecewise graphs at every size, once. Attention runs eagerly between them, so they do
+        not depend on the KV cache and may be captured before it is allocated."""
+        if self._piecewise_captured:
+            return
         r = self.runner
         start = time.perf_counter()
         largest_decode = max(self.decode_sizes, default=1)
         self.static_ids = torch.zeros(largest_decode, dtype=torch.int64, device=r.device)
         self.static_positions = torch.zeros_like(self.static_ids)
         self.pool.static_ptrs = {t.data_ptr() for t in model_tensors(r.model).values()}
-        largest = max(self.piecewise_sizes + self.decode_sizes, default=0)
         # Captures allocate from the graph pool, which cannot use memory the default pool caches
         # (e.g. weights freed by gemm_merge's re-pointing): hand that back to the driver once.
         torch.cuda.empty_cache()
-        r.backend.prepare_for_capture(
-            max_num_reqs=max(r.config.scheduler_config.max_num_seqs, largest),
-            max_num_tokens=largest,
-        )
+        self.prepare_full_graphs()
         for n in reversed(self.piecewise_sizes):  # largest first: later sizes fit in its memory
             ids, pos, attn = r.dummy_inputs(n, num_reqs=1)
             metadata = r.backend.build_metadata(attn)
@@ -100,25 +123,33 @@ class CudaGraphRunner:
             self.pool.release()
         torch.cuda.synchronize(r.device)
         self.piecewise_capture_seconds = time.perf_counter() - start
-        for b in reversed(self.decode_sizes):
-            _, _, attn = r.dummy_inputs(b, num_reqs=b)
-            ids, pos = self.static_ids[:b], self.static_positions[:b]
-            metadata = r.backend.build_metadata(attn)
-            with set_forward_context(self._context(metadata)):
-                r.forward_fn(ids, pos)  # warm-up outside the graph
-                graph = torch.cuda.CUDAGraph()
-                with self.pool.capture(graph):
-                    hidden = r.forward_fn(ids, pos)
-            self.full[b] = (graph, hidden)
-        torch.cuda.synchronize(r.device)
-        self.capture_seconds = time.perf_counter() - start
-        logger.info(
-            "captured %d piecewise sizes in %.2f s and %d full decode graphs in %.2f s",
-            len(self.piecewise_sizes),
-            self.piecewise_capture_seconds,
-            len(self.full),
-            self.capture_seconds - self.piecewise_capture_seconds,
+        self._piecewise_captured = True
+
+    @torch.inference_mode()
+    def prepare_full_graphs(self) -> None:
+        """(Re)allocate the attention backend's capture buffers for the KV cache now in place."""
+        r = self.runner
+        largest = max(self.piecewise_sizes + self.decode_sizes, default=0)
+        r.backend.prepare_for_capture(
+            max_num_reqs=max(r.config.scheduler_config.max_num_seqs, largest),
+            max_num_tokens=largest,
         )
+
+    @torch.inference_mode()
+    def capture_full_graph(self, b: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The full-model graph of a uniform-decode batch of `b` and its output; it reads the
+        KV cache at the address it has now. Needs `capture_piecewise` (the static inputs) and
+        `prepare_full_graphs` first."""
+        r = self.runner
+        _, _, attn = r.dummy_inputs(b, num_reqs=b)
+        ids, pos = self.static_ids[:b], self.static_positions[:b]
+        metadata = r.backend.build_metadata(attn)
+        with set_forward_context(self._context(metadata)):
+            r.forward_fn(ids, pos)  # warm-up outside the graph
+            graph = torch.cuda.CUDAGraph()
+            with self.pool.capture(graph):
+                hidden = r.forward_fn(ids, pos)
+        return graph, hidden
 
     def run(
         self, ids: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs, metadata: Any
