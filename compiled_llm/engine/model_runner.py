@@ -8,7 +8,9 @@ when the step's result is asked for.
 
 from __future__ import annotations
 
+import gc
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +35,64 @@ from compiled_llm.sampling.sampler import Sampler, SamplerOutput
 logger = logging.getLogger(__name__)
 
 _DEFAULT_CPU_KV_BYTES = 2 << 30
+_GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """A CUDA start's memory in bytes, measured before the KV cache exists
+    (`ModelRunner._profile_memory`). The last four are this engine's own."""
+
+    total: int  # the device's memory
+    in_use_before: int  # by anyone when the engine started: other processes, this CUDA context
+    weights: int  # torch memory outside the CUDA graphs: weights, buffers, workspaces
+    activation_peak: int  # torch memory the largest step adds while it runs
+    non_torch: int  # what torch's allocator does not see (cuBLAS, loaded kernels), graphs aside
+    cuda_graphs: int  # graph pool, static buffers and graph execs; partly an estimate
+
+
+def check_share_is_free(total: int, in_use: int, gpu_memory_utilization: float) -> int:
+    """The engine's share, total × gpu_memory_utilization, if that much is free besides the
+    `in_use` bytes other processes hold."""
+    limit = int(total * gpu_memory_utilization)
+    if limit > total - in_use:
+        fits = math.floor(100 * (total - in_use) / total) / 100
+        raise ValueError(
+            f"gpu_memory_utilization={gpu_memory_utilization} asks for {limit / _GIB:.2f} GiB "
+            f"of the GPU's {total / _GIB:.2f} GiB, but {in_use / _GIB:.2f} GiB were in use when "
+            "the engine started (other processes, this one's CUDA context); lower "
+            f"gpu_memory_utilization to {fits:.2f} or less"
+        )
+    return limit
+
+
+def kv_cache_budget(m: MemoryProfile, gpu_memory_utilization: float) -> int:
+    """KV-cache bytes such that this engine's footprint (everything `m` counts as its own, plus
+    the cache) stays within total × gpu_memory_utilization. Other processes' memory is not
+    charged to it, but must leave that much free; this engine's CUDA context, made before the
+    first measurement, is counted as theirs (as in vLLM)."""
+    limit = check_share_is_free(m.total, m.in_use_before, gpu_memory_utilization)
+    used = m.weights + m.activation_peak + m.non_torch + m.cuda_graphs
+    budget = limit - used
+    if budget <= 0:
+        raise ValueError(
+            f"no GPU memory is left for the KV cache: gpu_memory_utilization="
+            f"{gpu_memory_utilization} allows this engine {limit / _GIB:.2f} GiB and it needs "
+            f"{used / _GIB:.2f} GiB without one (weights {m.weights / _GIB:.2f}, activation peak "
+            f"{m.activation_peak / _GIB:.2f}, non-torch {m.non_torch / _GIB:.2f}, CUDA graphs "
+            f"{m.cuda_graphs / _GIB:.2f}); raise gpu_memory_utilization or lower "
+            "max_num_batched_tokens"
+        )
+    return budget
+
+
+def _device_in_use(device: torch.device) -> int:
+    """Bytes in use on the device by anyone, once this process has handed back what its
+    allocator caches."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free
 
 
 @dataclass
@@ -102,6 +162,16 @@ class ModelRunner:
         self.device = config.device
         mc = config.model_config
         self.block_size = config.cache_config.block_size
+        # KV sizing on CUDA charges this engine with the memory used from here on.
+        self._in_use_before = self._reserved_before = 0
+        if self.device.type == "cuda":
+            gc.collect()  # an engine dropped earlier in this process may still hold memory
+            self._in_use_before = _device_in_use(self.device)
+            self._reserved_before = torch.cuda.memory_reserved(self.device)
+            cc = config.cache_config
+            if cc.kv_cache_memory_bytes is None and cc.num_gpu_blocks_override is None:
+                total = torch.cuda.mem_get_info(self.device)[1]  # fail before loading weights
+                check_share_is_free(total, self._in_use_before, cc.gpu_memory_utilization)
         start = time.perf_counter()
         self.model = load_model(mc, self.device)
         self.load_seconds = time.perf_counter() - start
@@ -136,7 +206,7 @@ class ModelRunner:
         elif cc.kv_cache_memory_bytes is not None:
             num_blocks = min(cc.kv_cache_memory_bytes // per_block, useful)
         elif self.device.type == "cuda":
-            num_blocks = min(self._profile_free_cuda_bytes() // per_block, useful)
+            num_blocks = min(self._profile_kv_cache_bytes() // per_block, useful)
         else:
             num_blocks = min(_DEFAULT_CPU_KV_BYTES // per_block, useful)
         if num_blocks * self.block_size < sc.max_model_len:
@@ -147,26 +217,88 @@ class ModelRunner:
             )
         return int(num_blocks)
 
-    def _profile_free_cuda_bytes(self) -> int:
-        """Run the largest step once on a scratch cache to measure peak activation memory."""
-        sc = self.config.scheduler_config
-        num_tokens = min(sc.max_num_batched_tokens, sc.max_model_len)
-        scratch_blocks = -(-num_tokens // self.block_size)
-        self.initialize_kv_cache(scratch_blocks)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self.dummy_run(num_tokens, num_reqs=1, sample_rows=sc.max_num_seqs)
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        self.kv_caches = []
-        torch.cuda.empty_cache()
-        _, total = torch.cuda.mem_get_info(self.device)
-        budget = int(total * self.config.cache_config.gpu_memory_utilization) - peak
-        if budget <= 0:
-            raise ValueError(
-                "no GPU memory is left for the KV cache; raise gpu_memory_utilization or lower "
-                "max_num_batched_tokens"
-            )
+    def _profile_kv_cache_bytes(self) -> int:
+        m = self._profile_memory()
+        utilization = self.config.cache_config.gpu_memory_utilization
+        budget = kv_cache_budget(m, utilization)
+        logger.info(
+            "KV cache budget %.2f GiB = %.2f x %.2f GiB (gpu_memory_utilization x total) - weights "
+            "%.2f - activation peak %.2f - non-torch %.2f - CUDA graphs %.2f GiB (%.2f GiB were "
+            "in use before this engine started)",
+            budget / _GIB,
+            utilization,
+            m.total / _GIB,
+            m.weights / _GIB,
+            m.activation_peak / _GIB,
+            m.non_torch / _GIB,
+            m.cuda_graphs / _GIB,
+            m.in_use_before / _GIB,
+        )
         return budget
+
+    def _profile_memory(self) -> MemoryProfile:
+        """Measure what this engine needs besides the KV cache, on a scratch cache. It compiles
+        first (at -O1/-O2), so the profile runs the forward that will serve and sees GEMM
+        merging's final weights. The largest step gives the activation peak. CUDA graphs:
+        piecewise graphs hold no KV-cache address, so all of them are captured now and kept;
+        full decode graphs read the cache, so the two largest are captured and dropped: later
+        graphs reuse the largest one's pool memory (captured largest first, cuda_graphs.py) and
+        each adds about what the second added, and at least its output, which stays allocated.
+        Not seen: kernels first loaded later, the attention backends' capture buffers that grow
+        with the pool (block tables as wide as it: 4 bytes a block a request slot, measured here
+        at the scratch pool's width), and memory other processes take or free meanwhile."""
+        sc = self.config.scheduler_config
+        dev = self.device
+        num_tokens = min(sc.max_num_batched_tokens, sc.max_model_len)
+        self.initialize_kv_cache(-(-num_tokens // self.block_size))  # scratch
+        self._compile_forward()
+
+        def in_use() -> int:  # by this engine, torch or not
+            return _device_in_use(dev) - self._in_use_before
+
+        in_use()  # empties the cache, so the peak below is what the step adds
+        reserved, allocated = torch.cuda.memory_reserved(dev), torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        self.dummy_run(num_tokens, num_reqs=1, sample_rows=sc.max_num_seqs)
+        torch.cuda.synchronize(dev)
+        activation_peak = max(
+            torch.cuda.max_memory_reserved(dev) - reserved,
+            torch.cuda.max_memory_allocated(dev) - allocated,
+        )
+        before, reserved = in_use(), torch.cuda.memory_reserved(dev)
+        graphs = self._measure_cuda_graphs(in_use) if self.graphs is not None else 0
+        held = in_use() - before  # what the graphs (piecewise kept, decode dropped) hold now
+        held_torch = torch.cuda.memory_reserved(dev) - reserved
+        self.kv_caches = []
+        used = in_use()
+        torch_used = torch.cuda.memory_reserved(dev) - self._reserved_before
+        return MemoryProfile(
+            total=torch.cuda.mem_get_info(dev)[1],
+            in_use_before=self._in_use_before,
+            weights=torch_used - held_torch,
+            activation_peak=activation_peak,
+            non_torch=max(0, used - torch_used - (held - held_torch)),
+            cuda_graphs=max(graphs, held),
+        )
+
+    def _measure_cuda_graphs(self, in_use: Callable[[], int]) -> int:
+        """Bytes all CUDA graphs will take, capturing what can be before the KV cache exists
+        (see `_profile_memory`)."""
+        assert self.graphs is not None
+        start = in_use()
+        self.graphs.capture_piecewise()
+        sizes = sorted(self.graphs.decode_sizes, reverse=True)[:2]
+        if not sizes:
+            return in_use() - start
+        self.graphs.prepare_full_graphs()
+        first = self.graphs.capture_full_graph(sizes[0])
+        after_first = in_use()
+        if len(sizes) == 1:
+            return after_first - start
+        second = self.graphs.capture_full_graph(sizes[1])
+        per_graph = max(in_use() - after_first, first[1].untyped_storage().nbytes())
+        del first, second
+        return after_first - start + per_graph * (len(self.graphs.decode_sizes) - 1)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = self.backend.allocate_kv_caches(
@@ -174,15 +306,22 @@ class ModelRunner:
         )
 
     def compile(self) -> None:
-        """At -O1 and above: capture and compile the forward now (not on the first request)."""
-        if self.config.compilation_config.level < 1:
+        """At -O1 and above: compile the forward now (not on the first request); at -O2 capture
+        the CUDA graphs, with the KV cache in place. CUDA KV sizing may have done part of it."""
+        self._compile_forward()
+        if self.graphs is not None:
+            self.graphs.capture()
+
+    def _compile_forward(self) -> None:
+        if self.compiled is not None or self.config.compilation_config.level < 1:
             return
         self.compiled = CompiledModel(self.model, self.config, self.backend.name)
         self.forward_fn = self.compiled
         self.dummy_run(num_tokens=16, num_reqs=2)
+        if self.device.type == "cuda":  # hand back the weights GEMM merging copied and freed
+            torch.cuda.empty_cache()
         if self.compiled.graph_pool is not None:
             self.graphs = CudaGraphRunner(self, self.compiled.graph_pool)
-            self.graphs.capture()
 
     # --- one step -------------------------------------------------------------------------------
     def prepare_inputs(
