@@ -110,6 +110,26 @@ def iterate_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+def gguf_weights(
+    path: str, hf_config: Any, param_names: list[str]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The GGUF's tensors behind `param_names`, dequantized to float32 once and kept as
+    safetensors in the GGUF's side folder: dequantizing takes seconds on every start, reading
+    the converted file a fraction of one."""
+    folder = gguf_side_folder(path)
+    key = hashlib.sha256("\n".join(sorted(param_names)).encode()).hexdigest()[:12]
+    converted = os.path.join(folder, "weights", key)
+    if not os.path.isfile(os.path.join(converted, "model.safetensors")):
+        from safetensors.torch import save_file
+
+        tmp = f"{converted}.tmp{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
+        save_file(dict(iterate_gguf(path, hf_config, param_names)), f"{tmp}/model.safetensors")
+        shutil.rmtree(converted, ignore_errors=True)
+        os.replace(tmp, converted)
+    return iterate_safetensors(converted)
+
+
 def _undo_llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's converter interleaves q/k rows for its RoPE; restore HF's half-split rows."""
     rows = w.shape[0]
@@ -186,7 +206,7 @@ def load_model(model_config: Any, device: torch.device) -> nn.Module:
     path = model_config.model
     if is_gguf(path):
         names = [n for n, _ in model.named_parameters()]
-        weights = iterate_gguf(path, model_config.hf_config, names)
+        weights = gguf_weights(path, model_config.hf_config, names)
     else:
         weights = iterate_safetensors(path)
     model.load_weights(weights)  # type: ignore[operator]
