@@ -304,27 +304,32 @@ def interpreter_results() -> dict[str, dict[str, float | bool]]:
 INTERPRETER_NAMES = [c.name for c in INTERPRETER_CASES] + [n + "_prepared" for n in PREPARED_CASES]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", INTERPRETER_NAMES)
 def test_triton_interpreter(interpreter_results: dict, name: str) -> None:
     dtype = next(c.dtype for c in INTERPRETER_CASES if name.startswith(c.name))
     check(interpreter_results[name], dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["decode", "mixed"])
 def test_triton_interpreter_replay(interpreter_results: dict, kind: str) -> None:
     check(interpreter_results["replay_" + kind], torch.float32)
 
 
+@pytest.mark.slow
 def test_triton_interpreter_rope(interpreter_results: dict) -> None:
     assert interpreter_results["rope"]["q"] < 1e-5 and interpreter_results["rope"]["k"] < 1e-5
     assert interpreter_results["rope"]["cache_close"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", FUSED_ROPE_CASES, ids=lambda c: c.name)
 def test_triton_interpreter_fused_rope(interpreter_results: dict, case: Case) -> None:
     check_fused_rope(interpreter_results["fused_rope_" + case.name], case.dtype)
 
 
+@pytest.mark.slow
 def test_triton_interpreter_flatten_block_table(interpreter_results: dict) -> None:
     assert interpreter_results["flatten_block_table"] == {"equal": True, "rest_untouched": True}
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def readme_command(marker: str) -> str:
     text = (Path(__file__).parent.parent / "README.md").read_text()
@@ -14,6 +16,7 @@ def readme_command(marker: str) -> str:
     return re.search(r"^pip install.*$", block, re.M).group(0)
 
 
+@pytest.mark.slow
 def test_main_command_mentions_paris() -> None:
     command = readme_command("main-command")
     generate = command.split("&&")[-1].strip()

@@ -37,6 +37,7 @@ def compiled_llm(path, tmp_path: Path | None = None, **kwargs) -> LLM:
     return LLM(str(path), max_model_len=256, compilation_level=1, **kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_compiled_equals_eager(kind: str, tiny_models) -> None:
     path = tiny_models(kind)
@@ -54,6 +55,7 @@ def test_compiled_equals_eager(kind: str, tiny_models) -> None:
     )
 
 
+@pytest.mark.slow
 def test_no_recompiles_across_batch_shapes(tiny_models) -> None:
     llm = compiled_llm(tiny_models("llama"))
     graphs_before = counters["stats"]["unique_graphs"]
@@ -81,6 +83,7 @@ print(json.dumps({"unique": s.num_unique, "seconds": s.trace_s + s.passes_s + s.
 """
 
 
+@pytest.mark.slow
 def test_identical_layers_compile_once(tmp_path: Path, embedded_tokenizer_dir) -> None:
     """Compile time barely grows with depth: each depth compiled cold in a fresh process."""
     shallow = make_tiny_model("llama", tmp_path / "l2", embedded_tokenizer_dir)
@@ -106,6 +109,7 @@ def test_identical_layers_compile_once(tmp_path: Path, embedded_tokenizer_dir) -
     assert deep_s <= 1.5 * shallow_s, (deep_s, shallow_s)
 
 
+@pytest.mark.slow
 def test_warm_start_skips_dynamo_and_matches(tiny_models, tmp_path: Path) -> None:
     path = tiny_models("qwen3")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
@@ -138,6 +142,7 @@ def _piece_entries(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*.bin") if p.stem != "graph")
 
 
+@pytest.mark.slow
 def test_corrupt_cache_entry_is_rebuilt(tiny_models, tmp_path: Path) -> None:
     path = tiny_models("llama")
     reference = token_ids(compiled_llm(path, tmp_path).generate(PROMPTS, GREEDY, use_tqdm=False))
@@ -158,6 +163,7 @@ def test_corrupt_cache_entry_is_rebuilt(tiny_models, tmp_path: Path) -> None:
     assert again.stats.dynamo_skipped
 
 
+@pytest.mark.slow
 def test_corrupt_saved_graph_is_rebuilt(tiny_models, tmp_path: Path) -> None:
     path = tiny_models("llama")
     reference = token_ids(compiled_llm(path, tmp_path).generate(PROMPTS, GREEDY, use_tqdm=False))

@@ -21,6 +21,7 @@ def roomy(tiny_models) -> LLM:
     return LLM(str(tiny_models("llama")), max_model_len=256, enforce_eager=True)
 
 
+@pytest.mark.slow
 def test_preemption_keeps_outputs(tiny_models, roomy: LLM) -> None:
     # 16 blocks of 16 tokens cannot hold 8 requests of ~60 tokens: some must be preempted.
     small = LLM(
@@ -116,6 +117,7 @@ def test_n_samples_and_stop_strings(roomy: LLM) -> None:
     assert stop not in cut.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "params",
     [

@@ -55,6 +55,7 @@ def test_tiny_models_match_hf(kind: str, tiny_models) -> None:
     assert llm.engine.num_free_blocks == free_before
 
 
+@pytest.mark.slow
 def test_embedded_model_matches_hf() -> None:
     """The embedded GGUF against transformers' own GGUF dequantization and Llama model."""
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM

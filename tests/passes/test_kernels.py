@@ -117,6 +117,7 @@ def interpreter_errors() -> None:
     print(json.dumps(errors))
 
 
+@pytest.mark.slow
 def test_triton_kernels_interpreted() -> None:
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")

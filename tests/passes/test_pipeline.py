@@ -37,6 +37,7 @@ def test_default_pipeline_and_order() -> None:
     assert edited == names + ["rope", "silu_and_mul", "example_swiglu"]  # user passes last
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
 def test_all_passes_in_the_engine(kind: str, tiny_models) -> None:
     path = tiny_models(kind)
@@ -75,6 +76,7 @@ def test_passes_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert "rope_kv_write        graph      off" in out
 
 
+@pytest.mark.slow
 def test_passes_report_with_a_user_pass(
     tiny_models, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

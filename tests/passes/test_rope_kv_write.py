@@ -247,6 +247,7 @@ def split_pieces(compiled: Any) -> list[list[str]]:
     return pieces
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_engine_greedy_equals_eager(kind: str, tiny_models) -> None:
     path = str(tiny_models(kind))
@@ -269,6 +270,7 @@ def test_engine_greedy_equals_eager(kind: str, tiny_models) -> None:
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+@pytest.mark.slow
 def test_engine_with_every_pass_qwen3(tiny_models) -> None:
     """Graph-stage passes run first: with rope_kv_write on, RoPE is gone before the post-grad
     RoPE fusions look, and Qwen3's q/k norms stay in the compiled pieces."""
