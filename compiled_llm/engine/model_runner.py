@@ -243,7 +243,8 @@ class ModelRunner:
         piecewise graphs hold no KV-cache address, so all of them are captured now and kept;
         full decode graphs read the cache, so the two largest are captured and dropped: later
         graphs reuse the largest one's pool memory (captured largest first, cuda_graphs.py) and
-        each adds about what the second added, and at least its output, which stays allocated.
+        each adds what the second added (at least its output, which stays allocated) and
+        2 MiB.
         Not seen: kernels first loaded later, the attention backends' capture buffers that grow
         with the pool (block tables as wide as it: 4 bytes a block a request slot, measured here
         at the scratch pool's width), and memory other processes take or free meanwhile."""
@@ -265,8 +266,13 @@ class ModelRunner:
             torch.cuda.max_memory_reserved(dev) - reserved,
             torch.cuda.max_memory_allocated(dev) - allocated,
         )
+
+        def footprint() -> tuple[int, int]:
+            used = in_use()
+            return used, used - torch.cuda.memory_reserved(dev) + torch.cuda.memory_allocated(dev)
+
         before, reserved = in_use(), torch.cuda.memory_reserved(dev)
-        graphs = self._measure_cuda_graphs(in_use) if self.graphs is not None else 0
+        graphs = self._measure_cuda_graphs(footprint) if self.graphs is not None else 0
         held = in_use() - before  # what the graphs (piecewise kept, decode dropped) hold now
         held_torch = torch.cuda.memory_reserved(dev) - reserved
         self.kv_caches = []
@@ -281,24 +287,29 @@ class ModelRunner:
             cuda_graphs=max(graphs, held),
         )
 
-    def _measure_cuda_graphs(self, in_use: Callable[[], int]) -> int:
+    def _measure_cuda_graphs(self, footprint: Callable[[], tuple[int, int]]) -> int:
         """Bytes all CUDA graphs will take, capturing what can be before the KV cache exists
-        (see `_profile_memory`)."""
+        (see `_profile_memory`). `footprint` reads two measures of the engine's memory: device
+        memory in use, which counts whole allocator segments, and torch-allocated plus
+        non-torch bytes, which sees tensors that land in a segment with room (FlashInfer's 8 MiB
+        per decode graph did: the first read 0). Each cost is the larger of the two; later
+        decode graphs get 2 MiB more each, for the segment they may start."""
         assert self.graphs is not None
-        start = in_use()
+        start = footprint()
         self.graphs.capture_piecewise()
         sizes = sorted(self.graphs.decode_sizes, reverse=True)[:2]
-        if not sizes:
-            return in_use() - start
-        self.graphs.prepare_full_graphs()
-        first = self.graphs.capture_full_graph(sizes[0])
-        after_first = in_use()
-        if len(sizes) == 1:
-            return after_first - start
+        if sizes:
+            self.graphs.prepare_full_graphs()
+            first = self.graphs.capture_full_graph(sizes[0])
+        after_first = footprint()
+        cost = max(a - b for a, b in zip(after_first, start, strict=True))
+        if len(sizes) < 2:
+            return cost
         second = self.graphs.capture_full_graph(sizes[1])
-        per_graph = max(in_use() - after_first, first[1].untyped_storage().nbytes())
+        added = max(a - b for a, b in zip(footprint(), after_first, strict=True))
+        per_graph = max(added, first[1].untyped_storage().nbytes()) + (2 << 20)
         del first, second
-        return after_first - start + per_graph * (len(self.graphs.decode_sizes) - 1)
+        return cost + per_graph * (len(self.graphs.decode_sizes) - 1)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = self.backend.allocate_kv_caches(
