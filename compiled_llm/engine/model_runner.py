@@ -243,8 +243,7 @@ class ModelRunner:
         piecewise graphs hold no KV-cache address, so all of them are captured now and kept;
         full decode graphs read the cache, so the two largest are captured and dropped: later
         graphs reuse the largest one's pool memory (captured largest first, cuda_graphs.py) and
-        each adds what the second added (at least its output, which stays allocated) and
-        2 MiB.
+        each adds what the second added (at least its output, which stays allocated) and 2 MiB.
         Not seen: kernels first loaded later, the attention backends' capture buffers that grow
         with the pool (block tables as wide as it: 4 bytes a block a request slot, measured here
         at the scratch pool's width), and memory other processes take or free meanwhile."""
