@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 
@@ -67,6 +68,56 @@ class AttentionInputs:
     @property
     def is_uniform_decode(self) -> bool:
         return self.max_query_len == 1
+
+    @classmethod
+    def from_batch(
+        cls,
+        query_lens: np.ndarray,
+        seq_lens: np.ndarray,
+        block_table: np.ndarray,
+        block_size: int,
+        device: torch.device,
+        *,
+        num_padded_tokens: int | None = None,
+        write_kv: bool = True,
+    ) -> tuple[AttentionInputs, np.ndarray]:
+        """The one way a step's inputs are made (engine, pass report, benchmarks, tests), with
+        each query token's position (int64, host). Request i's `query_lens[i]` tokens are the
+        last of its `seq_lens[i]`; they are written to the slots its `block_table` row names, or
+        nowhere with `write_kv=False` (profiling and capture batches). Tokens past the real
+        ones, up to `num_padded_tokens`, get slot -1."""
+        q_lens = np.asarray(query_lens, dtype=np.int64)
+        lens = np.asarray(seq_lens, dtype=np.int64)
+        num_reqs, num_tokens = len(q_lens), int(q_lens.sum())
+        query_start_loc = np.zeros(num_reqs + 1, dtype=np.int32)
+        np.cumsum(q_lens, out=query_start_loc[1:])
+        starts = lens - q_lens
+        positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(
+            query_start_loc[:-1] - starts, q_lens
+        )
+        slots = np.full(max(num_padded_tokens or 0, num_tokens), -1, dtype=np.int64)
+        if write_kv:
+            rows = np.repeat(np.arange(num_reqs), q_lens)
+            blocks = block_table[rows, positions // block_size].astype(np.int64)
+            slots[:num_tokens] = blocks * block_size + positions % block_size
+        seq_lens_i32 = lens.astype(np.int32)
+
+        def dev(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(device, non_blocking=True)
+
+        inputs = cls(
+            num_reqs=num_reqs,
+            num_tokens=num_tokens,
+            query_start_loc=dev(query_start_loc),
+            seq_lens=dev(seq_lens_i32),
+            block_table=dev(np.ascontiguousarray(block_table, dtype=np.int32)),
+            slot_mapping=dev(slots),
+            query_start_loc_cpu=torch.from_numpy(query_start_loc),
+            seq_lens_cpu=torch.from_numpy(seq_lens_i32),
+            max_query_len=int(q_lens.max()),
+            max_seq_len=int(lens.max()),
+        )
+        return inputs, positions
 
 
 class AttentionBackend(ABC):

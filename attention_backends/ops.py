@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from compiled_llm.attention_backends.registry import get_backend_class
-from compiled_llm.engine.forward_context import ForwardContext, get_forward_context
+from compiled_llm.forward_context import ForwardContext, get_forward_context
 
 _LIB = torch.library.Library("compiled_llm", "FRAGMENT")
 

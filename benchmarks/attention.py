@@ -22,6 +22,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import triton
 from triton.testing import do_bench
@@ -68,25 +69,12 @@ def make_inputs(
 ) -> tuple[AttentionInputs, int]:
     """`batch` requests of `context` tokens whose last `query` are new, on shuffled pages."""
     pages = -(-context // bs)
-    num_blocks = batch * pages + 1
     table = torch.randperm(batch * pages, generator=gen).to(torch.int32).view(batch, pages)
-    qsl = torch.arange(batch + 1, dtype=torch.int32) * query
-    seq = torch.full((batch,), context, dtype=torch.int32)
-    pos = torch.arange(context - query, context)
-    slots = (table[:, pos // bs].long() * bs + pos % bs).reshape(-1)
-    inputs = AttentionInputs(
-        num_reqs=batch,
-        num_tokens=batch * query,
-        query_start_loc=qsl.to(device),
-        seq_lens=seq.to(device),
-        block_table=table.to(device),
-        slot_mapping=slots.to(device),
-        query_start_loc_cpu=qsl,
-        seq_lens_cpu=seq,
-        max_query_len=query,
-        max_seq_len=context,
+    lens = np.full(batch, context, dtype=np.int64)
+    inputs, _ = AttentionInputs.from_batch(
+        np.full(batch, query, dtype=np.int64), lens, table.numpy(), bs, device
     )
-    return inputs, num_blocks
+    return inputs, batch * pages + 1
 
 
 def copy_bandwidth(device: torch.device) -> float:

@@ -12,7 +12,7 @@ Every site is checked (same input, dtype, device, in_features; plain nn.Paramete
 this linear; adjacent and contiguous after merging) and skipped otherwise. The pass is
 idempotent: parameters already merged are found adjacent and only the graph is rewritten. Warm
 starts skip graph-stage passes; the saved graph records which inputs share a storage and
-restores that layout with `merge_storage` (compilation/graph_cache.py).
+restores that layout with `passes/storage.py::merge_storage` (compilation/graph_cache.py).
 
 Dynamo guards the parameters (graph inputs) on shape, stride, dtype and device, all kept by
 re-pointing; it does not guard data pointers, and skips its no-aliasing guards on parameters
@@ -25,57 +25,18 @@ update weights of a compiled model in place.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import fx, nn
-from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
 from compiled_llm.passes.base import CompilerPass, Stage
+from compiled_llm.passes.storage import merge_storage
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
-
-
-def _adjacent(tensors: Sequence[torch.Tensor]) -> bool:
-    """Contiguous, same storage, each starting where the previous one ends."""
-    first = tensors[0]
-    storage = first.untyped_storage().data_ptr()
-    offset = first.storage_offset()
-    for t in tensors:
-        if not t.is_contiguous() or t.untyped_storage().data_ptr() != storage:
-            return False
-        if t.storage_offset() != offset:
-            return False
-        offset += t.numel()
-    return True
-
-
-def merge_storage(params: Sequence[torch.Tensor], keep: list[torch.Tensor] | None = None) -> bool:
-    """Make `params` adjacent rows of one new tensor (unless they already are). Also how a warm
-    start that skips the graph passes restores the layout the compiled graph relies on."""
-    if _adjacent(params):
-        return True
-    # The compiler converts its real inputs to fake tensors after the graph passes, under the
-    # symbolic shapes Dynamo recorded for each input (storage offset included), which a
-    # re-pointed parameter no longer matches. Converting them now memoizes fakes that do; the
-    # memo holds them weakly, so `keep` holds them for the rest of the compilation.
-    mode = detect_fake_mode()
-    if mode is not None and keep is not None:
-        keep.extend(mode.from_tensor(p) for p in params)
-    first = params[0]
-    total = sum(p.shape[0] for p in params)
-    with torch.inference_mode(False), torch.no_grad():
-        merged = torch.empty((total, *first.shape[1:]), dtype=first.dtype, device=first.device)
-        row = 0
-        for p in params:
-            n = p.shape[0]
-            merged[row : row + n].copy_(p.data)
-            p.data = merged[row : row + n]
-            row += n
-    return _adjacent(params)
 
 
 def _linear_args(node: fx.Node) -> tuple[Any, Any, Any]:

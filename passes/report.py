@@ -121,40 +121,25 @@ class _Bench:
 
     def _inputs(self, num_tokens: int, num_reqs: int, block_size: int, vocab: int) -> None:
         """`num_reqs` prefills of equal length from position 0, in disjoint cache blocks."""
+        import numpy as np
+
         from compiled_llm.attention_backends.base import AttentionInputs
 
-        dev = self.device
-        q_lens = [num_tokens // num_reqs] * num_reqs
-        q_lens[-1] += num_tokens - sum(q_lens)
-        width = -(-max(q_lens) // block_size)
+        q_lens = np.full(num_reqs, num_tokens // num_reqs, dtype=np.int64)
+        q_lens[-1] += num_tokens - q_lens.sum()
+        width = -(-int(q_lens.max()) // block_size)
         self.num_blocks = num_reqs * width
-        block_table = torch.arange(self.num_blocks, dtype=torch.int32).view(num_reqs, width)
-        positions = torch.cat([torch.arange(n) for n in q_lens])
-        req = torch.repeat_interleave(torch.arange(num_reqs), torch.tensor(q_lens))
-        slots = block_table[req, positions // block_size].long() * block_size
-        slots += positions % block_size
-        cu = torch.zeros(num_reqs + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(q_lens).cumsum(0)
-        seq_lens = torch.tensor(q_lens, dtype=torch.int32)
-        self.attn = AttentionInputs(
-            num_reqs=num_reqs,
-            num_tokens=num_tokens,
-            query_start_loc=cu.to(dev),
-            seq_lens=seq_lens.to(dev),
-            block_table=block_table.to(dev),
-            slot_mapping=slots.to(dev),
-            query_start_loc_cpu=cu,
-            seq_lens_cpu=seq_lens,
-            max_query_len=max(q_lens),
-            max_seq_len=max(q_lens),
+        block_table = np.arange(self.num_blocks, dtype=np.int32).reshape(num_reqs, width)
+        self.attn, positions = AttentionInputs.from_batch(
+            q_lens, q_lens, block_table, block_size, self.device
         )
         gen = torch.Generator().manual_seed(0)
-        self.input_ids = torch.randint(0, vocab, (num_tokens,), generator=gen).to(dev)
-        self.positions = positions.to(dev)
+        self.input_ids = torch.randint(0, vocab, (num_tokens,), generator=gen).to(self.device)
+        self.positions = torch.from_numpy(positions).to(self.device)
 
     @torch.inference_mode()
     def logits(self, forward: Callable[..., torch.Tensor]) -> torch.Tensor:
-        from compiled_llm.engine.forward_context import ForwardContext, set_forward_context
+        from compiled_llm.forward_context import ForwardContext, set_forward_context
 
         metadata = self.backend.build_metadata(self.attn)
         with set_forward_context(ForwardContext(self.backend, self.kv_caches, metadata)):

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,25 +54,15 @@ def make_inputs(case: Case, device: torch.device, gen: torch.Generator) -> Atten
     for i, p in enumerate(pages):
         table[i, :p] = perm[used : used + p]
         used += p
-    starts, slots = [0], []
-    for i, (s, q) in enumerate(zip(case.seq_lens, case.query_lens)):
-        starts.append(starts[-1] + q)
-        slots += [int(table[i, p // bs]) * bs + p % bs for p in range(s - q, s)]
-    slots += [-1] * case.pad_tokens
-    qsl = torch.tensor(starts, dtype=torch.int32)
-    seq = torch.tensor(case.seq_lens, dtype=torch.int32)
-    return AttentionInputs(
-        num_reqs=r,
-        num_tokens=starts[-1],
-        query_start_loc=qsl.to(device),
-        seq_lens=seq.to(device),
-        block_table=table.to(device),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        query_start_loc_cpu=qsl,
-        seq_lens_cpu=seq,
-        max_query_len=max(case.query_lens),
-        max_seq_len=max(case.seq_lens),
+    inputs, _ = AttentionInputs.from_batch(
+        np.array(case.query_lens),
+        np.array(case.seq_lens),
+        table.numpy(),
+        bs,
+        device,
+        num_padded_tokens=sum(case.query_lens) + case.pad_tokens,
     )
+    return inputs
 
 
 def spec_of(case: Case, device: torch.device) -> AttentionSpec:

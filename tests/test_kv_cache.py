@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from compiled_llm.engine.request import Request
 from compiled_llm.kv_cache.block_pool import BlockPool
 from compiled_llm.kv_cache.kv_cache_manager import KVCacheManager, block_hash
+from compiled_llm.request import Request
 from compiled_llm.sampling_params import SamplingParams
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from compiled_llm import LLM, SamplingParams
-from compiled_llm.engine.request import Request
+from compiled_llm.request import Request
 from compiled_llm.sampling.batch import build_sampling_batch
 from compiled_llm.sampling.sampler import Sampler, apply_penalties, seeded_uniform
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -33,14 +34,13 @@ T = TypeVar("T")
 
 
 def source_hash() -> str:
-    """Hash of our own Python sources that shape compiled code (the server's excluded)."""
-    import compiled_llm
-    import compiled_llm.attention_backends
-    import compiled_llm.passes
-
+    """Hash of our own Python sources that shape compiled code (the server's excluded). The
+    packages are found, not imported: this module sits below them."""
     files: set[Path] = set()
-    for package in (compiled_llm, compiled_llm.passes, compiled_llm.attention_backends):
-        root = Path(package.__file__).resolve().parent  # type: ignore[arg-type]
+    for package in ("compiled_llm", "compiled_llm.passes", "compiled_llm.attention_backends"):
+        spec = importlib.util.find_spec(package)
+        assert spec is not None and spec.origin is not None
+        root = Path(spec.origin).resolve().parent
         files.update(p for p in root.rglob("*.py") if "server" not in p.relative_to(root).parts)
     h = hashlib.sha256()
     for path in sorted(files):

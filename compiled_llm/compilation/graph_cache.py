@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from compiled_llm.passes.gemm_merge import merge_storage
+from compiled_llm.passes.storage import merge_storage
 
 FORMAT = 1
 

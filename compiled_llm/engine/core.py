@@ -17,10 +17,10 @@ from compiled_llm.engine.messages import (
     SchedulerStatsMsg,
 )
 from compiled_llm.engine.model_runner import ModelRunner, ModelRunnerOutput, StepHandle
-from compiled_llm.engine.request import Request, RequestStatus
 from compiled_llm.engine.scheduler import Scheduler, SchedulerOutput
 from compiled_llm.kv_cache.kv_cache_manager import KVCacheManager
 from compiled_llm.profiler import Profiler
+from compiled_llm.request import Request, RequestStatus
 from compiled_llm.sampling_params import INT64_MAX, INT64_MIN
 
 logger = logging.getLogger(__name__)

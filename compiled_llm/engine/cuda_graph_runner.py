@@ -25,7 +25,7 @@ from compiled_llm.compilation.cuda_graphs import (
     piecewise_graphs,
 )
 from compiled_llm.compilation.graph_cache import model_tensors
-from compiled_llm.engine.forward_context import ForwardContext, set_forward_context
+from compiled_llm.forward_context import ForwardContext, set_forward_context
 
 if TYPE_CHECKING:
     from compiled_llm.engine.model_runner import ModelRunner

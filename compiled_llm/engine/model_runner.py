@@ -24,11 +24,11 @@ from compiled_llm.attention_backends.registry import get_backend_class, resolve_
 from compiled_llm.compilation.compiler import CompiledModel
 from compiled_llm.config import EngineConfig
 from compiled_llm.engine.cuda_graph_runner import CudaGraphRunner
-from compiled_llm.engine.forward_context import ForwardContext, set_forward_context
-from compiled_llm.engine.request import Request
 from compiled_llm.engine.scheduler import ScheduledRequest, SchedulerOutput
+from compiled_llm.forward_context import ForwardContext, set_forward_context
 from compiled_llm.models.loader import load_model
 from compiled_llm.profiler import Profiler
+from compiled_llm.request import Request
 from compiled_llm.sampling.batch import build_sampling_batch
 from compiled_llm.sampling.sampler import Sampler, SamplerOutput
 
@@ -342,34 +342,25 @@ class ModelRunner:
     ) -> StepInputs:
         """Tensors for one step. Tokens the host does not know yet (sampled by `previous`, still
         in flight) are taken from `previous`'s device output."""
-        bs = self.block_size
         q_lens = np.array([s.num_tokens for s in scheduled], dtype=np.int64)
         starts = np.array([s.start for s in scheduled], dtype=np.int64)
-        cu = np.zeros(len(scheduled) + 1, dtype=np.int64)
-        np.cumsum(q_lens, out=cu[1:])
-        num_tokens = int(cu[-1])
-        req_index = np.repeat(np.arange(len(scheduled)), q_lens)
-        positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(cu[:-1] - starts, q_lens)
+        cu = np.cumsum(q_lens)
         pieces, pending_dst, pending_src = [], [], []
         for i, s in enumerate(scheduled):
             known = s.request.all_token_ids[s.start : s.start + s.num_tokens]
             if len(known) < s.num_tokens:  # the last one is being sampled by `previous`
                 assert previous is not None and len(known) == s.num_tokens - 1
-                pending_dst.append(int(cu[i + 1]) - 1)
+                pending_dst.append(int(cu[i]) - 1)
                 pending_src.append(previous.row[s.request.request_id])
                 known = known + [0]
             pieces.append(np.asarray(known, dtype=np.int64))
-        input_ids = np.concatenate(pieces)
         width = max(len(b) for b in block_ids)
         block_table = np.zeros((len(scheduled), width), dtype=np.int32)
         for i, ids in enumerate(block_ids):
             block_table[i, : len(ids)] = ids
-        slot_mapping = (
-            block_table[req_index, positions // bs].astype(np.int64) * bs + positions % bs
-        )
         samples = np.array([s.samples for s in scheduled], dtype=bool)
         ids_t, pos_t, attn = self._device_inputs(
-            input_ids, positions, q_lens, starts + q_lens, block_table, slot_mapping
+            np.concatenate(pieces), q_lens, starts + q_lens, block_table
         )
         if pending_dst:
             assert previous is not None and previous.device_tokens is not None
@@ -379,7 +370,7 @@ class ModelRunner:
             input_ids=ids_t,
             positions=pos_t,
             attn=attn,
-            logits_indices=self._to_device(cu[1:][samples] - 1),
+            logits_indices=self._to_device(cu[samples] - 1),
             sampling_requests=[s.request for s in scheduled if s.samples],
         )
 
@@ -389,42 +380,30 @@ class ModelRunner:
     def _device_inputs(
         self,
         input_ids: np.ndarray,
-        positions: np.ndarray,
         q_lens: np.ndarray,
         seq_lens: np.ndarray,
         block_table: np.ndarray,
-        slot_mapping: np.ndarray,
+        write_kv: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionInputs]:
         """Device tensors for one step, padded to the CUDA-graph size the step will run at
         (padding tokens: id 0, position 0, slot -1 so nothing is written)."""
         num_tokens = len(input_ids)
         uniform_decode = num_tokens == len(q_lens)  # every request has one query token
         padded = self.graphs.padded_size(num_tokens, uniform_decode) if self.graphs else None
-        if padded is not None and padded > num_tokens:
-            extra = padded - num_tokens
-            input_ids = np.concatenate([input_ids, np.zeros(extra, dtype=input_ids.dtype)])
-            positions = np.concatenate([positions, np.zeros(extra, dtype=np.int64)])
-            slot_mapping = np.concatenate([slot_mapping, np.full(extra, -1, dtype=np.int64)])
-        query_start_loc = np.zeros(len(q_lens) + 1, dtype=np.int32)
-        np.cumsum(q_lens, out=query_start_loc[1:])
-        seq_lens = seq_lens.astype(np.int32)
-        attn = AttentionInputs(
-            num_reqs=len(q_lens),
-            num_tokens=num_tokens,
-            query_start_loc=self._to_device(query_start_loc),
-            seq_lens=self._to_device(seq_lens),
-            block_table=self._to_device(block_table.astype(np.int32)),
-            slot_mapping=self._to_device(slot_mapping.astype(np.int64)),
-            query_start_loc_cpu=torch.from_numpy(query_start_loc),
-            seq_lens_cpu=torch.from_numpy(seq_lens),
-            max_query_len=int(q_lens.max()),
-            max_seq_len=int(seq_lens.max()),
+        attn, positions = AttentionInputs.from_batch(
+            q_lens,
+            seq_lens,
+            block_table,
+            self.block_size,
+            self.device,
+            num_padded_tokens=padded,
+            write_kv=write_kv,
         )
-        ids = self._to_device(input_ids.astype(np.int64))
-        return ids, self._to_device(positions.astype(np.int64)), attn
-
-    def execute(self, sched: SchedulerOutput, block_ids: list[list[int]]) -> ModelRunnerOutput:
-        return self.execute_async(sched, block_ids).result()
+        extra = max(0, (padded or 0) - num_tokens)
+        if extra:
+            input_ids = np.concatenate([input_ids, np.zeros(extra, dtype=np.int64)])
+            positions = np.concatenate([positions, np.zeros(extra, dtype=np.int64)])
+        return self._to_device(input_ids), self._to_device(positions), attn
 
     @torch.inference_mode()
     def execute_async(
@@ -464,22 +443,14 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionInputs]:
         """A synthetic batch: `num_reqs` fresh requests sharing `num_tokens` (profiling,
         compilation, graph capture). Nothing is written to the KV cache."""
-        bs = self.block_size
         num_reqs = max(1, min(num_reqs, num_tokens))
         q_lens = np.full(num_reqs, num_tokens // num_reqs, dtype=np.int64)
         q_lens[-1] += num_tokens - q_lens.sum()
-        width = -(-int(q_lens.max()) // bs)
+        width = -(-int(q_lens.max()) // self.block_size)
         num_blocks = self.kv_caches[0].shape[0]
         block_table = (np.arange(num_reqs * width) % num_blocks).reshape(num_reqs, width)
-        positions = np.concatenate([np.arange(n) for n in q_lens]).astype(np.int64)
-        return self._device_inputs(
-            np.zeros(num_tokens, dtype=np.int64),
-            positions,
-            q_lens,
-            q_lens,
-            block_table,
-            np.full(num_tokens, -1, dtype=np.int64),
-        )
+        ids = np.zeros(num_tokens, dtype=np.int64)
+        return self._device_inputs(ids, q_lens, q_lens, block_table, write_kv=False)
 
     @torch.inference_mode()
     def dummy_run(self, num_tokens: int, num_reqs: int, sample_rows: int = 0) -> None:

@@ -14,8 +14,8 @@ import itertools
 from dataclasses import dataclass, field
 
 from compiled_llm.config import SchedulerConfig
-from compiled_llm.engine.request import Request, RequestStatus
 from compiled_llm.kv_cache.kv_cache_manager import KVCacheManager
+from compiled_llm.request import Request, RequestStatus
 
 
 @dataclass

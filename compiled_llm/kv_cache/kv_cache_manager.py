@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 from array import array
 
-from compiled_llm.engine.request import Request
 from compiled_llm.kv_cache.block_pool import BlockPool, KVBlock
+from compiled_llm.request import Request
 
 _ROOT_HASH = b"compiled-llm-prefix-root"
 

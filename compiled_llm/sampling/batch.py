@@ -6,7 +6,7 @@ from typing import Protocol
 
 import torch
 
-from compiled_llm.engine.request import Request
+from compiled_llm.request import Request
 from compiled_llm.sampling.sampler import SamplingBatch
 
 

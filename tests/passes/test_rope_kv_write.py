@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import fx, nn
@@ -25,7 +26,7 @@ from compiled_llm import LLM
 from compiled_llm.attention_backends.base import AttentionInputs, AttentionSpec
 from compiled_llm.attention_backends.ops import attention, backend_ops
 from compiled_llm.attention_backends.torch_ref import TorchAttentionBackend
-from compiled_llm.engine.forward_context import ForwardContext, set_forward_context
+from compiled_llm.forward_context import ForwardContext, set_forward_context
 from compiled_llm.layers.rotary import apply_rotary
 from compiled_llm.models.registry import get_model_class
 from compiled_llm.passes.attention_lowering import AttentionLoweringPass
@@ -77,25 +78,18 @@ def forward_context(cfg: Any, dtype: torch.dtype, lens: tuple[int, ...]) -> Forw
     backend = TorchAttentionBackend(spec)
     pages = [-(-n // BLOCK) for n in lens]
     caches = [c.zero_() for c in backend.allocate_kv_caches(sum(pages), cfg.num_hidden_layers)]
-    table = torch.zeros(len(lens), max(pages), dtype=torch.int32)
-    starts, slots, first = [0], [], 0
-    for i, (n, p) in enumerate(zip(lens, pages)):
-        table[i, :p] = torch.arange(first, first + p)
-        slots += [first * BLOCK + j for j in range(n)]
-        starts.append(starts[-1] + n)
+    table = np.zeros((len(lens), max(pages)), dtype=np.int32)
+    first = 0
+    for i, p in enumerate(pages):
+        table[i, :p] = np.arange(first, first + p)
         first += p
-    qsl, seq = torch.tensor(starts, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32)
-    inputs = AttentionInputs(
-        num_reqs=len(lens),
-        num_tokens=starts[-1],
-        query_start_loc=qsl,
-        seq_lens=seq,
-        block_table=table,
-        slot_mapping=torch.tensor(slots + [-1], dtype=torch.int64),
-        query_start_loc_cpu=qsl,
-        seq_lens_cpu=seq,
-        max_query_len=max(lens),
-        max_seq_len=max(lens),
+    inputs, _ = AttentionInputs.from_batch(
+        np.array(lens),
+        np.array(lens),
+        table,
+        BLOCK,
+        torch.device("cpu"),
+        num_padded_tokens=sum(lens) + 1,
     )
     return ForwardContext(backend, caches, backend.build_metadata(inputs))
 
