@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from compiled_llm.kernels.triton_rotary import load_halves, rope_cos_sin, rotate, store_halves
+
 
 @triton.jit
 def _slot_ptrs(cache_ptr, slot, h, d, stride_c_blk, stride_c_tok, stride_c_head, BLOCK_SIZE):
@@ -63,40 +65,6 @@ def _write_kv_kernel(
 
 
 @triton.jit
-def _rope_heads(
-    x_ptr,
-    out_ptr,
-    t,
-    stride_t,
-    stride_h,
-    stride_out_t,
-    stride_out_h,
-    cos,
-    sin,
-    NUM_HEADS: tl.constexpr,
-    H_PAD: tl.constexpr,
-    HALF: tl.constexpr,
-    HALF_PAD: tl.constexpr,
-    STORE: tl.constexpr,
-):
-    """Rotate all heads of token t (NeoX half split), store them at out_ptr if STORE (out_ptr may
-    be x_ptr: in place), and return the rotated halves in float32."""
-    h = tl.arange(0, H_PAD)
-    i = tl.arange(0, HALF_PAD)
-    mask = (h[:, None] < NUM_HEADS) & (i[None, :] < HALF)
-    ptr1 = x_ptr + t * stride_t + h[:, None] * stride_h + i[None, :]
-    x1 = tl.load(ptr1, mask=mask).to(tl.float32)
-    x2 = tl.load(ptr1 + HALF, mask=mask).to(tl.float32)
-    y1 = x1 * cos[None, :] - x2 * sin[None, :]
-    y2 = x2 * cos[None, :] + x1 * sin[None, :]
-    if STORE:
-        out1 = out_ptr + t * stride_out_t + h[:, None] * stride_out_h + i[None, :]
-        tl.store(out1, y1.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out1 + HALF, y2.to(out_ptr.dtype.element_ty), mask=mask)
-    return y1, y2
-
-
-@triton.jit
 def _rope_write_kv_kernel(
     q_ptr,
     q_out_ptr,
@@ -135,44 +103,15 @@ def _rope_write_kv_kernel(
     t = tl.program_id(0).to(tl.int64)
     row = tl.load(pos_ptr + t).to(tl.int64) if HAS_POSITIONS else t
     i = tl.arange(0, HALF_PAD)
-    # Rounded to the activations' dtype first, as layers/rotary.py's `.to(x.dtype)` does.
     dtype = q_ptr.dtype.element_ty
-    cos = tl.load(cos_ptr + row * stride_cos + i, mask=i < HALF, other=0.0).to(dtype)
-    sin = tl.load(sin_ptr + row * stride_sin + i, mask=i < HALF, other=0.0).to(dtype)
-    cos = cos.to(tl.float32)
-    sin = sin.to(tl.float32)
-    _rope_heads(
-        q_ptr,
-        q_out_ptr,
-        t,
-        stride_qt,
-        stride_qh,
-        stride_qot,
-        stride_qoh,
-        cos,
-        sin,
-        NUM_HEADS,
-        HQ_PAD,
-        HALF,
-        HALF_PAD,
-        True,
-    )
-    k1, k2 = _rope_heads(
-        k_ptr,
-        k_ptr,
-        t,
-        stride_kt,
-        stride_kh,
-        stride_kt,
-        stride_kh,
-        cos,
-        sin,
-        NUM_KV_HEADS,
-        HKV_PAD,
-        HALF,
-        HALF_PAD,
-        K_IN_PLACE,
-    )
+    cos, sin = rope_cos_sin(cos_ptr, sin_ptr, row, stride_cos, stride_sin, dtype, HALF, HALF_PAD)
+    q1, q2 = load_halves(q_ptr, t, stride_qt, stride_qh, NUM_HEADS, HQ_PAD, HALF, HALF_PAD)
+    q1, q2 = rotate(q1, q2, cos, sin)
+    store_halves(q_out_ptr, t, stride_qot, stride_qoh, q1, q2, NUM_HEADS, HQ_PAD, HALF, HALF_PAD)
+    k1, k2 = load_halves(k_ptr, t, stride_kt, stride_kh, NUM_KV_HEADS, HKV_PAD, HALF, HALF_PAD)
+    k1, k2 = rotate(k1, k2, cos, sin)
+    if K_IN_PLACE:
+        store_halves(k_ptr, t, stride_kt, stride_kh, k1, k2, NUM_KV_HEADS, HKV_PAD, HALF, HALF_PAD)
     slot = tl.load(slot_ptr + t, mask=t < num_slots, other=-1).to(tl.int64)
     h = tl.arange(0, HKV_PAD)
     mask = (h[:, None] < _heads_to_store(slot, NUM_KV_HEADS)) & (i[None, :] < HALF)

@@ -1,12 +1,82 @@
 """Triton NeoX RoPE over all heads of a token per program, optionally after a per-head RMSNorm
 (Qwen3's q/k norm). Rounding follows the model's eager code: cos/sin are cast to x's dtype, and
-the normalized head is rounded before the weight multiply and again after it."""
+the normalized head is rounded before the weight multiply and again after it.
+
+The jit helpers (`rope_cos_sin`, `load_halves`, `rotate`, `store_halves`) are the one RoPE of
+our Triton code: the attention backends' fused RoPE + KV write uses them too."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def rope_cos_sin(
+    cos_ptr,
+    sin_ptr,
+    row,
+    stride_cos,
+    stride_sin,
+    dtype: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+):
+    """Row `row` of the cos and sin tables [HALF_PAD] in float32, rounded to the activations'
+    dtype first, as layers/rotary.py's `.to(x.dtype)` does."""
+    i = tl.arange(0, HALF_PAD)
+    c = tl.load(cos_ptr + row * stride_cos + i, mask=i < HALF, other=0.0).to(dtype)
+    s = tl.load(sin_ptr + row * stride_sin + i, mask=i < HALF, other=0.0).to(dtype)
+    return c.to(tl.float32), s.to(tl.float32)
+
+
+@triton.jit
+def load_halves(
+    x_ptr,
+    t,
+    stride_t,
+    stride_h,
+    NUM_HEADS: tl.constexpr,
+    H_PAD: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+):
+    """The two halves [H_PAD, HALF_PAD] of every head of token t, in float32 (NeoX split)."""
+    h = tl.arange(0, H_PAD)
+    i = tl.arange(0, HALF_PAD)
+    mask = (h[:, None] < NUM_HEADS) & (i[None, :] < HALF)
+    src = x_ptr + t * stride_t + h[:, None] * stride_h + i[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    return x1, x2
+
+
+@triton.jit
+def rotate(x1, x2, cos, sin):
+    return x1 * cos[None, :] - x2 * sin[None, :], x2 * cos[None, :] + x1 * sin[None, :]
+
+
+@triton.jit
+def store_halves(
+    out_ptr,
+    t,
+    stride_t,
+    stride_h,
+    y1,
+    y2,
+    NUM_HEADS: tl.constexpr,
+    H_PAD: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+):
+    """Store the halves `load_halves` read (in out_ptr's dtype; out_ptr may be x_ptr)."""
+    h = tl.arange(0, H_PAD)
+    i = tl.arange(0, HALF_PAD)
+    mask = (h[:, None] < NUM_HEADS) & (i[None, :] < HALF)
+    dst = out_ptr + t * stride_t + h[:, None] * stride_h + i[None, :]
+    tl.store(dst, y1.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, y2.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -30,28 +100,20 @@ def _rope_kernel(
     NORM: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    h = tl.arange(0, H_PAD)
-    i = tl.arange(0, HALF_PAD)
-    col = i < HALF
-    mask = (h[:, None] < NUM_HEADS) & col[None, :]
     dtype = x_ptr.dtype.element_ty
-    src = x_ptr + t * stride_xt + h[:, None] * stride_xh + i[None, :]
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    x1, x2 = load_halves(x_ptr, t, stride_xt, stride_xh, NUM_HEADS, H_PAD, HALF, HALF_PAD)
     if NORM:
+        i = tl.arange(0, HALF_PAD)
+        col = i < HALF
         ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
         rstd = tl.rsqrt(ss / (2 * HALF) + eps)[:, None]
         w1 = tl.load(w_ptr + i, mask=col, other=0.0).to(tl.float32)[None, :]
         w2 = tl.load(w_ptr + HALF + i, mask=col, other=0.0).to(tl.float32)[None, :]
         x1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
         x2 = (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-    c = tl.load(cos_ptr + t * stride_cos + i, mask=col, other=0.0).to(dtype).to(tl.float32)
-    s = tl.load(sin_ptr + t * stride_sin + i, mask=col, other=0.0).to(dtype).to(tl.float32)
-    y1 = x1 * c[None, :] - x2 * s[None, :]
-    y2 = x2 * c[None, :] + x1 * s[None, :]
-    dst = out_ptr + t * stride_ot + h[:, None] * stride_oh + i[None, :]
-    tl.store(dst, y1.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF, y2.to(out_ptr.dtype.element_ty), mask=mask)
+    c, s = rope_cos_sin(cos_ptr, sin_ptr, t, stride_cos, stride_sin, dtype, HALF, HALF_PAD)
+    y1, y2 = rotate(x1, x2, c, s)
+    store_halves(out_ptr, t, stride_ot, stride_oh, y1, y2, NUM_HEADS, H_PAD, HALF, HALF_PAD)
 
 
 def rotary(
