@@ -144,7 +144,7 @@ class _Bench:
         metadata = self.backend.build_metadata(self.attn)
         with set_forward_context(ForwardContext(self.backend, self.kv_caches, metadata)):
             hidden = forward(self.input_ids, self.positions)
-        return self.model.compute_logits(hidden)  # type: ignore[operator]
+        return self.model.compute_logits(hidden)
 
     def time_ms(self, forwards: list[Callable[..., torch.Tensor]], steps: int) -> list[float]:
         """Median step time of each forward, timed in turns so that load from other processes

@@ -421,7 +421,7 @@ class ModelRunner:
         if not inputs.sampling_requests:
             return StepHandle([], None)
         with stage("sample"):
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])  # type: ignore[operator]
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
             batch = build_sampling_batch(
                 inputs.sampling_requests, self.vocab_size, self.device, previous
             )
@@ -458,5 +458,5 @@ class ModelRunner:
         hidden = self.run_model(input_ids, positions, attn)
         if sample_rows:
             rows = hidden[:1].expand(sample_rows, -1)
-            logits = self.model.compute_logits(rows)  # type: ignore[operator]
+            logits = self.model.compute_logits(rows)
             logits.log_softmax(-1).sort(dim=-1)

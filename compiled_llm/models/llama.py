@@ -17,6 +17,7 @@ from compiled_llm.attention_backends.ops import attention
 from compiled_llm.layers.activation import GatedMLP
 from compiled_llm.layers.norm import RMSNorm
 from compiled_llm.layers.rotary import RotaryEmbedding, apply_rotary
+from compiled_llm.models.interface import CausalLM
 
 
 def _head_dim(cfg: Any) -> int:
@@ -94,7 +95,7 @@ class LlamaModel(nn.Module):
         return self.norm(h)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """`forward(input_ids [T], positions [T]) -> hidden [T, H]`; `compute_logits` on a subset."""
 
     layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer

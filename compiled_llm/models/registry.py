@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from torch import nn
+from compiled_llm.models.interface import CausalLM
 
 _MODELS: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("compiled_llm.models.llama", "LlamaForCausalLM"),
@@ -30,7 +30,7 @@ def architecture_of(hf_config: Any) -> str:
     return str(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(hf_config, "model_type", ""), ""))
 
 
-def get_model_class(hf_config: Any) -> type[nn.Module]:
+def get_model_class(hf_config: Any) -> type[CausalLM]:
     arch = architecture_of(hf_config)
     if arch not in _MODELS:
         raise ValueError(
@@ -46,5 +46,7 @@ def get_model_class(hf_config: Any) -> type[nn.Module]:
                 "Mistral checkpoints without a sliding window are"
             )
     module_name, class_name = _MODELS[arch]
-    cls: type[nn.Module] = getattr(importlib.import_module(module_name), class_name)
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if not issubclass(cls, CausalLM):
+        raise TypeError(f"{module_name}.{class_name} does not implement CausalLM")
     return cls

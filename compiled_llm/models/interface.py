@@ -1,0 +1,29 @@
+"""What the engine asks of a model: the one interface native models (and the transformers
+fallback, when it lands) implement. Everything else is done *to* the model by the compiler and
+the runner (passes, quantization, sharding), so the interface stays small."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+class CausalLM(nn.Module, ABC):
+    """A plain module over the flat packed batch. Attention goes through the generic op
+    (attention_backends/ops.py), which finds the KV cache in the forward context."""
+
+    @abstractmethod
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Hidden states [T, hidden] of token ids and positions ([T] each)."""
+
+    @abstractmethod
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [N, vocab] of the rows of `hidden` that sample."""
+
+    @abstractmethod
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (HF names) into the parameters; ValueError naming the tensor
+        for one that does not fit, and for parameters the checkpoint lacks."""
