@@ -48,7 +48,6 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler_config, self.kv_cache)
         self.async_scheduling = config.scheduler_config.async_scheduling
         self._inflight: StepHandle | None = None
-        self._pending_outputs: list[EngineCoreOutput] = []
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens)",
             num_blocks,
@@ -97,41 +96,26 @@ class EngineCore:
             self.scheduler.finish(request_id, _FINISH_STATUS[reason])
 
     def has_unfinished_requests(self) -> bool:
-        return (
-            self.scheduler.has_unfinished()
-            or self._inflight is not None
-            or bool(self._pending_outputs)
-        )
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     # --- steps ----------------------------------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
         """One step. With async scheduling, step N+1 is scheduled and launched before step N's
-        results are read, so host work overlaps device work; results then lag one call."""
-        if not self.async_scheduling:
-            self._drain()
-            with self.profiler.stage("schedule"):
-                sched = self.scheduler.schedule()
-            if sched.is_empty:
-                return self._outputs([], sched)
-            handle = self.runner.execute_async(sched, self._block_ids(sched))
-            return self._outputs(self._process(handle.result()), sched)
+        results are read, so host work overlaps device work; results then lag one call. Without
+        it, each step's results are read in the call that launched it."""
         with self.profiler.stage("schedule"):
             sched = self.scheduler.schedule()
         previous, self._inflight = self._inflight, None
         if not sched.is_empty:
             self._inflight = self.runner.execute_async(sched, self._block_ids(sched), previous)
+        if not self.async_scheduling:
+            previous, self._inflight = self._inflight, None
         if previous is None:
             return self._outputs([], sched)
         return self._outputs(self._process(previous.result()), sched)
 
     def _block_ids(self, sched: SchedulerOutput) -> list[list[int]]:
         return [self.kv_cache.block_ids(s.request) for s in sched.scheduled]
-
-    def _drain(self) -> None:
-        """Finish the step in flight (its outputs are kept for the next call to return)."""
-        if self._inflight is not None:
-            handle, self._inflight = self._inflight, None
-            self._pending_outputs += self._process(handle.result())
 
     def _process(self, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
         updated = self.scheduler.update_from_output(dict(zip(result.request_ids, result.token_ids)))
@@ -154,10 +138,7 @@ class EngineCore:
     def _outputs(
         self, outputs: list[EngineCoreOutput], sched: SchedulerOutput
     ) -> EngineCoreOutputs:
-        """Outputs (after any drained earlier) plus stats of `sched`, scheduled by this call."""
-        if self._pending_outputs:
-            outputs = self._pending_outputs + outputs
-            self._pending_outputs = []
+        """Outputs plus stats of `sched`, scheduled by this call."""
         stats = self.scheduler.stats()
         num_sampled = sum(1 for s in sched.scheduled if s.samples)
         num_prompt = sum(
