@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP server (FastAPI + uvicorn) in front of an `AsyncEngine`.
+"""The OpenAI-compatible HTTP server (FastAPI + uvicorn) in front of an `AsyncLLM`.
 
 Lifecycle: the port is bound first (a busy port fails before the model loads), then the engine
 core is started; connections are accepted once it is ready. If the core dies,
@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import compiled_llm
-from compiled_llm.server.engine_client import AsyncEngine, EngineDeadError, UtilityRefusedError
+from compiled_llm.server.async_llm import AsyncLLM, EngineDeadError, UtilityRefusedError
 from compiled_llm.server.metrics import ServerMetrics
 from compiled_llm.server.protocol import (
     APIError,
@@ -145,7 +145,7 @@ class _Server(uvicorn.Server):
     """uvicorn, plus: once shutdown starts, requests still running after `grace` seconds are
     aborted and answered with an error, so they end cleanly rather than being cancelled."""
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, grace: float) -> None:
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLM, grace: float) -> None:
         super().__init__(config)
         self.engine = engine
         self.grace = grace
@@ -159,7 +159,7 @@ class _Server(uvicorn.Server):
             timer.cancel()
 
 
-def build_app(engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetrics) -> FastAPI:
+def build_app(engine: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics) -> FastAPI:
     docs = settings.enable_docs
     app = FastAPI(
         title="compiled-llm",
@@ -316,7 +316,7 @@ async def serve(settings: ServerSettings) -> int:
 async def _serve(settings: ServerSettings, sock: socket.socket) -> int:
     loop = asyncio.get_running_loop()
     metrics = ServerMetrics(settings.model_names[0])
-    engine = AsyncEngine(
+    engine = AsyncLLM(
         settings.engine_kwargs,
         max_waiting_requests=settings.max_waiting_requests,
         metrics=metrics,

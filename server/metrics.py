@@ -80,7 +80,7 @@ OUTCOMES = ("stop", "length", "abort", "error", "rejected")
 
 
 class ServerMetrics:
-    """Implements engine_client.EngineMetrics; `render()` is the /metrics body."""
+    """Implements async_llm.EngineMetrics; `render()` is the /metrics body."""
 
     def __init__(self, model_name: str) -> None:
         self.registry = CollectorRegistry()

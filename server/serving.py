@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 from compiled_llm.engine.processor import PromptType
 from compiled_llm.outputs import RequestOutput
 from compiled_llm.sampling_params import SamplingParams
-from compiled_llm.server.engine_client import AsyncEngine, EngineDeadError, EngineOverloadedError
+from compiled_llm.server.async_llm import AsyncLLM, EngineDeadError, EngineOverloadedError
 from compiled_llm.server.logprobs import ChoiceCursor, chat_logprobs, completion_logprobs
 from compiled_llm.server.metrics import ServerMetrics
 from compiled_llm.server.protocol import (
@@ -44,7 +44,7 @@ T = TypeVar("T")
 class OpenAIServing:
     def __init__(
         self,
-        engine: AsyncEngine,
+        engine: AsyncLLM,
         model_names: list[str],
         metrics: ServerMetrics | None,
         limits: RequestLimits | None = None,

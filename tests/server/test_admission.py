@@ -20,7 +20,7 @@ from fastapi import FastAPI
 
 from compiled_llm import LLM, SamplingParams
 from compiled_llm.engine.messages import EngineCoreRequest
-from compiled_llm.server.engine_client import AsyncEngine, EngineOverloadedError
+from compiled_llm.server.async_llm import AsyncLLM, EngineOverloadedError
 from compiled_llm.server.messages import OutputType, RequestType
 from tests.server.conftest import free_port
 
@@ -41,8 +41,8 @@ class _Client:
         self.sent.append(payload)
 
 
-def _engine(client: _Client, limit: int | None) -> AsyncEngine:
-    engine = AsyncEngine.__new__(AsyncEngine)  # the frontend state alone, no core process
+def _engine(client: _Client, limit: int | None) -> AsyncLLM:
+    engine = AsyncLLM.__new__(AsyncLLM)  # the frontend state alone, no core process
     engine.client = client  # type: ignore[assignment]
     engine.dead_reason = None
     engine.max_waiting_requests = limit

@@ -1,4 +1,4 @@
-"""`AsyncEngine`: the asyncio frontend of an engine core running in its own process.
+"""`AsyncLLM` (vLLM's name): the asyncio frontend of an engine core running in its own process.
 
 Validation and tokenization (InputProcessor) happen here, before anything is sent, so bad input
 raises ValueError with nothing queued. One task reads the core's output socket, turns
@@ -51,7 +51,7 @@ class EngineMetrics(Protocol):
     def on_request_done(self, outcome: str, e2e: float) -> None: ...
 
 
-class AsyncEngine:
+class AsyncLLM:
     def __init__(
         self,
         engine_kwargs: dict[str, Any],
@@ -80,7 +80,7 @@ class AsyncEngine:
         # request-body limit bounds how long one item can hold it.
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
 
-    async def start(self) -> AsyncEngine:
+    async def start(self) -> AsyncLLM:
         """Spawn the core and wait for its ready message (engine built: loaded, compiled).
         Callers' scripts need an `if __name__ == "__main__":` guard (multiprocessing spawn)."""
         self.client = CoreClient(self.engine_kwargs)
@@ -182,9 +182,6 @@ class AsyncEngine:
         if self.metrics:
             self.metrics.on_request_done("abort", time.monotonic() - stream.arrival)
 
-    async def abort(self, request_id: str) -> None:
-        self.abort_now(request_id)
-
     def abort_all(self, reason: str) -> None:
         """Abort every request; their iterators raise EngineDeadError(reason)."""
         error = EngineDeadError(reason)
@@ -202,18 +199,6 @@ class AsyncEngine:
             return await asyncio.wait_for(future, timeout)
         finally:
             self._calls.pop(call_id, None)
-
-    async def ping(self) -> bool:
-        return await self.call_utility("ping", timeout=10.0) == "pong"
-
-    async def reset_prefix_cache(self) -> bool:
-        return bool(await self.call_utility("reset_prefix_cache"))
-
-    async def start_profile(self) -> None:
-        await self.call_utility("start_profile")
-
-    async def stop_profile(self) -> None:
-        await self.call_utility("stop_profile", timeout=600.0)
 
     # --- outputs --------------------------------------------------------------------------------
     async def _output_loop(self) -> None:
