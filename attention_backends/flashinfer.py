@@ -46,11 +46,11 @@ from compiled_llm.attention_backends.triton_kernels import (  # noqa: E402
 from compiled_llm.attention_backends.triton_kernels.staging import (  # noqa: E402
     StepBuffers,
 )
+from compiled_llm.envs import Envs  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 WORKSPACE_BYTES = 128 * 1024 * 1024
-PREFILL_BACKEND_ENV = "COMPILED_LLM_FLASHINFER_PREFILL_BACKEND"  # "fa2" (default) or "fa3"
 _announced = False
 
 
@@ -100,10 +100,11 @@ class FlashInferAttentionBackend(AttentionBackend):
         super().__init__(spec)
         if spec.device.type != "cuda":
             raise ValueError("the flashinfer attention backend needs a CUDA device")
-        self.prefill_backend = prefill_backend or os.environ.get(PREFILL_BACKEND_ENV, "fa2")
+        self.prefill_backend = prefill_backend or Envs.read().flashinfer_prefill_backend
         if self.prefill_backend not in ("fa2", "fa3"):
             raise ValueError(
-                f"{PREFILL_BACKEND_ENV} must be fa2 or fa3, got {self.prefill_backend}"
+                "the FlashInfer prefill backend (COMPILED_LLM_FLASHINFER_PREFILL_BACKEND) must be "
+                f"fa2 or fa3, got {self.prefill_backend}"
             )
         group = spec.num_heads // spec.num_kv_heads
         # Tensor-core decode (FlashInfer's prefill kernel) wins once several heads share a KV head.

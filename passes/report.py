@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from compiled_llm import envs
 from compiled_llm.passes.registry import REQUIRED, resolve_pipeline
 
 
@@ -69,8 +69,6 @@ def no_compile_caches() -> Iterator[None]:
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
-    old = os.environ.get("COMPILED_LLM_DISABLE_COMPILE_CACHE")
-    os.environ["COMPILED_LLM_DISABLE_COMPILE_CACHE"] = "1"
     # Without Inductor's cache, standalone_compile warns that it cannot make a saveable
     # artifact; nothing here saves one.
     quiet = logging.getLogger("torch._inductor.standalone_compile")
@@ -78,16 +76,13 @@ def no_compile_caches() -> Iterator[None]:
     quiet.setLevel(logging.ERROR)
     try:
         with (
+            envs.override(disable_compile_cache=True),
             inductor_config.patch(fx_graph_cache=False, fx_graph_remote_cache=False),
             functorch_config.patch(enable_autograd_cache=False),
         ):
             yield
     finally:
         quiet.setLevel(level)
-        if old is None:
-            del os.environ["COMPILED_LLM_DISABLE_COMPILE_CACHE"]
-        else:
-            os.environ["COMPILED_LLM_DISABLE_COMPILE_CACHE"] = old
 
 
 class _Bench:
