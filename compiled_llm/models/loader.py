@@ -92,17 +92,40 @@ def load_hf_config(path: str) -> Any:
     return AutoConfig.from_pretrained(folder, local_files_only=True)
 
 
+# Files a tokenizer's vocabulary can come from (transformers converts the slow formats).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "*.tiktoken")
+
+
 def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
     folder = gguf_side_folder(path) if is_gguf(path) else path
+    if not any(glob.glob(os.path.join(folder, pattern)) for pattern in TOKENIZER_FILES):
+        raise ValueError(
+            f"{folder!r} has no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}); "
+            "copy them from the original model, point tokenizer (--tokenizer) at a folder that "
+            "has them, or set skip_tokenizer_init (--skip-tokenizer-init) for token ids only"
+        )
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def safetensors_files(folder: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+
+
+def check_weights(path: str) -> None:
+    """Fail before anything is loaded when an HF folder has no weights (a GGUF holds its own)."""
+    if not is_gguf(path) and not safetensors_files(path):
+        raise ValueError(
+            f"model folder {path!r} has no *.safetensors files (other weight formats are not "
+            "read; load_format='dummy' (--load-format dummy) runs random weights)"
+        )
 
 
 def iterate_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    files = safetensors_files(folder)
     if not files:
         raise ValueError(f"model folder {folder!r} has no *.safetensors files")
     for file in files:
