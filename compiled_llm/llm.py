@@ -91,20 +91,41 @@ class LLM:
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         wanted = set(request_ids)
+        latest: dict[str, RequestOutput] = {}  # each request's output so far
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm)
         start = time.perf_counter()
         in_tokens = out_tokens = 0
-        while len(finished) < len(wanted) and self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished and out.request_id in wanted:
-                    finished[out.request_id] = out
-                    in_tokens += len(out.prompt_token_ids)
-                    out_tokens += sum(len(c.token_ids) for c in out.outputs)
-                    elapsed = max(time.perf_counter() - start, 1e-9)
-                    bar.set_postfix_str(
-                        f"in {in_tokens / elapsed:.1f} tok/s, out {out_tokens / elapsed:.1f} tok/s"
-                    )
-                    bar.update(1)
-        bar.close()
+        try:
+            while len(finished) < len(wanted) and self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.request_id not in wanted:
+                        continue
+                    latest[out.request_id] = out
+                    if out.finished:
+                        finished[out.request_id] = out
+                        in_tokens += len(out.prompt_token_ids)
+                        out_tokens += sum(len(c.token_ids) for c in out.outputs)
+                        elapsed = max(time.perf_counter() - start, 1e-9)
+                        bar.set_postfix_str(
+                            f"in {in_tokens / elapsed:.1f} tok/s, "
+                            f"out {out_tokens / elapsed:.1f} tok/s"
+                        )
+                        bar.update(1)
+        except KeyboardInterrupt as e:
+            for request_id in request_ids:
+                if request_id not in finished:
+                    self.engine.abort_request(request_id)
+            raise GenerationInterrupted([latest.get(i) for i in request_ids]) from e
+        finally:
+            bar.close()
         return [finished[i] for i in request_ids]
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `LLM.generate` or `LLM.chat`. The unfinished requests were aborted;
+    `outputs` holds each prompt's output so far, in order (None where nothing came back yet)."""
+
+    def __init__(self, outputs: list[RequestOutput | None]) -> None:
+        super().__init__("generation interrupted")
+        self.outputs = outputs
