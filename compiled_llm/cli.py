@@ -1,76 +1,198 @@
-"""`compiled-llm` command line: `generate`, `serve`, `passes` (each a subcommand module)."""
+"""`compiled-llm` command line: `generate`, `serve`, `passes` (each a subcommand module).
+
+The engine flags are generated from EngineArgs' fields (compiled_llm/config.py): one flag per
+field, its type, default and help taken from the field, so a new engine option needs no CLI code.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import logging
+import os
 import sys
-from collections.abc import Callable
+import types
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from compiled_llm.config import EngineArgs
+from compiled_llm.sampling_params import SamplingParams
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Engine flags shared by every subcommand that builds an engine (vLLM's names)."""
-    g = parser.add_argument_group("engine")
-    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--attention-backend", default="auto", help="auto | flashinfer | triton | torch")
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("-O", dest="compilation_level", type=int, default=None, help="0, 1 or 2")
-    g.add_argument("--enforce-eager", action="store_true", help="same as -O0")
-    g.add_argument("--passes", default="", help='comma-separated "+name"/"-name" pass edits')
-    g.add_argument("--compile-cache-dir", default=None)
-    g.add_argument("--compile-dump-dir", default=None)
-    g.add_argument("--profile-dir", default=None)
-    g.add_argument("--nvtx", action="store_true", help="NVTX ranges for Nsight Systems")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--load-format", default="auto", help="auto | dummy (random weights)")
-    g.add_argument(
-        "--skip-tokenizer-init", action="store_true", help="token ids in and out, no text"
+class _Parser(argparse.ArgumentParser):
+    """Unknown arguments are refused by the parser that met them, so a subcommand's error shows
+    that subcommand's usage (argparse hands them up to the top-level parser, whose usage says
+    nothing about the subcommand's flags)."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: Any = None
+    ) -> tuple[Any, list[str]]:
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
+def comma_list(item: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
+    """An argparse type: "a,b,c" -> a tuple of `item`s (empty entries dropped)."""
+
+    def parse(text: str) -> tuple[Any, ...]:
+        return tuple(item(x.strip()) for x in text.split(",") if x.strip())
+
+    parse.__name__ = f"comma-separated {getattr(item, '__name__', 'value')} list"
+    return parse
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `low`."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _cli_type(hint: Any) -> Any:
+    """The argparse type of a field annotation: `X | None` -> X, `list[X] | tuple[X, ...]` -> a
+    comma-separated list of X."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) in (list, tuple):
+        return comma_list(typing.get_args(hint)[0])
+    return hint
+
+
+def _add_flag(
+    group: Any,
+    flags: Sequence[str],
+    dest: str,
+    hint: Any,
+    default: Any,
+    help: str,
+    meta: typing.Mapping[str, Any],
+) -> None:
+    """One flag of a dataclass field: type from its annotation (bool: --x/--no-x), its default,
+    its help with the default shown (help of a None or empty default says what that means)."""
+    help = help.replace("%", "%%")
+    if default not in (None, ()):
+        help += " (default: %(default)s)"
+    kwargs: dict[str, Any] = {"dest": dest, "default": default, "help": help}
+    if hint is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs["type"] = _cli_type(hint)
+        choices = meta.get("choices")
+        if choices is not None:
+            kwargs["choices"] = choices() if callable(choices) else choices
+        if "metavar" in meta:
+            kwargs["metavar"] = meta["metavar"]
+    group.add_argument(*flags, **kwargs)
+
+
+def add_engine_args(parser: argparse.ArgumentParser, *, model_positional: bool = False) -> None:
+    """A flag for every EngineArgs field (`--field-name`, vLLM's names). `model_positional`: the
+    model is also the optional positional MODEL (serve, passes report), with `--model` beside it."""
+    group = parser.add_argument_group(
+        "engine", "EngineArgs: each flag is the LLM(...) keyword of the same name"
     )
+    hints = typing.get_type_hints(EngineArgs)
+    for f in dataclasses.fields(EngineArgs):
+        flags = f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),)
+        dest = f.name
+        if f.name == "model" and model_positional:
+            parser.add_argument("model", nargs="?", default=None, help=f.metadata["help"])
+            dest = "model_flag"
+        _add_flag(group, flags, dest, hints[f.name], f.default, f.metadata["help"], f.metadata)
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
-    return dict(
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-        block_size=args.block_size,
-        attention_backend=args.attention_backend,
-        enable_prefix_caching=args.enable_prefix_caching,
-        compilation_level=args.compilation_level,
-        enforce_eager=args.enforce_eager,
-        passes=[p for p in args.passes.split(",") if p],
-        compile_cache_dir=args.compile_cache_dir,
-        compile_dump_dir=args.compile_dump_dir,
-        profile_dir=args.profile_dir,
-        nvtx=args.nvtx,
-        seed=args.seed,
-        load_format=args.load_format,
-        skip_tokenizer_init=args.skip_tokenizer_init,
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Every EngineArgs field from a namespace that `add_engine_args` filled."""
+    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs)}
+    flag = getattr(args, "model_flag", None)
+    if flag is not None:
+        if kwargs["model"] not in (None, flag):
+            raise ValueError("give the model once: positional MODEL or --model")
+        kwargs["model"] = flag
+    return kwargs
+
+
+@contextlib.contextmanager
+def usage_errors(args: argparse.Namespace) -> Iterator[None]:
+    """A ValueError inside is a bad command-line value: argparse prints the subcommand's usage
+    and the message, and exits 2. Subcommands check every value this way before loading."""
+    try:
+        yield
+    except ValueError as e:
+        args.parser.error(str(e))
+
+
+# generate's sampling flags: SamplingParams fields, with their types and defaults, except
+# generate's own defaults below. The request's seed is --sampling-seed, apart from the engine's
+# --seed (vLLM's name for the engine seed).
+_SAMPLING_HELP = {
+    "max_tokens": "most tokens to generate",
+    "temperature": "0 is greedy; higher flattens the distribution",
+    "top_p": "sample from the smallest set of tokens whose probability reaches this",
+    "top_k": "sample from the k most likely tokens (0: all)",
+    "min_p": "drop tokens less likely than this times the most likely one",
+    "presence_penalty": "subtracted from the logit of every token already generated, in [-2, 2]",
+    "frequency_penalty": "subtracted once per earlier occurrence of a token, in [-2, 2]",
+    "repetition_penalty": "divides positive logits of tokens seen in the prompt or output "
+    "(multiplies negative ones); 1 is off",
+    "ignore_eos": "keep generating after the end-of-sequence token, up to --max-tokens",
+    "seed": "this request's sampling seed (SamplingParams.seed); without it the request's seed "
+    "is drawn from the engine's --seed, so runs repeat either way",
+}
+_GENERATE_DEFAULTS: dict[str, Any] = {"max_tokens": 64, "temperature": 0.0}
+_SAMPLING_DEST = {"seed": "sampling_seed"}
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling", "SamplingParams of the request")
+    hints = typing.get_type_hints(SamplingParams)
+    for f in dataclasses.fields(SamplingParams):
+        if f.name not in _SAMPLING_HELP:
+            continue
+        dest = _SAMPLING_DEST.get(f.name, f.name)
+        flag = "--" + dest.replace("_", "-")
+        default = _GENERATE_DEFAULTS.get(f.name, f.default)
+        _add_flag(group, (flag,), dest, hints[f.name], default, _SAMPLING_HELP[f.name], {})
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The request's SamplingParams (validated: a bad value raises ValueError)."""
+    return SamplingParams(
+        **{name: getattr(args, _SAMPLING_DEST.get(name, name)) for name in _SAMPLING_HELP}
     )
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from compiled_llm import LLM, SamplingParams
+    from compiled_llm.llm import LLM, GenerationInterrupted
 
-    llm = LLM(args.model, **engine_kwargs(args))
-    params = SamplingParams(
-        temperature=args.temperature, max_tokens=args.max_tokens, seed=args.sampling_seed
-    )
+    with usage_errors(args):  # everything is checked before the model loads
+        params = sampling_params(args)
+        kwargs = engine_kwargs(args)
+        EngineArgs.from_kwargs(**kwargs)
+    llm = LLM(**kwargs)
     if args.profile_dir:  # the whole generation is the profiled window
         llm.start_profile()
-    if args.chat:
-        out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
-    else:
-        out = llm.generate(args.prompt, params, use_tqdm=False)
+    try:
+        if args.chat:
+            out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
+        else:
+            out = llm.generate(args.prompt, params, use_tqdm=False)
+    except GenerationInterrupted as e:  # Ctrl-C: what was generated so far, exit 130
+        partial = e.outputs[0]
+        text = partial.outputs[0].text if partial is not None else ""
+        print(text if args.chat else args.prompt + text, flush=True)
+        print("interrupted", file=sys.stderr)
+        return 130
     if args.profile_dir:
         print(f"profiler trace: {llm.stop_profile()}", file=sys.stderr)
     text = out[0].outputs[0].text
@@ -79,15 +201,26 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="complete one prompt and print it")
+    p = sub.add_parser(
+        "generate",
+        help="complete one prompt and print it",
+        description="Complete one prompt and print it (Ctrl-C prints what was generated so far).",
+    )
     p.add_argument("prompt")
-    p.add_argument("--model", default=None, help="HF folder or .gguf file (default: embedded)")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
-    p.add_argument("--sampling-seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    add_sampling_args(p)
     add_engine_args(p)
-    p.set_defaults(func=_generate)
+    p.set_defaults(func=_generate, parser=p)
+
+
+def _passes_importable_from_cwd(passes: Sequence[str]) -> None:
+    """A pass named by dotted path (+pkg.module:Class) imports from the current folder, as under
+    `python -m`: an installed console script's sys.path lacks that folder. Processes spawned
+    later (the server's engine core) start with a copy of sys.path, so they find it too."""
+    if any("." in p or ":" in p for p in passes):
+        cwd = os.getcwd()
+        if cwd not in sys.path and "" not in sys.path:
+            sys.path.insert(0, cwd)
 
 
 # Subcommands register themselves here; serve and passes live beside their packages.
@@ -108,22 +241,31 @@ def _load_optional_subcommands() -> None:
             _SUBCOMMANDS.append(module.add_subcommand)
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def build_parser() -> argparse.ArgumentParser:
     _load_optional_subcommands()
-    parser = argparse.ArgumentParser(prog="compiled-llm", description=__doc__)
+    parser = _Parser(prog="compiled-llm", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _SUBCOMMANDS:
         add(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0, 2 for a bad argument or model (message, no traceback), 130 on Ctrl-C."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
     if args.verbose:
         logging.getLogger("compiled_llm").setLevel(logging.INFO)
+    _passes_importable_from_cwd(getattr(args, "passes", ()))
     try:
         return int(args.func(args))
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{args.parser.prog}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,18 +1,21 @@
 """Typed, frozen engine configuration.
 
-`EngineArgs` is the flat keyword surface users see (`LLM(**kwargs)`, CLI flags); `create_config()`
-validates it once and splits it into the frozen configs each part of the engine reads.
+`EngineArgs` is the flat keyword surface users see (`LLM(**kwargs)`, the CLI flags generated from
+its fields) and the one place defaults live; it validates itself at construction, and
+`create_config()` resolves the model and splits it into the frozen configs each part of the engine
+reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from compiled_llm.envs import Envs
 
 _DTYPES = {
     "float32": torch.float32,
@@ -30,9 +33,9 @@ class ModelConfig:
     dtype: torch.dtype
     max_model_len: int
     tokenizer: str  # folder or .gguf file the tokenizer is read from
-    seed: int = 0
-    load_format: str = "auto"  # "auto": the checkpoint's weights; "dummy": random, made on device
-    skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks)
+    seed: int
+    load_format: str  # "auto": the checkpoint's weights; "dummy": random, made on device
+    skip_tokenizer_init: bool  # token ids in and out only (benchmarks)
 
     @property
     def architecture(self) -> str:
@@ -57,42 +60,28 @@ class ModelConfig:
         return int(hd) if hd else int(self.hf_config.hidden_size) // self.num_heads
 
 
+# The frozen configs below have no defaults: EngineArgs holds the one default of every value and
+# validates what needs no model; create_config() fills them in.
+
+
 @dataclass(frozen=True)
 class CacheConfig:
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    kv_cache_memory_bytes: int | None = None  # explicit budget; required meaning on CPU
-    num_gpu_blocks_override: int | None = None
-    enable_prefix_caching: bool = True
-
-    def __post_init__(self) -> None:
-        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(
-                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
-            )
-        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
-            raise ValueError("kv_cache_memory_bytes must be positive")
-        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
-            raise ValueError("num_gpu_blocks_override must be at least 1")
+    block_size: int
+    gpu_memory_utilization: float
+    kv_cache_memory_bytes: int | None  # explicit budget (None: sized from memory)
+    num_gpu_blocks_override: int | None
+    enable_prefix_caching: bool
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    max_model_len: int = 8192
-    enable_chunked_prefill: bool = True
-    async_scheduling: bool = False
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool
+    async_scheduling: bool
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(
-                f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}"
-            )
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 "max_num_batched_tokens must be >= max_model_len when chunked prefill is off"
@@ -103,22 +92,20 @@ class SchedulerConfig:
 class CompilationConfig:
     """How the model forward is captured and compiled (see compiled_llm/compilation)."""
 
-    level: int = 0  # 0 eager, 1 compile, 2 compile + CUDA graphs
-    passes: tuple[str, ...] = ()  # "+name" / "-name" edits of the default pipeline
-    cudagraph_capture_sizes: tuple[int, ...] | None = None
+    level: int  # 0 eager, 1 compile, 2 compile + CUDA graphs
+    passes: tuple[str, ...]  # "+name" / "-name" edits of the default pipeline
+    cudagraph_capture_sizes: tuple[int, ...] | None
+    compile_cache_dir: str | None
+    compile_dump_dir: str | None
+    # Always None (split at the KV write and attention): not an option, see EngineArgs. Goes once
+    # compilation/compiler.py stops reading it.
     splitting_ops: tuple[str, ...] | None = None
-    compile_cache_dir: str | None = None
-    compile_dump_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.level not in (0, 1, 2):
-            raise ValueError(f"compilation level (-O) must be 0, 1 or 2, got {self.level}")
 
 
 @dataclass(frozen=True)
 class ObservabilityConfig:
-    profile_dir: str | None = None
-    nvtx: bool = False
+    profile_dir: str | None
+    nvtx: bool
 
 
 @dataclass(frozen=True)
@@ -129,39 +116,179 @@ class EngineConfig:
     compilation_config: CompilationConfig
     observability_config: ObservabilityConfig
     device: torch.device
-    attention_backend: str = "auto"
+    attention_backend: str
+
+
+_LOAD_FORMATS = ("auto", "dummy")
+
+
+def _arg(default: Any, help: str, **cli: Any) -> Any:
+    """An EngineArgs field with its one default and its help text; `cli` holds what the generated
+    flag needs beyond them (`flags`, `choices`, `metavar`). Help of a field whose default is None
+    or empty says what that default means; the CLI shows every other default itself."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+def attention_backend_choices() -> tuple[str, ...]:
+    from compiled_llm.attention_backends.registry import available_backends
+
+    return ("auto", *available_backends())
 
 
 @dataclass
 class EngineArgs:
-    """Keyword arguments accepted by `LLM(...)`, named as in vLLM where vLLM has them."""
+    """Keyword arguments accepted by `LLM(...)` and the engine's command-line flags (one flag per
+    field, generated in compiled_llm/cli.py), named as in vLLM where vLLM has them. Every value
+    that needs no model is validated at construction, before anything is loaded.
 
-    model: str | None = None
-    tokenizer: str | None = None
-    skip_tokenizer_init: bool = False
-    load_format: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
-    max_model_len: int | None = None
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    kv_cache_memory_bytes: int | None = None
-    num_gpu_blocks_override: int | None = None
-    enable_prefix_caching: bool = True
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    enable_chunked_prefill: bool = True
-    async_scheduling: bool = True
-    device: str = "auto"
-    attention_backend: str = "auto"
-    compilation_level: int | None = None  # -O; None picks the platform default
-    enforce_eager: bool = False
-    passes: list[str] | tuple[str, ...] = field(default_factory=tuple)
-    cudagraph_capture_sizes: list[int] | tuple[int, ...] | None = None
-    compile_cache_dir: str | None = None
-    compile_dump_dir: str | None = None
-    profile_dir: str | None = None
-    nvtx: bool = False
+    Not a field: vLLM's `splitting_ops`. The graph is split at the KV write and attention ops so
+    the pieces between layers are identical and CUDA graphs hold no KV-cache address; any other
+    split would compile each layer apart and capture the cache and attention metadata of one
+    step into the piecewise graphs."""
+
+    model: str | None = _arg(
+        None,
+        "HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
+        metavar="PATH",
+    )
+    tokenizer: str | None = _arg(
+        None,
+        "folder or .gguf file to read the tokenizer from (default: the model's)",
+        metavar="PATH",
+    )
+    skip_tokenizer_init: bool = _arg(False, "no tokenizer: prompts and outputs are token ids")
+    load_format: str = _arg(
+        "auto",
+        "auto: the checkpoint's weights; dummy: random weights made on the device (benchmarks)",
+        choices=_LOAD_FORMATS,
+    )
+    dtype: str = _arg(
+        "auto",
+        "auto: float32 on CPU, the checkpoint's bfloat16 or float16 on CUDA",
+        choices=("auto", *_DTYPES),
+    )
+    seed: int = _arg(
+        0,
+        "engine seed: draws the sampling seed of every request that brings none (a request's own "
+        "seed is SamplingParams.seed, generate's --sampling-seed) and seeds --load-format dummy "
+        "weights; the same engine seed and requests give the same outputs",
+    )
+    max_model_len: int | None = _arg(
+        None, "longest prompt + output, in tokens (default: the model's max_position_embeddings)"
+    )
+    block_size: int = _arg(16, "tokens per KV-cache block (a power of two)")
+    gpu_memory_utilization: float = _arg(
+        0.9,
+        "share of the GPU's memory this engine may use: weights, activations and CUDA graphs, "
+        "and the KV cache gets the rest",
+    )
+    kv_cache_memory_bytes: int | None = _arg(
+        None,
+        "KV-cache size in bytes (default: what --gpu-memory-utilization leaves on CUDA, "
+        "2 GiB on CPU)",
+    )
+    num_gpu_blocks_override: int | None = _arg(
+        None, "exactly this many KV-cache blocks (default: sized from memory)"
+    )
+    enable_prefix_caching: bool = _arg(True, "reuse the KV cache of prompt prefixes seen before")
+    max_num_seqs: int = _arg(256, "most requests in one step")
+    max_num_batched_tokens: int | None = _arg(
+        None, "most tokens in one step (default: the larger of 8192 and --max-num-seqs)"
+    )
+    enable_chunked_prefill: bool = _arg(
+        True, "split long prompts over several steps, beside running decodes"
+    )
+    async_scheduling: bool = _arg(True, "schedule step N+1 while step N runs on the device")
+    device: str = _arg("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    attention_backend: str = _arg(
+        "auto",
+        "paged-attention backend; auto: flashinfer if installed, else triton, on CUDA, and torch "
+        "on CPU",
+        choices=attention_backend_choices,
+    )
+    compilation_level: int | None = _arg(
+        None,
+        "0: eager; 1: torch.compile with our passes; 2: also CUDA graphs (default: 2 on CUDA, 1 "
+        "on CPU with a C++ compiler, else 0)",
+        flags=("-O", "--compilation-level"),
+        choices=(0, 1, 2),
+    )
+    enforce_eager: bool = _arg(False, "run eagerly, as -O0 (wins over -O)")
+    passes: list[str] | tuple[str, ...] = _arg(
+        (),
+        "comma-separated edits of the default compiler-pass pipeline: +name adds a pass, -name "
+        "removes one, +pkg.module:Class adds your own (importable from the current folder); "
+        "`compiled-llm passes list` names them (default: no edits)",
+        metavar="EDITS",
+    )
+    cudagraph_capture_sizes: list[int] | tuple[int, ...] | None = _arg(
+        None,
+        "comma-separated batch sizes to capture CUDA graphs for at -O2 (default: powers of two to "
+        "256, then steps of 64 to 512, for piecewise graphs; 1, 2, 4, then steps of 8 to 256 and "
+        "of 16 to 512, up to --max-num-seqs, for full decode graphs)",
+        metavar="SIZES",
+    )
+    compile_cache_dir: str | None = _arg(
+        None,
+        "where compiled graphs are kept for later starts (default: compile/ under "
+        "$COMPILED_LLM_CACHE_DIR, ~/.cache/compiled_llm)",
+        metavar="DIR",
+    )
+    compile_dump_dir: str | None = _arg(
+        None, "write every pass's graph before and after it here (default: no dumps)", metavar="DIR"
+    )
+    profile_dir: str | None = _arg(
+        None,
+        "torch-profiler traces go here: generate profiles its whole run, serve answers "
+        "/start_profile and /stop_profile (default: no profiling)",
+        metavar="DIR",
+    )
+    nvtx: bool = _arg(False, "NVTX ranges around steps and their stages, for Nsight Systems")
+
+    def __post_init__(self) -> None:
+        def require(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"{name} {what}, got {getattr(self, name)!r}")
+
+        require(self.load_format in _LOAD_FORMATS, "load_format", "must be auto or dummy")
+        require(
+            self.dtype in ("auto", *_DTYPES), "dtype", f"must be one of auto, {', '.join(_DTYPES)}"
+        )
+        _resolve_device(self.device)
+        if self.attention_backend != "auto":
+            from compiled_llm.attention_backends.registry import get_backend_class
+
+            get_backend_class(self.attention_backend)  # the name, and its package installed
+        require(
+            self.compilation_level in (None, 0, 1, 2),
+            "compilation_level",
+            "(-O) must be 0, 1 or 2",
+        )
+        require(
+            self.max_model_len is None or self.max_model_len >= 1,
+            "max_model_len",
+            "must be at least 1",
+        )
+        require(
+            self.block_size > 0 and not self.block_size & (self.block_size - 1),
+            "block_size",
+            "must be a positive power of two",
+        )
+        require(
+            0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]"
+        )
+        for name in ("kv_cache_memory_bytes", "num_gpu_blocks_override", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, name, "must be at least 1")
+        require(self.max_num_seqs >= 1, "max_num_seqs", "must be at least 1")
+        require(
+            all(size >= 1 for size in self.cudagraph_capture_sizes or ()),
+            "cudagraph_capture_sizes",
+            "must be at least 1",
+        )
+        from compiled_llm.passes.registry import resolve_pipeline
+
+        resolve_pipeline(self.passes)  # every pass name or dotted path loads
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
@@ -172,18 +299,18 @@ class EngineArgs:
         return cls(**kwargs)
 
     def create_config(self) -> EngineConfig:
-        from compiled_llm.models.loader import load_hf_config, resolve_model
+        """Resolve the model (its config.json only: no weights, no tokenizer) and build the
+        frozen configs."""
+        from compiled_llm.models.loader import check_weights, load_hf_config, resolve_model
 
-        if self.load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         device = _resolve_device(self.device)
         model_path = resolve_model(self.model)
+        if self.load_format == "auto":
+            check_weights(model_path)
         hf_config = load_hf_config(model_path)
         dtype = _resolve_dtype(self.dtype, hf_config, device)
         max_pos = int(getattr(hf_config, "max_position_embeddings", 0) or 8192)
         max_model_len = self.max_model_len or max_pos
-        if max_model_len < 1:
-            raise ValueError(f"max_model_len must be at least 1, got {max_model_len}")
         if max_model_len > max_pos:
             raise ValueError(
                 f"max_model_len={max_model_len} exceeds the model's "
@@ -258,7 +385,7 @@ def _resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dty
 def _default_level(device: torch.device) -> int:
     if device.type == "cuda":
         return 2
-    if os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++"):
+    if Envs.read().cxx or shutil.which("g++") or shutil.which("c++"):
         return 1
     import logging
 

@@ -20,12 +20,15 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from compiled_llm.cli import engine_kwargs
+    from compiled_llm.cli import engine_kwargs, usage_errors
+    from compiled_llm.config import EngineArgs
     from compiled_llm.passes.report import run_report
 
-    kwargs = dict(engine_kwargs(args), model=args.model)
-    if args.all:
-        kwargs["passes"] = [f"+{n}" for n in builtin_names()] + list(kwargs["passes"])
+    with usage_errors(args):  # everything is checked before the model loads
+        kwargs = engine_kwargs(args)
+        if args.all:
+            kwargs["passes"] = (*(f"+{n}" for n in builtin_names()), *kwargs["passes"])
+        EngineArgs.from_kwargs(**kwargs)
     report = run_report(
         kwargs, num_tokens=args.num_tokens, num_reqs=args.num_reqs, steps=args.steps
     )
@@ -59,22 +62,41 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
-    from compiled_llm.cli import add_engine_args
+    from compiled_llm.cli import add_engine_args, at_least
 
-    p = sub.add_parser("passes", help="list the compiler passes, or measure them on a model")
+    p = sub.add_parser(
+        "passes",
+        help="list the compiler passes, or measure them on a model",
+        description="List the compiler passes, or measure them on a model.",
+    )
     actions = p.add_subparsers(dest="passes_command", required=True)
-    actions.add_parser(
-        "list", help="every pass: stage, on/off by default, what it fuses"
-    ).set_defaults(func=_list)
+    listing = actions.add_parser("list", help="every pass: stage, on/off by default, what it fuses")
+    listing.set_defaults(func=_list, parser=listing)
     r = actions.add_parser(
         "report",
         help="per pass: matches, graph nodes, step time off vs on, logit difference vs eager",
+        description="Per pass: matches, graph nodes, step time off vs on, logit difference vs "
+        "eager (-O1, compile caches off).",
     )
-    r.add_argument("model", nargs="?", default=None, help="HF folder or .gguf (default: embedded)")
     r.add_argument("--all", action="store_true", help="every built-in pass on, not the defaults")
-    r.add_argument("--num-tokens", type=int, default=32, help="tokens in the timed batch")
-    r.add_argument("--num-reqs", type=int, default=4, help="requests the batch is split into")
-    r.add_argument("--steps", type=int, default=10, help="timed steps per variant (median)")
-    r.add_argument("--json", default=None, help="also write the report here")
-    add_engine_args(r)
-    r.set_defaults(func=_report)
+    r.add_argument(
+        "--num-tokens",
+        type=at_least(1),
+        default=32,
+        help="tokens in the timed batch (default: %(default)s)",
+    )
+    r.add_argument(
+        "--num-reqs",
+        type=at_least(1),
+        default=4,
+        help="requests the batch is split into (default: %(default)s)",
+    )
+    r.add_argument(
+        "--steps",
+        type=at_least(1),
+        default=10,
+        help="timed steps per variant, median (default: %(default)s)",
+    )
+    r.add_argument("--json", default=None, help="also write the report here (default: no file)")
+    add_engine_args(r, model_positional=True)
+    r.set_defaults(func=_report, parser=r)

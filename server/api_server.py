@@ -352,7 +352,7 @@ async def _serve(settings: ServerSettings, sock: socket.socket) -> int:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_timeout) + 5,  # a backstop
-        access_log=settings.log_level == "debug",
+        access_log=settings.access_log,
     )
     server = _Server(config, engine, settings.shutdown_timeout)
 

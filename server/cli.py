@@ -7,21 +7,34 @@ import asyncio
 import logging
 import os
 
-from compiled_llm.cli import add_engine_args, engine_kwargs
+from compiled_llm.cli import add_engine_args, at_least, engine_kwargs, usage_errors
+from compiled_llm.config import EngineArgs
+from compiled_llm.envs import Envs
 from compiled_llm.server.settings import UNAUTHENTICATED_CHOICES, RequestLimits, ServerSettings
 
 
+def port(text: str) -> int:
+    """An argparse type: a TCP port, 1-65535."""
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in 1-65535, got {value}")
+    return value
+
+
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
-    p.add_argument("model", nargs="?", default=None, help="HF folder or .gguf (default: embedded)")
-    p.add_argument("--model", dest="model_flag", default=None, help="same as the positional MODEL")
+    p = sub.add_parser(
+        "serve",
+        help="run the OpenAI-compatible HTTP server",
+        description="Run the OpenAI-compatible HTTP server (vLLM's flag names).",
+    )
     g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--host", default=ServerSettings.host, help="(default: %(default)s)")
+    g.add_argument("--port", type=port, default=ServerSettings.port, help="(default: %(default)s)")
     g.add_argument(
         "--api-key",
-        default=os.environ.get("COMPILED_LLM_API_KEY"),
-        help="require `Authorization: Bearer KEY` on /v1/* (default: $COMPILED_LLM_API_KEY)",
+        default=None,
+        help="require `Authorization: Bearer KEY` on every endpoint but /health (default: "
+        "$COMPILED_LLM_API_KEY, else no key)",
     )
     g.add_argument(
         "--unauthenticated-endpoints",
@@ -29,22 +42,22 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
         choices=UNAUTHENTICATED_CHOICES,
         default=[],
         help="endpoints that stay open with --api-key (e.g. /metrics for a scraper); /health "
-        "is always open",
+        "is always open (default: none)",
     )
     g.add_argument(
-        "--enable-docs", action="store_true", help="serve /docs and /openapi.json (default off)"
+        "--enable-docs", action="store_true", help="serve /docs and /openapi.json (default: off)"
     )
     g.add_argument(
         "--max-request-body-bytes",
-        type=int,
+        type=at_least(1),
         default=ServerSettings.max_request_body_bytes,
-        help="larger request bodies are answered 413 (default %(default)s)",
+        help="larger request bodies are answered 413 (default: %(default)s)",
     )
     g.add_argument(
         "--max-samples-per-request",
-        type=int,
+        type=at_least(1),
         default=RequestLimits.max_samples_per_request,
-        help="cap on prompts x n in one request (default %(default)s)",
+        help="cap on prompts x n in one request (default: %(default)s)",
     )
     g.add_argument(
         "--trust-request-chat-template",
@@ -59,25 +72,38 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument(
         "--max-waiting-requests",
-        type=int,
+        type=at_least(1),
         default=None,
-        help="answer 503 while more requests than this wait for their first token",
-    )
-    g.add_argument(
-        "--async-scheduling",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="schedule step N+1 while step N runs (default on)",
+        help="answer 503 while more requests than this wait for their first token (default: "
+        "no limit)",
     )
     g.add_argument(
         "--shutdown-timeout",
         type=float,
-        default=10.0,
-        help="seconds in-flight requests may finish after SIGTERM before they are aborted",
+        default=ServerSettings.shutdown_timeout,
+        help="seconds in-flight requests may finish after SIGTERM before they are aborted "
+        "(default: %(default)s)",
     )
-    g.add_argument("--uvicorn-log-level", default="info")
-    add_engine_args(p)
-    p.set_defaults(func=_serve)
+    g.add_argument(
+        "--uvicorn-log-level",
+        default=ServerSettings.log_level,
+        choices=("critical", "error", "warning", "info", "debug", "trace"),
+        help="(default: %(default)s)",
+    )
+    g.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=ServerSettings.access_log,
+        help="log one line per HTTP request, as vLLM does (default: on)",
+    )
+    g.add_argument(
+        "--disable-uvicorn-access-log",
+        dest="access_log",
+        action="store_false",
+        help="vLLM's name for --no-access-log",
+    )
+    add_engine_args(p, model_positional=True)
+    p.set_defaults(func=_serve, parser=p)
 
 
 def default_model_name(model: str | None) -> str:
@@ -91,19 +117,14 @@ def default_model_name(model: str | None) -> str:
 def _serve(args: argparse.Namespace) -> int:
     from compiled_llm.server.api_server import serve
 
-    if args.model and args.model_flag and args.model != args.model_flag:
-        raise ValueError("give the model once: positional MODEL or --model")
-    model = args.model or args.model_flag
-    for flag in ("max_waiting_requests", "max_request_body_bytes", "max_samples_per_request"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
-    kwargs = dict(engine_kwargs(args), model=model, async_scheduling=args.async_scheduling)
+    with usage_errors(args):  # everything is checked before the port is bound
+        kwargs = engine_kwargs(args)
+        EngineArgs.from_kwargs(**kwargs)
     settings = ServerSettings(
-        model_names=args.served_model_name or [default_model_name(model)],
+        model_names=args.served_model_name or [default_model_name(kwargs["model"])],
         host=args.host,
         port=args.port,
-        api_key=args.api_key,
+        api_key=args.api_key or Envs.read().api_key,
         unauthenticated_endpoints=tuple(args.unauthenticated_endpoints),
         enable_docs=args.enable_docs,
         max_waiting_requests=args.max_waiting_requests,
@@ -111,6 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
         limits=RequestLimits(args.max_samples_per_request, args.trust_request_chat_template),
         shutdown_timeout=args.shutdown_timeout,
         log_level=args.uvicorn_log_level,
+        access_log=args.access_log,
         engine_kwargs=kwargs,
     )
     logging.getLogger("compiled_llm").setLevel(logging.INFO)

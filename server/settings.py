@@ -30,4 +30,5 @@ class ServerSettings:
     limits: RequestLimits = field(default_factory=RequestLimits)
     shutdown_timeout: float = 10.0
     log_level: str = "info"
+    access_log: bool = True  # uvicorn's line per request; on by default, as in vLLM
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
