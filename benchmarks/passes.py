@@ -1,7 +1,8 @@
 """Per-pass ablation: decode step time and prefill time with each pass flipped from its default.
 
-Each configuration runs benchmarks/latency.py's worker in a fresh process; the baseline is the
-default pipeline. Random weights from a config dict (benchmarks/shapes.py).
+Each configuration runs benchmarks/latency.py's worker in a fresh process (decode: mean step time
+over --decode-steps; prefill: median of --prefill-repeats timed prefills after a warm-up one); the
+baseline is the default pipeline. Random weights from a config dict (benchmarks/shapes.py).
 
   python benchmarks/passes.py --shape llama-3.1-8b
   python benchmarks/passes.py --shape tiny -O 1 --batch-sizes 1 --decode-steps 4 \\
@@ -18,6 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import environment, print_table, run_worker, write_result  # noqa: E402
+from latency import parse_args as latency_args  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
 
@@ -28,6 +30,12 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1,64")
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--prefill-lens", default="1024")
+    p.add_argument(
+        "--prefill-repeats",
+        type=int,
+        default=latency_args([]).prefill_repeats,
+        help="timed prefills per length, after a warm-up one (median; default: %(default)s)",
+    )
     p.add_argument("--capture-sizes", default="1,8,64,512")
     p.add_argument("--only", default="", help="comma-separated passes to flip (default: all)")
     args = p.parse_args()
@@ -45,6 +53,8 @@ def main() -> None:
         str(args.decode_steps),
         "--prefill-lens",
         args.prefill_lens,
+        "--prefill-repeats",
+        str(args.prefill_repeats),
         "--capture-sizes",
         args.capture_sizes,
         "--worker-level",
@@ -82,7 +92,8 @@ def main() -> None:
     headers = ["pipeline"]
     for b in batches:
         headers += [f"decode b={b} ms", "vs default"]
-    headers += [f"prefill {args.prefill_lens.split(',')[0]} ms", "vs default"]
+    prefill = f"prefill {args.prefill_lens.split(',')[0]} ms (median of {args.prefill_repeats})"
+    headers += [prefill, "vs default"]
     print_table(headers, rows)
 
 
