@@ -97,9 +97,6 @@ class CompilationConfig:
     cudagraph_capture_sizes: tuple[int, ...] | None
     compile_cache_dir: str | None
     compile_dump_dir: str | None
-    # Always None (split at the KV write and attention): not an option, see EngineArgs. Goes once
-    # compilation/compiler.py stops reading it.
-    splitting_ops: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

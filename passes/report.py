@@ -10,18 +10,16 @@ median step time and its largest logit difference from eager.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from compiled_llm import envs
+from compiled_llm.compilation.cache import no_compile_caches
 from compiled_llm.passes.registry import REQUIRED, resolve_pipeline
 
 
@@ -61,28 +59,6 @@ class _Variant:
     ms: float
     diff: float
     compiled: Any  # compiled_llm.compilation.compiler.CompiledModel
-
-
-@contextlib.contextmanager
-def no_compile_caches() -> Iterator[None]:
-    """No compile cache and no Inductor/AOT caches: a cached piece would skip our passes."""
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-
-    # Without Inductor's cache, standalone_compile warns that it cannot make a saveable
-    # artifact; nothing here saves one.
-    quiet = logging.getLogger("torch._inductor.standalone_compile")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        with (
-            envs.override(disable_compile_cache=True),
-            inductor_config.patch(fx_graph_cache=False, fx_graph_remote_cache=False),
-            functorch_config.patch(enable_autograd_cache=False),
-        ):
-            yield
-    finally:
-        quiet.setLevel(level)
 
 
 class _Bench:

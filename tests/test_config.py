@@ -51,7 +51,7 @@ def test_frozen_configs_carry_no_defaults_of_their_own() -> None:
         for f in dataclasses.fields(cls)
         if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
     ]
-    assert with_default == ["CompilationConfig.splitting_ops"]  # not settable; see EngineArgs
+    assert with_default == []
 
 
 def test_every_engine_field_has_a_flag_with_help() -> None:

@@ -14,6 +14,7 @@ or that fails to load, is deleted and rebuilt; it never stops a start.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -22,15 +23,40 @@ import logging
 import os
 import platform
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
+from compiled_llm import envs
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def no_compile_caches() -> Iterator[None]:
+    """No compile cache and no Inductor/AOT caches: every stage runs (graph passes, Inductor
+    with our post-grad passes), as graph dumps and pass measurements need."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    # Without Inductor's cache, standalone_compile warns that it cannot make a saveable
+    # artifact; nothing compiled here is saved.
+    quiet = logging.getLogger("torch._inductor.standalone_compile")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with (
+            envs.override(disable_compile_cache=True),
+            inductor_config.patch(fx_graph_cache=False, fx_graph_remote_cache=False),
+            functorch_config.patch(enable_autograd_cache=False),
+        ):
+            yield
+    finally:
+        quiet.setLevel(level)
 
 
 def source_hash() -> str:

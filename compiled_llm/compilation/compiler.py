@@ -7,6 +7,7 @@ tokens, prefill or decode, all run the same graph: no recompilation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 import pickle
@@ -21,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from compiled_llm.attention_backends.ops import backend_ops
 from compiled_llm.compilation.backend import CompiledPiece, CompilerBackend, CompileStats
-from compiled_llm.compilation.cache import CompileCache, engine_key
+from compiled_llm.compilation.cache import CompileCache, engine_key, no_compile_caches
 from compiled_llm.compilation.cuda_graphs import GraphPool, PiecewiseGraph, default_piecewise_sizes
 from compiled_llm.compilation.graph_cache import FORMAT as GRAPH_FORMAT
 from compiled_llm.compilation.graph_cache import (
@@ -38,23 +39,17 @@ from compiled_llm.passes.registry import resolve_pipeline
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SPLITTING_OPS = ("kv_write", "attention")
 GRAPH_ENTRY = "graph"  # the compile-cache entry of the saved split graph
 
 
-def splitting_predicate(backend_name: str, names: tuple[str, ...]) -> Callable[[fx.Node], bool]:
-    """Selects the graph nodes the graph is split at. "kv_write" also selects the backend's fused
-    RoPE + KV-write op and the getitems unpacking its (q_rot, dep) result, so the whole fused
-    write runs in the eager attention piece and the compiled pieces stay layer-independent."""
+def splitting_predicate(backend_name: str) -> Callable[[fx.Node], bool]:
+    """Selects the graph nodes the graph is split at: the backend's KV write (plain, or fused
+    with RoPE, with the getitems unpacking its (q_rot, dep) result, so the whole fused write runs
+    in the eager attention piece) and attention. Nowhere else: the pieces between them are then
+    identical across layers (compiled once), and CUDA graphs of the pieces hold no KV-cache
+    address or attention metadata."""
     ops = backend_ops(backend_name)
-    by_name = {
-        "kv_write": (ops.kv_write, ops.rope_kv_write),
-        "attention": (ops.attention,),
-    }
-    unknown = set(names) - set(by_name)
-    if unknown:
-        raise ValueError(f"splitting_ops must be among {sorted(by_name)}, got {sorted(unknown)}")
-    targets = {op for n in names for op in by_name[n] if op is not None}
+    targets = {op for op in (ops.kv_write, ops.rope_kv_write, ops.attention) if op is not None}
 
     def is_splitting(node: fx.Node) -> bool:
         if node.op != "call_function":
@@ -75,10 +70,9 @@ def make_cache(config: EngineConfig, pipeline: PassPipeline, backend_name: str) 
             "model": mc.hf_config.to_json_string(use_diff=False),
             "dtype": str(mc.dtype),
             "max_model_len": mc.max_model_len,
-            "device": config.device.type,
+            "device": str(config.device),
             "attention_backend": backend_name,
             "passes": pipeline.uuid(),
-            "splitting_ops": config.compilation_config.splitting_ops,
         }
     )
     return CompileCache(root, key)
@@ -102,9 +96,16 @@ class CompiledModel:
             attention_backend=backend_name,
         )
         self.pipeline = PassPipeline(resolve_pipeline(cc.passes), ctx, cc.compile_dump_dir)
-        splitting_ops = DEFAULT_SPLITTING_OPS if cc.splitting_ops is None else cc.splitting_ops
+        # Graph dumps need every stage to run: a cached start would skip them (Dynamo and the
+        # graph passes on a warm start, our post-grad passes on an Inductor cache hit).
+        self.fresh = cc.compile_dump_dir is not None
         cache = None
-        if not Envs.read().disable_compile_cache:
+        if self.fresh:
+            logger.info(
+                "graph dumps go to %s: compiling without the compile and Inductor caches",
+                cc.compile_dump_dir,
+            )
+        elif not Envs.read().disable_compile_cache:
             cache = make_cache(config, self.pipeline, backend_name)
         self.graph_pool: GraphPool | None = None
         wrap_piece = None
@@ -114,7 +115,7 @@ class CompiledModel:
             pool = self.graph_pool
             wrap_piece = lambda _name, piece: PiecewiseGraph(piece, pool)  # noqa: E731
         self.backend = CompilerBackend(
-            self.pipeline, splitting_predicate(backend_name, splitting_ops), cache, wrap_piece
+            self.pipeline, splitting_predicate(backend_name), cache, wrap_piece
         )
         self._compiled = torch.compile(
             model.forward,
@@ -141,6 +142,10 @@ class CompiledModel:
         return self._forward(input_ids, positions)
 
     def _first_call(self, input_ids: torch.Tensor, positions: torch.Tensor) -> Any:
+        with no_compile_caches() if self.fresh else contextlib.nullcontext():
+            return self._compile(input_ids, positions)
+
+    def _compile(self, input_ids: torch.Tensor, positions: torch.Tensor) -> Any:
         start = time.perf_counter()
         s = self.backend.stats
         self._forward = self._from_saved_graph()

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from compiled_llm import LLM, SamplingParams
 from compiled_llm.cli import main
+from compiled_llm.compilation.cache import no_compile_caches
 from compiled_llm.passes.registry import builtin_names, resolve_pipeline
-from compiled_llm.passes.report import no_compile_caches
 from tests.passes.harness import compile_with_passes, dynamic
 
 EXAMPLE = "tests.example_user_pass:SwiGLUPass"

@@ -26,6 +26,7 @@ from compiled_llm import LLM
 from compiled_llm.attention_backends.base import AttentionInputs, AttentionSpec
 from compiled_llm.attention_backends.ops import attention, backend_ops
 from compiled_llm.attention_backends.torch_ref import TorchAttentionBackend
+from compiled_llm.compilation.cache import no_compile_caches
 from compiled_llm.forward_context import ForwardContext, set_forward_context
 from compiled_llm.layers.rotary import apply_rotary
 from compiled_llm.models.registry import get_model_class
@@ -33,7 +34,6 @@ from compiled_llm.passes.attention_lowering import AttentionLoweringPass
 from compiled_llm.passes.base import PassContext
 from compiled_llm.passes.manager import PassPipeline
 from compiled_llm.passes.registry import builtin_names
-from compiled_llm.passes.report import no_compile_caches
 from compiled_llm.passes.rope_kv_write import RopeKVWritePass
 from tests.conftest import TINY
 from tests.passes.harness import dynamic, op_counts
