@@ -7,7 +7,7 @@ import importlib
 
 import torch
 
-from compiled_llm.attention_backends.base import AttentionBackend
+from compiled_llm.attention_backends.base import AttentionBackend, AttentionSpec
 
 _BACKENDS: dict[str, tuple[str, str]] = {
     "torch": ("compiled_llm.attention_backends.torch_ref", "TorchAttentionBackend"),
@@ -56,3 +56,8 @@ def resolve_backend_name(name: str, device: torch.device) -> str:
         except ValueError:
             continue
     return "torch"
+
+
+def create_backend(name: str, spec: AttentionSpec) -> AttentionBackend:
+    """The backend `name` (or `auto`'s choice for the spec's device), built for `spec`."""
+    return get_backend_class(resolve_backend_name(name, spec.device))(spec)

@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
+from compiled_llm.attention_backends.base import AttentionSpec
 from compiled_llm.envs import Envs
+from compiled_llm.models.interface import head_dim
 
 _DTYPES = {
     "float32": torch.float32,
@@ -56,8 +58,20 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        hd = getattr(self.hf_config, "head_dim", None)
-        return int(hd) if hd else int(self.hf_config.hidden_size) // self.num_heads
+        return head_dim(self.hf_config)
+
+    def attention_spec(self, block_size: int, device: torch.device) -> AttentionSpec:
+        """What the attention backend is built for: this model's heads, dtype and device."""
+        d = self.head_dim
+        return AttentionSpec(
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=d,
+            block_size=block_size,
+            dtype=self.dtype,
+            device=device,
+            scale=d**-0.5,
+        )
 
 
 # The frozen configs below have no defaults: EngineArgs holds the one default of every value and

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from compiled_llm import envs
-from compiled_llm.cli import build_parser, engine_kwargs
+from compiled_llm.cli import build_parser
+from compiled_llm.cli.args import engine_kwargs
 from compiled_llm.config import (
     CacheConfig,
     CompilationConfig,

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from compiled_llm import envs
+import compiled_llm.envs as envs
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from compiled_llm.attention_backends.base import AttentionBackend, AttentionInputs, AttentionSpec
-from compiled_llm.attention_backends.registry import get_backend_class, resolve_backend_name
+from compiled_llm.attention_backends.base import AttentionBackend, AttentionInputs
+from compiled_llm.attention_backends.registry import create_backend
 from compiled_llm.compilation.compiler import CompiledModel
 from compiled_llm.config import EngineConfig
 from compiled_llm.engine.cuda_graph_runner import CudaGraphRunner
@@ -177,17 +177,8 @@ class ModelRunner:
         self.load_seconds = time.perf_counter() - start
         logger.info("loaded %s in %.1f s", mc.model, self.load_seconds)
         self.vocab_size = int(mc.hf_config.vocab_size)
-        backend_name = resolve_backend_name(config.attention_backend, self.device)
-        spec = AttentionSpec(
-            num_heads=mc.num_heads,
-            num_kv_heads=mc.num_kv_heads,
-            head_dim=mc.head_dim,
-            block_size=self.block_size,
-            dtype=mc.dtype,
-            device=self.device,
-            scale=mc.head_dim**-0.5,
-        )
-        self.backend: AttentionBackend = get_backend_class(backend_name)(spec)
+        spec = mc.attention_spec(self.block_size, self.device)
+        self.backend: AttentionBackend = create_backend(config.attention_backend, spec)
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
         self.forward_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self.model.forward

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,3 +28,11 @@ class CausalLM(nn.Module, ABC):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (HF names) into the parameters; ValueError naming the tensor
         for one that does not fit, and for parameters the checkpoint lacks."""
+
+
+def head_dim(hf_config: Any) -> int:
+    """HF's convention: the config's `head_dim` where it has one, else hidden / heads."""
+    declared = getattr(hf_config, "head_dim", None)
+    if declared:
+        return int(declared)
+    return int(hf_config.hidden_size) // int(hf_config.num_attention_heads)

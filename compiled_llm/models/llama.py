@@ -17,11 +17,7 @@ from compiled_llm.attention_backends.ops import attention
 from compiled_llm.layers.activation import GatedMLP
 from compiled_llm.layers.norm import RMSNorm
 from compiled_llm.layers.rotary import RotaryEmbedding, apply_rotary
-from compiled_llm.models.interface import CausalLM
-
-
-def _head_dim(cfg: Any) -> int:
-    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+from compiled_llm.models.interface import CausalLM, head_dim
 
 
 class LlamaAttention(nn.Module):
@@ -30,7 +26,7 @@ class LlamaAttention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads = int(cfg.num_attention_heads)
         self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
-        self.head_dim = _head_dim(cfg)
+        self.head_dim = head_dim(cfg)
         hidden = int(cfg.hidden_size)
         bias = self.qkv_bias(cfg)
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
@@ -85,7 +81,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(int(cfg.vocab_size), int(cfg.hidden_size))
         self.layers = nn.ModuleList([layer_cls(cfg, i) for i in range(int(cfg.num_hidden_layers))])
         self.norm = RMSNorm(int(cfg.hidden_size), float(cfg.rms_norm_eps))
-        self.rotary_emb = RotaryEmbedding(cfg, _head_dim(cfg), max_positions, device)
+        self.rotary_emb = RotaryEmbedding(cfg, head_dim(cfg), max_positions, device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)

@@ -102,7 +102,7 @@ def test_passes_report_with_a_user_pass(
 def test_all_passes_on_cuda_bf16(kind: str, tiny_models) -> None:
     """The Triton kernels inside Inductor's CUDA pieces: every fusion matches and the logits
     stay as close to eager as the unfused compiled model's."""
-    from compiled_llm.passes.report import run_report
+    from compiled_llm.compilation.report import run_report
 
     # triton attention: the tiny models have head_dim 16, which FlashInfer does not support
     engine = {

@@ -17,9 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
+from compiled_llm.attention_backends.base import AttentionInputs
+from compiled_llm.attention_backends.registry import create_backend
 from compiled_llm.compilation.cache import no_compile_caches
+from compiled_llm.compilation.compiler import CompiledModel
+from compiled_llm.config import EngineArgs
+from compiled_llm.forward_context import ForwardContext, set_forward_context
+from compiled_llm.models.loader import load_model
 from compiled_llm.passes.registry import REQUIRED, resolve_pipeline
 
 
@@ -65,36 +72,21 @@ class _Bench:
     """The model, its attention backend and one fixed batch, shared by every variant."""
 
     def __init__(self, engine_kwargs: dict[str, Any], num_tokens: int, num_reqs: int) -> None:
-        from compiled_llm.attention_backends.base import AttentionSpec
-        from compiled_llm.attention_backends.registry import get_backend_class, resolve_backend_name
-        from compiled_llm.config import EngineArgs
-        from compiled_llm.models.loader import load_model
 
         kwargs = dict(engine_kwargs, compilation_level=1, enforce_eager=False)
         self.config = EngineArgs.from_kwargs(**kwargs).create_config()
         mc = self.config.model_config
         self.device = self.config.device
         self.model = load_model(mc, self.device)
-        self.backend_name = resolve_backend_name(self.config.attention_backend, self.device)
         block_size = self.config.cache_config.block_size
-        spec = AttentionSpec(
-            num_heads=mc.num_heads,
-            num_kv_heads=mc.num_kv_heads,
-            head_dim=mc.head_dim,
-            block_size=block_size,
-            dtype=mc.dtype,
-            device=self.device,
-            scale=mc.head_dim**-0.5,
-        )
-        self.backend = get_backend_class(self.backend_name)(spec)
+        spec = mc.attention_spec(block_size, self.device)
+        self.backend = create_backend(self.config.attention_backend, spec)
+        self.backend_name = self.backend.name
         self._inputs(num_tokens, num_reqs, block_size, int(mc.hf_config.vocab_size))
         self.kv_caches = self.backend.allocate_kv_caches(self.num_blocks, mc.num_layers)
 
     def _inputs(self, num_tokens: int, num_reqs: int, block_size: int, vocab: int) -> None:
         """`num_reqs` prefills of equal length from position 0, in disjoint cache blocks."""
-        import numpy as np
-
-        from compiled_llm.attention_backends.base import AttentionInputs
 
         q_lens = np.full(num_reqs, num_tokens // num_reqs, dtype=np.int64)
         q_lens[-1] += num_tokens - q_lens.sum()
@@ -110,7 +102,6 @@ class _Bench:
 
     @torch.inference_mode()
     def logits(self, forward: Callable[..., torch.Tensor]) -> torch.Tensor:
-        from compiled_llm.forward_context import ForwardContext, set_forward_context
 
         metadata = self.backend.build_metadata(self.attn)
         with set_forward_context(ForwardContext(self.backend, self.kv_caches, metadata)):
@@ -134,7 +125,6 @@ class _Bench:
 
     def compile(self, edits: list[str]) -> Any:
         """A compiled variant. Variants coexist: Dynamo keeps one cache entry per backend."""
-        from compiled_llm.compilation.compiler import CompiledModel
 
         cc = dataclasses.replace(self.config.compilation_config, passes=tuple(edits), level=1)
         config = dataclasses.replace(self.config, compilation_config=cc)

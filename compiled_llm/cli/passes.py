@@ -6,6 +6,9 @@ import argparse
 import dataclasses
 import json
 
+from compiled_llm.cli.args import add_engine_args, at_least, engine_kwargs, usage_errors
+from compiled_llm.compilation.report import run_report
+from compiled_llm.config import EngineArgs
 from compiled_llm.passes.registry import REQUIRED, all_names, builtin_names, get_pass
 
 
@@ -20,9 +23,6 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from compiled_llm.cli import engine_kwargs, usage_errors
-    from compiled_llm.config import EngineArgs
-    from compiled_llm.passes.report import run_report
 
     with usage_errors(args):  # everything is checked before the model loads
         kwargs = engine_kwargs(args)
@@ -62,7 +62,6 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
-    from compiled_llm.cli import add_engine_args, at_least
 
     p = sub.add_parser(
         "passes",

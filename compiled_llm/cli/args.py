@@ -1,15 +1,12 @@
-"""`compiled-llm` command line: `generate`, `serve`, `passes` (each a subcommand module).
-
-The engine flags are generated from EngineArgs' fields (compiled_llm/config.py): one flag per
-field, its type, default and help taken from the field, so a new engine option needs no CLI code.
-"""
+"""What the subcommands share: the engine flags, generated from EngineArgs' fields
+(compiled_llm/config.py: one flag per field, its type, default and help taken from the field, so a
+new engine option needs no CLI code), the sampling flags, and argument checking."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
-import logging
 import os
 import sys
 import types
@@ -21,7 +18,7 @@ from compiled_llm.config import EngineArgs
 from compiled_llm.sampling_params import SamplingParams
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """Unknown arguments are refused by the parser that met them, so a subcommand's error shows
     that subcommand's usage (argparse hands them up to the top-level parser, whose usage says
     nothing about the subcommand's flags)."""
@@ -172,48 +169,7 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     )
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from compiled_llm.llm import LLM, GenerationInterrupted
-
-    with usage_errors(args):  # everything is checked before the model loads
-        params = sampling_params(args)
-        kwargs = engine_kwargs(args)
-        EngineArgs.from_kwargs(**kwargs)
-    llm = LLM(**kwargs)
-    if args.profile_dir:  # the whole generation is the profiled window
-        llm.start_profile()
-    try:
-        if args.chat:
-            out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
-        else:
-            out = llm.generate(args.prompt, params, use_tqdm=False)
-    except GenerationInterrupted as e:  # Ctrl-C: what was generated so far, exit 130
-        partial = e.outputs[0]
-        text = partial.outputs[0].text if partial is not None else ""
-        print(text if args.chat else args.prompt + text, flush=True)
-        print("interrupted", file=sys.stderr)
-        return 130
-    if args.profile_dir:
-        print(f"profiler trace: {llm.stop_profile()}", file=sys.stderr)
-    text = out[0].outputs[0].text
-    print(text if args.chat else args.prompt + text)
-    return 0
-
-
-def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "generate",
-        help="complete one prompt and print it",
-        description="Complete one prompt and print it (Ctrl-C prints what was generated so far).",
-    )
-    p.add_argument("prompt")
-    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    add_sampling_args(p)
-    add_engine_args(p)
-    p.set_defaults(func=_generate, parser=p)
-
-
-def _passes_importable_from_cwd(passes: Sequence[str]) -> None:
+def passes_importable_from_cwd(passes: Sequence[str]) -> None:
     """A pass named by dotted path (+pkg.module:Class) imports from the current folder, as under
     `python -m`: an installed console script's sys.path lacks that folder. Processes spawned
     later (the server's engine core) start with a copy of sys.path, so they find it too."""
@@ -221,52 +177,3 @@ def _passes_importable_from_cwd(passes: Sequence[str]) -> None:
         cwd = os.getcwd()
         if cwd not in sys.path and "" not in sys.path:
             sys.path.insert(0, cwd)
-
-
-# Subcommands register themselves here; serve and passes live beside their packages.
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_generate]
-
-
-def _load_optional_subcommands() -> None:
-    import importlib
-
-    for module_name in ("compiled_llm.server.cli", "compiled_llm.passes.cli"):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
-            continue
-        if module.add_subcommand not in _SUBCOMMANDS:
-            _SUBCOMMANDS.append(module.add_subcommand)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    _load_optional_subcommands()
-    parser = _Parser(prog="compiled-llm", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for add in _SUBCOMMANDS:
-        add(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0, 2 for a bad argument or model (message, no traceback), 130 on Ctrl-C."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    if args.verbose:
-        logging.getLogger("compiled_llm").setLevel(logging.INFO)
-    _passes_importable_from_cwd(getattr(args, "passes", ()))
-    try:
-        return int(args.func(args))
-    except ValueError as e:
-        print(f"{args.parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 
-from compiled_llm.cli import add_engine_args, at_least, engine_kwargs, usage_errors
+from compiled_llm.cli.args import add_engine_args, at_least, engine_kwargs, usage_errors
 from compiled_llm.config import EngineArgs
 from compiled_llm.envs import Envs
 from compiled_llm.server.settings import UNAUTHENTICATED_CHOICES, RequestLimits, ServerSettings

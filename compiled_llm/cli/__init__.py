@@ -1,0 +1,39 @@
+"""`compiled-llm` command line: `generate`, `serve`, `passes`, one module each in this package.
+Nothing else imports it: the command line sits above every other part of the engine."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from compiled_llm.cli import generate, passes, serve
+from compiled_llm.cli.args import Parser, passes_importable_from_cwd
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="compiled-llm",
+        description="Generate text, serve an OpenAI-compatible API, or inspect compiler passes.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (generate, serve, passes):
+        module.add_subcommand(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0, 2 for a bad argument or model (message, no traceback), 130 on Ctrl-C."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.verbose:
+        logging.getLogger("compiled_llm").setLevel(logging.INFO)
+    passes_importable_from_cwd(getattr(args, "passes", ()))
+    try:
+        return int(args.func(args))
+    except ValueError as e:
+        print(f"{args.parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
