@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -14,14 +15,18 @@ from compiled_llm.engine.processor import PromptType
 from compiled_llm.outputs import RequestOutput
 from compiled_llm.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
+
 
 class LLM:
     """`LLM()` runs the embedded default model; `LLM(model=PATH, **engine_args)` any local one."""
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
+        start = time.perf_counter()
         args = EngineArgs.from_kwargs(model=model, **engine_args)
         self.engine = LLMEngine(args.create_config())
         self.tokenizer = self.engine.tokenizer
+        logger.info("ready in %.1f s", time.perf_counter() - start)
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer

@@ -74,7 +74,7 @@ class PassPipeline:
             s.nodes_after += len(graph.nodes)
             s.seconds += elapsed
             s.runs += 1
-            logger.info(
+            logger.debug(
                 "pass %-18s %-10s matches=%d nodes %d->%d %.1f ms",
                 p.name,
                 self.piece_name,

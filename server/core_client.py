@@ -14,7 +14,6 @@ import multiprocessing
 import os
 import shutil
 import tempfile
-import threading
 from typing import Any
 
 import msgspec
@@ -40,17 +39,6 @@ class EngineCoreStartError(RuntimeError):
     pass
 
 
-def _engine_core_main(*args: Any) -> None:
-    """The engine-core process. tqdm makes a multiprocessing lock for its first bar (torch.fx
-    creates bars while compiling, shown or not): a named semaphore under spawn, which the core's
-    exit (os._exit, no finalizers) never unlinks, so the resource tracker warned of a leaked
-    semaphore at every shutdown. The core's bars only ever need a thread lock."""
-    from tqdm import tqdm
-
-    tqdm.set_lock(threading.RLock())
-    run_engine_core(*args)
-
-
 class CoreClient:
     def __init__(self, engine_kwargs: dict[str, Any]) -> None:
         self._dir = tempfile.mkdtemp(prefix="compiled-llm-")
@@ -68,8 +56,14 @@ class CoreClient:
         self._call_ids = itertools.count()
         spawn = multiprocessing.get_context("spawn")
         self.proc = spawn.Process(
-            target=_engine_core_main,
-            args=(engine_kwargs, input_address, output_address, self._dir),
+            target=run_engine_core,
+            args=(
+                engine_kwargs,
+                input_address,
+                output_address,
+                self._dir,
+                logging.getLogger("compiled_llm").getEffectiveLevel(),
+            ),
             name="EngineCore",
             daemon=True,
         )

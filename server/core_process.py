@@ -21,6 +21,7 @@ from typing import Any
 
 import msgspec
 import zmq
+from tqdm import tqdm
 
 from compiled_llm.config import EngineArgs
 from compiled_llm.engine.core import EngineCore
@@ -46,14 +47,25 @@ _SHUTDOWN = object()
 
 
 def run_engine_core(
-    engine_kwargs: dict[str, Any], input_address: str, output_address: str, socket_dir: str
+    engine_kwargs: dict[str, Any],
+    input_address: str,
+    output_address: str,
+    socket_dir: str,
+    log_level: int = logging.INFO,
 ) -> None:
     """Process entry point: build the engine from EngineArgs keywords, serve until told to stop,
     the frontend disappears, or an error (reported to the frontend, then exit status 1). The
-    socket folder is removed on the way out too: the frontend may be gone (killed) already."""
+    socket folder is removed on the way out too: the frontend may be gone (killed) already.
+    `log_level` is the frontend's level for compiled_llm's loggers."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the frontend, which stops us
     signal.signal(signal.SIGTERM, lambda *_: _raise_exit())
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s core %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s core %(name)s: %(message)s")
+    logging.getLogger("compiled_llm").setLevel(log_level)
+    # tqdm makes a multiprocessing lock for its first bar (torch.fx and our piece compiler
+    # create bars while compiling): a named semaphore under spawn, which this process's exit
+    # (os._exit, no finalizers) never unlinks, so the resource tracker warned of a leaked
+    # semaphore at every shutdown. The core's bars only ever need a thread lock.
+    tqdm.set_lock(threading.RLock())
     proc = EngineCoreProc(input_address, output_address)
     code = 0
     try:

@@ -15,7 +15,13 @@ def build_parser() -> Parser:
         prog="compiled-llm",
         description="Generate text, serve an OpenAI-compatible API, or inspect compiler passes.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument(
+        "-v", "--verbose", action="store_true", help="also log details (each pass, each piece)"
+    )
+    loud.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress: only warnings and errors"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (generate, serve, passes):
         module.add_subcommand(sub)
@@ -26,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     """Exit status: 0, 2 for a bad argument or model (message, no traceback), 130 on Ctrl-C."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    if args.verbose:
-        logging.getLogger("compiled_llm").setLevel(logging.INFO)
+    # One status line per start stage by default (loading weights, compiling, capturing, ready).
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.getLogger("compiled_llm").setLevel(level)
     passes_importable_from_cwd(getattr(args, "passes", ()))
     try:
         return int(args.func(args))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 
 from compiled_llm.cli.args import add_engine_args, at_least, engine_kwargs, usage_errors
@@ -135,5 +134,4 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=args.access_log,
         engine_kwargs=kwargs,
     )
-    logging.getLogger("compiled_llm").setLevel(logging.INFO)
     return asyncio.run(serve(settings))

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import fx
 from torch._guards import detect_fake_mode
+from tqdm.auto import tqdm
 
 from compiled_llm.compilation.cache import CompileCache
 from compiled_llm.compilation.graph_cache import graph_blob
@@ -110,9 +111,17 @@ class CompilerBackend:
         self.stats.passes_s += time.perf_counter() - start
         fake_mode = detect_fake_mode(example_inputs)
         assert fake_mode is not None, "Dynamo provides a fake mode with its shape environment"
-        _PieceCompiler(self, split_gm, is_split_piece, fake_mode).run_fake(example_inputs)
+        num_pieces = sum(not split for split in is_split_piece.values())
+        with tqdm(
+            total=num_pieces,
+            desc="compiling pieces (Inductor, each unique piece once)",
+            unit="piece",
+            disable=not logger.isEnabledFor(logging.INFO),
+        ) as progress:
+            compiler = _PieceCompiler(self, split_gm, is_split_piece, fake_mode, progress.update)
+            compiler.run_fake(example_inputs)
         self.split_gm = split_gm
-        logger.info(
+        logger.debug(
             "compiled %d pieces (%d unique, %d from cache): passes %.2f s, inductor %.2f s, "
             "cache load %.2f s",
             self.stats.num_pieces,
@@ -143,8 +152,10 @@ class _PieceCompiler(fx.Interpreter):
         split_gm: fx.GraphModule,
         is_split_piece: dict[str, bool],
         fake_mode: Any,
+        on_piece: Callable[[], object],
     ) -> None:
         super().__init__(split_gm)
+        self.on_piece = on_piece
         self.backend = backend
         self.split_gm = split_gm
         self.is_split_piece = is_split_piece
@@ -187,6 +198,7 @@ class _PieceCompiler(fx.Interpreter):
         if self.backend.wrap_piece is not None:
             module = self.backend.wrap_piece(name, compiled)
         setattr(self.split_gm, name, module)
+        self.on_piece()
         return out
 
     def _compile(self, piece: fx.GraphModule, args: Any, key: str, single: bool) -> CompiledPiece:

@@ -153,6 +153,10 @@ class CompiledModel:
             out = self._forward(input_ids, positions)
             s.trace_s = max(0.0, time.perf_counter() - start - s.load_s)  # the first run
         else:
+            logger.info(
+                "compiling the model (the first start with these settings; later starts load "
+                "the result from the compile cache)"
+            )
             out = self._trace(input_ids, positions)
             s.trace_s = max(0.0, time.perf_counter() - start - s.passes_s - s.inductor_s - s.load_s)
             self._save_graph((input_ids, positions), out)

@@ -173,9 +173,10 @@ class ModelRunner:
                 total = torch.cuda.mem_get_info(self.device)[1]  # fail before loading weights
                 check_share_is_free(total, self._in_use_before, cc.gpu_memory_utilization)
         start = time.perf_counter()
+        logger.info("loading weights of %s", mc.model)
         self.model = load_model(mc, self.device)
         self.load_seconds = time.perf_counter() - start
-        logger.info("loaded %s in %.1f s", mc.model, self.load_seconds)
+        logger.info("loaded weights in %.1f s", self.load_seconds)
         self.vocab_size = int(mc.hf_config.vocab_size)
         spec = mc.attention_spec(self.block_size, self.device)
         self.backend: AttentionBackend = create_backend(config.attention_backend, spec)
