@@ -67,10 +67,12 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return 2 * n / seconds
 
 
-def write_result(name: str, payload: dict[str, Any]) -> str:
-    os.makedirs(RESULTS, exist_ok=True)
+def write_result(name: str, payload: dict[str, Any], folder: str = "") -> str:
+    """`results/<folder>/<name>-<date>-<time>.json` (folder: e.g. the machine, "cpu")."""
+    directory = os.path.join(RESULTS, folder)
+    os.makedirs(directory, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = os.path.join(RESULTS, f"{name}-{stamp}.json")
+    path = os.path.join(directory, f"{name}-{stamp}.json")
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, default=str)
     return path

@@ -1,10 +1,19 @@
-"""Startup: weight load, cold and warm compile, CUDA-graph capture, each in a fresh process.
+"""Startup: cold and warm, each start in a fresh process.
 
-Cold: empty compile cache and empty Inductor cache. Warm: the same caches again (what a second
-start of the same model sees). Random weights from a config dict (benchmarks/shapes.py).
+Cold: empty compile cache and empty Inductor cache (for a GGUF also no converted config,
+tokenizer or weights). Warm: the same caches again (what a second start of the same model sees).
+
+Two modes:
+  --shape NAME     random weights from a config dict (benchmarks/shapes.py); times `LLM()`: weight
+                   load, compile, CUDA-graph capture.
+  --model MODEL    a real model ("embedded": the default one), started the way `compiled-llm
+                   generate PROMPT --max-tokens 8` starts it: imports, `LLM()`, one short
+                   generate; the stage table adds up to the process's wall time. Also times
+                   the command itself on the warm cache.
 
   python benchmarks/startup.py --shape llama-3.1-8b
-  python benchmarks/startup.py --shape tiny -O 1      # CPU smoke run
+  python benchmarks/startup.py --shape tiny -O 1                  # CPU smoke run
+  python benchmarks/startup.py --model embedded --repeats 5       # CPU: the embedded model
 """
 
 from __future__ import annotations
@@ -12,26 +21,52 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import environment, print_table, write_result  # noqa: E402
 from shapes import SHAPES, shape_folder  # noqa: E402
+
+PROMPT = "The capital of France is"
+# Stages of a start in the model mode, in order; they add up to the process's wall time.
+STAGES = [
+    "python",  # interpreter start, until this script runs
+    "imports",  # what `compiled-llm generate` imports before it builds the engine
+    "config",
+    "tokenizer",
+    "weights",
+    "kv_cache",
+    "compile",  # at a warm start: loading the cached pieces + the first run
+    "generate",  # the prompt, --max-tokens tokens
+    "exit",  # interpreter shutdown
+    "other",  # the rest of LLM() (attention backend, scheduler, ...)
+]
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a real model instead of a shape: 'embedded' or a local path (see above)",
+    )
     p.add_argument("-O", dest="level", type=int, default=None, help="default: the platform's")
-    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-model-len", type=int, default=4096, help="--shape mode")
+    p.add_argument("--max-tokens", type=int, default=8, help="--model mode: tokens generated")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="cold + warm pairs, each on fresh caches (medians)"
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
-def worker(args: argparse.Namespace) -> dict:
+def shape_worker(args: argparse.Namespace) -> dict[str, Any]:
     from compiled_llm import LLM
 
     start = time.perf_counter()
@@ -43,11 +78,50 @@ def worker(args: argparse.Namespace) -> dict:
         compilation_level=args.level,
         kv_cache_memory_bytes=None if _cuda() else 1 << 28,
     )
+    return {"total_s": time.perf_counter() - start, **_start_stats(llm)}
+
+
+def generate_argv(args: argparse.Namespace) -> list[str]:
+    """`compiled-llm generate`'s arguments for this run."""
+    argv = ["generate", PROMPT, "--max-tokens", str(args.max_tokens)]
+    if args.model != "embedded":
+        argv += ["--model", args.model]
+    if args.level is not None:
+        argv += ["-O", str(args.level)]
+    return argv
+
+
+def model_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """What `compiled-llm generate` does (cli/generate.py), timed by stage."""
+    begun = time.time()
+    start = time.perf_counter()
+    import compiled_llm.cli as cli
+    from compiled_llm.cli.args import engine_kwargs, sampling_params
+    from compiled_llm.llm import LLM
+
+    imports = time.perf_counter() - start
+    parsed = cli.build_parser().parse_args(generate_argv(args))
+    start = time.perf_counter()
+    llm = LLM(**engine_kwargs(parsed))
     total = time.perf_counter() - start
+    start = time.perf_counter()
+    out = llm.generate(PROMPT, sampling_params(parsed), use_tqdm=False)
+    generate = time.perf_counter() - start
+    return {
+        "total_s": total,
+        "stages": {"imports": imports, **llm.start_seconds, "generate": generate},
+        "text": out[0].outputs[0].text,
+        "started_at": begun,
+        "finished_at": time.time(),
+        **_start_stats(llm),
+    }
+
+
+def _start_stats(llm: Any) -> dict[str, Any]:
+    """The fields README's startup table reads."""
     runner = llm.engine.core.runner
     s = runner.compiled.stats if runner.compiled else None
     return {
-        "total_s": total,
         "weights_s": runner.load_seconds,
         "warm": s.warm if s else None,
         "trace_s": s.trace_s if s else 0.0,
@@ -66,31 +140,116 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def run_start(args: list[str], env: dict[str, str], model_mode: bool) -> dict[str, Any]:
+    """One start in a fresh process. In the model mode, the stages add up to its wall time."""
+    spawned = time.time()
+    r = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *args, "--worker"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
+    ended = time.time()
+    if r.returncode:
+        raise RuntimeError(f"start failed:\n{r.stderr[-3000:]}")
+    run = json.loads(r.stdout.strip().splitlines()[-1])
+    if model_mode:
+        stages = {name: run["stages"].get(name, 0.0) for name in STAGES}
+        stages["python"] = run.pop("started_at") - spawned
+        stages["exit"] = ended - run.pop("finished_at")
+        stages["other"] = ended - spawned - sum(stages.values())
+        run["stages"] = stages
+        run["wall_s"] = ended - spawned
+    return run
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each number the median over the runs (nested dicts too); anything else from the first."""
+    out: dict[str, Any] = {}
+    for key, value in runs[0].items():
+        if isinstance(value, dict):
+            out[key] = median_run([r[key] for r in runs])
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = statistics.median(r[key] for r in runs)
+        else:
+            out[key] = value
+    return out
+
+
+def time_command(args: argparse.Namespace, env: dict[str, str]) -> float:
+    """Wall seconds of the `compiled-llm generate` command itself."""
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "compiled_llm.cli", "-q", *generate_argv(args)],
+        capture_output=True,
+        check=True,
+        env=env,
+        timeout=1800,
+    )
+    return time.perf_counter() - start
+
+
 def main() -> None:
     args = parse_args()
+    model_mode = args.model is not None
     if args.worker:
-        print(json.dumps(worker(args)))
+        run = model_worker(args) if model_mode else shape_worker(args)
+        print(json.dumps(run))
         return
-    import subprocess
+    from common import environment, print_table, write_result
 
     env = environment()
+    env["load_before"] = os.getloadavg()
     print("config:", json.dumps(vars(args)), json.dumps(env), sep="\n  ")
-    caches = tempfile.mkdtemp(prefix="compiled_llm_startup_")
-    child_env = dict(
-        os.environ,
-        COMPILED_LLM_CACHE_DIR=os.path.join(caches, "compiled_llm"),
-        TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
-    )
-    runs = {}
-    for name in ("cold", "warm"):
-        cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker"]
-        r = subprocess.run(cmd, capture_output=True, text=True, env=child_env, timeout=1800)
-        if r.returncode:
-            print(f"{name} start failed:\n{r.stderr[-3000:]}")
-            return
-        runs[name] = json.loads(r.stdout.strip().splitlines()[-1])
-    path = write_result(f"startup-{args.shape}", {"config": vars(args), "env": env, "runs": runs})
+    runs: dict[str, list[dict[str, Any]]] = {"cold": [], "warm": []}
+    command_s: list[float] = []
+    for _ in range(args.repeats):
+        caches = tempfile.mkdtemp(prefix="compiled_llm_startup_")
+        child_env = dict(
+            os.environ,
+            COMPILED_LLM_CACHE_DIR=os.path.join(caches, "compiled_llm"),
+            TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
+        )
+        for name in ("cold", "warm"):
+            try:
+                run = run_start(sys.argv[1:], child_env, model_mode)
+            except RuntimeError as e:
+                print(f"{name} start: {e}")
+                return
+            runs[name].append(run)
+        if model_mode:
+            command_s.append(time_command(args, child_env))
+    env["load_after"] = os.getloadavg()
+    result: dict[str, Any] = {
+        "config": vars(args),
+        "env": env,
+        "runs": {name: median_run(r) for name, r in runs.items()},
+        "all_runs": runs,
+    }
+    if model_mode:
+        result["command_warm_s"] = statistics.median(command_s)
+        result["command_warm_all_s"] = command_s
+    name = f"startup-{args.shape if not model_mode else os.path.basename(args.model)}"
+    path = write_result(name, result, folder="" if _cuda() else "cpu")
     print(f"\nresults: {path}\n")
+    medians = result["runs"]
+    if model_mode:
+        print(f"medians of {args.repeats} (seconds; the stages add up to wall):")
+        print_table(
+            ["start", *STAGES, "wall_s", "cache_load_s", "trace_s"],
+            [
+                [n, *(r["stages"][s] for s in STAGES), r["wall_s"], r["cache_load_s"], r["trace_s"]]
+                for n, r in medians.items()
+            ],
+        )
+        print(
+            f"\n`compiled-llm -q {' '.join(generate_argv(args))}` on the warm cache: "
+            f"median {result['command_warm_s']:.2f} s "
+            f"({', '.join(f'{s:.2f}' for s in command_s)})"
+        )
+        print(f"text: {medians['warm']['text']!r}")
+        return
     cols = [
         "total_s",
         "weights_s",
@@ -102,7 +261,7 @@ def main() -> None:
         "cudagraph_s",
         "cudagraph_piecewise_s",
     ]
-    print_table(["start", *cols], [[n, *(r[c] for c in cols)] for n, r in runs.items()])
+    print_table(["start", *cols], [[n, *(r[c] for c in cols)] for n, r in medians.items()])
 
 
 if __name__ == "__main__":

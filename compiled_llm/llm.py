@@ -23,10 +23,17 @@ class LLM:
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
         start = time.perf_counter()
-        args = EngineArgs.from_kwargs(model=model, **engine_args)
-        self.engine = LLMEngine(args.create_config())
+        config = EngineArgs.from_kwargs(model=model, **engine_args).create_config()
+        config_seconds = time.perf_counter() - start
+        self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
-        logger.info("ready in %.1f s", time.perf_counter() - start)
+        # Seconds per start stage (config, tokenizer, weights, kv_cache, compile, ...).
+        self.start_seconds = {"config": config_seconds, **self.engine.start_seconds}
+        logger.info(
+            "ready in %.1f s (%s)",
+            time.perf_counter() - start,
+            ", ".join(f"{name} {s:.1f}" for name, s in self.start_seconds.items()),
+        )
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any
 
 from compiled_llm.config import EngineConfig
@@ -19,10 +20,14 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         mc = config.model_config
+        start = time.perf_counter()
         self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(mc.tokenizer)
+        tokenizer_seconds = time.perf_counter() - start
         self.processor = InputProcessor(config.model_config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.core = EngineCore(config)
+        # Seconds per start stage: the tokenizer's, then the model runner's.
+        self.start_seconds = {"tokenizer": tokenizer_seconds, **self.core.runner.start_seconds}
         self._ids = itertools.count()
         self.last_stats: SchedulerStatsMsg | None = None
         self.num_prompt_tokens_computed = 0  # over the engine's life: prefix hits are not counted

@@ -8,11 +8,12 @@ when the step's result is asked for.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,6 +163,9 @@ class ModelRunner:
         self.device = config.device
         mc = config.model_config
         self.block_size = config.cache_config.block_size
+        # Seconds per start stage (weights, kv_cache, compile, cudagraphs), for the ready line
+        # and benchmarks/startup.py.
+        self.start_seconds: dict[str, float] = {}
         # KV sizing on CUDA charges this engine with the memory used from here on.
         self._in_use_before = self._reserved_before = 0
         if self.device.type == "cuda":
@@ -172,10 +176,10 @@ class ModelRunner:
             if cc.kv_cache_memory_bytes is None and cc.num_gpu_blocks_override is None:
                 total = torch.cuda.mem_get_info(self.device)[1]  # fail before loading weights
                 check_share_is_free(total, self._in_use_before, cc.gpu_memory_utilization)
-        start = time.perf_counter()
         logger.info("loading weights of %s", mc.model)
-        self.model = load_model(mc, self.device)
-        self.load_seconds = time.perf_counter() - start
+        with self._timed("weights"):
+            self.model = load_model(mc, self.device)
+        self.load_seconds = self.start_seconds["weights"]
         logger.info("loaded weights in %.1f s", self.load_seconds)
         self.vocab_size = int(mc.hf_config.vocab_size)
         spec = mc.attention_spec(self.block_size, self.device)
@@ -302,24 +306,36 @@ class ModelRunner:
         del first, second
         return cost + per_graph * (len(self.graphs.decode_sizes) - 1)
 
+    @contextlib.contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.start_seconds[stage] = self.start_seconds.get(stage, 0.0) + elapsed
+
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        self.kv_caches = self.backend.allocate_kv_caches(
-            num_blocks, self.config.model_config.num_layers
-        )
+        with self._timed("kv_cache"):
+            self.kv_caches = self.backend.allocate_kv_caches(
+                num_blocks, self.config.model_config.num_layers
+            )
 
     def compile(self) -> None:
         """At -O1 and above: compile the forward now (not on the first request); at -O2 capture
         the CUDA graphs, with the KV cache in place. CUDA KV sizing may have done part of it."""
         self._compile_forward()
         if self.graphs is not None:
-            self.graphs.capture()
+            with self._timed("cudagraphs"):
+                self.graphs.capture()
 
     def _compile_forward(self) -> None:
         if self.compiled is not None or self.config.compilation_config.level < 1:
             return
-        self.compiled = CompiledModel(self.model, self.config, self.backend.name)
-        self.forward_fn = self.compiled
-        self.dummy_run(num_tokens=16, num_reqs=2)
+        with self._timed("compile"):
+            self.compiled = CompiledModel(self.model, self.config, self.backend.name)
+            self.forward_fn = self.compiled
+            self.dummy_run(num_tokens=16, num_reqs=2)
         if self.device.type == "cuda":  # hand back the weights GEMM merging copied and freed
             torch.cuda.empty_cache()
         if self.compiled.graph_pool is not None:
