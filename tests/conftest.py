@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from compiled_llm.attention_backends.registry import get_backend_class
+
 TINY = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -45,7 +47,7 @@ def trained_tokenizer(path: Path) -> None:
     )
     corpus = [
         Path(__file__).read_text(),
-        *(p.read_text() for p in Path(__file__).parent.glob("*.py")),
+        *(p.read_text() for p in sorted(Path(__file__).parent.rglob("*.py"))),
     ]
     tok.train_from_iterator(corpus, trainer)
     PreTrainedTokenizerFast(
@@ -104,6 +106,53 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory, embedded_tokenizer_dir
         return cache[kind]
 
     return get
+
+
+# --- shared by the GPU tests ---------------------------------------------------------------------
+def tokens(outputs) -> list[tuple[list[int], list[dict]]]:
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outputs]
+
+
+def assert_greedy_close(expected, got) -> None:
+    """Greedy sequences agree until the first position where two fp16 implementations may
+    legitimately pick differently: there each side's token must be in the other's top 5 (the
+    logits nearly tie), and the rest of that sequence is not compared (it follows a different
+    prefix). vLLM's tests use the same oracle."""
+    diverged = 0
+    for (ref_ids, ref_lps), (ids, lps) in zip(expected, got):
+        assert len(ids) == len(ref_ids)
+        for pos, (a, b) in enumerate(zip(ref_ids, ids)):
+            if a == b:
+                continue
+            assert a in lps[pos] and b in ref_lps[pos], (pos, a, b)
+            diverged += 1
+            break
+    assert diverged <= max(1, len(expected) // 2), "most sequences must match exactly"
+
+
+def backend_available(name: str) -> bool:
+    try:
+        get_backend_class(name)
+    except ValueError:
+        return False
+    return True
+
+
+# FlashInfer's kernels need head_dim >= 64.
+GPU_SHAPE = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+
+
+@pytest.fixture(scope="session")
+def gpu_models(
+    tmp_path_factory: pytest.TempPathFactory, embedded_tokenizer_dir: Path
+) -> dict[str, Path]:
+    """Tiny Llama and Qwen3 models in shapes FlashInfer accepts, for the GPU tests."""
+    return {
+        kind: make_tiny_model(
+            kind, tmp_path_factory.mktemp(f"gpu-{kind}"), embedded_tokenizer_dir, **GPU_SHAPE
+        )
+        for kind in ("llama", "qwen3")
+    }
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

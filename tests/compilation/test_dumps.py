@@ -15,10 +15,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 @pytest.mark.slow
 def test_dumps_are_written_on_a_warm_cache(tiny_models, tmp_path: Path) -> None:
     model = str(tiny_models("llama"))
-    cold = LLM(model, max_model_len=128, compilation_level=1)
+    cold = LLM(model, max_model_len=128, compilation_level=1)  # fills the compile cache
     expected = cold.generate("Hello there", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
-    warm = LLM(model, max_model_len=128, compilation_level=1)
-    assert warm.engine.core.runner.compiled.stats.dynamo_skipped  # the cache is warm
     dumps = tmp_path / "dumps"
     dumped = LLM(model, max_model_len=128, compilation_level=1, compile_dump_dir=str(dumps))
     names = {p.name for p in dumps.rglob("*") if p.is_file()}

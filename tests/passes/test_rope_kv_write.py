@@ -35,9 +35,9 @@ from compiled_llm.passes.base import PassContext
 from compiled_llm.passes.manager import PassPipeline
 from compiled_llm.passes.registry import builtin_names
 from compiled_llm.passes.rope_kv_write import RopeKVWritePass
+from tests.compilation.test_compile import GREEDY, PROMPTS, token_ids
 from tests.conftest import TINY
 from tests.passes.harness import dynamic, op_counts
-from tests.test_compile import GREEDY, PROMPTS, token_ids
 
 OPS = backend_ops("torch")
 FUSED, KV_WRITE, ATTENTION = (str(op) for op in (OPS.rope_kv_write, OPS.kv_write, OPS.attention))
@@ -288,30 +288,17 @@ def test_engine_with_every_pass_qwen3(tiny_models) -> None:
 
 
 # --- CUDA ----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def gpu_models(tmp_path_factory, embedded_tokenizer_dir):
-    from tests.conftest import make_tiny_model
-    from tests.test_gpu_engine import GPU_SHAPE
-
-    return {
-        kind: make_tiny_model(
-            kind, tmp_path_factory.mktemp(f"rkv-{kind}"), embedded_tokenizer_dir, **GPU_SHAPE
-        )
-        for kind in ("llama", "qwen3")
-    }
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "flashinfer"])
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_o2_with_fusion_equals_o0_gpu(kind: str, backend: str, gpu_models) -> None:
     """The backend's fused kernel inside piecewise and full CUDA graphs: greedy tokens as eager
     (-O0, same backend) by the GPU tests' greedy-close oracle."""
-    from tests.test_gpu_engine import GREEDY as GPU_GREEDY
-    from tests.test_gpu_engine import PROMPTS as GPU_PROMPTS
-    from tests.test_gpu_engine import assert_greedy_close, available, tokens
+    from tests.conftest import assert_greedy_close, backend_available, tokens
+    from tests.engine.test_gpu_engine import GREEDY as GPU_GREEDY
+    from tests.engine.test_gpu_engine import PROMPTS as GPU_PROMPTS
 
-    if not available(backend):
+    if not backend_available(backend):
         pytest.skip(f"{backend} not installed")
     path = str(gpu_models[kind])
     eager = LLM(path, dtype="float16", attention_backend=backend, enforce_eager=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compiled_llm import LLM, SamplingParams
-from compiled_llm.attention_backends.registry import get_backend_class
+from tests.conftest import assert_greedy_close, backend_available, tokens
 
 pytestmark = pytest.mark.gpu
 
@@ -24,51 +24,6 @@ PROMPTS = [
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
 
 
-def tokens(outputs) -> list[tuple[list[int], list[dict]]]:
-    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outputs]
-
-
-def assert_greedy_close(expected, got) -> None:
-    """Greedy sequences agree until the first position where two fp16 implementations may
-    legitimately pick differently: there each side's token must be in the other's top 5 (the
-    logits nearly tie), and the rest of that sequence is not compared (it follows a different
-    prefix). vLLM's tests use the same oracle."""
-    diverged = 0
-    for (ref_ids, ref_lps), (ids, lps) in zip(expected, got):
-        assert len(ids) == len(ref_ids)
-        for pos, (a, b) in enumerate(zip(ref_ids, ids)):
-            if a == b:
-                continue
-            assert a in lps[pos] and b in ref_lps[pos], (pos, a, b)
-            diverged += 1
-            break
-    assert diverged <= max(1, len(expected) // 2), "most sequences must match exactly"
-
-
-def available(name: str) -> bool:
-    try:
-        get_backend_class(name)
-    except ValueError:
-        return False
-    return True
-
-
-# FlashInfer's kernels need head_dim >= 64.
-GPU_SHAPE = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
-
-
-@pytest.fixture(scope="module")
-def gpu_models(tmp_path_factory, embedded_tokenizer_dir):
-    from .conftest import make_tiny_model
-
-    return {
-        kind: make_tiny_model(
-            kind, tmp_path_factory.mktemp(f"gpu-{kind}"), embedded_tokenizer_dir, **GPU_SHAPE
-        )
-        for kind in ("llama", "qwen3")
-    }
-
-
 @pytest.fixture(scope="module")
 def reference(gpu_models) -> dict[str, list[list[int]]]:
     out = {}
@@ -82,7 +37,7 @@ def reference(gpu_models) -> dict[str, list[list[int]]]:
 @pytest.mark.parametrize("backend", ["triton", "flashinfer"])
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_backend_with_cuda_graphs_matches_reference(kind, backend, gpu_models, reference):
-    if not available(backend):
+    if not backend_available(backend):
         pytest.skip(f"{backend} not installed")
     llm = LLM(
         str(gpu_models[kind]),
@@ -106,7 +61,7 @@ def test_backend_with_cuda_graphs_matches_reference(kind, backend, gpu_models, r
 def test_o2_equals_o0_same_backend(gpu_models):
     """Default capture sizes: 24 decoding requests replay the size-24 decode graph, a size
     the coarser piecewise list does not have (the 24 prompts' prefill runs piecewise)."""
-    backend = "flashinfer" if available("flashinfer") else "triton"
+    backend = "flashinfer" if backend_available("flashinfer") else "triton"
     path = str(gpu_models["llama"])
     prompts = PROMPTS * 3
     eager = LLM(path, dtype="float16", attention_backend=backend, enforce_eager=True)
@@ -123,7 +78,7 @@ def test_o2_equals_o0_same_backend(gpu_models):
 
 def test_o2_warm_start_skips_dynamo_and_matches(gpu_models, tmp_path):
     """A second -O2 start calls the saved split graph (no Dynamo) under CUDA graphs."""
-    backend = "flashinfer" if available("flashinfer") else "triton"
+    backend = "flashinfer" if backend_available("flashinfer") else "triton"
     kwargs = dict(
         dtype="float16",
         attention_backend=backend,

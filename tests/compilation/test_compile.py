@@ -15,8 +15,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from compiled_llm import LLM, SamplingParams
-
-from .conftest import make_tiny_model
+from tests.conftest import make_tiny_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 PROMPTS = [

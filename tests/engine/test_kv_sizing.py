@@ -1,5 +1,5 @@
 """KV-cache sizing. On CPU: the budget arithmetic (`kv_cache_budget`), the CUDA-graph estimate's
-extrapolation, and that CPU sizing is unchanged. On CUDA (`pytest -m gpu tests/test_kv_sizing.py`):
+extrapolation, and that CPU sizing is unchanged. On CUDA (`pytest -m gpu tests/engine/test_kv_sizing.py`):
 beside another process holding most of the GPU, an engine starts, serves, and its own memory
 stays within total x gpu_memory_utilization; and a share other processes already hold is refused
 with a clear error instead of running out of memory."""
@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from compiled_llm import LLM, SamplingParams
-from compiled_llm.attention_backends.registry import get_backend_class
 from compiled_llm.engine.model_runner import (
     _DEFAULT_CPU_KV_BYTES,
     MemoryProfile,
     ModelRunner,
     kv_cache_budget,
 )
+from tests.conftest import backend_available, make_tiny_model
 
 GIB = 1 << 30
 
@@ -163,14 +163,6 @@ def another_process_leaving(free_bytes: int) -> Iterator[None]:
         proc.wait(timeout=60)
 
 
-def available(backend: str) -> bool:
-    try:
-        get_backend_class(backend)
-    except ValueError:
-        return False
-    return True
-
-
 def device_in_use() -> int:
     gc.collect()
     torch.cuda.synchronize()
@@ -180,8 +172,6 @@ def device_in_use() -> int:
 
 @pytest.fixture(scope="module")
 def kv_heavy_model(tmp_path_factory, embedded_tokenizer_dir):
-    from .conftest import make_tiny_model
-
     return make_tiny_model(
         "llama", tmp_path_factory.mktemp("kv-heavy"), embedded_tokenizer_dir, **KV_HEAVY
     )
@@ -193,7 +183,7 @@ def test_engine_stays_within_its_share_beside_another_process(kv_heavy_model, ba
     """The other process leaves this engine its share plus 512 MiB. The old sizing (share minus
     torch's peak) went over the share by everything torch's peak does not see (non-torch memory,
     CUDA graphs, allocator slack)."""
-    if not available(backend):
+    if not backend_available(backend):
         pytest.skip(f"{backend} not installed")
     total = torch.cuda.mem_get_info()[1]
     share = int(total * UTILIZATION)

@@ -11,7 +11,7 @@ import pytest
 
 
 def readme_command(marker: str) -> str:
-    text = (Path(__file__).parent.parent / "README.md").read_text()
+    text = (Path(__file__).parents[2] / "README.md").read_text()
     block = text.split(f"<!-- {marker} -->", 1)[1]
     return re.search(r"^pip install.*$", block, re.M).group(0)
 
