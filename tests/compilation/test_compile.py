@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -84,11 +83,12 @@ print(json.dumps({"unique": s.num_unique, "seconds": s.trace_s + s.passes_s + s.
 
 @pytest.mark.slow
 def test_identical_layers_compile_once(tmp_path: Path, embedded_tokenizer_dir) -> None:
-    """Compile time barely grows with depth: each depth compiled cold in a fresh process."""
+    """A deeper model compiles no more pieces: each depth compiled cold in a fresh process, and
+    Inductor sees the same three unique pieces (time is the benchmarks' business)."""
     shallow = make_tiny_model("llama", tmp_path / "l2", embedded_tokenizer_dir)
     deep = make_tiny_model("llama", tmp_path / "l8", embedded_tokenizer_dir, num_hidden_layers=8)
 
-    def compile_seconds(path: Path, name: str) -> float:
+    def unique_pieces(path: Path, name: str) -> int:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / f"inductor-{name}"))
         result = subprocess.run(
             [sys.executable, "-c", _COMPILE_SECONDS, str(path), str(tmp_path / name)],
@@ -98,14 +98,9 @@ def test_identical_layers_compile_once(tmp_path: Path, embedded_tokenizer_dir) -
             timeout=600,
         )
         assert result.returncode == 0, result.stderr[-3000:]
-        stats = json.loads(result.stdout.strip().splitlines()[-1])
-        assert stats["unique"] == 3
-        return float(stats["seconds"])
+        return int(json.loads(result.stdout.strip().splitlines()[-1])["unique"])
 
-    shallow_s = compile_seconds(shallow, "shallow")
-    deep_s = compile_seconds(deep, "deep")
-    print(f"compile seconds: 8 layers {deep_s:.2f}, 2 layers {shallow_s:.2f}")
-    assert deep_s <= 1.5 * shallow_s, (deep_s, shallow_s)
+    assert unique_pieces(shallow, "shallow") == unique_pieces(deep, "deep") == 3
 
 
 @pytest.mark.slow
@@ -113,22 +108,17 @@ def test_warm_start_skips_dynamo_and_matches(tiny_models, tmp_path: Path) -> Non
     path = tiny_models("qwen3")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
     try:
-        start = time.perf_counter()
         cold = compiled_llm(path, tmp_path / "cc")
-        cold_s = time.perf_counter() - start
         cold_out = token_ids(cold.generate(PROMPTS, GREEDY, use_tqdm=False))
         del cold
         torch._dynamo.reset()
         graphs = counters["stats"]["unique_graphs"]
-        start = time.perf_counter()
         warm = compiled_llm(path, tmp_path / "cc")
-        warm_s = time.perf_counter() - start
     finally:
         del os.environ["TORCHINDUCTOR_CACHE_DIR"]
     stats = warm.engine.core.runner.compiled.stats
     assert stats.warm and stats.dynamo_skipped and stats.inductor_s == 0.0
     assert stats.num_pieces == 3 and stats.num_unique == 3
-    assert warm_s < cold_s, (warm_s, cold_s)
     assert token_ids(warm.generate(PROMPTS, GREEDY, use_tqdm=False)) == cold_out
     assert counters["stats"]["unique_graphs"] == graphs  # Dynamo never traced
     # gemm_merge's layout (q/k/v rows back to back in one storage) was restored on the fresh model
