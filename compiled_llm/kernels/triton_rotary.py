@@ -32,6 +32,24 @@ def rope_cos_sin(
 
 
 @triton.jit
+def _first_halves(
+    t,
+    stride_t,
+    stride_h,
+    NUM_HEADS: tl.constexpr,
+    H_PAD: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+):
+    """Element offsets [H_PAD, HALF_PAD] of the first half of every head of token t (the second
+    half is HALF further), and the mask of the real heads and dims."""
+    h = tl.arange(0, H_PAD)
+    i = tl.arange(0, HALF_PAD)
+    mask = (h[:, None] < NUM_HEADS) & (i[None, :] < HALF)
+    return t * stride_t + h[:, None] * stride_h + i[None, :], mask
+
+
+@triton.jit
 def load_halves(
     x_ptr,
     t,
@@ -43,10 +61,8 @@ def load_halves(
     HALF_PAD: tl.constexpr,
 ):
     """The two halves [H_PAD, HALF_PAD] of every head of token t, in float32 (NeoX split)."""
-    h = tl.arange(0, H_PAD)
-    i = tl.arange(0, HALF_PAD)
-    mask = (h[:, None] < NUM_HEADS) & (i[None, :] < HALF)
-    src = x_ptr + t * stride_t + h[:, None] * stride_h + i[None, :]
+    offsets, mask = _first_halves(t, stride_t, stride_h, NUM_HEADS, H_PAD, HALF, HALF_PAD)
+    src = x_ptr + offsets
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
     return x1, x2
@@ -71,10 +87,8 @@ def store_halves(
     HALF_PAD: tl.constexpr,
 ):
     """Store the halves `load_halves` read (in out_ptr's dtype; out_ptr may be x_ptr)."""
-    h = tl.arange(0, H_PAD)
-    i = tl.arange(0, HALF_PAD)
-    mask = (h[:, None] < NUM_HEADS) & (i[None, :] < HALF)
-    dst = out_ptr + t * stride_t + h[:, None] * stride_h + i[None, :]
+    offsets, mask = _first_halves(t, stride_t, stride_h, NUM_HEADS, H_PAD, HALF, HALF_PAD)
+    dst = out_ptr + offsets
     tl.store(dst, y1.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + HALF, y2.to(out_ptr.dtype.element_ty), mask=mask)
 
