@@ -29,6 +29,8 @@ from compiled_llm.compilation.graph_cache import (
     SavedGraph,
     SavedGraphForward,
     describe_inputs,
+    probed_vec_isa,
+    recorded_vec_isa,
     storage_groups,
 )
 from compiled_llm.config import EngineConfig
@@ -208,6 +210,7 @@ class CompiledModel:
             inputs=inputs,
             storage_groups=storage_groups(inputs, capture.example_inputs),
             out_spec=pytree.treespec_dumps(spec),
+            vec_isa=probed_vec_isa(),
         )
         cache.save_bytes(GRAPH_ENTRY, saved.dumps())
 
@@ -225,16 +228,17 @@ class CompiledModel:
             backend_ops(self.backend_name)  # the graph's code calls the backend's ops
             gm = pickle.loads(saved.graph)
             compiled: dict[str, CompiledPiece] = {}
-            for name, (key, single) in saved.pieces.items():
-                if key not in compiled:
-                    artifact = cache.load(key)
-                    if artifact is None:
-                        raise LookupError(f"compiled piece {key} is missing")
-                    compiled[key] = CompiledPiece(artifact, key, single)
-                piece: torch.nn.Module = compiled[key]
-                if self.backend.wrap_piece is not None:
-                    piece = self.backend.wrap_piece(name, piece)
-                setattr(gm, name, piece)
+            with recorded_vec_isa(saved.vec_isa):
+                for name, (key, single) in saved.pieces.items():
+                    if key not in compiled:
+                        artifact = cache.load(key)
+                        if artifact is None:
+                            raise LookupError(f"compiled piece {key} is missing")
+                        compiled[key] = CompiledPiece(artifact, key, single)
+                    piece: torch.nn.Module = compiled[key]
+                    if self.backend.wrap_piece is not None:
+                        piece = self.backend.wrap_piece(name, piece)
+                    setattr(gm, name, piece)
             forward = SavedGraphForward(gm, saved, self.model, num_args=2)
         except Exception as e:  # noqa: BLE001 - fall back to tracing, which rebuilds what is missing
             logger.warning("cannot use the saved graph (%s); tracing with Dynamo", e)

@@ -10,13 +10,20 @@ start loads that, binds the inputs and calls the graph directly: no tracing, no 
 Where each input comes from: a tensor of the model (parameter, buffer or plain tensor attribute)
 by dotted name, a forward argument by position, or a size of one. A graph with an input of any
 other kind is not saved; the next start traces with Dynamo again.
+
+On x86 CPUs it also records the vector instruction sets Inductor found usable when it built the
+pieces. Inductor probes them in every process (a test build and a subprocess that loads it, per
+ISA: 2-3 s of a warm start on a 2-core machine); a warm start loads the pieces with the record
+instead, unless it was made under other conditions (then Inductor probes as usual).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import pickle
-from collections.abc import Callable, Sequence
+import platform
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,7 +33,7 @@ from torch.utils import _pytree as pytree
 
 from compiled_llm.passes.storage import merge_storage
 
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class SavedGraph:
     inputs: tuple[InputSource, ...]
     storage_groups: tuple[tuple[str, ...], ...]  # model tensors laid out back to back, in order
     out_spec: str  # pytree spec of the forward's result over the graph's outputs
+    vec_isa: dict[str, Any] | None = None  # Inductor's CPU ISAs (probed_vec_isa), x86 only
 
     def dumps(self) -> bytes:
         return pickle.dumps(self)
@@ -179,3 +187,99 @@ class SavedGraphForward:
             inputs[slot] = args[i].shape[dim]
         out = self.gm(*inputs)
         return pytree.tree_unflatten(list(out), self.spec)
+
+
+# --- Inductor's CPU vector ISAs ------------------------------------------------------------------
+def _isa_probe() -> Any | None:
+    """Inductor's ISA probe on x86 (`cpu_vec_isa.valid_vec_isa_list`, a cached function), or
+    None where there is none to skip or torch's internals differ from what this code knows:
+    then nothing is recorded or replaced."""
+    if platform.machine() != "x86_64":
+        return None
+    from torch._inductor import cpu_vec_isa
+
+    probe = getattr(cpu_vec_isa, "valid_vec_isa_list", None)
+    names = ("supported_vec_isa_list", "x86_isa_checker", "pick_vec_isa", "VecAMX")
+    if not hasattr(probe, "cache_info") or not all(hasattr(cpu_vec_isa, n) for n in names):
+        return None
+    return probe
+
+
+def _vec_isa_conditions() -> dict[str, Any]:
+    """What the probe depends on besides the compile cache's key (which already names torch's
+    version and the CPU's instruction sets): the compiler it builds with, the override, and the
+    instruction sets torch reports. A record made under others is not used."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor import cpu_vec_isa
+
+    return {
+        "cxx": list(inductor_config.cpp.cxx),
+        "vec_isa_ok": inductor_config.cpp.vec_isa_ok,
+        "x86": cpu_vec_isa.x86_isa_checker(),
+    }
+
+
+def probed_vec_isa() -> dict[str, Any] | None:
+    """What Inductor's probe found in this process, as a record for later starts; None if it has
+    not run (this never probes)."""
+    probe = _isa_probe()
+    if probe is None or probe.cache_info().currsize == 0:
+        return None
+    isas = [
+        {
+            "class": type(isa).__name__,
+            # set by the probe; they add compiler flags (build_arch_flags)
+            "avx512_bf16": bool(getattr(isa, "_is_avx512_bf16_supported", False)),
+            "amx_fp16": bool(getattr(isa, "_is_amx_fp16_supported", False)),
+        }
+        for isa in probe()
+    ]
+    return {"conditions": _vec_isa_conditions(), "isas": isas}
+
+
+def _isas_from_record(record: Any) -> list[Any] | None:
+    """The recorded ISAs as Inductor's objects, with the flags its probe sets; None if the
+    record cannot be used here (then nothing is changed)."""
+    import torch
+    from torch._inductor import cpu_vec_isa
+
+    if not isinstance(record, dict) or record.get("conditions") != _vec_isa_conditions():
+        return None
+    known = {type(isa).__name__: isa for isa in cpu_vec_isa.supported_vec_isa_list}
+    try:
+        entries = [
+            (known[e["class"]], bool(e["avx512_bf16"]), bool(e["amx_fp16"])) for e in record["isas"]
+        ]
+    except (KeyError, TypeError):
+        return None
+    # The AMX probe also asks the kernel for this process's AMX tile permission.
+    amx = any(isinstance(isa, cpu_vec_isa.VecAMX) for isa, _, _ in entries)
+    if amx and not torch.cpu._init_amx():
+        return None
+    for isa, avx512_bf16, amx_fp16 in entries:
+        if hasattr(isa, "_is_avx512_bf16_supported"):
+            isa._is_avx512_bf16_supported = avx512_bf16
+        if hasattr(isa, "_is_amx_fp16_supported"):
+            isa._is_amx_fp16_supported = amx_fp16
+    return [isa for isa, _, _ in entries]
+
+
+@contextlib.contextmanager
+def recorded_vec_isa(record: dict[str, Any] | None) -> Iterator[None]:
+    """Inside the block, Inductor takes its CPU ISAs from `record` (probed_vec_isa of an earlier
+    start) instead of probing; loading a compiled piece asks for them. Without a usable record,
+    or once this process has probed, Inductor is left as it is."""
+    probe = _isa_probe()
+    probed = probe is None or probe.cache_info().currsize > 0
+    isas = None if record is None or probed else _isas_from_record(record)
+    if isas is None:
+        yield
+        return
+    from torch._inductor import cpu_vec_isa
+
+    # pick_vec_isa() looks valid_vec_isa_list up in its module at each call.
+    cpu_vec_isa.valid_vec_isa_list = lambda: list(isas)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        cpu_vec_isa.valid_vec_isa_list = probe  # type: ignore[assignment]
