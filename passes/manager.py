@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import fx
-from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from compiled_llm.passes.base import CompilerPass, PassContext
 
@@ -93,11 +92,16 @@ class PassPipeline:
             f.write(str(graph))
 
 
-class PostGradHook(CustomGraphPass):
+class PostGradHook:
     """Inductor's `post_grad_custom_post_pass`: the pipeline's post-grad stage, with a uuid
-    so Inductor's FX graph cache keys on exactly these passes."""
+    so Inductor's FX graph cache keys on exactly these passes. Registered as a CustomGraphPass
+    (what Inductor asks for) when the first is made, so importing the passes does not import
+    Inductor (and Dynamo with it): seconds of a start that never compiles."""
 
     def __init__(self, pipeline: PassPipeline) -> None:
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+
+        CustomGraphPass.register(PostGradHook)
         self.pipeline = pipeline
 
     def __call__(self, graph: fx.Graph) -> None:
