@@ -177,14 +177,16 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def time_command(args: argparse.Namespace, env: dict[str, str]) -> float:
-    """Wall seconds of the `compiled-llm generate` command itself."""
+def time_command(args: argparse.Namespace, env: dict[str, str], cwd: str) -> float:
+    """Wall seconds of the `compiled-llm generate` command itself (run from `cwd`, away from
+    a source tree whose folders would shadow the installed package)."""
     start = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "compiled_llm.cli", "-q", *generate_argv(args)],
         capture_output=True,
         check=True,
         env=env,
+        cwd=cwd,
         timeout=1800,
     )
     return time.perf_counter() - start
@@ -219,7 +221,7 @@ def main() -> None:
                 return
             runs[name].append(run)
         if model_mode:
-            command_s.append(time_command(args, child_env))
+            command_s.append(time_command(args, child_env, caches))
     env["load_after"] = os.getloadavg()
     result: dict[str, Any] = {
         "config": vars(args),
