@@ -178,8 +178,9 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def time_command(args: argparse.Namespace, env: dict[str, str], cwd: str) -> float:
-    """Wall seconds of the `compiled-llm generate` command itself (run from `cwd`, away from
-    a source tree whose folders would shadow the installed package)."""
+    """Wall seconds of the `compiled-llm generate` command itself (run from the empty folder
+    `cwd`: `python -m` puts it first on sys.path, where a source tree's folders, or the cache
+    folder named compiled_llm, would shadow the installed package)."""
     start = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "compiled_llm.cli", "-q", *generate_argv(args)],
@@ -190,6 +191,17 @@ def time_command(args: argparse.Namespace, env: dict[str, str], cwd: str) -> flo
         timeout=1800,
     )
     return time.perf_counter() - start
+
+
+def reference_import_seconds() -> float:
+    """Median seconds of `python -c "import torch"`: how fast this machine is right now (its
+    speed drifts between runs on a shared machine), for comparing results."""
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch"], check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -203,6 +215,7 @@ def main() -> None:
 
     env = environment()
     env["load_before"] = os.getloadavg()
+    env["import_torch_s"] = reference_import_seconds()
     print("config:", json.dumps(vars(args)), json.dumps(env), sep="\n  ")
     runs: dict[str, list[dict[str, Any]]] = {"cold": [], "warm": []}
     command_s: list[float] = []
@@ -221,8 +234,11 @@ def main() -> None:
                 return
             runs[name].append(run)
         if model_mode:
-            command_s.append(time_command(args, child_env, caches))
+            empty = os.path.join(caches, "cwd")
+            os.makedirs(empty)
+            command_s.append(time_command(args, child_env, empty))
     env["load_after"] = os.getloadavg()
+    env["import_torch_after_s"] = reference_import_seconds()
     result: dict[str, Any] = {
         "config": vars(args),
         "env": env,
@@ -236,6 +252,10 @@ def main() -> None:
     path = write_result(name, result, folder="" if _cuda() else "cpu")
     print(f"\nresults: {path}\n")
     medians = result["runs"]
+    print(
+        f"machine: load {env['load_before'][0]:.2f} -> {env['load_after'][0]:.2f}, "
+        f"`import torch` {env['import_torch_s']:.2f} -> {env['import_torch_after_s']:.2f} s"
+    )
     if model_mode:
         print(f"medians of {args.repeats} (seconds; the stages add up to wall):")
         print_table(
