@@ -5,8 +5,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from compiled_llm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from compiled_llm.structured_output.manager import RequestGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -16,6 +20,9 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    # A grammar (structured outputs) that failed to compile or could not be continued; the
+    # request's stop_reason says which.
+    FINISHED_ERROR = "error"
 
     @property
     def finished(self) -> bool:
@@ -23,6 +30,7 @@ class RequestStatus(enum.Enum):
             RequestStatus.FINISHED_STOPPED,
             RequestStatus.FINISHED_LENGTH,
             RequestStatus.FINISHED_ABORTED,
+            RequestStatus.FINISHED_ERROR,
         )
 
 
@@ -44,6 +52,8 @@ class Request:
     # Placeholder tokens scheduled but not yet sampled (async scheduling): the core appends
     # them when step results arrive.
     num_pending_output_tokens: int = 0
+    # Structured outputs: this sample's grammar and matcher (None: unconstrained).
+    grammar: RequestGrammar | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -29,6 +30,54 @@ _FLOAT_FIELDS = (
 
 
 @dataclass
+class StructuredOutputsParams:
+    """One constraint on a request's output, enforced token by token with a grammar (vLLM's
+    names): a JSON schema, a regular expression, one of several strings, an EBNF grammar, or any
+    JSON object. Exactly one is set. Whether a schema, regex or grammar compiles is checked by
+    the frontend (compiled_llm/structured_output/validate.py), which names the failing field."""
+
+    json: str | dict[str, Any] | None = None  # a JSON schema, as a dict or its JSON text
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # EBNF (GBNF style), whose start rule is `root`
+    json_object: bool | None = None  # any JSON object
+    # JSON without free whitespace between tokens (vLLM's option): keeps small models from
+    # looping on newlines
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in _CONSTRAINTS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                f"structured_outputs must set exactly one of {', '.join(_CONSTRAINTS)}, got "
+                f"{', '.join(given) or 'none'}"
+            )
+        kinds: dict[str, type | tuple[type, ...]] = {
+            "json": (str, dict),
+            "regex": str,
+            "choice": list,
+            "grammar": str,
+            "json_object": bool,
+        }
+        for name, kind in kinds.items():
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                raise ValueError(f"structured_outputs.{name} has the wrong type: {value!r:.80}")
+        if self.choice is not None and (
+            not self.choice or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise ValueError("structured_outputs.choice must be a list of non-empty strings")
+
+    @property
+    def kind(self) -> str:
+        """The one constraint set: json, regex, choice, grammar or json_object."""
+        return next(name for name in _CONSTRAINTS if getattr(self, name) not in (None, False))
+
+
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0  # 0 means greedy
@@ -47,6 +96,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per output token (plus the sampled one)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled by the engine: EOS and generation-config stop ids.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -98,6 +148,9 @@ class SamplingParams:
             fail("stop", "must be non-empty strings")
         if any(not _is_int(t) or not 0 <= t <= INT64_MAX for t in self.stop_token_ids):  # type: ignore[union-attr]
             fail("stop_token_ids", "must be non-negative integers below 2**63")
+        so = self.structured_outputs
+        if so is not None and not isinstance(so, StructuredOutputsParams):
+            fail("structured_outputs", "must be a StructuredOutputsParams")
 
     def sample_seed(self, index: int) -> int | None:
         """The seed of sample `index` of `n`: seed + index, folded into [0, 2**63) (the

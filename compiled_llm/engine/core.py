@@ -6,6 +6,7 @@ The same class runs in-process (`LLM`) and in its own process behind ZeroMQ (the
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 
@@ -22,6 +23,7 @@ from compiled_llm.kv_cache.kv_cache_manager import KVCacheManager
 from compiled_llm.profiler import Profiler
 from compiled_llm.request import Request, RequestStatus
 from compiled_llm.sampling_params import INT64_MAX, INT64_MIN
+from compiled_llm.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,10 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler_config, self.kv_cache)
         self.async_scheduling = config.scheduler_config.async_scheduling
         self._inflight: StepHandle | None = None
+        mc = config.model_config
+        self.structured = StructuredOutputManager(
+            mc.tokenizer, int(mc.hf_config.vocab_size), pin_memory=config.device.type == "cuda"
+        )
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens)",
             num_blocks,
@@ -64,17 +70,19 @@ class EngineCore:
         if req.request_id in self.scheduler.requests:
             raise ValueError(f"request_id {req.request_id!r} is already running")
         self._check(req)
-        self.scheduler.add_request(
-            Request(
-                request_id=req.request_id,
-                prompt_token_ids=list(req.prompt_token_ids),
-                sampling_params=req.sampling_params,
-                max_tokens=req.max_tokens,
-                sampling_seed=req.sampling_seed,
-                priority=req.priority,
-                arrival_time=req.arrival_time,
-            )
+        params = req.sampling_params
+        request = Request(
+            request_id=req.request_id,
+            prompt_token_ids=list(req.prompt_token_ids),
+            sampling_params=params,
+            max_tokens=req.max_tokens,
+            sampling_seed=req.sampling_seed,
+            priority=req.priority,
+            arrival_time=req.arrival_time,
         )
+        if params.structured_outputs is not None:
+            request.grammar = self.structured.grammar_for(params)  # compiles on its thread
+        self.scheduler.add_request(request)
 
     def _check(self, req: EngineCoreRequest) -> None:
         mc = self.config.model_config
@@ -88,6 +96,8 @@ class EngineCore:
             raise ValueError(f"sampling_seed={req.sampling_seed} is outside [0, 2**63)")
         if not INT64_MIN <= req.priority <= INT64_MAX:
             raise ValueError(f"priority={req.priority} does not fit 64 bits")
+        if req.sampling_params.structured_outputs is not None and mc.skip_tokenizer_init:
+            raise ValueError("structured_outputs needs a tokenizer (skip_tokenizer_init is set)")
 
     def abort_requests(self, request_ids: list[str], reason: str = "abort") -> None:
         """Finish requests now (client gone, stop string seen) and free their KV blocks. The
@@ -102,17 +112,49 @@ class EngineCore:
     def step(self) -> EngineCoreOutputs:
         """One step. With async scheduling, step N+1 is scheduled and launched before step N's
         results are read, so host work overlaps device work; results then lag one call. Without
-        it, each step's results are read in the call that launched it."""
+        it, each step's results are read in the call that launched it.
+
+        Structured outputs: step N+1's forward is launched first; then step N's tokens are read
+        and each matcher accepts its token; then the bitmask of N+1's grammar rows is filled on
+        the host (while the device runs the forward) and N+1's sampling is launched with it."""
         with self.profiler.stage("schedule"):
             sched = self.scheduler.schedule()
         previous, self._inflight = self._inflight, None
+        outputs = self._finished_unscheduled()
         if not sched.is_empty:
-            self._inflight = self.runner.execute_async(sched, self._block_ids(sched), previous)
+            launched = self.runner.launch(sched, self._block_ids(sched), previous)
+            bitmask = None
+            grammars = [r.grammar for r in launched.requests]
+            if any(g is not None for g in grammars):
+                if previous is not None:
+                    outputs += self._process(previous.result())
+                    previous = None
+                with self.profiler.stage("grammar bitmask"):
+                    bitmask = self.structured.bitmask(grammars)
+            self._inflight = self.runner.sample(launched, bitmask)
         if not self.async_scheduling:
+            assert previous is None
             previous, self._inflight = self._inflight, None
-        if previous is None:
-            return self._outputs([], sched)
-        return self._outputs(self._process(previous.result()), sched)
+        if previous is not None:
+            outputs += self._process(previous.result())
+        elif sched.is_empty and self.scheduler.compiling:
+            # Nothing runs but grammars compile: wait for one rather than spin.
+            futures = [g.future for g in self.scheduler.compiling]
+            concurrent.futures.wait(futures, timeout=0.05, return_when="FIRST_COMPLETED")
+        return self._outputs(outputs, sched)
+
+    def _finished_unscheduled(self) -> list[EngineCoreOutput]:
+        """Outputs for requests that ended in the queue (a grammar that failed to compile)."""
+        ended, self.scheduler.finished_unscheduled = self.scheduler.finished_unscheduled, []
+        return [
+            EngineCoreOutput(
+                request_id=r.request_id,
+                new_token_ids=[],
+                finish_reason=r.finish_reason,
+                stop_reason=r.stop_reason,
+            )
+            for r in ended
+        ]
 
     def _block_ids(self, sched: SchedulerOutput) -> list[list[int]]:
         return [self.kv_cache.block_ids(s.request) for s in sched.scheduled]

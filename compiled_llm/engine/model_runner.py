@@ -31,7 +31,7 @@ from compiled_llm.models.loader import load_model
 from compiled_llm.profiler import Profiler
 from compiled_llm.request import Request
 from compiled_llm.sampling.batch import build_sampling_batch
-from compiled_llm.sampling.sampler import Sampler, SamplerOutput
+from compiled_llm.sampling.sampler import Sampler, SamplerOutput, SamplingBatch
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,15 @@ class StepInputs:
     attn: AttentionInputs
     logits_indices: torch.Tensor
     sampling_requests: list[Request]
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose forward is launched and whose sampling is not (ModelRunner.launch)."""
+
+    requests: list[Request]  # the rows that sample, in order
+    logits: torch.Tensor | None
+    batch: SamplingBatch | None
 
 
 @dataclass
@@ -421,19 +430,47 @@ class ModelRunner:
         previous: StepHandle | None = None,
     ) -> StepHandle:
         """Launch a step; returns before the device finishes it."""
+        return self.sample(self.launch(sched, block_ids, previous))
+
+    @torch.inference_mode()
+    def launch(
+        self,
+        sched: SchedulerOutput,
+        block_ids: list[list[int]],
+        previous: StepHandle | None = None,
+    ) -> LaunchedStep:
+        """Launch a step's forward and logits (and build its sampling batch); `sample` launches
+        the sampling. Between the two the host may fill the grammar bitmask while the device
+        runs the forward."""
         stage = self.profiler.stage
         with stage("prepare inputs"):
             inputs = self.prepare_inputs(sched.scheduled, block_ids, previous)
         with stage("forward"):
             hidden = self.run_model(inputs.input_ids, inputs.positions, inputs.attn)
         if not inputs.sampling_requests:
-            return StepHandle([], None)
+            return LaunchedStep([], None, None)
         with stage("sample"):
             logits = self.model.compute_logits(hidden[inputs.logits_indices])
             batch = build_sampling_batch(
                 inputs.sampling_requests, self.vocab_size, self.device, previous
             )
-            return StepHandle(inputs.sampling_requests, self.sampler(logits, batch))
+        return LaunchedStep(inputs.sampling_requests, logits, batch)
+
+    @torch.inference_mode()
+    def sample(
+        self, step: LaunchedStep, bitmask: tuple[torch.Tensor, list[int]] | None = None
+    ) -> StepHandle:
+        """Launch the sampling of a launched step. `bitmask`: the allowed-token bitmask of the
+        rows that have a grammar (host tensor) and those rows."""
+        if step.logits is None or step.batch is None:
+            return StepHandle([], None)
+        with self.profiler.stage("sample"):
+            batch = step.batch
+            if bitmask is not None and bitmask[1]:
+                mask, rows = bitmask
+                batch.token_bitmask = mask.to(self.device, non_blocking=True)
+                batch.bitmask_rows = self._to_device(np.asarray(rows, dtype=np.int64))
+            return StepHandle(step.requests, self.sampler(step.logits, batch))
 
     def run_model(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs

@@ -11,6 +11,7 @@ from typing import Any
 from compiled_llm.config import ModelConfig
 from compiled_llm.engine.messages import EngineCoreRequest
 from compiled_llm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams
+from compiled_llm.structured_output.validate import validate_structured_outputs
 
 PromptType = str | Mapping[str, Any]
 
@@ -117,6 +118,12 @@ class InputProcessor:
                 f"min_tokens={params.min_tokens} exceeds the {max_tokens} tokens this prompt can "
                 f"generate within max_model_len={max_len}"
             )
+        if params.structured_outputs is not None:
+            if self.tokenizer is None:
+                raise ValueError(
+                    "structured_outputs needs a tokenizer (skip_tokenizer_init is set)"
+                )
+            validate_structured_outputs(params.structured_outputs)
         params = params.clone(all_stop_token_ids=set(self.eos_ids))
         arrival = time.monotonic() if arrival_time is None else arrival_time
         core_requests = []

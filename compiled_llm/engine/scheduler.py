@@ -12,10 +12,14 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from compiled_llm.config import SchedulerConfig
 from compiled_llm.kv_cache.kv_cache_manager import KVCacheManager
 from compiled_llm.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from compiled_llm.structured_output.manager import RequestGrammar
 
 
 @dataclass
@@ -59,6 +63,11 @@ class Scheduler:
         self._counter = itertools.count()
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # Requests that ended without being scheduled (their grammar failed to compile); the
+        # core reports them and clears the list.
+        self.finished_unscheduled: list[Request] = []
+        # Grammars the last schedule found still compiling (their requests wait).
+        self.compiling: list[RequestGrammar] = []
 
     # --- queue ----------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -113,10 +122,21 @@ class Scheduler:
                 i += 1
         if out.num_preempted:
             return self._commit(out)
+        not_ready = []  # requests whose grammar is still compiling: they keep their place
         while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self._waiting[0][-1]
             if request.is_finished:
                 heapq.heappop(self._waiting)
+                continue
+            grammar = request.grammar
+            if grammar is not None and not grammar.ready():
+                not_ready.append(heapq.heappop(self._waiting))
+                continue
+            if grammar is not None and grammar.error is not None:
+                heapq.heappop(self._waiting)
+                request.stop_reason = grammar.error
+                self.finish(request.request_id, RequestStatus.FINISHED_ERROR)
+                self.finished_unscheduled.append(request)
                 continue
             computed, num_cached = self.kv_cache.get_computed_blocks(request)
             num_new = request.num_tokens - num_cached
@@ -133,6 +153,9 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(self._schedule(request, num_new))
             budget -= num_new
+        for key in not_ready:
+            heapq.heappush(self._waiting, key)
+        self.compiling = [key[-1].grammar for key in not_ready]  # type: ignore[misc]
         return self._commit(out)
 
     def _schedule(self, request: Request, num_new: int) -> ScheduledRequest:
@@ -168,11 +191,27 @@ class Scheduler:
                 continue
             request.num_pending_output_tokens -= 1
             request.output_token_ids.append(token)
-            status = self._check_stop(request, token)
+            status = self._check_grammar(request, token) or self._check_stop(request, token)
             if status is not None:
                 self.finish(request_id, status)
             updated.append(request)
         return updated
+
+    @staticmethod
+    def _check_grammar(request: Request, token: int) -> RequestStatus | None:
+        """Advance the request's matcher: its end state stops the request (finish_reason
+        "stop", also under ignore_eos), a token it refuses ends it with "error"."""
+        grammar = request.grammar
+        if grammar is None:
+            return None
+        if not grammar.accept(token):
+            request.stop_reason = grammar.error
+            return RequestStatus.FINISHED_ERROR
+        if grammar.is_terminated():
+            if token in request.sampling_params.stop_token_ids:  # type: ignore[operator]
+                request.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        return None
 
     @staticmethod
     def _check_stop(request: Request, token: int) -> RequestStatus | None:

@@ -58,6 +58,10 @@ class SamplingBatch:
     # (row, token) pairs banned this step (stop tokens before min_tokens)
     banned: tuple[torch.Tensor, torch.Tensor] | None = None
     max_num_logprobs: int = -1  # -1: no row asked for logprobs
+    # Structured outputs: allowed next tokens of the rows that have a grammar, filled on the host
+    # after the forward was launched (EngineCore.step)
+    token_bitmask: torch.Tensor | None = None  # [G, ceil(V / 32)] int32, bit t allows token t
+    bitmask_rows: torch.Tensor | None = None  # [G] int64: the rows it applies to
 
 
 @dataclass
@@ -90,6 +94,21 @@ def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return logits - b.presence_penalty[:, None] * (out_counts > 0).float()
 
 
+_BIT = torch.arange(32, dtype=torch.int32)
+
+
+def apply_token_bitmask(
+    logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """Logits with every token the bitmask disallows set to -inf, in the given rows only. Plain
+    tensor ops (unpack the bits, masked_fill), the same on CPU and CUDA, without a host sync."""
+    vocab = logits.shape[1]
+    bits = _BIT.to(bitmask.device, non_blocking=True)
+    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, :vocab]
+    masked = logits[rows].masked_fill(~allowed, float("-inf"))
+    return logits.index_put((rows,), masked)
+
+
 def _apply_top_k_top_p(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=False)
     vocab = logits.shape[1]
@@ -108,6 +127,11 @@ def _apply_top_k_top_p(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
+        # The grammar mask comes first, as in vLLM: logprobs, penalties, temperature and
+        # top-k/p all see the constrained distribution.
+        if b.token_bitmask is not None:
+            assert b.bitmask_rows is not None
+            logits = apply_token_bitmask(logits, b.token_bitmask, b.bitmask_rows)
         raw_logprobs = logits.log_softmax(dim=-1) if b.max_num_logprobs >= 0 else None
         logits = apply_penalties(logits, b)
         if b.banned is not None:

@@ -1,0 +1,131 @@
+"""The engine core's side of structured outputs: grammars compiled off the step loop, one
+matcher per sample, and the step's token bitmask filled on the host.
+
+Compilation runs on one worker thread (xgrammar releases the GIL while it compiles), so a slow
+grammar never stalls the step loop: the request waits in the queue until its grammar is ready
+(`RequestGrammar.ready`), while others run. One `GrammarCompiler` per engine (one tokenizer),
+built on first use; its cache keys compiled grammars by their spec, so a schema seen before
+(or the `n` samples of one request) compiles once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from compiled_llm.sampling_params import SamplingParams
+from compiled_llm.structured_output.validate import grammar_spec
+
+logger = logging.getLogger(__name__)
+
+
+def bitmask_width(vocab_size: int) -> int:
+    """int32 words per row of a token bitmask (bit t of word t // 32 allows token t)."""
+    return -(-vocab_size // 32)
+
+
+class RequestGrammar:
+    """One sample's grammar: the compile future, then its matcher. The matcher has accepted
+    exactly the sample's output tokens, so it stays right across preemption (recompute keeps the
+    tokens) and prefix-cache hits (which only concern the prompt)."""
+
+    def __init__(self, future: Future[Any], stop_token_ids: list[int]) -> None:
+        self.future = future
+        self._stop_token_ids = stop_token_ids
+        self.matcher: Any = None
+        self.error: str | None = None  # why the grammar failed to compile or was broken
+
+    def ready(self) -> bool:
+        """True once compiled (or failed: `error` says why)."""
+        if self.matcher is not None or self.error is not None:
+            return True
+        if not self.future.done():
+            return False
+        try:
+            import xgrammar as xgr
+
+            self.matcher = xgr.GrammarMatcher(
+                self.future.result(), override_stop_tokens=self._stop_token_ids
+            )
+        except Exception as e:
+            logger.warning("structured outputs: grammar compilation failed: %s", e)
+            self.error = f"structured_outputs: the grammar failed to compile: {e}"
+        return True
+
+    def accept(self, token: int) -> bool:
+        """Advance by a sampled token; False (and `error` set) when the grammar refuses it,
+        which happens only when the mask allowed no token at all."""
+        if self.matcher.is_terminated():
+            return True
+        if self.matcher.accept_token(token):
+            return True
+        self.error = "structured_outputs: no token could continue the grammar"
+        return False
+
+    def is_terminated(self) -> bool:
+        return self.matcher is not None and bool(self.matcher.is_terminated())
+
+
+class StructuredOutputManager:
+    def __init__(self, tokenizer: str, vocab_size: int, pin_memory: bool) -> None:
+        self.tokenizer_path = tokenizer
+        self.vocab_size = vocab_size
+        self.pin_memory = pin_memory
+        self._executor: ThreadPoolExecutor | None = None
+        self._compiler: Any = None
+        self._lock = threading.Lock()
+
+    def grammar_for(self, params: SamplingParams) -> RequestGrammar:
+        """Start compiling the request's grammar (returns at once)."""
+        so = params.structured_outputs
+        assert so is not None
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="grammar")
+        future = self._executor.submit(self._compile, grammar_spec(so))
+        return RequestGrammar(future, sorted(params.all_stop_token_ids))
+
+    def _compile(self, spec: tuple[str, str, bool]) -> Any:
+        kind, text, any_whitespace = spec
+        compiler = self._get_compiler()
+        if kind == "json":
+            return compiler.compile_json_schema(
+                text, any_whitespace=any_whitespace, strict_mode=True
+            )
+        if kind == "json_object":
+            return compiler.compile_builtin_json_grammar()
+        if kind == "regex":
+            return compiler.compile_regex(text)
+        return compiler.compile_grammar(text)
+
+    def _get_compiler(self) -> Any:
+        with self._lock:
+            if self._compiler is None:
+                import xgrammar as xgr
+
+                from compiled_llm.models.loader import load_tokenizer
+
+                tokenizer = load_tokenizer(self.tokenizer_path)
+                info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
+                self._compiler = xgr.GrammarCompiler(info, cache_enabled=True)
+            return self._compiler
+
+    def bitmask(self, grammars: list[RequestGrammar | None]) -> tuple[torch.Tensor, list[int]]:
+        """The next-token bitmask of the rows that have a grammar, as a [G, W] int32 host tensor
+        (pinned on CUDA), and those rows. A finished row (its step was launched before it ended)
+        allows everything: its token is dropped."""
+        rows = [i for i, g in enumerate(grammars) if g is not None]
+        # A fresh tensor each step: torch's caching host allocator does not hand pinned memory
+        # back out while a copy from it may still be in flight.
+        width = bitmask_width(self.vocab_size)
+        mask = torch.empty((len(rows), width), dtype=torch.int32, pin_memory=self.pin_memory)
+        mask.fill_(-1)
+        for j, i in enumerate(rows):
+            g = grammars[i]
+            assert g is not None
+            if g.matcher is not None and not g.matcher.is_terminated():
+                g.matcher.fill_next_token_bitmask(mask, j)
+        return mask, rows
