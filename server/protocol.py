@@ -19,7 +19,12 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from compiled_llm.engine.processor import check_unicode
-from compiled_llm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams
+from compiled_llm.sampling_params import (
+    INT64_MAX,
+    INT64_MIN,
+    SamplingParams,
+    StructuredOutputsParams,
+)
 
 logger = logging.getLogger(__name__)
 MAX_LOGPROBS = 20
@@ -62,6 +67,31 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class StructuredOutputsRequest(_Strict):
+    """vLLM's `structured_outputs` request field: exactly one constraint."""
+
+    json_: dict[str, Any] | Text | None = Field(None, alias="json")
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+
+class JSONSchemaFormat(_Strict):
+    name: Text | None = None
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's `response_format`: text (unconstrained), json_object or json_schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
 class _SamplingFields(_Strict):
     """Fields shared by completions and chat; names and defaults as in the OpenAI API / vLLM."""
 
@@ -87,11 +117,39 @@ class _SamplingFields(_Strict):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: Int64 = 0
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+
+    def structured(self) -> tuple[StructuredOutputsParams, str] | None:
+        """The request's output constraint and the field it came from (for error messages)."""
+        rf = self.response_format
+        if rf is not None and rf.type != "text" and self.structured_outputs is not None:
+            raise RequestError(
+                "give one of response_format and structured_outputs, not both",
+                "structured_outputs",
+            )
+        if rf is not None and rf.type == "json_object":
+            return StructuredOutputsParams(json_object=True), "response_format"
+        if rf is not None and rf.type == "json_schema":
+            field = "response_format.json_schema.schema"
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise RequestError(f"{field} is required for type json_schema", field)
+            return StructuredOutputsParams(json=rf.json_schema.schema_), field
+        so = self.structured_outputs
+        if so is None:
+            return None
+        try:
+            params = StructuredOutputsParams(**so.model_dump(by_alias=True))
+        except ValueError as e:
+            raise RequestError(str(e), "structured_outputs") from None
+        return params, f"structured_outputs.{params.kind}"
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         if self.logit_bias:
             raise RequestError("logit_bias is not supported", "logit_bias")
+        structured = self.structured()
         return SamplingParams(
+            structured_outputs=structured[0] if structured else None,
             n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
@@ -183,13 +241,10 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
 
     def to_sampling_params(self) -> SamplingParams:
         if self.tools:
             raise RequestError("tools are not supported", "tools")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise RequestError("only response_format type 'text' is supported", "response_format")
         if self.top_logprobs and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
         max_tokens = self.max_completion_tokens or self.max_tokens
@@ -228,8 +283,9 @@ class RequestError(ValueError):
 def param_of(error: ValueError, default: str | None = None) -> str | None:
     """The field a validation message is about: SamplingParams and InputProcessor messages
     start with the field's name."""
-    if isinstance(error, RequestError):
-        return error.param
+    param = getattr(error, "param", None)  # RequestError, StructuredOutputsError
+    if param is not None:
+        return str(param)
     first = str(error).split(" ", 1)[0].split("=", 1)[0]
     if first in ("prompt", "prompt_token_ids"):
         return "prompt"

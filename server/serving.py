@@ -37,6 +37,7 @@ from compiled_llm.server.protocol import (
 )
 from compiled_llm.server.settings import RequestLimits
 from compiled_llm.server.streams import RequestStream
+from compiled_llm.structured_output.validate import validate_structured_outputs
 
 T = TypeVar("T")
 
@@ -66,6 +67,7 @@ class OpenAIServing:
         with self._admission():
             params = req.to_sampling_params()
             prompts: list[PromptType] = list(req.prompts())
+            await self._check_structured(req)
         base_id = f"cmpl-{uuid.uuid4().hex}"
         streams = await self._start(base_id, prompts, params, req.priority)
         head = {"id": base_id, "created": int(time.time()), "model": model}
@@ -90,6 +92,7 @@ class OpenAIServing:
         model = self.check_model(req.model)
         with self._admission():
             params = req.to_sampling_params()
+            await self._check_structured(req)
             prompt = await self._chat_prompt(req)
         base_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self._start(base_id, [prompt], params, req.priority)
@@ -174,6 +177,13 @@ class OpenAIServing:
                 stream.close()
             raise
         return streams
+
+    async def _check_structured(self, req: CompletionRequest | ChatCompletionRequest) -> None:
+        """Compile-check the output constraint on the tokenizer thread, so that an error names
+        the request field it came from (the input processor checks it again, from a cache)."""
+        structured = req.structured()
+        if structured is not None:
+            await self.engine.run_blocking(validate_structured_outputs, *structured)
 
     def _tokenizer(self) -> Any:
         if self.engine.tokenizer is None:

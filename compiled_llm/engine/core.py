@@ -133,7 +133,8 @@ class EngineCore:
                     bitmask = self.structured.bitmask(grammars)
             self._inflight = self.runner.sample(launched, bitmask)
         if not self.async_scheduling:
-            assert previous is None
+            if previous is not None:  # launched while async scheduling was on
+                outputs += self._process(previous.result())
             previous, self._inflight = self._inflight, None
         if previous is not None:
             outputs += self._process(previous.result())

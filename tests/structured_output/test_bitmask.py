@@ -1,0 +1,110 @@
+"""The token bitmask: filled from xgrammar's matcher, applied to logits in the sampler. Oracles:
+xgrammar's own `apply_token_bitmask_inplace` and the matcher's verdict on each token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import xgrammar as xgr
+
+from compiled_llm.request import Request
+from compiled_llm.sampling.batch import build_sampling_batch
+from compiled_llm.sampling.sampler import Sampler, apply_token_bitmask
+from compiled_llm.sampling_params import SamplingParams
+from compiled_llm.structured_output.manager import RequestGrammar, bitmask_width
+
+# A toy vocabulary: digits, letters, punctuation, a few multi-character tokens, EOS last.
+VOCAB = [*"0123456789", *"abcdefxyz", *'-_ {}":,', "12", "ab", "-a", "</s>"]
+EOS = len(VOCAB) - 1
+PADDED = 40  # the model's vocabulary is wider than the tokenizer's, as for Qwen
+
+
+def compiled(regex: str) -> xgr.CompiledGrammar:
+    info = xgr.TokenizerInfo(VOCAB, vocab_size=PADDED, stop_token_ids=[EOS])
+    return xgr.GrammarCompiler(info).compile_regex(regex)
+
+
+def allowed_by_matcher(matcher: xgr.GrammarMatcher) -> set[int]:
+    """Tokens the matcher itself accepts next (each tried on a fork)."""
+    ok = set()
+    for t in range(len(VOCAB)):
+        fork = matcher.fork()
+        if fork.accept_token(t):
+            ok.add(t)
+    return ok
+
+
+@pytest.mark.parametrize("prefix", [[], [1], [1, 2], [1, 2, 3, VOCAB.index("-")]])
+def test_masked_logits_match_the_matcher_and_xgrammar(prefix: list[int]) -> None:
+    matcher = xgr.GrammarMatcher(compiled(r"[0-9]{2,3}-[a-f]+"), override_stop_tokens=[EOS])
+    for t in prefix:
+        assert matcher.accept_token(t)
+    mask = torch.full((1, bitmask_width(PADDED)), -1, dtype=torch.int32)
+    matcher.fill_next_token_bitmask(mask, 0)
+    logits = torch.randn(3, PADDED)
+    rows = torch.tensor([1])
+    ours = apply_token_bitmask(logits.clone(), mask, rows)
+    # rows without a grammar are untouched
+    assert torch.equal(ours[0], logits[0]) and torch.equal(ours[2], logits[2])
+    reference = logits[1:2].clone()
+    xgr.apply_token_bitmask_inplace(reference, mask, backend="torch_native")
+    assert torch.equal(ours[1:2], reference)
+    finite = {int(t) for t in torch.nonzero(ours[1].isfinite()).flatten()}
+    assert finite == allowed_by_matcher(matcher)
+    assert finite  # the grammar can always continue here
+
+
+def _grammar(regex: str, accepted: list[int]) -> RequestGrammar:
+    from concurrent.futures import Future
+
+    future: Future = Future()
+    future.set_result(compiled(regex))
+    g = RequestGrammar(future, [EOS])
+    assert g.ready()
+    for t in accepted:
+        assert g.accept(t)
+    return g
+
+
+def test_sampler_masks_only_grammar_rows() -> None:
+    """Greedy: the unconstrained row keeps its argmax, the constrained row takes the best
+    allowed token; random sampling only ever draws allowed tokens; logprobs are of the
+    constrained distribution."""
+    from compiled_llm.structured_output.manager import StructuredOutputManager
+
+    torch.manual_seed(0)
+    logits = torch.randn(PADDED)
+    logits[VOCAB.index("x")] = 10.0  # the favourite, which the grammar forbids
+    greedy = SamplingParams(temperature=0.0, logprobs=2)
+    random = SamplingParams(temperature=1.0, seed=3)
+    reqs = [Request(f"r{i}", [1], p, 8, 7) for i, p in enumerate([greedy, greedy, random])]
+    for r in reqs:
+        r.num_pending_output_tokens = 1
+    grammars = [None, _grammar("[0-9]+", []), _grammar("[0-9]+", [])]
+    manager = StructuredOutputManager("unused", PADDED, pin_memory=False)
+    mask, rows = manager.bitmask(grammars)
+    assert rows == [1, 2]
+    digits = set(range(10)) | {VOCAB.index("12")}
+    for _ in range(20):
+        batch = build_sampling_batch(reqs, PADDED, torch.device("cpu"))
+        batch.token_bitmask, batch.bitmask_rows = mask, torch.tensor(rows)
+        out = Sampler()(logits.expand(3, -1).clone(), batch)
+        first, constrained, drawn = out.token_ids.tolist()
+        assert first == VOCAB.index("x")
+        allowed = torch.full_like(logits, float("-inf"))
+        allowed[list(digits)] = logits[list(digits)]
+        assert constrained == int(allowed.argmax())
+        assert drawn in digits
+        assert out.sampled_logprobs is not None and out.topk_ids is not None
+        assert torch.isfinite(out.sampled_logprobs[1])
+        assert set(out.topk_ids[1].tolist()) <= digits
+        reqs[2].sampling_params = random.clone(seed=_ + 10)
+
+
+def test_grammar_end_and_refusal() -> None:
+    g = _grammar("ab", [VOCAB.index("ab")])
+    assert not g.is_terminated()
+    assert g.accept(EOS) and g.is_terminated()
+    bad = _grammar("ab", [])
+    assert not bad.accept(VOCAB.index("x"))
+    assert bad.error is not None and "no token" in bad.error
