@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from compiled_llm.sampling_params import SamplingParams
-from compiled_llm.structured_output.validate import grammar_spec
+from compiled_llm.structured_output.validate import grammar_spec, json_options
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +91,8 @@ class StructuredOutputManager:
     def _compile(self, spec: tuple[str, str, bool]) -> Any:
         kind, text, any_whitespace = spec
         compiler = self._get_compiler()
-        if kind == "json":
-            return compiler.compile_json_schema(
-                text, any_whitespace=any_whitespace, strict_mode=True
-            )
-        if kind == "json_object":
-            return compiler.compile_builtin_json_grammar()
+        if kind in ("json", "json_object"):
+            return compiler.compile_json_schema(text, **json_options(kind, any_whitespace))
         if kind == "regex":
             return compiler.compile_regex(text)
         return compiler.compile_grammar(text)

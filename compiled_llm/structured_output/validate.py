@@ -66,6 +66,13 @@ SUPPORTED_FORMATS = frozenset(
         "relative-json-pointer",
     }
 )
+# Longest run of whitespace a JSON grammar allows between two tokens: room for pretty-printing
+# ("\n" and indentation several levels deep) without letting a model emit whitespace for ever,
+# which small models do under greedy decoding.
+MAX_JSON_WHITESPACE = 20
+# `json_object`: any JSON object, as the schema {"type": "object"} with additional properties
+# allowed (strict_mode off), so it gets the same whitespace bound.
+JSON_OBJECT_SCHEMA = '{"type":"object"}'
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SCHEMA_VALUES = ("items", "additionalProperties", "propertyNames", "additionalItems")
@@ -131,7 +138,7 @@ def grammar_spec(so: StructuredOutputsParams) -> tuple[str, str, bool]:
         assert so.choice is not None
         return "grammar", choice_grammar(so.choice), any_whitespace
     if kind == "json_object":
-        return kind, "", any_whitespace
+        return kind, JSON_OBJECT_SCHEMA, any_whitespace
     text = so.regex if kind == "regex" else so.grammar
     assert text is not None
     return kind, text, any_whitespace
@@ -146,13 +153,22 @@ def _clean(error: Exception) -> str:
     return _XGRAMMAR_PREFIX.sub("", text[0] if text else type(error).__name__)
 
 
+def json_options(kind: str, any_whitespace: bool) -> dict[str, Any]:
+    """xgrammar's JSON-schema options for a json / json_object constraint."""
+    return {
+        "any_whitespace": any_whitespace,
+        "max_whitespace_cnt": MAX_JSON_WHITESPACE if any_whitespace else None,
+        "strict_mode": kind == "json",
+    }
+
+
 @functools.lru_cache(maxsize=512)
 def _compile_error(kind: str, text: str, any_whitespace: bool) -> str | None:
     import xgrammar as xgr
 
     try:
-        if kind == "json":
-            xgr.Grammar.from_json_schema(text, any_whitespace=any_whitespace, strict_mode=True)
+        if kind in ("json", "json_object"):
+            xgr.Grammar.from_json_schema(text, **json_options(kind, any_whitespace))
         elif kind == "regex":
             xgr.Grammar.from_regex(text)
         elif kind == "grammar":

@@ -30,8 +30,8 @@ ASK = [{"role": "user", "content": "Describe a person as JSON with a name, an ag
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    # 40 blocks of 16 tokens: a few long samples at once run out and are preempted.
-    return LLM(enforce_eager=True, max_model_len=512, seed=0, num_gpu_blocks_override=40)
+    # 20 blocks of 16 tokens: a few long samples at once run out and are preempted.
+    return LLM(enforce_eager=True, max_model_len=256, seed=0, num_gpu_blocks_override=20)
 
 
 def texts(out) -> list[str]:
@@ -95,15 +95,19 @@ def test_unconstrained_neighbours_are_unchanged(llm: LLM) -> None:
 
 
 def test_preemption_and_prefix_cache_keep_the_grammar(llm: LLM) -> None:
-    """Six long constrained samples do not fit 40 blocks together: some are preempted and
-    recompute (prefix-cache hits included); each still equals the one greedy answer run alone."""
-    schema = {"type": "array", "items": {"type": "integer"}, "minItems": 40, "maxItems": 40}
-    params = SamplingParams(temperature=0, max_tokens=200, structured_outputs=SO(json=schema))
-    prompt = "List forty numbers as a JSON array: "
+    """Eight constrained samples of ~60 tokens do not fit 20 blocks together: some are preempted
+    and recompute (prefix-cache hits included); each still equals the greedy answer run alone."""
+    schema = {"type": "array", "items": {"type": "integer"}, "minItems": 16, "maxItems": 16}
+    params = SamplingParams(
+        temperature=0,
+        max_tokens=120,
+        structured_outputs=SO(json=schema, disable_any_whitespace=True),
+    )
+    prompt = "List sixteen numbers as a JSON array: "
     alone = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
     before = llm.engine.core.scheduler.num_preemptions
     free = llm.engine.num_free_blocks
-    crowd = llm.generate([prompt] * 6, params, use_tqdm=False)
+    crowd = llm.generate([prompt] * 8, params, use_tqdm=False)
     assert llm.engine.core.scheduler.num_preemptions > before
     for out in crowd:
         assert out.outputs[0].token_ids == alone.token_ids

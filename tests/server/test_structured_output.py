@@ -1,0 +1,354 @@
+"""Structured outputs through the server and the official `openai` client: every response to a
+JSON-schema request parses and validates (jsonschema is the oracle), regex and choice constraints
+hold on every sample, and bad constraints get a 400 naming the field."""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import jsonschema
+import openai
+import pytest
+
+from tests.server.conftest import API_KEY, Server
+
+pytestmark = pytest.mark.slow
+
+MODEL = "SmolLM2-135M-Instruct"
+NAME = {"type": "string", "maxLength": 16}
+
+SCHEMAS: list[dict[str, Any]] = [
+    {"type": "object", "properties": {"name": NAME}, "required": ["name"]},
+    {
+        "type": "object",
+        "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120}},
+        "required": ["age"],
+    },
+    {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]},
+    {
+        "type": "object",
+        "properties": {"colour": {"enum": ["red", "green", "blue"]}},
+        "required": ["colour"],
+    },
+    {
+        "type": "object",
+        "properties": {"tags": {"type": "array", "items": NAME, "minItems": 1, "maxItems": 3}},
+        "required": ["tags"],
+    },
+    {
+        "type": "object",
+        "properties": {"score": {"type": "number", "minimum": 0, "maximum": 1}},
+        "required": ["score"],
+    },
+    {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "exclusiveMinimum": 10, "maximum": 99}},
+        "required": ["n"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "user": {
+                "type": "object",
+                "properties": {
+                    "name": NAME,
+                    "id": {"type": "integer", "minimum": 1, "maximum": 9999},
+                },
+                "required": ["name", "id"],
+            }
+        },
+        "required": ["user"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "points": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "x": {"type": "integer", "minimum": -9, "maximum": 9},
+                        "y": {"type": "integer", "minimum": -9, "maximum": 9},
+                    },
+                    "required": ["x", "y"],
+                },
+                "minItems": 1,
+                "maxItems": 2,
+            }
+        },
+        "required": ["points"],
+    },
+    {
+        "type": "array",
+        "items": {"type": "integer", "minimum": 0, "maximum": 9},
+        "minItems": 3,
+        "maxItems": 3,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "kind": {"const": "point"},
+            "v": {"type": "integer", "minimum": 0, "maximum": 5},
+        },
+        "required": ["kind", "v"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "value": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 50}, {"type": "null"}]}
+        },
+        "required": ["value"],
+    },
+    {
+        "type": "object",
+        "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}[0-9]{2}$"}},
+        "required": ["code"],
+    },
+    {
+        "type": "object",
+        "properties": {"when": {"type": "string", "format": "date"}},
+        "required": ["when"],
+    },
+    {
+        "type": "object",
+        "properties": {"word": {"type": "string", "minLength": 2, "maxLength": 6}},
+        "required": ["word"],
+    },
+    {
+        "$defs": {
+            "item": {
+                "type": "object",
+                "properties": {"sku": NAME, "qty": {"type": "integer", "minimum": 1, "maximum": 9}},
+                "required": ["sku", "qty"],
+            }
+        },
+        "type": "object",
+        "properties": {
+            "order": {
+                "type": "array",
+                "items": {"$ref": "#/$defs/item"},
+                "minItems": 1,
+                "maxItems": 2,
+            }
+        },
+        "required": ["order"],
+    },
+    {
+        "type": "object",
+        "properties": {"a": NAME, "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["a"],
+    },
+    {
+        "type": "object",
+        "properties": {"level": {"enum": [1, 2, 3]}, "label": {"enum": ["low", "high"]}},
+        "required": ["level", "label"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "nested": {
+                "type": "object",
+                "properties": {
+                    "deeper": {
+                        "type": "object",
+                        "properties": {"flag": {"type": "boolean"}},
+                        "required": ["flag"],
+                    }
+                },
+                "required": ["deeper"],
+            }
+        },
+        "required": ["nested"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "matrix": {
+                "type": "array",
+                "items": {
+                    "type": "array",
+                    "items": {"type": "integer", "minimum": 0, "maximum": 9},
+                    "minItems": 2,
+                    "maxItems": 2,
+                },
+                "minItems": 2,
+                "maxItems": 2,
+            }
+        },
+        "required": ["matrix"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "price": {"type": "number", "minimum": 0.5, "maximum": 100},
+            "currency": {"enum": ["EUR", "USD"]},
+        },
+        "required": ["price", "currency"],
+    },
+    {
+        "type": "object",
+        "properties": {"id": {"type": "string", "format": "uuid"}},
+        "required": ["id"],
+    },
+    {
+        "type": ["object"],
+        "properties": {"empty": {"type": "array", "maxItems": 0}},
+        "required": ["empty"],
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+
+def ask(client: openai.OpenAI, schema: dict[str, Any], **kw: Any) -> Any:
+    prompt = "Reply with JSON for this schema: " + json.dumps(schema)
+    args: dict[str, Any] = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": prompt}],
+        response_format={"type": "json_schema", "json_schema": {"name": "out", "schema": schema}},
+        max_completion_tokens=160,
+        temperature=0,
+    )
+    return client.chat.completions.create(**{**args, **kw})
+
+
+def test_json_schemas_parse_and_validate(client: openai.OpenAI) -> None:
+    assert len(SCHEMAS) >= 20
+    with ThreadPoolExecutor(len(SCHEMAS)) as pool:
+        replies = list(pool.map(lambda s: ask(client, s), SCHEMAS))
+    for schema, reply in zip(SCHEMAS, replies):
+        choice = reply.choices[0]
+        assert choice.finish_reason == "stop", (schema, choice.message.content)
+        jsonschema.validate(json.loads(choice.message.content), schema)
+
+
+def test_json_schema_streamed_and_sampled(client: openai.OpenAI) -> None:
+    schema = SCHEMAS[7]
+    stream = ask(client, schema, stream=True, n=2, temperature=1.0, seed=3)
+    text = ["", ""]
+    finish = [None, None]
+    for chunk in stream:
+        for c in chunk.choices:
+            text[c.index] += c.delta.content or ""
+            finish[c.index] = c.finish_reason or finish[c.index]
+    assert finish == ["stop", "stop"]
+    for t in text:
+        jsonschema.validate(json.loads(t), schema)
+
+
+def test_json_object(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {
+                "role": "user",
+                "content": 'Give a JSON object with the keys "name" and "age" of a cat.',
+            }
+        ],
+        response_format={"type": "json_object"},
+        max_completion_tokens=120,
+        temperature=0,
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+
+
+def test_regex_and_choice_hold_on_every_sample(client: openai.OpenAI) -> None:
+    regex = r"[0-9]{3}-[a-z]{2,5}"
+    choices = ["alpha", "beta", "gamma delta"]
+
+    def complete(so: dict[str, Any], prompt: str) -> Any:
+        return client.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            n=6,
+            temperature=1.2,
+            seed=11,
+            max_tokens=16,
+            extra_body={"structured_outputs": so},
+        )
+
+    with ThreadPoolExecutor(2) as pool:
+        by_regex, by_choice = pool.map(
+            lambda args: complete(*args),
+            [({"regex": regex}, "Ticket id:"), ({"choice": choices}, "Pick one:")],
+        )
+    assert len(by_regex.choices) == len(by_choice.choices) == 6
+    for c in by_regex.choices:
+        assert re.fullmatch(regex, c.text), c.text
+    for c in by_choice.choices:
+        assert c.text in choices and c.finish_reason == "stop"
+
+
+SCHEMA_PARAM = "response_format.json_schema.schema"
+BAD = [
+    # (case, body additions, param)
+    (
+        "bad type",
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "foo"}},
+            }
+        },
+        SCHEMA_PARAM,
+    ),
+    (
+        "unsupported keyword",
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "x",
+                    "schema": {
+                        "type": "object",
+                        "properties": {"n": {"type": "integer", "multipleOf": 2}},
+                    },
+                },
+            }
+        },
+        SCHEMA_PARAM + ".properties.n.multipleOf",
+    ),
+    (
+        "no schema",
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+        SCHEMA_PARAM,
+    ),
+    ("unknown format type", {"response_format": {"type": "yaml"}}, "response_format.type"),
+    ("bad regex", {"structured_outputs": {"regex": "[a-"}}, "structured_outputs.regex"),
+    (
+        "bad grammar",
+        {"structured_outputs": {"grammar": "root ::= nothing"}},
+        "structured_outputs.grammar",
+    ),
+    (
+        "two constraints",
+        {"structured_outputs": {"regex": "a", "choice": ["a"]}},
+        "structured_outputs",
+    ),
+    ("empty choice", {"structured_outputs": {"choice": []}}, "structured_outputs"),
+    (
+        "both fields",
+        {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
+        "structured_outputs",
+    ),
+]
+
+
+@pytest.mark.parametrize("case,extra,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_constraints_answer_400(server: Server, case: str, extra: dict, param: str) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **extra}
+    r = server.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param, error
+    assert error["message"]
+    if "structured_outputs" in extra and "response_format" not in extra:
+        r = server.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
