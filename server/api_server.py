@@ -168,7 +168,7 @@ def build_app(engine: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics
         redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
     )
-    serving = OpenAIServing(engine, settings.model_names, metrics, settings.limits)
+    serving = OpenAIServing(engine, settings.model_names, metrics, settings.limits, settings.chat)
     profile_dir = engine.config.observability_config.profile_dir
 
     # Outermost last: errors, the key, the body limit, then the routes.

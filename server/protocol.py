@@ -12,7 +12,9 @@ Responses are built as plain dicts in serving.py; their shapes follow the OpenAI
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import logging
 from typing import Annotated, Any, Literal, Self
 
@@ -144,12 +146,17 @@ class _SamplingFields(_Strict):
             raise RequestError(str(e), "structured_outputs") from None
         return params, f"structured_outputs.{params.kind}"
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling_params(
+        self,
+        max_tokens: int | None,
+        logprobs: int | None,
+        constraint: StructuredOutputsParams | None = None,
+    ) -> SamplingParams:
         if self.logit_bias:
             raise RequestError("logit_bias is not supported", "logit_bias")
         structured = self.structured()
         return SamplingParams(
-            structured_outputs=structured[0] if structured else None,
+            structured_outputs=constraint or (structured[0] if structured else None),
             n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
@@ -203,6 +210,27 @@ class CompletionRequest(_SamplingFields):
         return self._sampling_params(self.max_tokens, self.logprobs)
 
 
+class FunctionDefinition(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: Text
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class TextPart(_Strict):
     type: Literal["text"]
     text: Text
@@ -214,12 +242,34 @@ class ChatMessage(BaseModel):
 
     role: Text
     content: Text | list[TextPart] | None = None
+    # An assistant turn that called tools, and a tool's result (the OpenAI shapes)
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: Text | None = None
+    name: Text | None = None
 
     def to_template(self) -> dict[str, Any]:
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        return {"role": self.role, "content": content or ""}
+        message: dict[str, Any] = {"role": self.role, "content": content or ""}
+        if self.tool_calls:
+            message["tool_calls"] = [_template_call(c) for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    """A tool call as chat templates expect it: arguments as a mapping where they parse (the
+    OpenAI API carries them as JSON text)."""
+    function = dict(call.get("function") or {})
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        with contextlib.suppress(ValueError):
+            function["arguments"] = json.loads(arguments)
+    return {**call, "function": function}
 
 
 Messages = Annotated[list[ChatMessage], Field(min_length=1)]
@@ -239,17 +289,19 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
     max_completion_tokens: Count | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted; required choices may call several
 
-    def to_sampling_params(self) -> SamplingParams:
-        if self.tools:
-            raise RequestError("tools are not supported", "tools")
+    def to_sampling_params(
+        self, constraint: StructuredOutputsParams | None = None
+    ) -> SamplingParams:
+        """`constraint`: the grammar of a required or named tool choice."""
         if self.top_logprobs and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
         max_tokens = self.max_completion_tokens or self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs)
+        return self._sampling_params(max_tokens, logprobs, constraint)
 
 
 class TokenizeRequest(ChatTemplateFields):

@@ -22,7 +22,9 @@ from starlette.types import Receive, Scope, Send
 from compiled_llm.engine.processor import PromptType
 from compiled_llm.outputs import RequestOutput
 from compiled_llm.sampling_params import SamplingParams
+from compiled_llm.server import tools
 from compiled_llm.server.async_llm import AsyncLLM, EngineDeadError, EngineOverloadedError
+from compiled_llm.server.chat_output import ChatOutput, ChoiceStream
 from compiled_llm.server.logprobs import ChoiceCursor, chat_logprobs, completion_logprobs
 from compiled_llm.server.metrics import ServerMetrics
 from compiled_llm.server.protocol import (
@@ -35,8 +37,10 @@ from compiled_llm.server.protocol import (
     TokenizeRequest,
     param_of,
 )
-from compiled_llm.server.settings import RequestLimits
+from compiled_llm.server.reasoning_parsers import get_reasoning_parser
+from compiled_llm.server.settings import ChatSettings, RequestLimits
 from compiled_llm.server.streams import RequestStream
+from compiled_llm.server.tool_parsers import get_tool_parser
 from compiled_llm.structured_output.validate import validate_structured_outputs
 
 T = TypeVar("T")
@@ -49,11 +53,21 @@ class OpenAIServing:
         model_names: list[str],
         metrics: ServerMetrics | None,
         limits: RequestLimits | None = None,
+        chat_settings: ChatSettings | None = None,
     ) -> None:
         self.engine = engine
         self.model_names = model_names
         self.metrics = metrics
         self.limits = limits or RequestLimits()
+        chat = chat_settings or ChatSettings()
+        self.tool_parser = (
+            get_tool_parser(chat.tool_call_parser)
+            if chat.tool_call_parser and chat.enable_auto_tool_choice
+            else None
+        )
+        self.reasoning_parser = (
+            get_reasoning_parser(chat.reasoning_parser) if chat.reasoning_parser else None
+        )
         self._template_params = _chat_template_parameters(engine.tokenizer)
 
     def check_model(self, name: str | None) -> str:
@@ -91,27 +105,34 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         model = self.check_model(req.model)
         with self._admission():
-            params = req.to_sampling_params()
-            await self._check_structured(req)
-            prompt = await self._chat_prompt(req)
+            mode = tools.resolve(req, self.tool_parser)
+            params = req.to_sampling_params(mode.grammar[0] if mode.grammar else None)
+            if mode.grammar is not None:
+                await self.engine.run_blocking(validate_structured_outputs, *mode.grammar)
+            else:
+                await self._check_structured(req)
+            prompt = await self._chat_prompt(req, tools.template_tools(req))
+        output = ChatOutput(mode, self.tool_parser, self.reasoning_parser)
         base_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self._start(base_id, [prompt], params, req.priority)
         head = {"id": base_id, "created": int(time.time()), "model": model}
         if req.stream:
-            return _SSEResponse(self._chat_chunks(req, streams[0], head), streams)
+            return _SSEResponse(self._chat_chunks(req, streams[0], head, output), streams)
         finals = await _until_disconnected(raw, _collect(streams))
         if finals is None:
             return Response(status_code=499)
         k = req.top_logprobs or 0
-        choices = [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(c, 0, k) if req.logprobs else None,
-                "finish_reason": c.finish_reason,
-            }
-            for c in finals[0].outputs
-        ]
+        choices = []
+        for c in finals[0].outputs:
+            message, finish_reason = output.message(c)
+            choices.append(
+                {
+                    "index": c.index,
+                    "message": message,
+                    "logprobs": chat_logprobs(c, 0, k) if req.logprobs else None,
+                    "finish_reason": finish_reason,
+                }
+            )
         body = {**head, "object": "chat.completion", "choices": choices, "usage": _usage(finals)}
         return JSONResponse(body)
 
@@ -190,7 +211,9 @@ class OpenAIServing:
             raise APIError(400, "this server has no tokenizer (skip_tokenizer_init)")
         return self.engine.tokenizer
 
-    async def _chat_prompt(self, req: ChatTemplateFields) -> dict[str, Any]:
+    async def _chat_prompt(
+        self, req: ChatTemplateFields, tools: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
         """The prompt's token ids, rendered with the chat template on the tokenizer thread.
         transformers renders templates in Jinja's immutable sandbox; a template given by the
         request is refused unless the server trusts request templates."""
@@ -205,6 +228,8 @@ class OpenAIServing:
                     f"chat_template_kwargs.{name}",
                 )
         template = variables.pop("chat_template", None) or req.chat_template
+        if tools is not None:
+            variables["tools"] = tools
         if template is not None and not self.limits.trust_request_chat_template:
             raise RequestError(
                 "chat templates from requests are refused (the server was not started with "
@@ -261,10 +286,15 @@ class OpenAIServing:
         yield "data: [DONE]\n\n"
 
     async def _chat_chunks(
-        self, req: ChatCompletionRequest, stream: RequestStream, head: dict[str, Any]
+        self,
+        req: ChatCompletionRequest,
+        stream: RequestStream,
+        head: dict[str, Any],
+        output: ChatOutput,
     ) -> AsyncIterator[str]:
         head = {**head, "object": "chat.completion.chunk"}
         cursors: dict[int, ChoiceCursor] = {}
+        choice_streams: dict[int, ChoiceStream] = {}
         final: RequestOutput | None = None
         k = req.top_logprobs or 0
         try:
@@ -276,16 +306,17 @@ class OpenAIServing:
                 final = out
                 for c in out.outputs:
                     cursor = cursors.setdefault(c.index, ChoiceCursor())
-                    delta = cursor.advance(c)
-                    if delta is None:
+                    if cursor.advance(c) is None:
                         continue
+                    choice_stream = choice_streams.setdefault(c.index, output.stream())
+                    delta, finish_reason = choice_stream.delta(c)
                     choice = {
                         "index": c.index,
-                        "delta": {"content": delta} if delta else {},
+                        "delta": delta,
                         "logprobs": chat_logprobs(c, cursor.prev_tokens, k)
                         if req.logprobs
                         else None,
-                        "finish_reason": c.finish_reason,
+                        "finish_reason": finish_reason,
                     }
                     cursor.commit(c)
                     yield _sse({**head, "choices": [choice]})

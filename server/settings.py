@@ -17,6 +17,19 @@ class RequestLimits:
     trust_request_chat_template: bool = False
 
 
+@dataclass(frozen=True)
+class ChatSettings:
+    """How chat completions read tool calls and reasoning out of the model's text."""
+
+    enable_auto_tool_choice: bool = False  # tool_choice "auto" (needs tool_call_parser)
+    tool_call_parser: str | None = None  # a name of server/tool_parsers
+    reasoning_parser: str | None = None  # a name of server/reasoning_parsers
+
+    def __post_init__(self) -> None:
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+
+
 @dataclass
 class ServerSettings:
     model_names: list[str]
@@ -28,6 +41,7 @@ class ServerSettings:
     max_waiting_requests: int | None = None
     max_request_body_bytes: int = 4 << 20
     limits: RequestLimits = field(default_factory=RequestLimits)
+    chat: ChatSettings = field(default_factory=ChatSettings)
     shutdown_timeout: float = 10.0
     log_level: str = "info"
     access_log: bool = True  # uvicorn's line per request; on by default, as in vLLM

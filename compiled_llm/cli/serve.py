@@ -9,7 +9,14 @@ import os
 from compiled_llm.cli.args import add_engine_args, at_least, engine_kwargs, usage_errors
 from compiled_llm.config import EngineArgs
 from compiled_llm.envs import Envs
-from compiled_llm.server.settings import UNAUTHENTICATED_CHOICES, RequestLimits, ServerSettings
+from compiled_llm.server.reasoning_parsers import reasoning_parser_names
+from compiled_llm.server.settings import (
+    UNAUTHENTICATED_CHOICES,
+    ChatSettings,
+    RequestLimits,
+    ServerSettings,
+)
+from compiled_llm.server.tool_parsers import tool_parser_names
 
 
 def port(text: str) -> int:
@@ -62,6 +69,25 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
         "--trust-request-chat-template",
         action="store_true",
         help="accept chat templates sent in requests (chat_template); refused by default",
+    )
+    g.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='tool_choice "auto": read tool calls out of the model\'s text with '
+        "--tool-call-parser (default: off; required and named tool choices always work)",
+    )
+    g.add_argument(
+        "--tool-call-parser",
+        choices=tool_parser_names(),
+        default=None,
+        help="how the model writes tool calls: hermes (Qwen, Hermes: <tool_call> JSON), "
+        "llama3_json (Llama 3.x JSON) (default: none)",
+    )
+    g.add_argument(
+        "--reasoning-parser",
+        choices=reasoning_parser_names(),
+        default=None,
+        help="split <think>...</think> into reasoning_content: qwen3, deepseek_r1 (default: none)",
     )
     g.add_argument(
         "--served-model-name",
@@ -119,6 +145,11 @@ def _serve(args: argparse.Namespace) -> int:
     with usage_errors(args):  # everything is checked before the port is bound
         kwargs = engine_kwargs(args)
         EngineArgs.from_kwargs(**kwargs)
+        chat = ChatSettings(
+            enable_auto_tool_choice=args.enable_auto_tool_choice,
+            tool_call_parser=args.tool_call_parser,
+            reasoning_parser=args.reasoning_parser,
+        )
     settings = ServerSettings(
         model_names=args.served_model_name or [default_model_name(kwargs["model"])],
         host=args.host,
@@ -129,6 +160,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_waiting_requests=args.max_waiting_requests,
         max_request_body_bytes=args.max_request_body_bytes,
         limits=RequestLimits(args.max_samples_per_request, args.trust_request_chat_template),
+        chat=chat,
         shutdown_timeout=args.shutdown_timeout,
         log_level=args.uvicorn_log_level,
         access_log=args.access_log,

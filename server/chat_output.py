@@ -1,0 +1,97 @@
+"""A chat choice's output as the OpenAI API shows it: reasoning split off (a reasoning parser),
+tool calls read (a tool-call parser, or the JSON a required/named tool choice forced), the rest
+content; whole, or as stream deltas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compiled_llm.outputs import CompletionOutput
+from compiled_llm.server.reasoning_parsers import ReasoningParser
+from compiled_llm.server.tool_parsers import ToolCall, ToolCallStream, ToolParser
+from compiled_llm.server.tools import ToolMode, forced_calls
+
+
+class ChatOutput:
+    """How one request's choices are read (the same for each of its `n` choices)."""
+
+    def __init__(
+        self, mode: ToolMode, tool_parser: ToolParser | None, reasoning: ReasoningParser | None
+    ) -> None:
+        self.mode = mode
+        self.tool_parser = tool_parser if mode.kind == "auto" else None
+        self.reasoning = reasoning
+
+    @property
+    def forced(self) -> bool:
+        return self.mode.kind in ("required", "named")
+
+    def message(self, c: CompletionOutput) -> tuple[dict[str, Any], str | None]:
+        """The whole choice: (message, finish_reason)."""
+        reasoning, text = self.reasoning.split(c.text) if self.reasoning else (None, c.text)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+        calls: list[ToolCall] = []
+        if self.forced and c.finish_reason == "stop":
+            calls = forced_calls(self.mode, text) or []
+            if calls:
+                message["content"] = None
+        elif self.tool_parser is not None:
+            message["content"], calls = self.tool_parser.extract(text)
+        if calls:
+            message["tool_calls"] = [call.to_openai() for call in calls]
+            return message, "tool_calls"
+        return message, c.finish_reason
+
+    def stream(self) -> ChoiceStream:
+        return ChoiceStream(self)
+
+
+class ChoiceStream:
+    """Deltas of one streamed choice: reasoning and content as they grow; tool calls once each
+    is complete (a forced choice's when it finishes)."""
+
+    def __init__(self, output: ChatOutput) -> None:
+        self.output = output
+        self.reasoning_sent = 0
+        self.tools = ToolCallStream(output.tool_parser) if output.tool_parser else None
+        self.content_sent = 0
+        self.num_calls = 0
+
+    def delta(self, c: CompletionOutput) -> tuple[dict[str, Any], str | None]:
+        """(delta, finish_reason) for the choice's output so far."""
+        out = self.output
+        finished = c.finish_reason is not None
+        if out.reasoning is not None:
+            reasoning, text = out.reasoning.split(c.text, finished)
+        else:
+            reasoning, text = None, c.text
+        delta: dict[str, Any] = {}
+        if reasoning is not None and len(reasoning) > self.reasoning_sent:
+            delta["reasoning_content"] = reasoning[self.reasoning_sent :]
+            self.reasoning_sent = len(reasoning)
+        calls: list[ToolCall] = []
+        if out.forced:
+            if finished:
+                message, _ = out.message(c)
+                if "tool_calls" not in message:  # cut short: what was made, as content
+                    delta["content"] = text
+                else:
+                    calls = forced_calls(out.mode, text) or []
+        elif self.tools is not None:
+            content, calls = self.tools.feed(text, finished)
+            if content:
+                delta["content"] = content
+        elif len(text) > self.content_sent:
+            delta["content"] = text[self.content_sent :]
+            self.content_sent = len(text)
+        if calls:
+            delta["tool_calls"] = [
+                call.to_openai(self.num_calls + i) for i, call in enumerate(calls)
+            ]
+            self.num_calls += len(calls)
+        finish = c.finish_reason
+        if finished and self.num_calls:
+            finish = "tool_calls"
+        return delta, finish

@@ -1,0 +1,121 @@
+"""`tools` and `tool_choice` in chat completions: which mode a request runs in, the grammar
+that enforces `required` and named choices, and the tool calls read back from the output.
+
+- none: tools go to the chat template, the output is plain content.
+- auto: the server's `--tool-call-parser` finds calls in the output (needs
+  `--enable-auto-tool-choice`).
+- required: the output is forced to a JSON array of {"name", "parameters"} objects, one of the
+  tools each with arguments valid for its schema; it always parses.
+- named ({"type": "function", "function": {"name": ...}}): the output is forced to that tool's
+  arguments.
+Any tool call made ends the choice with finish_reason "tool_calls".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from compiled_llm.sampling_params import StructuredOutputsParams
+from compiled_llm.server.tool_parsers import ToolCall, ToolParser
+from compiled_llm.structured_output.validate import validate_structured_outputs
+
+if TYPE_CHECKING:
+    from compiled_llm.server.protocol import ChatCompletionRequest
+
+
+class ToolChoiceError(ValueError):
+    def __init__(self, param: str, why: str) -> None:
+        super().__init__(f"{param}: {why}")
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ToolMode:
+    kind: str  # "none" | "auto" | "required" | "named"
+    named: str | None = None  # the function of a named choice
+    grammar: tuple[StructuredOutputsParams, str] | None = None  # constraint, field it came from
+
+
+def _parameters(tool: Any) -> dict[str, Any]:
+    return tool.function.parameters or {"type": "object", "properties": {}}
+
+
+def resolve(req: ChatCompletionRequest, parser: ToolParser | None) -> ToolMode:
+    """The request's tool mode; ToolChoiceError naming the field for a choice it cannot have."""
+    tools = req.tools or []
+    choice = req.tool_choice
+    if not tools:
+        if choice not in (None, "none"):
+            raise ToolChoiceError("tool_choice", "needs tools")
+        return ToolMode("none")
+    names = [t.function.name for t in tools]
+    if len(set(names)) != len(names):
+        raise ToolChoiceError("tools", "function names must be unique")
+    if choice == "none":
+        return ToolMode("none")
+    if choice is None or choice == "auto":
+        if parser is None:
+            raise ToolChoiceError(
+                "tool_choice",
+                '"auto" needs a server started with --enable-auto-tool-choice and '
+                "--tool-call-parser",
+            )
+        return ToolMode("auto")
+    if req.structured() is not None:
+        raise ToolChoiceError(
+            "tool_choice",
+            "a required or named tool choice cannot be combined with an output format",
+        )
+    for i, tool in enumerate(tools):  # each schema is enforced: check it where it was given
+        params = StructuredOutputsParams(json=_parameters(tool))
+        validate_structured_outputs(params, f"tools.{i}.function.parameters")
+    if choice == "required":
+        schema = {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "anyOf": [
+                    {
+                        "type": "object",
+                        "properties": {
+                            "name": {"type": "string", "enum": [t.function.name]},
+                            "parameters": _parameters(t),
+                        },
+                        "required": ["name", "parameters"],
+                    }
+                    for t in tools
+                ]
+            },
+        }
+        return ToolMode("required", grammar=(StructuredOutputsParams(json=schema), "tools"))
+    assert not isinstance(choice, str)
+    name = choice.function.name
+    if name not in names:
+        raise ToolChoiceError("tool_choice", f"names the function {name!r}, which is not in tools")
+    tool = tools[names.index(name)]
+    return ToolMode(
+        "named", named=name, grammar=(StructuredOutputsParams(json=_parameters(tool)), "tools")
+    )
+
+
+def forced_calls(mode: ToolMode, text: str) -> list[ToolCall] | None:
+    """The calls of a required or named choice (None if the output is cut short)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if mode.kind == "named":
+        assert mode.named is not None
+        return [ToolCall(mode.named, json.dumps(value, ensure_ascii=False))]
+    return [
+        ToolCall(item["name"], json.dumps(item["parameters"], ensure_ascii=False)) for item in value
+    ]
+
+
+def template_tools(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    """The tools as chat templates expect them."""
+    if not req.tools:
+        return None
+    return [t.model_dump(exclude_none=True) for t in req.tools]
