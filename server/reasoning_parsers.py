@@ -28,10 +28,10 @@ class ReasoningParser:
         """(reasoning or None, content) of the text so far; while streaming (`finished`
         False), a partial tag at the end is left out of both."""
         body = text.lstrip()
+        if not finished and START.startswith(body):
+            return None, ""  # may still become <think>
         opened = body.startswith(START)
         if not opened and not self.implicit_start:
-            if not finished and START.startswith(body):
-                return None, ""  # may still become <think>
             return None, text
         if opened:
             body = body[len(START) :]

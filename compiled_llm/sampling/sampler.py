@@ -157,6 +157,10 @@ class Sampler:
             seeds, steps = b.seeds[b.seeded_rows], b.steps[b.seeded_rows]
             u = seeded_uniform(seeds, steps, probs.shape[1])
             noise[b.seeded_rows] = -torch.log(u)
+        # A draw of exactly 0 (u rounding to 1 in float32: about 2**-24 per token) made
+        # 0 / 0 = NaN for a token of probability 0, which argmax then picked: a token that
+        # top-k/p, min-p or a grammar had ruled out.
+        noise.clamp_(min=torch.finfo(noise.dtype).tiny)
         return (probs / noise).argmax(dim=-1)
 
     @staticmethod

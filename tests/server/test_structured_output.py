@@ -352,3 +352,187 @@ def test_bad_constraints_answer_400(server: Server, case: str, extra: dict, para
     if "structured_outputs" in extra and "response_format" not in extra:
         r = server.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+# --- tool calling (this module's server runs with the hermes parser) ------------------------------
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "parameters": {
+                "type": "object",
+                "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                "required": ["zone"],
+            },
+        },
+    },
+]
+PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+WEATHER_Q = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from tests.server.conftest import start_server
+
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    s = start_server(
+        log,
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "hermes",
+        "--reasoning-parser",
+        "qwen3",
+    )
+    yield s
+    if s.proc.poll() is None:
+        s.proc.kill()
+        s.proc.wait(30)
+
+
+def check_calls(calls: list[Any]) -> None:
+    assert calls
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("chatcmpl-tool-")
+        jsonschema.validate(json.loads(call.function.arguments), PARAMS[call.function.name])
+
+
+def tool_request(client: openai.OpenAI, **kw: Any) -> Any:
+    args: dict[str, Any] = dict(
+        model=MODEL, messages=WEATHER_Q, tools=TOOLS, max_completion_tokens=120, temperature=0
+    )
+    return client.chat.completions.create(**{**args, **kw})
+
+
+def test_required_and_named_tool_choice_always_call(client: openai.OpenAI) -> None:
+    named_choice = {"type": "function", "function": {"name": "get_time"}}
+    with ThreadPoolExecutor(2) as pool:
+        required, named = pool.map(
+            lambda kw: tool_request(client, **kw),
+            [
+                {"tool_choice": "required", "n": 4, "temperature": 1.0, "seed": 2},
+                {"tool_choice": named_choice},
+            ],
+        )
+    assert len(required.choices) == 4
+    for choice in [*required.choices, *named.choices]:
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.content is None
+        check_calls(choice.message.tool_calls)
+    assert [c.function.name for c in named.choices[0].message.tool_calls] == ["get_time"]
+
+
+def test_required_tool_choice_streamed(client: openai.OpenAI) -> None:
+    stream = tool_request(client, tool_choice="required", stream=True)
+    calls: dict[int, Any] = {}
+    finish = None
+    for chunk in stream:
+        for c in chunk.choices:
+            for call in c.delta.tool_calls or []:
+                calls[call.index] = call
+            finish = c.finish_reason or finish
+    assert finish == "tool_calls"
+    check_calls([calls[i] for i in sorted(calls)])
+
+
+HERMES_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_tool_call_round_trip(client: openai.OpenAI, stream: bool) -> None:
+    """tool_choice auto: the output (forced here to a hermes-style call, which the small model
+    would not write on its own) is read by the parser into tool_calls; the call and the tool's
+    result then go back as messages and the model answers."""
+    forced = {"structured_outputs": {"choice": [HERMES_CALL]}}
+    if stream:
+        calls: dict[int, Any] = {}
+        finish = None
+        content = ""
+        for chunk in tool_request(client, stream=True, extra_body=forced):
+            for c in chunk.choices:
+                content += c.delta.content or ""
+                for call in c.delta.tool_calls or []:
+                    calls[call.index] = call
+                finish = c.finish_reason or finish
+        tool_calls = [calls[i] for i in sorted(calls)]
+        assert content == ""
+    else:
+        reply = tool_request(client, extra_body=forced)
+        finish = reply.choices[0].finish_reason
+        tool_calls = reply.choices[0].message.tool_calls
+        assert reply.choices[0].message.content is None
+    assert finish == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in tool_calls] == [
+        ("get_weather", {"city": "Paris", "unit": "celsius"})
+    ]
+    history = [
+        *WEATHER_Q,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": c.function.arguments},
+                }
+                for c in tool_calls
+            ],
+        },
+        {"role": "tool", "tool_call_id": tool_calls[0].id, "content": "18 degrees and sunny"},
+    ]
+    answer = tool_request(client, messages=history, max_completion_tokens=16)
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+
+
+def test_plain_answer_under_auto_is_content(client: openai.OpenAI) -> None:
+    """No <tool_call> in the text: it stays content, finish_reason as usual; the qwen3
+    reasoning parser leaves text without <think> alone."""
+    reply = tool_request(client, max_completion_tokens=8)
+    message = reply.choices[0].message
+    assert message.content and not message.tool_calls
+    assert reply.choices[0].finish_reason == "length"
+    assert getattr(message, "reasoning_content", None) is None
+
+
+TOOL_BAD = [
+    (
+        "unknown tool",
+        {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+        "tool_choice",
+    ),
+    ("tool_choice without tools", {"tool_choice": "required"}, "tool_choice"),
+    (
+        "unsupported keyword in a tool",
+        {
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {"name": "f", "parameters": {"type": "integer", "multipleOf": 3}},
+                }
+            ],
+            "tool_choice": "required",
+        },
+        "tools.0.function.parameters.multipleOf",
+    ),
+    ("bad tool type", {"tools": [{"type": "web", "function": {"name": "f"}}]}, "tools.0.type"),
+]
+
+
+@pytest.mark.parametrize("case,extra,param", TOOL_BAD, ids=[b[0] for b in TOOL_BAD])
+def test_bad_tool_requests_answer_400(server: Server, case: str, extra: dict, param: str) -> None:
+    body = {"messages": WEATHER_Q, "max_tokens": 4, **extra}
+    r = server.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param

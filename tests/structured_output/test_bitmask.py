@@ -108,3 +108,20 @@ def test_grammar_end_and_refusal() -> None:
     bad = _grammar("ab", [])
     assert not bad.accept(VOCAB.index("x"))
     assert bad.error is not None and "no token" in bad.error
+
+
+def test_a_zero_noise_draw_never_picks_a_masked_token() -> None:
+    """The exponential race divides by the noise: a draw of exactly 0 must not turn a masked
+    token (probability 0) into NaN, which argmax would pick."""
+    from unittest import mock
+
+    reqs = [Request("r", [1], SamplingParams(temperature=1.0), 8, 7)]
+    reqs[0].num_pending_output_tokens = 1
+    batch = build_sampling_batch(reqs, PADDED, torch.device("cpu"))
+    mask = torch.zeros((1, bitmask_width(PADDED)), dtype=torch.int32)
+    mask[0, 0] = 1 << 3  # only token 3
+    batch.token_bitmask, batch.bitmask_rows = mask, torch.tensor([0])
+    zeros = torch.zeros(1, PADDED)
+    with mock.patch.object(torch.Tensor, "exponential_", lambda self: zeros.clone()):
+        out = Sampler()(torch.randn(1, PADDED), batch)
+    assert out.token_ids.tolist() == [3]
