@@ -89,15 +89,19 @@ def resolve(req: ChatCompletionRequest, parser: ToolParser | None) -> ToolMode:
                 ]
             },
         }
-        return ToolMode("required", grammar=(StructuredOutputsParams(json=schema), "tools"))
+        return ToolMode("required", grammar=(_compact(schema), "tools"))
     assert not isinstance(choice, str)
     name = choice.function.name
     if name not in names:
         raise ToolChoiceError("tool_choice", f"names the function {name!r}, which is not in tools")
     tool = tools[names.index(name)]
-    return ToolMode(
-        "named", named=name, grammar=(StructuredOutputsParams(json=_parameters(tool)), "tools")
-    )
+    return ToolMode("named", named=name, grammar=(_compact(_parameters(tool)), "tools"))
+
+
+def _compact(schema: dict[str, Any]) -> StructuredOutputsParams:
+    """Forced tool calls are parsed by the server, never shown as written: compact JSON, with no
+    whitespace for a small model to wander in."""
+    return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
 
 
 def forced_calls(mode: ToolMode, text: str) -> list[ToolCall] | None:
