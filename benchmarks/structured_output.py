@@ -1,0 +1,159 @@
+"""Structured-output overhead: output tokens/s of a batch of JSON-schema requests against the
+same batch unconstrained, and grammar compile time of a large schema, in one run.
+
+Random weights of a model shape (benchmarks/shapes.py), so outputs are noise: unconstrained
+requests run to --output-len (ignore_eos), constrained ones to --output-len or until their
+grammar ends; the figure compared is output tokens per second of the whole batch. A grammar
+needs a tokenizer: --tokenizer DIR (an HF tokenizer folder; `--export-tokenizer DIR` writes the
+embedded model's there, to carry to a machine without the model). Its vocabulary is padded to
+the shape's, so the bitmask is as wide as the model's vocabulary; the host's fill cost follows
+the tokenizer's own vocabulary size (printed).
+
+  python benchmarks/structured_output.py --export-tokenizer bench_tokenizer
+  python benchmarks/structured_output.py --shape llama-3.1-8b --tokenizer bench_tokenizer \\
+      --batch 64 --input-len 128 --output-len 256
+  python benchmarks/structured_output.py --shape tiny --tokenizer bench_tokenizer --batch 8 \\
+      --output-len 32 --engine-args '{"enforce_eager": true}'            # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import environment, print_table, write_result  # noqa: E402
+from shapes import SHAPES, shape_folder  # noqa: E402
+
+# Never finishes on its own early: 40 objects of bounded fields, as a long tool-call argument or
+# extraction result would be.
+ITEM = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer", "minimum": 0, "maximum": 100000},
+        "name": {"type": "string", "maxLength": 24},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 4},
+        "score": {"type": "number", "minimum": 0, "maximum": 1},
+    },
+    "required": ["id", "name", "tags", "score"],
+}
+SCHEMA = {"type": "array", "items": ITEM, "minItems": 40}
+
+
+def large_schema(n: int) -> dict:
+    """n object properties, each a small nested object: a large schema to compile."""
+    return {
+        "type": "object",
+        "properties": {f"field_{i}": ITEM for i in range(n)},
+        "required": [f"field_{i}" for i in range(n)],
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    p.add_argument("--tokenizer", default=None, help="HF tokenizer folder (default: embedded)")
+    p.add_argument("--export-tokenizer", default=None, metavar="DIR")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--large-schema-fields", type=int, default=200)
+    p.add_argument("--engine-args", default="{}", help="JSON dict of extra LLM(...) arguments")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from compiled_llm.models.loader import default_model_path, load_tokenizer
+
+    if args.export_tokenizer:
+        load_tokenizer(default_model_path()).save_pretrained(args.export_tokenizer)
+        print(f"wrote the embedded model's tokenizer to {args.export_tokenizer}")
+        return
+    from compiled_llm import LLM, SamplingParams
+    from compiled_llm.sampling_params import StructuredOutputsParams
+
+    tokenizer = args.tokenizer or default_model_path()
+    config = {k: v for k, v in vars(args).items() if k != "export_tokenizer"}
+    env = environment()
+    print(f"config: {json.dumps(config)}\nenv: {json.dumps(env)}")
+    folder = shape_folder(args.shape)
+    vocab = int(SHAPES[args.shape]["vocab_size"])
+    tokenizer_vocab = len(load_tokenizer(tokenizer))
+    if tokenizer_vocab > vocab:  # a small shape: widen its vocabulary to the tokenizer's
+        with open(os.path.join(folder, "config.json")) as f:
+            hf = json.load(f)
+        folder = tempfile.mkdtemp(prefix="shape-")
+        vocab = hf["vocab_size"] = tokenizer_vocab
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(hf, f)
+    llm = LLM(
+        folder,
+        tokenizer=tokenizer,
+        load_format="dummy",
+        max_model_len=max(2048, args.input_len + args.output_len),
+        **json.loads(args.engine_args),
+    )
+    rng = random.Random(0)
+    limit = min(vocab, tokenizer_vocab)
+
+    def prompts(seed: int) -> list[dict]:
+        rng.seed(seed)
+        return [
+            {"prompt_token_ids": [rng.randrange(limit) for _ in range(args.input_len)]}
+            for _ in range(args.batch)
+        ]
+
+    plain = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    so = StructuredOutputsParams(json=SCHEMA)
+    constrained = plain.clone(ignore_eos=False, structured_outputs=so)
+    llm.generate(prompts(99), [plain.clone(max_tokens=8)], use_tqdm=False)  # warm up
+    llm.generate(prompts(98)[:1], [constrained.clone(max_tokens=8)], use_tqdm=False)
+    rows = []
+    results = {}
+    for name, params, seed in [("unconstrained", plain, 1), ("json_schema", constrained, 2)]:
+        t = time.perf_counter()
+        outs = llm.generate(prompts(seed), params, use_tqdm=False)
+        seconds = time.perf_counter() - t
+        tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        results[name] = {"seconds": seconds, "output_tokens": tokens, "tok_s": tokens / seconds}
+        rows.append([name, args.batch, tokens, seconds, tokens / seconds])
+    overhead = 1 - results["json_schema"]["tok_s"] / results["unconstrained"]["tok_s"]
+
+    import xgrammar as xgr
+
+    info = xgr.TokenizerInfo.from_huggingface(llm.get_tokenizer(), vocab_size=vocab)
+    compiler = xgr.GrammarCompiler(info, cache_enabled=False)
+    big = json.dumps(large_schema(args.large_schema_fields))
+    t = time.perf_counter()
+    compiler.compile_json_schema(big, any_whitespace=True, max_whitespace_cnt=20)
+    compile_s = time.perf_counter() - t
+    print(f"\ntokenizer vocabulary {tokenizer_vocab}, model vocabulary {vocab}")
+    print_table(["requests", "batch", "output tokens", "seconds", "output tok/s"], rows)
+    print(f"json_schema overhead: {100 * overhead:.1f}% of output tok/s")
+    print(
+        f"compile of a {len(big)}-byte schema ({args.large_schema_fields} fields): {compile_s:.3f} s"
+    )
+    path = write_result(
+        "structured_output",
+        {
+            "config": config,
+            "env": env,
+            "tokenizer_vocab": tokenizer_vocab,
+            "results": results,
+            "overhead": overhead,
+            "large_schema_bytes": len(big),
+            "compile_seconds": compile_s,
+        },
+    )
+    print(f"\nresults: {path}")
+
+
+if __name__ == "__main__":
+    main()
