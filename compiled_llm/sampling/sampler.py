@@ -94,16 +94,13 @@ def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return logits - b.presence_penalty[:, None] * (out_counts > 0).float()
 
 
-_BIT = torch.arange(32, dtype=torch.int32)
-
-
 def apply_token_bitmask(
     logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor
 ) -> torch.Tensor:
     """Logits with every token the bitmask disallows set to -inf, in the given rows only. Plain
     tensor ops (unpack the bits, masked_fill), the same on CPU and CUDA, without a host sync."""
     vocab = logits.shape[1]
-    bits = _BIT.to(bitmask.device, non_blocking=True)
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     allowed = ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, :vocab]
     masked = logits[rows].masked_fill(~allowed, float("-inf"))
     return logits.index_put((rows,), masked)

@@ -78,6 +78,7 @@ class StructuredOutputManager:
         self._executor: ThreadPoolExecutor | None = None
         self._compiler: Any = None
         self._lock = threading.Lock()
+        self._batch: Any = None  # xgrammar's BatchGrammarMatcher, made on first use
 
     def grammar_for(self, params: SamplingParams) -> RequestGrammar:
         """Start compiling the request's grammar (returns at once)."""
@@ -119,9 +120,20 @@ class StructuredOutputManager:
         width = bitmask_width(self.vocab_size)
         mask = torch.empty((len(rows), width), dtype=torch.int32, pin_memory=self.pin_memory)
         mask.fill_(-1)
+        active = []
         for j, i in enumerate(rows):
             g = grammars[i]
             assert g is not None
             if g.matcher is not None and not g.matcher.is_terminated():
-                g.matcher.fill_next_token_bitmask(mask, j)
+                active.append((j, g.matcher))
+        if len(active) == 1:
+            active[0][1].fill_next_token_bitmask(mask, active[0][0])
+        elif active:  # xgrammar fills the rows on its own threads
+            if self._batch is None:
+                import xgrammar as xgr
+
+                self._batch = xgr.BatchGrammarMatcher()
+            self._batch.batch_fill_next_token_bitmask(
+                [m for _, m in active], mask, indices=[j for j, _ in active]
+            )
         return mask, rows

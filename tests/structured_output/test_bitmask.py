@@ -125,3 +125,26 @@ def test_a_zero_noise_draw_never_picks_a_masked_token() -> None:
     with mock.patch.object(torch.Tensor, "exponential_", lambda self: zeros.clone()):
         out = Sampler()(torch.randn(1, PADDED), batch)
     assert out.token_ids.tolist() == [3]
+
+
+def test_batched_fill_equals_row_by_row() -> None:
+    """The manager fills several rows on xgrammar's threads; each row equals its matcher's own
+    fill, rows without a grammar or with a finished one allow everything."""
+    from compiled_llm.structured_output.manager import StructuredOutputManager
+
+    grammars = [
+        _grammar(r"[0-9]{2,3}-[a-f]+", [1]),
+        None,
+        _grammar(r"[0-9]{2,3}-[a-f]+", [1, 2, 3, VOCAB.index("-")]),
+        _grammar("ab", [VOCAB.index("ab"), EOS]),  # terminated
+        _grammar("[a-z]+", []),
+    ]
+    mask, rows = StructuredOutputManager("unused", PADDED, pin_memory=False).bitmask(grammars)
+    assert rows == [0, 2, 3, 4]
+    for j, i in enumerate(rows):
+        g = grammars[i]
+        assert g is not None
+        expected = torch.full((1, bitmask_width(PADDED)), -1, dtype=torch.int32)
+        if not g.is_terminated():
+            g.matcher.fill_next_token_bitmask(expected, 0)
+        assert torch.equal(mask[j], expected[0]), i
