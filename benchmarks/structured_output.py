@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
             hf = json.load(f)
         folder = tempfile.mkdtemp(prefix="shape-")
         vocab = hf["vocab_size"] = tokenizer_vocab
+        eos = load_tokenizer(tokenizer).eos_token_id
+        hf["eos_token_id"] = hf["bos_token_id"] = eos
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(hf, f)
     llm = LLM(
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     plain = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     so = StructuredOutputsParams(json=SCHEMA)
     constrained = plain.clone(ignore_eos=False, structured_outputs=so)
-    llm.generate(prompts(99), [plain.clone(max_tokens=8)], use_tqdm=False)  # warm up
+    llm.generate(prompts(99), plain.clone(max_tokens=8), use_tqdm=False)  # warm up
     llm.generate(prompts(98)[:1], [constrained.clone(max_tokens=8)], use_tqdm=False)
     rows = []
     results = {}
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
         outs = llm.generate(prompts(seed), params, use_tqdm=False)
         seconds = time.perf_counter() - t
         tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        reasons = sorted({str((c.finish_reason, c.stop_reason)) for o in outs for c in o.outputs})
+        print(f"{name}: finish reasons {reasons}")
         results[name] = {"seconds": seconds, "output_tokens": tokens, "tok_s": tokens / seconds}
         rows.append([name, args.batch, tokens, seconds, tokens / seconds])
     overhead = 1 - results["json_schema"]["tok_s"] / results["unconstrained"]["tok_s"]

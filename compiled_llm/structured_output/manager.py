@@ -87,7 +87,8 @@ class StructuredOutputManager:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="grammar")
         future = self._executor.submit(self._compile, grammar_spec(so))
-        return RequestGrammar(future, sorted(params.all_stop_token_ids))
+        stops = sorted(t for t in params.all_stop_token_ids if t < self.vocab_size)
+        return RequestGrammar(future, stops)
 
     def _compile(self, spec: tuple[str, str, bool]) -> Any:
         kind, text, any_whitespace = spec
