@@ -536,3 +536,23 @@ def test_bad_tool_requests_answer_400(server: Server, case: str, extra: dict, pa
     r = server.post("/v1/chat/completions", json=body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_reasoning_split(client: openai.OpenAI, stream: bool) -> None:
+    """--reasoning-parser qwen3: a response opening with <think> (forced here: the small model
+    does not think) has its thinking in reasoning_content, the rest in content."""
+    forced = {"structured_outputs": {"choice": ["<think>\nIt is Paris.\n</think>\n\nParis."]}}
+    args: dict[str, Any] = dict(
+        model=MODEL, messages=WEATHER_Q, max_completion_tokens=40, temperature=0, extra_body=forced
+    )
+    if stream:
+        reasoning = content = ""
+        for chunk in client.chat.completions.create(stream=True, **args):
+            for c in chunk.choices:
+                reasoning += getattr(c.delta, "reasoning_content", None) or ""
+                content += c.delta.content or ""
+    else:
+        message = client.chat.completions.create(**args).choices[0].message
+        reasoning, content = getattr(message, "reasoning_content", None), message.content
+    assert (reasoning, content) == ("\nIt is Paris.\n", "Paris.")
