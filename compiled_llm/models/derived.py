@@ -94,6 +94,8 @@ class DerivedConfig:
         object.__setattr__(self, "_real", None)
 
     def __getattr__(self, name: str) -> Any:
+        if "_values" not in self.__dict__:  # being unpickled or copied
+            raise AttributeError(name)
         values = self.__dict__["_values"]
         if name in values:
             return values[name]

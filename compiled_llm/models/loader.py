@@ -7,6 +7,7 @@ Accepted: an HF folder (config.json, *.safetensors, tokenizer files), a .gguf fi
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -96,7 +97,7 @@ def transformers_config(path: str) -> Any:
 
 def load_hf_config(path: str) -> DerivedConfig:
     """The model's config, derived once from transformers' and read from the cache since."""
-    return derived_config(path, lambda: transformers_config(path))
+    return derived_config(path, functools.partial(transformers_config, path))
 
 
 # Files a tokenizer's vocabulary can come from (transformers converts the slow formats).

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,9 @@ def test_config_answers_as_transformers(tmp_path: Path, sources: list[str]) -> N
                 assert getattr(config, "no_such_field", "absent") == "absent"
                 assert config.get_text_config().to_dict() == real.get_text_config().to_dict()
                 assert architecture_of(config) == architecture_of(real)
+                copied = pickle.loads(pickle.dumps(config))
+                assert copied.to_json_string() == config.to_json_string()
+                assert copied.get_text_config().to_dict() == real.to_dict()
 
 
 @pytest.mark.slow
