@@ -210,6 +210,10 @@ def main() -> None:
     if args.worker:
         run = model_worker(args) if model_mode else shape_worker(args)
         print(json.dumps(run))
+        if model_mode:  # the model mode ends as the command does
+            from compiled_llm.cli import exit_now
+
+            exit_now(0)
         return
     from common import environment, print_table, write_result
 

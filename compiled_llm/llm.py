@@ -26,7 +26,6 @@ class LLM:
         config = EngineArgs.from_kwargs(model=model, **engine_args).create_config()
         config_seconds = time.perf_counter() - start
         self.engine = LLMEngine(config)
-        self.tokenizer = self.engine.tokenizer
         # Seconds per start stage (config, tokenizer, weights, kv_cache, compile, ...).
         self.start_seconds = {"config": config_seconds, **self.engine.start_seconds}
         logger.info(
@@ -34,6 +33,11 @@ class LLM:
             time.perf_counter() - start,
             ", ".join(f"{name} {s:.1f}" for name, s in self.start_seconds.items()),
         )
+
+    @property
+    def tokenizer(self) -> Any:
+        """The transformers tokenizer, loaded on first use (generating needs none)."""
+        return self.engine.tokenizer
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer

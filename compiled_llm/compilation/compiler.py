@@ -119,13 +119,6 @@ class CompiledModel:
         self.backend = CompilerBackend(
             self.pipeline, splitting_predicate(backend_name), cache, wrap_piece
         )
-        self._compiled = torch.compile(
-            model.forward,
-            fullgraph=True,
-            backend=self.backend,
-            dynamic=False,
-            options={"guard_filter_fn": _drop_shape_guards},
-        )
         self.model = model
         self.backend_name = backend_name
         self._forward: Callable[..., Any] | None = None
@@ -182,9 +175,18 @@ class CompiledModel:
         dynamo_limits = torch._dynamo.config.patch(
             recompile_limit=1024, accumulated_recompile_limit=4096
         )
+        # Made here, not at construction: a warm start never calls it, and making it imports
+        # Dynamo's debugging and repro modules.
+        compiled = torch.compile(
+            self.model.forward,
+            fullgraph=True,
+            backend=self.backend,
+            dynamic=False,
+            options={"guard_filter_fn": _drop_shape_guards},
+        )
         with fx_config.patch(backed_size_oblivious=True), dynamo_limits:  # type: ignore[attr-defined]
-            out = self._compiled(input_ids, positions)
-        self._forward = self._compiled
+            out = compiled(input_ids, positions)
+        self._forward = compiled
         return out
 
     def _save_graph(self, call_args: tuple[torch.Tensor, ...], out: Any) -> None:

@@ -11,7 +11,8 @@ from compiled_llm.engine.core import EngineCore
 from compiled_llm.engine.messages import SchedulerStatsMsg
 from compiled_llm.engine.output_processor import OutputProcessor
 from compiled_llm.engine.processor import InputProcessor, PromptType
-from compiled_llm.models.loader import load_tokenizer
+from compiled_llm.models.derived import EngineTokenizer
+from compiled_llm.models.loader import load_engine_tokenizer, load_tokenizer
 from compiled_llm.outputs import RequestOutput
 from compiled_llm.sampling_params import SamplingParams
 
@@ -21,16 +22,32 @@ class LLMEngine:
         self.config = config
         mc = config.model_config
         start = time.perf_counter()
-        self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(mc.tokenizer)
+        # What requests are encoded and decoded with; `tokenizer` (transformers') loads on use.
+        self.engine_tokenizer = (
+            None if mc.skip_tokenizer_init else load_engine_tokenizer(mc.tokenizer)
+        )
         tokenizer_seconds = time.perf_counter() - start
-        self.processor = InputProcessor(config.model_config, self.tokenizer)
-        self.output_processor = OutputProcessor(self.tokenizer)
+        self._tokenizer: Any = None
+        self.processor = InputProcessor(config.model_config, self.engine_tokenizer)
+        self.output_processor = OutputProcessor(self.engine_tokenizer)
         self.core = EngineCore(config)
         # Seconds per start stage: the tokenizer's, then the model runner's.
         self.start_seconds = {"tokenizer": tokenizer_seconds, **self.core.runner.start_seconds}
         self._ids = itertools.count()
         self.last_stats: SchedulerStatsMsg | None = None
         self.num_prompt_tokens_computed = 0  # over the engine's life: prefix hits are not counted
+
+    @property
+    def tokenizer(self) -> Any:
+        """The transformers tokenizer (chat templates, and what `LLM.get_tokenizer()` returns),
+        loaded on first use: a start that only generates never imports transformers."""
+        if self.engine_tokenizer is None:
+            return None
+        if self._tokenizer is None:
+            light = isinstance(self.engine_tokenizer, EngineTokenizer)
+            tokenizer = self.config.model_config.tokenizer
+            self._tokenizer = load_tokenizer(tokenizer) if light else self.engine_tokenizer
+        return self._tokenizer
 
     def next_request_id(self) -> str:
         return str(next(self._ids))

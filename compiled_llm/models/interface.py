@@ -26,8 +26,9 @@ class CausalLM(nn.Module, ABC):
 
     @abstractmethod
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors (HF names) into the parameters; ValueError naming the tensor
-        for one that does not fit, and for parameters the checkpoint lacks."""
+        """Checkpoint tensors (HF names) into the parameters: taken as they are where dtype and
+        device match (a memory-mapped file is not copied), else copied; ValueError naming the
+        tensor for one that does not fit, and for parameters the checkpoint lacks."""
 
 
 def head_dim(hf_config: Any) -> int:

