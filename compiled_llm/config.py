@@ -312,7 +312,12 @@ class EngineArgs:
     def create_config(self) -> EngineConfig:
         """Resolve the model (its config.json only: no weights, no tokenizer) and build the
         frozen configs."""
-        from compiled_llm.models.loader import check_weights, load_hf_config, resolve_model
+        from compiled_llm.models.loader import (
+            check_weights,
+            load_hf_config,
+            resolve_model,
+            resolve_tokenizer,
+        )
 
         device = _resolve_device(self.device)
         model_path = resolve_model(self.model)
@@ -332,7 +337,7 @@ class EngineArgs:
             hf_config=hf_config,
             dtype=dtype,
             max_model_len=max_model_len,
-            tokenizer=resolve_model(self.tokenizer) if self.tokenizer else model_path,
+            tokenizer=resolve_tokenizer(self.tokenizer) if self.tokenizer else model_path,
             seed=self.seed,
             load_format=self.load_format,
             skip_tokenizer_init=self.skip_tokenizer_init,

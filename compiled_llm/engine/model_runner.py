@@ -487,10 +487,13 @@ class ModelRunner:
         self, num_tokens: int, num_reqs: int
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionInputs]:
         """A synthetic batch: `num_reqs` fresh requests sharing `num_tokens` (profiling,
-        compilation, graph capture). Nothing is written to the KV cache."""
-        num_reqs = max(1, min(num_reqs, num_tokens))
+        compilation, graph capture). No request is longer than max_model_len (positions past it
+        are outside the RoPE table: a device-side assert at capture), so a size above it is split
+        across more requests. Nothing is written to the KV cache."""
+        max_len = self.config.scheduler_config.max_model_len
+        num_reqs = max(1, min(max(num_reqs, -(-num_tokens // max_len)), num_tokens))
         q_lens = np.full(num_reqs, num_tokens // num_reqs, dtype=np.int64)
-        q_lens[-1] += num_tokens - q_lens.sum()
+        q_lens[: num_tokens % num_reqs] += 1
         width = -(-int(q_lens.max()) // self.block_size)
         num_blocks = self.kv_caches[0].shape[0]
         block_table = (np.arange(num_reqs * width) % num_blocks).reshape(num_reqs, width)

@@ -58,6 +58,18 @@ def resolve_model(name: str | None) -> str:
     )
 
 
+def resolve_tokenizer(name: str) -> str:
+    """A tokenizer source (--tokenizer): a .gguf file or a folder with tokenizer files; unlike a
+    model folder it needs no config.json (a folder written by `save_pretrained` of a tokenizer)."""
+    path = os.path.abspath(os.path.expanduser(name))
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return path
+    if os.path.isdir(path):
+        check_tokenizer_files(path)
+        return path
+    raise ValueError(f"tokenizer {name!r} is neither a local folder nor a .gguf file")
+
+
 def is_gguf(path: str) -> bool:
     return path.endswith(".gguf")
 

@@ -147,3 +147,21 @@ def test_model_folder_without_tokenizer(capsys, tmp_path: Path, tiny_models, no_
     assert "has no tokenizer files" in err and "--skip-tokenizer-init" in err
     assert "sentencepiece" not in err
     assert no_weights == []  # the tokenizer is checked before the weights load
+
+
+def test_tokenizer_folder_without_config(
+    capsys, tmp_path: Path, tiny_models, embedded_tokenizer_dir: Path
+) -> None:
+    """--tokenizer takes a tokenizer-only folder (save_pretrained of a tokenizer, no
+    config.json), as vLLM does; a folder without tokenizer files is refused by name."""
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_models("llama") / name, folder)
+    assert not (embedded_tokenizer_dir / "config.json").exists()
+    argv = ["generate", "hi", "--model", str(folder), "-O0", "--max-tokens", "2"]
+    code, err = run(capsys, *argv, "--tokenizer", str(embedded_tokenizer_dir))
+    assert code == 0, err
+    code, err = run(capsys, *argv, "--tokenizer", str(tmp_path))
+    assert code == 2
+    assert "has no tokenizer files" in err and "Traceback" not in err

@@ -145,3 +145,17 @@ def test_async_scheduling_gives_identical_outputs(tiny_models, params) -> None:
         assert llm.engine.num_free_blocks == free
         runs.append([[(c.token_ids, c.text, c.logprobs) for c in o.outputs] for o in outs])
     assert runs[0] == runs[1]
+
+
+def test_synthetic_batches_stay_within_max_model_len(roomy: LLM) -> None:
+    """Graph capture runs synthetic batches of up to max_num_batched_tokens tokens; a request
+    longer than max_model_len would index past the RoPE table (a device-side assert on CUDA),
+    so sizes above it are split across requests."""
+    runner = roomy.engine.core.runner
+    for num_tokens, num_reqs in [(512, 1), (257, 1), (256, 1), (9, 4), (3, 8)]:
+        ids, positions, attn = runner.dummy_inputs(num_tokens, num_reqs)
+        assert ids.shape[0] == positions.shape[0] == num_tokens
+        assert int(positions.max()) < 256 and attn.max_seq_len <= 256
+        assert int(attn.query_start_loc[-1]) == num_tokens
+    _, positions, _ = runner.dummy_inputs(256, 1)
+    assert positions.tolist() == list(range(256))  # fits: still one request

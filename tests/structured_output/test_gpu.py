@@ -28,8 +28,11 @@ def test_device_mask_equals_xgrammar() -> None:
     logits = torch.randn(12, vocab, generator=g)
     rows = torch.tensor([0, 3, 4, 5, 6, 7, 9, 11])
     ours = apply_token_bitmask(logits.cuda(), mask.cuda(), rows.cuda()).cpu()
+    # xgrammar indexes logits and bitmask with the same rows: spread our compact rows out
+    full = torch.full((12, mask.shape[1]), -1, dtype=torch.int32)
+    full[rows] = mask
     reference = logits.clone()
-    xgr.apply_token_bitmask_inplace(reference, mask, indices=rows.tolist(), backend="torch_native")
+    xgr.apply_token_bitmask_inplace(reference, full, indices=rows.tolist(), backend="torch_native")
     assert torch.equal(ours, reference)
 
 
