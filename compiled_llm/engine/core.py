@@ -17,7 +17,12 @@ from compiled_llm.engine.messages import (
     EngineCoreRequest,
     SchedulerStatsMsg,
 )
-from compiled_llm.engine.model_runner import ModelRunner, ModelRunnerOutput, StepHandle
+from compiled_llm.engine.model_runner import (
+    LaunchedStep,
+    ModelRunner,
+    ModelRunnerOutput,
+    StepHandle,
+)
 from compiled_llm.engine.scheduler import Scheduler, SchedulerOutput
 from compiled_llm.kv_cache.kv_cache_manager import KVCacheManager
 from compiled_llm.profiler import Profiler
@@ -49,7 +54,8 @@ class EngineCore:
         )
         self.scheduler = Scheduler(config.scheduler_config, self.kv_cache)
         self.async_scheduling = config.scheduler_config.async_scheduling
-        self._inflight: StepHandle | None = None
+        self._inflight: StepHandle | None = None  # sampled, results not read yet
+        self._unsampled: LaunchedStep | None = None  # forward launched, sampling waits a call
         mc = config.model_config
         self.structured = StructuredOutputManager(
             mc.tokenizer, int(mc.hf_config.vocab_size), pin_memory=config.device.type == "cuda"
@@ -106,7 +112,11 @@ class EngineCore:
             self.scheduler.finish(request_id, _FINISH_STATUS[reason])
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or self._inflight is not None
+        return (
+            self.scheduler.has_unfinished()
+            or self._inflight is not None
+            or self._unsampled is not None
+        )
 
     # --- steps ----------------------------------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
@@ -114,24 +124,33 @@ class EngineCore:
         results are read, so host work overlaps device work; results then lag one call. Without
         it, each step's results are read in the call that launched it.
 
-        Structured outputs: step N+1's forward is launched first; then step N's tokens are read
-        and each matcher accepts its token; then the bitmask of N+1's grammar rows is filled on
-        the host (while the device runs the forward) and N+1's sampling is launched with it."""
+        Structured outputs: a step's grammar rows need a bitmask built from every token before
+        it, so its sampling waits for the previous step's tokens. With async scheduling the
+        step's forward is launched and its sampling left to the next call, which reads the
+        previous step's tokens (the matchers accept them), fills the bitmask on the host and
+        launches the sampling, then schedules and launches the following forward: all of that
+        runs while the device runs the first forward, and the device never waits for the
+        host's scheduling (as it would if the sampling were launched last)."""
+        outputs = self._finished_unscheduled()
+        if self._unsampled is not None:
+            launched, self._unsampled = self._unsampled, None
+            if self._inflight is not None:
+                outputs += self._process(self._inflight.result())
+            self._inflight = self._sample(launched)
         with self.profiler.stage("schedule"):
             sched = self.scheduler.schedule()
         previous, self._inflight = self._inflight, None
-        outputs = self._finished_unscheduled()
         if not sched.is_empty:
             launched = self.runner.launch(sched, self._block_ids(sched), previous)
-            bitmask = None
-            grammars = [r.grammar for r in launched.requests]
-            if any(g is not None for g in grammars):
+            if not any(r.grammar is not None for r in launched.requests):
+                self._inflight = self.runner.sample(launched)
+            elif self.async_scheduling:
+                self._unsampled, self._inflight, previous = launched, previous, None
+            else:
                 if previous is not None:
                     outputs += self._process(previous.result())
                     previous = None
-                with self.profiler.stage("grammar bitmask"):
-                    bitmask = self.structured.bitmask(grammars)
-            self._inflight = self.runner.sample(launched, bitmask)
+                self._inflight = self._sample(launched)
         if not self.async_scheduling:
             if previous is not None:  # launched while async scheduling was on
                 outputs += self._process(previous.result())
@@ -143,6 +162,16 @@ class EngineCore:
             futures = [g.future for g in self.scheduler.compiling]
             concurrent.futures.wait(futures, timeout=0.05, return_when="FIRST_COMPLETED")
         return self._outputs(outputs, sched)
+
+    def _sample(self, launched: LaunchedStep) -> StepHandle:
+        """Launch a step's sampling with the bitmask of its grammar rows; every earlier step's
+        tokens have been processed."""
+        bitmask = None
+        grammars = [r.grammar for r in launched.requests]
+        if any(g is not None for g in grammars):
+            with self.profiler.stage("grammar bitmask"):
+                bitmask = self.structured.bitmask(grammars)
+        return self.runner.sample(launched, bitmask)
 
     def _finished_unscheduled(self) -> list[EngineCoreOutput]:
         """Outputs for requests that ended in the queue (a grammar that failed to compile)."""
