@@ -39,10 +39,17 @@ class ChatOutput:
                 message["content"] = None
         elif self.tool_parser is not None:
             message["content"], calls = self.tool_parser.extract(text)
+            calls = calls if self.mode.parallel else calls[:1]
         if calls:
             message["tool_calls"] = [call.to_openai() for call in calls]
-            return message, "tool_calls"
-        return message, c.finish_reason
+        return message, self.finish_reason(c, bool(calls))
+
+    def finish_reason(self, c: CompletionOutput, called: bool) -> str | None:
+        """ "tool_calls" once a tool was called, except for a named choice, which ends with the
+        output's own reason ("stop"), as OpenAI and vLLM answer a forced function."""
+        if called and self.mode.kind != "named":
+            return "tool_calls"
+        return c.finish_reason
 
     def stream(self) -> ChoiceStream:
         return ChoiceStream(self)
@@ -83,6 +90,8 @@ class ChoiceStream:
             content, calls = self.tools.feed(text, finished)
             if content:
                 delta["content"] = content
+            if not out.mode.parallel:
+                calls = calls[: max(0, 1 - self.num_calls)]
         elif len(text) > self.content_sent:
             delta["content"] = text[self.content_sent :]
             self.content_sent = len(text)
@@ -91,7 +100,4 @@ class ChoiceStream:
                 call.to_openai(self.num_calls + i) for i, call in enumerate(calls)
             ]
             self.num_calls += len(calls)
-        finish = c.finish_reason
-        if finished and self.num_calls:
-            finish = "tool_calls"
-        return delta, finish
+        return delta, out.finish_reason(c, finished and self.num_calls > 0)

@@ -291,7 +291,7 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None  # accepted; required choices may call several
+    parallel_tool_calls: bool | None = None  # false: at most one call (server/tools.py)
 
     def to_sampling_params(
         self, constraint: StructuredOutputsParams | None = None

@@ -8,7 +8,10 @@ that enforces `required` and named choices, and the tool calls read back from th
   tools each with arguments valid for its schema; it always parses.
 - named ({"type": "function", "function": {"name": ...}}): the output is forced to that tool's
   arguments.
-Any tool call made ends the choice with finish_reason "tool_calls".
+parallel_tool_calls false: a required choice's array is held to one call by its grammar; an
+auto choice keeps the first call the parser finds (later ones are dropped, as in vLLM).
+Any tool call made ends the choice with finish_reason "tool_calls", except a named choice's,
+which ends with "stop" (OpenAI's answer to a forced function).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class ToolMode:
     kind: str  # "none" | "auto" | "required" | "named"
     named: str | None = None  # the function of a named choice
     grammar: tuple[StructuredOutputsParams, str] | None = None  # constraint, field it came from
+    parallel: bool = True  # parallel_tool_calls: false keeps a choice to one call
 
 
 def _parameters(tool: Any) -> dict[str, Any]:
@@ -62,7 +66,7 @@ def resolve(req: ChatCompletionRequest, parser: ToolParser | None) -> ToolMode:
                 '"auto" needs a server started with --enable-auto-tool-choice and '
                 "--tool-call-parser",
             )
-        return ToolMode("auto")
+        return ToolMode("auto", parallel=req.parallel_tool_calls is not False)
     if req.structured() is not None:
         raise ToolChoiceError(
             "tool_choice",
@@ -72,9 +76,11 @@ def resolve(req: ChatCompletionRequest, parser: ToolParser | None) -> ToolMode:
         params = StructuredOutputsParams(json=_parameters(tool))
         validate_structured_outputs(params, f"tools.{i}.function.parameters")
     if choice == "required":
+        one = req.parallel_tool_calls is False
         schema = {
             "type": "array",
             "minItems": 1,
+            **({"maxItems": 1} if one else {}),
             "items": {
                 "anyOf": [
                     {
@@ -89,7 +95,7 @@ def resolve(req: ChatCompletionRequest, parser: ToolParser | None) -> ToolMode:
                 ]
             },
         }
-        return ToolMode("required", grammar=(_compact(schema), "tools"))
+        return ToolMode("required", grammar=(_compact(schema), "tools"), parallel=not one)
     assert not isinstance(choice, str)
     name = choice.function.name
     if name not in names:

@@ -179,3 +179,35 @@ def test_tool_messages_reach_the_template() -> None:
     rendered = assistant.to_template()
     assert rendered["tool_calls"][0]["function"]["arguments"] == {"a": 1}
     assert tool.to_template() == {"role": "tool", "content": "42", "tool_call_id": "c1"}
+
+
+def test_parallel_tool_calls_false_keeps_one_call() -> None:
+    """parallel_tool_calls false: a required choice's grammar allows one array item, an auto
+    choice keeps the first parsed call, whole and streamed; a named choice ends with "stop"."""
+    required = resolve(request(tool_choice="required", parallel_tool_calls=False), None)
+    assert required.grammar is not None and required.grammar[0].json["maxItems"] == 1
+    assert "maxItems" not in resolve(request(tool_choice="required"), None).grammar[0].json
+    hermes = get_tool_parser("hermes")
+    block = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "%s"}}\n</tool_call>'
+    text = block % "Oslo" + "\n" + block % "Rome"
+    final = CompletionOutput(0, text, [], None, None, "stop")
+    for parallel, cities in [(True, ["Oslo", "Rome"]), (False, ["Oslo"])]:
+        mode = resolve(request(parallel_tool_calls=parallel), hermes)
+        output = ChatOutput(mode, hermes, None)
+        message, finish = output.message(final)
+        assert finish == "tool_calls"
+        args = [json.loads(c["function"]["arguments"]) for c in message["tool_calls"]]
+        assert [a["city"] for a in args] == cities
+        stream, streamed = output.stream(), []
+        for end in range(1, len(text) + 1):
+            done = end == len(text)
+            c = CompletionOutput(0, text[:end], [], None, None, "stop" if done else None)
+            streamed += stream.delta(c)[0].get("tool_calls", [])
+        assert [json.loads(c["function"]["arguments"])["city"] for c in streamed] == cities
+    named = resolve(
+        request(tool_choice={"type": "function", "function": {"name": "get_weather"}}), None
+    )
+    message, finish = ChatOutput(named, None, None).message(
+        CompletionOutput(0, '{"city": "Rome"}', [], None, None, "stop")
+    )
+    assert finish == "stop" and message["tool_calls"][0]["function"]["name"] == "get_weather"
