@@ -184,3 +184,23 @@ def test_bad_input_queues_nothing(llm: LLM, so: SO, field: str) -> None:
         llm.generate(["fine", "bad"], params, use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
     assert llm.engine.num_free_blocks == free
+
+
+def test_chat_passes_tools_and_template_kwargs(llm: LLM) -> None:
+    """LLM.chat hands tools, a chat template and its kwargs to the template, as vLLM's does:
+    the prompt is the template's rendering of them."""
+    template = (
+        "{% for t in tools %}[{{ t.function.name }}]{% endfor %}{{ greeting }}"
+        "{% for m in messages %}{{ m.content }}{% endfor %}"
+    )
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    out = llm.chat(
+        [{"role": "user", "content": " hi"}],
+        SamplingParams(max_tokens=1),
+        use_tqdm=False,
+        chat_template=template,
+        tools=tools,
+        chat_template_kwargs={"greeting": "Hello"},
+    )[0]
+    expected = llm.get_tokenizer().encode("[get_weather]Hello hi", add_special_tokens=False)
+    assert out.prompt_token_ids == expected
