@@ -48,8 +48,10 @@ class RequestGrammar:
         try:
             import xgrammar as xgr
 
+            # No stop id inside the vocabulary (xgrammar refuses an empty list): the
+            # tokenizer's own end-of-sequence tokens end the grammar.
             self.matcher = xgr.GrammarMatcher(
-                self.future.result(), override_stop_tokens=self._stop_token_ids
+                self.future.result(), override_stop_tokens=self._stop_token_ids or None
             )
         except Exception as e:
             logger.warning("structured outputs: grammar compilation failed: %s", e)

@@ -148,3 +148,16 @@ def test_batched_fill_equals_row_by_row() -> None:
         if not g.is_terminated():
             g.matcher.fill_next_token_bitmask(expected, 0)
         assert torch.equal(mask[j], expected[0]), i
+
+
+def test_no_stop_id_in_vocabulary_ends_on_the_tokenizers_eos() -> None:
+    """A request whose stop ids all lie outside the vocabulary (a model whose vocabulary is
+    narrower than its tokenizer's eos id) gets a matcher ending on the tokenizer's EOS, not a
+    failed grammar (xgrammar refuses an empty stop list)."""
+    from concurrent.futures import Future
+
+    future: Future = Future()
+    future.set_result(compiled("ab"))
+    g = RequestGrammar(future, [])
+    assert g.ready() and g.error is None
+    assert g.accept(VOCAB.index("ab")) and g.accept(EOS) and g.is_terminated()
