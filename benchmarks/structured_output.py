@@ -14,6 +14,12 @@ the tokenizer's own vocabulary size (printed).
       --batch 64 --input-len 128 --output-len 256
   python benchmarks/structured_output.py --shape tiny --tokenizer bench_tokenizer --batch 8 \\
       --output-len 32 --engine-args '{"enforce_eager": true}'            # CPU smoke run
+  python benchmarks/structured_output.py --host-only --batch 64 --output-len 256  # no model
+
+--host-only times the host's share alone, with no model: --batch matchers of the schema advance
+--output-len steps on random allowed tokens; per step, the engine's bitmask fill for all rows
+(StructuredOutputManager.bitmask) and each matcher accepting its token (what the scheduler does).
+With async scheduling both must fit inside one forward for the grammar to cost no throughput.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--large-schema-fields", type=int, default=200)
     p.add_argument("--engine-args", default="{}", help="JSON dict of extra LLM(...) arguments")
+    p.add_argument("--host-only", action="store_true", help="time fill and accept, no model")
     return p.parse_args(argv)
 
 
@@ -75,6 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.export_tokenizer:
         load_tokenizer(default_model_path()).save_pretrained(args.export_tokenizer)
         print(f"wrote the embedded model's tokenizer to {args.export_tokenizer}")
+        return
+    if args.host_only:
+        host_only(args)
         return
     from compiled_llm import LLM, SamplingParams
     from compiled_llm.sampling_params import StructuredOutputsParams
@@ -157,6 +167,61 @@ def main(argv: list[str] | None = None) -> None:
         },
     )
     print(f"\nresults: {path}")
+
+
+def host_only(args: argparse.Namespace) -> None:
+    import torch
+
+    from compiled_llm.models.loader import default_model_path, load_tokenizer
+    from compiled_llm.sampling_params import SamplingParams, StructuredOutputsParams
+    from compiled_llm.structured_output.manager import StructuredOutputManager
+
+    env = environment()
+    env["cpus"] = os.cpu_count()
+    env["load"] = list(os.getloadavg())
+    print(f"config: {json.dumps(vars(args))}\nenv: {json.dumps(env)}")
+    tokenizer_path = args.tokenizer or default_model_path()
+    tokenizer = load_tokenizer(tokenizer_path)
+    vocab = max(int(SHAPES[args.shape]["vocab_size"]), len(tokenizer))
+    manager = StructuredOutputManager(tokenizer_path, vocab, pin_memory=False)
+    params = SamplingParams(
+        max_tokens=args.output_len, structured_outputs=StructuredOutputsParams(json=SCHEMA)
+    ).clone(all_stop_token_ids={tokenizer.eos_token_id})
+    grammars = [manager.grammar_for(params) for _ in range(args.batch)]
+    for g in grammars:
+        g.future.result()
+        g.ready()
+    rng = random.Random(0)
+    shifts = torch.arange(32, dtype=torch.int32)
+    fill = accept = 0.0
+    for _ in range(args.output_len):
+        t = time.perf_counter()
+        mask, _rows = manager.bitmask(grammars)  # type: ignore[arg-type]
+        fill += time.perf_counter() - t
+        allowed = ((mask[:, :, None] >> shifts) & 1).bool().flatten(1)[:, : len(tokenizer)]
+        tokens = []
+        for row in allowed:
+            ids = row.nonzero().flatten()
+            tokens.append(int(ids[rng.randrange(len(ids))]))
+        t = time.perf_counter()
+        for g, token in zip(grammars, tokens):
+            g.accept(token)
+        accept += time.perf_counter() - t
+    steps = args.output_len
+    fill_ms, accept_ms = 1000 * fill / steps, 1000 * accept / steps
+    print(f"{args.batch} rows, {steps} steps, {os.cpu_count()} CPUs")
+    print(f"bitmask fill: {fill_ms:.2f} ms/step; accept: {accept_ms:.2f} ms/step")
+    path = write_result(
+        "structured_output-host",
+        {
+            "config": vars(args),
+            "env": env,
+            "fill_ms_per_step": fill_ms,
+            "accept_ms_per_step": accept_ms,
+        },
+        folder="" if torch.cuda.is_available() else "cpu",
+    )
+    print(f"results: {path}")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ CASES = {
         "--engine-args",
         '{"enforce_eager": true}',
     ],
+    "structured_output:host": ["--host-only", "--batch", "3", "--output-len", "4"],
     "kernels": ["--shape", "tiny", "--steps", "2"],
     "passes": [
         "--shape",
@@ -77,8 +78,9 @@ CASES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(CASES))
 def test_benchmark_smoke(script: str) -> None:
+    name = script.split(":")[0]  # "script:variant" runs script with that variant's arguments
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / f"{script}.py"), *CASES[script]],
+        [sys.executable, str(BENCHMARKS / f"{name}.py"), *CASES[script]],
         capture_output=True,
         text=True,
         timeout=600,
@@ -98,7 +100,9 @@ def test_benchmark_smoke(script: str) -> None:
     Path(path).unlink()
 
 
-@pytest.mark.parametrize("script", ["attention", "serve", *sorted(CASES)])
+@pytest.mark.parametrize(
+    "script", ["attention", "serve", *sorted({c.split(":")[0] for c in CASES})]
+)
 def test_benchmark_help(script: str) -> None:
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / f"{script}.py"), "--help"],
