@@ -11,6 +11,7 @@ import functools
 import glob
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -99,17 +100,41 @@ def gguf_side_folder(path: str) -> str:
     return folder
 
 
-def transformers_config(path: str) -> Any:
+def transformers_config(path: str, trust_remote_code: bool = False) -> Any:
     """The model's config as transformers reads it (seconds: only when deriving one)."""
     from transformers import AutoConfig
 
     folder = gguf_side_folder(path) if is_gguf(path) else path
-    return AutoConfig.from_pretrained(folder, local_files_only=True)
+    return AutoConfig.from_pretrained(
+        folder, local_files_only=True, trust_remote_code=trust_remote_code
+    )
 
 
-def load_hf_config(path: str) -> DerivedConfig:
+def check_remote_code(path: str, trust_remote_code: bool) -> None:
+    """A folder whose config.json maps its model type to its own code (`auto_map`, a type
+    transformers does not ship) is refused unless trust_remote_code is given, as vLLM does. Read
+    before the derived-config cache, which may hold an entry derived with trust."""
+    if trust_remote_code or is_gguf(path):
+        return
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    if not raw.get("auto_map"):
+        return
+    from transformers import CONFIG_MAPPING
+
+    model_type = raw.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(
+            f"model {path!r} (model_type {model_type!r}) needs its own modeling code "
+            f"({', '.join(sorted(raw['auto_map']))} in config.json's auto_map), which runs only "
+            "with trust_remote_code=True (--trust-remote-code)"
+        )
+
+
+def load_hf_config(path: str, trust_remote_code: bool = False) -> DerivedConfig:
     """The model's config, derived once from transformers' and read from the cache since."""
-    return derived_config(path, functools.partial(transformers_config, path))
+    check_remote_code(path, trust_remote_code)
+    return derived_config(path, functools.partial(transformers_config, path, trust_remote_code))
 
 
 # Files a tokenizer's vocabulary can come from (transformers converts the slow formats).
@@ -237,9 +262,15 @@ def create_model(model_config: Any, device: torch.device) -> CausalLM:
     """Build the model with uninitialized parameters on `device` (no wasted random init)."""
     from compiled_llm.models.registry import get_model_class
 
-    cls = get_model_class(model_config.hf_config)
+    cls = get_model_class(model_config.hf_config, model_config.model_impl)
+    # The fallback also needs to know whether the folder's own code may run.
+    extra = (
+        {"trust_remote_code": model_config.trust_remote_code}
+        if model_config.model_impl == "transformers"
+        else {}
+    )
     with _default_dtype(model_config.dtype), torch.device("meta"):
-        model = cls(model_config.hf_config, model_config.max_model_len, device)
+        model = cls(model_config.hf_config, model_config.max_model_len, device, **extra)
     model.to_empty(device=device)
     return model.eval()
 
