@@ -141,13 +141,17 @@ def load_hf_config(path: str, trust_remote_code: bool = False) -> DerivedConfig:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "*.tiktoken")
 
 
-def load_tokenizer(path: str) -> Any:
-    """The transformers tokenizer (what `LLM.get_tokenizer()` and the server use)."""
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    """The transformers tokenizer (what `LLM.get_tokenizer()` and the server use). The flag is
+    passed on: AutoTokenizer reads the model config, and without an explicit answer transformers
+    asks on stdin whether a folder's own code may run."""
     from transformers import AutoTokenizer
 
     folder = gguf_side_folder(path) if is_gguf(path) else path
     check_tokenizer_files(folder)
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return AutoTokenizer.from_pretrained(
+        folder, local_files_only=True, trust_remote_code=trust_remote_code
+    )
 
 
 def check_tokenizer_files(folder: str) -> None:
@@ -159,13 +163,13 @@ def check_tokenizer_files(folder: str) -> None:
         )
 
 
-def load_engine_tokenizer(path: str) -> Any:
+def load_engine_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     """What the engine encodes and decodes with: the tokenizer derived once from transformers'
     (derived.py; no transformers import), or transformers' own where none can be derived."""
     if not is_gguf(path):
         check_tokenizer_files(path)  # before deriving: the same error as load_tokenizer
-    light = derived_tokenizer(path, lambda: load_tokenizer(path))
-    return light if light is not None else load_tokenizer(path)
+    light = derived_tokenizer(path, lambda: load_tokenizer(path, trust_remote_code))
+    return light if light is not None else load_tokenizer(path, trust_remote_code)
 
 
 def safetensors_files(folder: str) -> list[str]:

@@ -251,3 +251,50 @@ def test_cli_flags() -> None:
     )
     kwargs = engine_kwargs(args)
     assert kwargs["model_impl"] == "transformers" and kwargs["trust_remote_code"] is True
+
+
+CUSTOM_CONFIG = """from transformers import Olmo2Config
+
+
+class MyOlmoConfig(Olmo2Config):
+    model_type = "my_olmo"
+"""
+CUSTOM_MODEL = """from transformers import Olmo2ForCausalLM
+
+from .configuration_my import MyOlmoConfig
+
+
+class MyOlmoForCausalLM(Olmo2ForCausalLM):
+    config_class = MyOlmoConfig
+"""
+
+
+def test_trusted_remote_code_runs(tmp_path: Path, hf_models, monkeypatch) -> None:
+    """A local folder with its own config and model classes (auto_map): refused without
+    trust_remote_code, and with it runs through the fallback as the model it wraps does."""
+    import shutil
+
+    import transformers.dynamic_module_utils as dynamic
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+    source = hf_models("Olmo2")
+    folder = tmp_path / "custom"
+    shutil.copytree(source, folder)
+    (folder / "configuration_my.py").write_text(CUSTOM_CONFIG)
+    (folder / "modeling_my.py").write_text(CUSTOM_MODEL)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(
+        model_type="my_olmo",
+        architectures=["MyOlmoForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_my.MyOlmoConfig",
+            "AutoModelForCausalLM": "modeling_my.MyOlmoForCausalLM",
+        },
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        LLM(str(folder), max_model_len=256, enforce_eager=True)
+    llm = LLM(str(folder), max_model_len=256, enforce_eager=True, trust_remote_code=True)
+    assert type(model_of(llm).__dict__["_hf"]).__name__ == "MyOlmoForCausalLM"
+    lengths = [MAX_TOKENS] * 2
+    assert_matches_hf(hf_greedy(source, PROMPTS[:2], lengths), generate(llm, PROMPTS[:2], lengths))
