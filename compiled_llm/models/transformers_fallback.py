@@ -128,7 +128,7 @@ class TransformersForCausalLM(CausalLM):
             self.add_module(name, child)
         self.base_name = str(hf.base_model_prefix)
         embeddings = hf.get_output_embeddings()
-        self.head_name = next(n for n, m in hf.named_children() if m is embeddings)
+        self.head_name = next(n for n, m in hf.named_modules() if m is embeddings)
         # What transformers' causal-LM forward does to logits after the head, by config field.
         self.logit_divisor = float(getattr(config, "logits_scaling", None) or 1.0)
         self.logit_multiplier = float(getattr(config, "logit_scale", None) or 1.0)
@@ -155,7 +155,7 @@ class TransformersForCausalLM(CausalLM):
         return out.last_hidden_state[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = getattr(self, self.head_name)(hidden)
+        logits = self.get_submodule(self.head_name)(hidden)
         if self.logit_divisor != 1.0:
             logits = logits / self.logit_divisor
         if self.logit_multiplier != 1.0:
@@ -263,6 +263,8 @@ def _model_refusal(hf: Any, arch: str, config: Any, max_positions: int) -> str |
     if hf.get_output_embeddings() is None:
         return "it has no output embeddings (lm_head)"
     base = hf.base_model
+    if base is hf:
+        return f"its causal-LM class has no base model ({hf.base_model_prefix!r}) to run apart"
     tokens = 3
     try:
         with torch.device("meta"), torch.no_grad():
