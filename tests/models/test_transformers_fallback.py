@@ -140,7 +140,17 @@ def test_mixed_prefill_and_decode(hf_models) -> None:
         max_num_batched_tokens=16,
         enable_prefix_caching=True,
     )
+    runner = llm.engine.core.runner
+    steps: list[list[int]] = []
+    prepare = runner.prepare_inputs
+
+    def record(scheduled, *args, **kwargs):
+        steps.append([s.num_tokens for s in scheduled])
+        return prepare(scheduled, *args, **kwargs)
+
+    runner.prepare_inputs = record
     assert_matches_hf(hf_greedy(path, prompts, lengths), generate(llm, prompts, lengths))
+    assert any(1 in step and max(step) > 1 for step in steps), steps  # decode beside prefill
 
 
 def test_llama_through_fallback_matches_native(tiny_models) -> None:
