@@ -308,3 +308,20 @@ def test_trusted_remote_code_runs(tmp_path: Path, hf_models, monkeypatch) -> Non
     assert type(model_of(llm).__dict__["_hf"]).__name__ == "MyOlmoForCausalLM"
     lengths = [MAX_TOKENS] * 2
     assert_matches_hf(hf_greedy(source, PROMPTS[:2], lengths), generate(llm, PROMPTS[:2], lengths))
+
+
+def test_computed_buffers_match_transformers(hf_models) -> None:
+    """Built on meta and materialized by to_empty(), the buffers transformers computes (RoPE
+    frequencies) hold what from_pretrained gives, with checkpoint or dummy weights."""
+    from transformers import AutoModelForCausalLM
+
+    path = hf_models("GPTNeoX")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    expected = dict(hf.named_buffers())
+    assert expected
+    for load_format in ("auto", "dummy"):
+        llm = LLM(str(path), max_model_len=256, enforce_eager=True, load_format=load_format)
+        buffers = dict(model_of(llm).named_buffers())
+        assert buffers.keys() == expected.keys()
+        for name, value in expected.items():
+            torch.testing.assert_close(buffers[name], value, rtol=0, atol=0, msg=name)
