@@ -38,6 +38,8 @@ class ModelConfig:
     seed: int
     load_format: str  # "auto": the checkpoint's weights; "dummy": random, made on device
     skip_tokenizer_init: bool  # token ids in and out only (benchmarks)
+    model_impl: str  # resolved: "native" (our model class) or "transformers" (the fallback)
+    trust_remote_code: bool  # a local folder's own modeling code may run (transformers)
 
     @property
     def architecture(self) -> str:
@@ -131,6 +133,7 @@ class EngineConfig:
 
 
 _LOAD_FORMATS = ("auto", "dummy")
+_MODEL_IMPLS = ("auto", "native", "transformers")
 
 
 def _arg(default: Any, help: str, **cli: Any) -> Any:
@@ -172,6 +175,18 @@ class EngineArgs:
         "auto",
         "auto: the checkpoint's weights; dummy: random weights made on the device (benchmarks)",
         choices=_LOAD_FORMATS,
+    )
+    model_impl: str = _arg(
+        "auto",
+        "auto: our native model class where we have one for the architecture, else the "
+        "transformers fallback (docs/models.md); native: ours only; transformers: the fallback "
+        "even where a native class exists",
+        choices=_MODEL_IMPLS,
+    )
+    trust_remote_code: bool = _arg(
+        False,
+        "let a local model folder's own modeling code (config.json's auto_map) run through "
+        "transformers; without it such a model is refused",
     )
     dtype: str = _arg(
         "auto",
@@ -263,6 +278,11 @@ class EngineArgs:
 
         require(self.load_format in _LOAD_FORMATS, "load_format", "must be auto or dummy")
         require(
+            self.model_impl in _MODEL_IMPLS,
+            "model_impl",
+            "(--model-impl) must be auto, native or transformers",
+        )
+        require(
             self.dtype in ("auto", *_DTYPES), "dtype", f"must be one of auto, {', '.join(_DTYPES)}"
         )
         _resolve_device(self.device)
@@ -323,7 +343,10 @@ class EngineArgs:
         model_path = resolve_model(self.model)
         if self.load_format == "auto":
             check_weights(model_path)
-        hf_config = load_hf_config(model_path)
+        hf_config = load_hf_config(model_path, self.trust_remote_code)
+        from compiled_llm.models.registry import resolve_model_impl
+
+        model_impl = resolve_model_impl(hf_config, self.model_impl)
         dtype = _resolve_dtype(self.dtype, hf_config, device)
         max_pos = int(getattr(hf_config, "max_position_embeddings", 0) or 8192)
         max_model_len = self.max_model_len or max_pos
@@ -341,6 +364,8 @@ class EngineArgs:
             seed=self.seed,
             load_format=self.load_format,
             skip_tokenizer_init=self.skip_tokenizer_init,
+            model_impl=model_impl,
+            trust_remote_code=self.trust_remote_code,
         )
         level = 0 if self.enforce_eager else self.compilation_level
         if level is None:

@@ -87,7 +87,9 @@ class AsyncLLM:
         mc = self.config.model_config
         try:
             if not mc.skip_tokenizer_init:  # loads while the core builds the model
-                self.tokenizer = await asyncio.to_thread(load_tokenizer, mc.tokenizer)
+                self.tokenizer = await asyncio.to_thread(
+                    load_tokenizer, mc.tokenizer, mc.trust_remote_code
+                )
             self.processor = InputProcessor(mc, self.tokenizer)
             self.output_processor = OutputProcessor(self.tokenizer)
             self.ready = await self.client.wait_ready()

@@ -70,6 +70,7 @@ def make_cache(config: EngineConfig, pipeline: PassPipeline, backend_name: str) 
     key = engine_key(
         {
             "model": mc.hf_config.to_json_string(use_diff=False),
+            "model_impl": mc.model_impl,  # native and fallback classes trace different graphs
             "dtype": str(mc.dtype),
             "max_model_len": mc.max_model_len,
             "device": str(config.device),

@@ -58,7 +58,10 @@ class EngineCore:
         self._unsampled: LaunchedStep | None = None  # forward launched, sampling waits a call
         mc = config.model_config
         self.structured = StructuredOutputManager(
-            mc.tokenizer, int(mc.hf_config.vocab_size), pin_memory=config.device.type == "cuda"
+            mc.tokenizer,
+            int(mc.hf_config.vocab_size),
+            pin_memory=config.device.type == "cuda",
+            trust_remote_code=mc.trust_remote_code,
         )
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens)",

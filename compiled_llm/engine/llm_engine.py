@@ -24,7 +24,9 @@ class LLMEngine:
         start = time.perf_counter()
         # What requests are encoded and decoded with; `tokenizer` (transformers') loads on use.
         self.engine_tokenizer = (
-            None if mc.skip_tokenizer_init else load_engine_tokenizer(mc.tokenizer)
+            None
+            if mc.skip_tokenizer_init
+            else load_engine_tokenizer(mc.tokenizer, mc.trust_remote_code)
         )
         tokenizer_seconds = time.perf_counter() - start
         self._tokenizer: Any = None
@@ -45,8 +47,12 @@ class LLMEngine:
             return None
         if self._tokenizer is None:
             light = isinstance(self.engine_tokenizer, EngineTokenizer)
-            tokenizer = self.config.model_config.tokenizer
-            self._tokenizer = load_tokenizer(tokenizer) if light else self.engine_tokenizer
+            mc = self.config.model_config
+            self._tokenizer = (
+                load_tokenizer(mc.tokenizer, mc.trust_remote_code)
+                if light
+                else self.engine_tokenizer
+            )
         return self._tokenizer
 
     def next_request_id(self) -> str:

@@ -223,3 +223,14 @@ def derived_tokenizer(source: str, load: Callable[[], Any]) -> EngineTokenizer |
         return None
     path = os.path.join(folder, "tokenizer.json")
     return EngineTokenizer(_backend(lambda: Tokenizer.from_file(path)), meta["eos_token_id"])
+
+
+def transformers_config_of(config: Any) -> Any:
+    """The transformers config behind `config`: a DerivedConfig loads it (once), anything else is
+    taken to be one already (the transformers fallback builds transformers' model from it)."""
+    if not isinstance(config, DerivedConfig):
+        return config
+    state = config.__dict__
+    if state["_real"] is None:
+        object.__setattr__(config, "_real", state["_load"]())
+    return state["_real"]

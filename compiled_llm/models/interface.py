@@ -1,5 +1,5 @@
-"""What the engine asks of a model: the one interface native models (and the transformers
-fallback, when it lands) implement. Everything else is done *to* the model by the compiler and
+"""What the engine asks of a model: the one interface native models and the transformers
+fallback (transformers_fallback.py) implement. Everything else is done *to* the model by the compiler and
 the runner (passes, quantization, sharding), so the interface stays small."""
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import functools
 import glob
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -99,30 +100,58 @@ def gguf_side_folder(path: str) -> str:
     return folder
 
 
-def transformers_config(path: str) -> Any:
+def transformers_config(path: str, trust_remote_code: bool = False) -> Any:
     """The model's config as transformers reads it (seconds: only when deriving one)."""
     from transformers import AutoConfig
 
     folder = gguf_side_folder(path) if is_gguf(path) else path
-    return AutoConfig.from_pretrained(folder, local_files_only=True)
+    return AutoConfig.from_pretrained(
+        folder, local_files_only=True, trust_remote_code=trust_remote_code
+    )
 
 
-def load_hf_config(path: str) -> DerivedConfig:
+def check_remote_code(path: str, trust_remote_code: bool) -> None:
+    """A folder whose config.json maps its model type to its own code (`auto_map`, a type
+    transformers does not ship) is refused unless trust_remote_code is given, as vLLM does. Read
+    before the derived-config cache, which may hold an entry derived with trust."""
+    if trust_remote_code or is_gguf(path):
+        return
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    if not raw.get("auto_map"):
+        return
+    from transformers import CONFIG_MAPPING
+
+    model_type = raw.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(
+            f"model {path!r} (model_type {model_type!r}) needs its own modeling code "
+            f"({', '.join(sorted(raw['auto_map']))} in config.json's auto_map), which runs only "
+            "with trust_remote_code=True (--trust-remote-code)"
+        )
+
+
+def load_hf_config(path: str, trust_remote_code: bool = False) -> DerivedConfig:
     """The model's config, derived once from transformers' and read from the cache since."""
-    return derived_config(path, functools.partial(transformers_config, path))
+    check_remote_code(path, trust_remote_code)
+    return derived_config(path, functools.partial(transformers_config, path, trust_remote_code))
 
 
 # Files a tokenizer's vocabulary can come from (transformers converts the slow formats).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "*.tiktoken")
 
 
-def load_tokenizer(path: str) -> Any:
-    """The transformers tokenizer (what `LLM.get_tokenizer()` and the server use)."""
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    """The transformers tokenizer (what `LLM.get_tokenizer()` and the server use). The flag is
+    passed on: AutoTokenizer reads the model config, and without an explicit answer transformers
+    asks on stdin whether a folder's own code may run."""
     from transformers import AutoTokenizer
 
     folder = gguf_side_folder(path) if is_gguf(path) else path
     check_tokenizer_files(folder)
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return AutoTokenizer.from_pretrained(
+        folder, local_files_only=True, trust_remote_code=trust_remote_code
+    )
 
 
 def check_tokenizer_files(folder: str) -> None:
@@ -134,13 +163,13 @@ def check_tokenizer_files(folder: str) -> None:
         )
 
 
-def load_engine_tokenizer(path: str) -> Any:
+def load_engine_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     """What the engine encodes and decodes with: the tokenizer derived once from transformers'
     (derived.py; no transformers import), or transformers' own where none can be derived."""
     if not is_gguf(path):
         check_tokenizer_files(path)  # before deriving: the same error as load_tokenizer
-    light = derived_tokenizer(path, lambda: load_tokenizer(path))
-    return light if light is not None else load_tokenizer(path)
+    light = derived_tokenizer(path, lambda: load_tokenizer(path, trust_remote_code))
+    return light if light is not None else load_tokenizer(path, trust_remote_code)
 
 
 def safetensors_files(folder: str) -> list[str]:
@@ -237,9 +266,15 @@ def create_model(model_config: Any, device: torch.device) -> CausalLM:
     """Build the model with uninitialized parameters on `device` (no wasted random init)."""
     from compiled_llm.models.registry import get_model_class
 
-    cls = get_model_class(model_config.hf_config)
+    cls = get_model_class(model_config.hf_config, model_config.model_impl)
+    # The fallback also needs to know whether the folder's own code may run.
+    extra = (
+        {"trust_remote_code": model_config.trust_remote_code}
+        if model_config.model_impl == "transformers"
+        else {}
+    )
     with _default_dtype(model_config.dtype), torch.device("meta"):
-        model = cls(model_config.hf_config, model_config.max_model_len, device)
+        model = cls(model_config.hf_config, model_config.max_model_len, device, **extra)
     model.to_empty(device=device)
     return model.eval()
 

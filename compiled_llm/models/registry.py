@@ -1,4 +1,5 @@
-"""HF `architectures` names -> our model classes, imported lazily."""
+"""HF `architectures` names -> our model classes, imported lazily, and the choice between a
+native class and the transformers fallback (model_impl)."""
 
 from __future__ import annotations
 
@@ -43,13 +44,30 @@ def architecture_of(hf_config: Any) -> str:
     return str(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, ""))
 
 
-def get_model_class(hf_config: Any) -> type[CausalLM]:
+def resolve_model_impl(hf_config: Any, model_impl: str) -> str:
+    """ "native" or "transformers" for EngineArgs.model_impl: auto is native where we have the
+    architecture, else the transformers fallback; native for one we lack is an error."""
     arch = architecture_of(hf_config)
-    if arch not in _MODELS:
+    if model_impl == "auto":
+        return "native" if arch in _MODELS else "transformers"
+    if model_impl == "native" and arch not in _MODELS:
         raise ValueError(
-            f"unsupported model architecture {arch or '(none declared)'!r}; supported: "
-            f"{', '.join(supported_architectures())}"
+            f"model_impl='native' (--model-impl native): no native class for architecture "
+            f"{arch or '(none declared)'!r}; native ones: {', '.join(supported_architectures())} "
+            "(model_impl auto or transformers runs others through the transformers fallback)"
         )
+    if model_impl not in ("native", "transformers"):
+        raise ValueError(f"model_impl must be auto, native or transformers, got {model_impl!r}")
+    return model_impl
+
+
+def get_model_class(hf_config: Any, model_impl: str = "auto") -> type[CausalLM]:
+    """The class that runs `hf_config`'s architecture under `model_impl`."""
+    if resolve_model_impl(hf_config, model_impl) == "transformers":
+        from compiled_llm.models.transformers_fallback import TransformersForCausalLM
+
+        return TransformersForCausalLM
+    arch = architecture_of(hf_config)
     sliding = getattr(hf_config, "sliding_window", None)
     if sliding and getattr(hf_config, "use_sliding_window", True) and arch == "MistralForCausalLM":
         max_pos = int(getattr(hf_config, "max_position_embeddings", 0))

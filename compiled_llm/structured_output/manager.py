@@ -73,8 +73,11 @@ class RequestGrammar:
 
 
 class StructuredOutputManager:
-    def __init__(self, tokenizer: str, vocab_size: int, pin_memory: bool) -> None:
+    def __init__(
+        self, tokenizer: str, vocab_size: int, pin_memory: bool, trust_remote_code: bool = False
+    ) -> None:
         self.tokenizer_path = tokenizer
+        self.trust_remote_code = trust_remote_code
         self.vocab_size = vocab_size
         self.pin_memory = pin_memory
         self._executor: ThreadPoolExecutor | None = None
@@ -108,7 +111,7 @@ class StructuredOutputManager:
 
                 from compiled_llm.models.loader import load_tokenizer
 
-                tokenizer = load_tokenizer(self.tokenizer_path)
+                tokenizer = load_tokenizer(self.tokenizer_path, self.trust_remote_code)
                 info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
                 self._compiler = xgr.GrammarCompiler(info, cache_enabled=True)
             return self._compiler
