@@ -50,14 +50,6 @@ def get_model_class(hf_config: Any) -> type[CausalLM]:
             f"unsupported model architecture {arch or '(none declared)'!r}; supported: "
             f"{', '.join(supported_architectures())}"
         )
-    sliding = getattr(hf_config, "sliding_window", None)
-    if sliding and getattr(hf_config, "use_sliding_window", True) and arch == "MistralForCausalLM":
-        max_pos = int(getattr(hf_config, "max_position_embeddings", 0))
-        if sliding < max_pos:
-            raise ValueError(
-                f"sliding-window attention (sliding_window={sliding}) is not supported; "
-                "Mistral checkpoints without a sliding window are"
-            )
     module_name, class_name = _MODELS[arch]
     cls = getattr(importlib.import_module(module_name), class_name)
     if not issubclass(cls, CausalLM):
