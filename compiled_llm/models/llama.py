@@ -76,12 +76,12 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(
-        self, cfg: Any, layer_cls: type[LlamaDecoderLayer], max_positions: int, device: Any
+        self, cfg: Any, layer_cls: type[nn.Module], max_positions: int, device: Any
     ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(int(cfg.vocab_size), int(cfg.hidden_size))
         self.layers = nn.ModuleList([layer_cls(cfg, i) for i in range(int(cfg.num_hidden_layers))])
-        self.norm = RMSNorm(int(cfg.hidden_size), float(cfg.rms_norm_eps))
+        self.norm: nn.Module = RMSNorm(int(cfg.hidden_size), float(cfg.rms_norm_eps))
         self.rotary_emb = RotaryEmbedding(cfg, head_dim(cfg), max_positions, device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -95,12 +95,13 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(CausalLM):
     """`forward(input_ids [T], positions [T]) -> hidden [T, H]`; `compute_logits` on a subset."""
 
-    layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
+    layer_cls: type[nn.Module] = LlamaDecoderLayer
+    model_cls: type[LlamaModel] = LlamaModel
 
     def __init__(self, cfg: Any, max_positions: int, device: Any = None) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, self.layer_cls, max_positions, device)
+        self.model = self.model_cls(cfg, self.layer_cls, max_positions, device)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         if not self.tie_word_embeddings:
             self.lm_head = nn.Linear(int(cfg.hidden_size), int(cfg.vocab_size), bias=False)

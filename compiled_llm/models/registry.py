@@ -12,6 +12,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("compiled_llm.models.llama", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("compiled_llm.models.qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("compiled_llm.models.qwen3", "Qwen3ForCausalLM"),
+    "Gemma2ForCausalLM": ("compiled_llm.models.gemma2", "Gemma2ForCausalLM"),
 }
 
 
@@ -22,6 +23,7 @@ _CAUSAL_LM_OF_TYPE = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
 }
 
 

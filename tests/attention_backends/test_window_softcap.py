@@ -43,7 +43,11 @@ LAYERS = {
 
 
 def dense_reference(
-    inputs: AttentionInputs, cache: torch.Tensor, q: torch.Tensor, scale: float, layer: LayerAttention
+    inputs: AttentionInputs,
+    cache: torch.Tensor,
+    q: torch.Tensor,
+    scale: float,
+    layer: LayerAttention,
 ) -> torch.Tensor:
     """Each query token's output in float64, key by key from the pages: position p sees keys
     j <= p with j > p - window, scores soft-capped as cap * tanh(s / cap)."""

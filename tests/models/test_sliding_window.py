@@ -17,6 +17,12 @@ WINDOW = 8
 # A window shorter than every prompt; Gemma 2's caps low enough to change the results.
 MODELS = {
     "mistral": dict(sliding_window=WINDOW),
+    "gemma2": dict(
+        sliding_window=WINDOW,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=10.0,
+    ),
 }
 PROMPT_LENS = (20, 23, 27, 31, 36, 40)
 MAX_TOKENS = 10
@@ -30,7 +36,8 @@ def prompts(vocab: int) -> list[list[int]]:
 
 
 def hf_greedy_margins(path: Path, prompt_ids: list[list[int]]) -> list[tuple[list[int], list]]:
-    """HF's greedy tokens of each prompt and, per step, its top-1 minus top-2 logit."""
+    """HF's greedy tokens of each prompt and, per step, its top-1 minus top-2 logit and the
+    chosen token's logprob."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -48,14 +55,16 @@ def hf_greedy_margins(path: Path, prompt_ids: list[list[int]]) -> list[tuple[lis
                 return_dict_in_generate=True,
             )
         top2 = [step[0].topk(2).values for step in out.logits]
-        results.append((out.sequences[0, len(ids) :].tolist(), [float(a - b) for a, b in top2]))
+        lps = [float(step[0].log_softmax(-1).max()) for step in out.logits]
+        tokens = out.sequences[0, len(ids) :].tolist()
+        results.append((tokens, [float(a - b) for a, b in top2], lps))
     return results
 
 
-def assert_matches_hf(expected: list[tuple[list[int], list]], got: list[list[int]]) -> None:
+def assert_matches_hf(expected: list[tuple[list[int], list, list]], got: list[list[int]]) -> None:
     """Token for token, except that a sequence may part from HF's where HF's two best logits
     tie within TIE (after that it follows another prefix and is not compared)."""
-    for (ref, margins), ids in zip(expected, got, strict=True):
+    for (ref, margins, _), ids in zip(expected, got, strict=True):
         assert len(ids) == len(ref)
         for pos, (a, b) in enumerate(zip(ref, ids)):
             if a != b:
@@ -101,6 +110,21 @@ def test_chunked_steps_mixing_prefill_and_decode_match_hf(model) -> None:
         block_size=4,
     )
     assert_matches_hf(expected, generate(llm, ids))
+
+
+def test_logprobs_match_hf(model) -> None:
+    """The sampled tokens' logprobs: Gemma 2's final logit soft-cap changes them (not the
+    greedy choice, tanh being monotonic)."""
+    path, ids, expected = model
+    llm = LLM(str(path), max_model_len=128, enforce_eager=True)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
+    for (ref, _, ref_lps), out in zip(expected, outputs, strict=True):
+        got = out.outputs[0]
+        for pos, (a, b) in enumerate(zip(ref, got.token_ids)):
+            if a != b:
+                break
+            assert abs(got.logprobs[pos][b].logprob - ref_lps[pos]) < 1e-3, pos
 
 
 @pytest.mark.slow
