@@ -163,13 +163,23 @@ class AttentionBackend(ABC):
 
     def __init__(self, spec: AttentionSpec) -> None:
         self.spec = spec
-        wanted = set().union(*(layer.features() for layer in spec.layers))
-        missing = sorted(wanted - self.features)
-        if missing:
+        reason = self.refusal(spec)
+        if reason is not None:
             raise ValueError(
-                f"the {self.name} attention backend does not implement {', '.join(missing)}, "
-                "which this model's attention layers use; choose another attention_backend"
+                f"the {self.name} attention backend {reason}; choose another attention_backend"
             )
+
+    @classmethod
+    def refusal(cls, spec: AttentionSpec) -> str | None:
+        """Why this backend cannot serve `spec`'s layers (None: it can); checked when built and
+        by `auto`'s choice."""
+        wanted = set().union(*(layer.features() for layer in spec.layers))
+        missing = sorted(wanted - cls.features)
+        if missing:
+            return (
+                f"does not implement {', '.join(missing)}, which this model's attention layers use"
+            )
+        return None
 
     # --- KV cache -------------------------------------------------------------------------------
     def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:

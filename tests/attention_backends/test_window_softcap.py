@@ -130,6 +130,29 @@ def test_backend_refuses_features_it_lacks() -> None:
     TorchAttentionBackend(replace(spec, layers=layers))
 
 
+def test_auto_passes_over_a_backend_that_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA, `auto` skips a backend whose `refusal` names a reason (FlashInfer with layers
+    that differ) and takes the next; resolved by name only, so it runs without a GPU."""
+    from compiled_llm.attention_backends import registry
+
+    class Refuses(_PlainOnly):
+        name = "flashinfer"
+
+    class Serves(_PlainOnly):
+        name = "triton"
+        features = frozenset({"sliding_window"})
+
+    classes = {"flashinfer": Refuses, "triton": Serves}
+    monkeypatch.setattr(registry, "get_backend_class", lambda name: classes[name])
+    spec = AttentionSpec(4, 2, 16, 8, F32, torch.device("cuda"), 0.25)
+    assert registry.resolve_backend_name("auto", spec) == "flashinfer"
+    windowed = replace(spec, layers=(LayerAttention(sliding_window=4),))
+    assert registry.resolve_backend_name("auto", windowed) == "triton"
+    assert (
+        registry.resolve_backend_name("flashinfer", windowed) == "flashinfer"
+    )  # refused when built
+
+
 @pytest.mark.parametrize("bad", [dict(sliding_window=0), dict(logits_soft_cap=0.0)])
 def test_layer_attributes_are_validated(bad: dict) -> None:
     with pytest.raises(ValueError):

@@ -1,5 +1,5 @@
-"""Models with sliding-window attention and soft-capped logits (Mistral with a window, Gemma 2)
-against HF transformers' greedy `generate` (float32), with windows shorter than the prompts so
+"""Models with sliding-window attention and soft-capped logits (Mistral with a window, Qwen2 with
+use_sliding_window on its upper layers, Gemma 2) against HF transformers' greedy `generate` (float32), with windows shorter than the prompts so
 keys really fall out of them: in one batch, in chunked steps mixing prefill chunks over a cached
 prefix with decodes, and compiled (-O1) against eager."""
 
@@ -17,6 +17,8 @@ WINDOW = 8
 # A window shorter than every prompt; Gemma 2's caps low enough to change the results.
 MODELS = {
     "mistral": dict(sliding_window=WINDOW),
+    # Layer 0 global, layer 1 windowed (HF: layers from max_window_layers on).
+    "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
     "gemma2": dict(
         sliding_window=WINDOW,
         query_pre_attn_scalar=24,
