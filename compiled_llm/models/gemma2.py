@@ -65,10 +65,12 @@ class Gemma2MLP(nn.Module):
 
 
 class Gemma2DecoderLayer(nn.Module):
+    attention_cls: type[Gemma2Attention] = Gemma2Attention
+
     def __init__(self, cfg: Any, layer_idx: int) -> None:
         super().__init__()
         hidden, eps = int(cfg.hidden_size), float(cfg.rms_norm_eps)
-        self.self_attn = Gemma2Attention(cfg, layer_idx)
+        self.self_attn = self.attention_cls(cfg, layer_idx)
         self.mlp = Gemma2MLP(cfg)
         self.input_layernorm = GemmaRMSNorm(hidden, eps)
         self.post_attention_layernorm = GemmaRMSNorm(hidden, eps)

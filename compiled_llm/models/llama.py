@@ -75,6 +75,9 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    # Whose RoPE parameters `rotary_emb` takes where the config keeps them per layer type.
+    rope_layer_type: str | None = None
+
     def __init__(
         self, cfg: Any, layer_cls: type[nn.Module], max_positions: int, device: Any
     ) -> None:
@@ -82,7 +85,9 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(int(cfg.vocab_size), int(cfg.hidden_size))
         self.layers = nn.ModuleList([layer_cls(cfg, i) for i in range(int(cfg.num_hidden_layers))])
         self.norm: nn.Module = RMSNorm(int(cfg.hidden_size), float(cfg.rms_norm_eps))
-        self.rotary_emb = RotaryEmbedding(cfg, head_dim(cfg), max_positions, device)
+        self.rotary_emb = RotaryEmbedding(
+            cfg, head_dim(cfg), max_positions, device, self.rope_layer_type
+        )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)

@@ -13,6 +13,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen2ForCausalLM": ("compiled_llm.models.qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("compiled_llm.models.qwen3", "Qwen3ForCausalLM"),
     "Gemma2ForCausalLM": ("compiled_llm.models.gemma2", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ("compiled_llm.models.gemma3", "Gemma3ForCausalLM"),
 }
 
 
@@ -24,6 +25,7 @@ _CAUSAL_LM_OF_TYPE = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
 
 

@@ -25,6 +25,18 @@ MODELS = {
         attn_logit_softcapping=5.0,
         final_logit_softcapping=10.0,
     ),
+    # 3 layers, two local then one global; local and global RoPE bases differ, the global one
+    # linearly scaled.
+    "gemma3": dict(
+        num_hidden_layers=3,
+        sliding_window=WINDOW,
+        sliding_window_pattern=3,
+        query_pre_attn_scalar=24,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
+        },
+    ),
 }
 PROMPT_LENS = (20, 23, 27, 31, 36, 40)
 MAX_TOKENS = 10
