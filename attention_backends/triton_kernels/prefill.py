@@ -173,10 +173,10 @@ def _prefill_kernel(
         mid = 0
         if SLIDING:
             lo = (tl.maximum(first_pos - window + 1, 0) // BLOCK_N) * BLOCK_N
+            # lo <= mid <= full_end: the earliest row's window starts no later than the last's
             mid = tl.minimum(
                 tl.cdiv(tl.maximum(last_pos - window + 1, 0), BLOCK_N) * BLOCK_N, full_end
             )
-            mid = tl.maximum(mid, lo)
             for n0 in range(lo, mid, BLOCK_N):
                 acc, m_i, l_i = _attend_tile(
                     q, acc, m_i, l_i, k_base, bt_row, n0, pos, last_pos + 1, qk_scale, window, cap,
@@ -189,7 +189,7 @@ def _prefill_kernel(
                 stride_c_blk, stride_c_kv, stride_c_tok, d, d_mask,
                 BLOCK_SIZE, BLOCK_N, False, SLIDING, SOFT_CAP, DOT_PRECISION,
             )  # fmt: skip
-        for n0 in range(tl.maximum(full_end, mid), last_pos + 1, BLOCK_N):
+        for n0 in range(full_end, last_pos + 1, BLOCK_N):
             acc, m_i, l_i = _attend_tile(
                 q, acc, m_i, l_i, k_base, bt_row, n0, pos, last_pos + 1, qk_scale, window, cap,
                 stride_c_blk, stride_c_kv, stride_c_tok, d, d_mask,
