@@ -22,7 +22,14 @@ from compiled_llm.attention_backends.base import (
     LayerAttention,
 )
 from compiled_llm.attention_backends.torch_ref import TorchAttentionBackend
-from tests.attention_backends.test_backends import Case, case_tensors, spec_of
+from tests.attention_backends.test_backends import (
+    MODES,
+    Case,
+    case_tensors,
+    make_backend,
+    needs_cuda,
+    spec_of,
+)
 
 F32 = torch.float32
 # (seq_lens, query_lens): whole prompts, chunks over a cached prefix, decode rows (several: the
@@ -216,6 +223,29 @@ TRITON_NAMES = [
 @pytest.mark.parametrize("name", TRITON_NAMES)
 def test_triton_interpreter_matches_reference(interpreter_errors: dict, name: str) -> None:
     assert interpreter_errors[name] <= 1e-4, f"relative error {interpreter_errors[name]:.3g}"
+
+
+# --- GPU: both GPU backends against the torch reference (not yet run: no CUDA machine so far) ----
+GPU_LAYERS = {
+    "window_256": LayerAttention(sliding_window=256),
+    "softcap_50": LayerAttention(logits_soft_cap=50.0),
+    "window_100_softcap_20": LayerAttention(sliding_window=100, logits_soft_cap=20.0),
+}
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("layer", list(GPU_LAYERS))
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("backend", ["triton", "flashinfer"])
+def test_gpu_backends_match_reference(backend: str, mode: str, layer: str) -> None:
+    case = replace(MODES[mode], num_heads=16, num_kv_heads=4, head_dim=128)
+    spec = replace(spec_of(case, torch.device("cuda")), layers=(GPU_LAYERS[layer],))
+    out = run(make_backend(backend, spec), case, GPU_LAYERS[layer])[3].float()
+    ref = run(TorchAttentionBackend(spec), case, GPU_LAYERS[layer])[3].float()
+    assert torch.isfinite(out).all()
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert err <= 1e-2, f"relative error {err:.3g}"
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--interpreter"]:
