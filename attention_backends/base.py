@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import numpy as np
@@ -28,6 +28,32 @@ class CudaGraphSupport(enum.Enum):
 
 
 @dataclass(frozen=True)
+class LayerAttention:
+    """One layer's static attention attributes, beyond plain causal attention: the model gives
+    them to the generic op (`models/attention.Attention`), the lowering pass carries them to the
+    backend's op, and the backend's `attend` receives them. A field left None is a feature the
+    layer does not use; every field set must be in the backend's `features`."""
+
+    # A query at position p sees keys at positions > p - sliding_window (HF's convention).
+    sliding_window: int | None = None
+    # Scores become cap * tanh(scores / cap) before the softmax (Gemma 2).
+    logits_soft_cap: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        if self.logits_soft_cap is not None and not self.logits_soft_cap > 0:
+            raise ValueError(f"logits_soft_cap must be > 0, got {self.logits_soft_cap}")
+
+    def features(self) -> set[str]:
+        """Names of the fields this layer sets."""
+        return {f.name for f in fields(self) if getattr(self, f.name) is not None}
+
+
+FULL_ATTENTION = LayerAttention()
+
+
+@dataclass(frozen=True)
 class AttentionSpec:
     num_heads: int
     num_kv_heads: int
@@ -36,6 +62,9 @@ class AttentionSpec:
     dtype: torch.dtype
     device: torch.device
     scale: float
+    # Each layer's attributes, by layer index (the model's `Attention` modules); empty: all
+    # layers plain causal.
+    layers: tuple[LayerAttention, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -128,9 +157,29 @@ class AttentionBackend(ABC):
     # True where `rope_write_kv` is implemented: the compiler's `rope_kv_write` pass then hands
     # RoPE of q and k to the backend together with the KV write.
     accepts_fused_rope_kv_write: ClassVar[bool] = False
+    # The `LayerAttention` fields `attend` implements; a model whose layers set another one is
+    # refused when the backend is built, never answered wrongly.
+    features: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, spec: AttentionSpec) -> None:
         self.spec = spec
+        reason = self.refusal(spec)
+        if reason is not None:
+            raise ValueError(
+                f"the {self.name} attention backend {reason}; choose another attention_backend"
+            )
+
+    @classmethod
+    def refusal(cls, spec: AttentionSpec) -> str | None:
+        """Why this backend cannot serve `spec`'s layers (None: it can); checked when built and
+        by `auto`'s choice."""
+        wanted = set().union(*(layer.features() for layer in spec.layers))
+        missing = sorted(wanted - cls.features)
+        if missing:
+            return (
+                f"does not implement {', '.join(missing)}, which this model's attention layers use"
+            )
+        return None
 
     # --- KV cache -------------------------------------------------------------------------------
     def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
@@ -179,9 +228,15 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def attend(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, out: torch.Tensor
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: Any,
+        out: torch.Tensor,
+        layer: LayerAttention = FULL_ATTENTION,
     ) -> None:
-        """Causal attention of q ([T, num_heads, head_dim]) over the paged KV, into `out`."""
+        """Causal attention of q ([T, num_heads, head_dim]) over the paged KV, into `out`, with
+        the layer's attributes (only those in `features` are ever set)."""
 
     def forward(
         self,
@@ -190,10 +245,11 @@ class AttentionBackend(ABC):
         v: torch.Tensor,
         kv_cache: torch.Tensor,
         metadata: Any,
+        layer: LayerAttention = FULL_ATTENTION,
     ) -> torch.Tensor:
         self.write_kv(k, v, kv_cache, metadata)
         out = torch.empty_like(q)
-        self.attend(q, kv_cache, metadata, out)
+        self.attend(q, kv_cache, metadata, out, layer)
         return out
 
     # --- CUDA graphs ----------------------------------------------------------------------------

@@ -11,6 +11,11 @@ the slot mapping is what the scheduler produces (append would need batch indices
 rebuilt every step), padding slots (-1) are skipped by the kernel, and the same kernel, with its
 RoPE-fused variant, serves both GPU backends, so the compiler's RoPE+write fusion applies to both.
 
+Sliding windows and logits soft-caps go to `plan()` (window_left = window - 1: FlashInfer's left
+bound is inclusive, HF's exclusive; logits_soft_cap as is). One plan serves every layer of a step,
+so a model whose layers differ in them (Gemma 2's alternating local and global layers) is refused
+(`refusal`); `auto` then picks Triton. Untested on CUDA so far.
+
 FlashInfer JIT-compiles its kernels with nvcc on first use; they are cached under
 FLASHINFER_WORKSPACE_BASE, which we point at ~/.cache/compiled_llm/flashinfer unless it is set.
 """
@@ -33,10 +38,12 @@ import flashinfer  # noqa: E402  (needs the variable above at import)
 import torch  # noqa: E402
 
 from compiled_llm.attention_backends.base import (  # noqa: E402
+    FULL_ATTENTION,
     AttentionBackend,
     AttentionInputs,
     AttentionSpec,
     CudaGraphSupport,
+    LayerAttention,
 )
 from compiled_llm.attention_backends.triton_kernels import (  # noqa: E402
     flatten_block_table,
@@ -90,6 +97,16 @@ class FlashInferAttentionBackend(AttentionBackend):
     name = "flashinfer"
     cudagraph_support = CudaGraphSupport.UNIFORM_DECODE
     accepts_fused_rope_kv_write = True
+    features = frozenset({"sliding_window", "logits_soft_cap"})
+
+    @classmethod
+    def refusal(cls, spec: AttentionSpec) -> str | None:
+        if len(set(spec.layers)) > 1:
+            return (
+                "plans one attention variant per step, and this model's layers differ in "
+                "sliding_window / logits_soft_cap"
+            )
+        return super().refusal(spec)
 
     def __init__(
         self,
@@ -100,6 +117,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         super().__init__(spec)
         if spec.device.type != "cuda":
             raise ValueError("the flashinfer attention backend needs a CUDA device")
+        self._layer = spec.layers[0] if spec.layers else FULL_ATTENTION  # every layer's
         self.prefill_backend = prefill_backend or Envs.read().flashinfer_prefill_backend
         if self.prefill_backend not in ("fa2", "fa3"):
             raise ValueError(
@@ -195,10 +213,13 @@ class FlashInferAttentionBackend(AttentionBackend):
         flatten_block_table(inputs.block_table, indptr.to(dev, non_blocking=True), r, indices)
         indices = indices[:total]
 
+        window = self._layer.sliding_window
         common: dict[str, Any] = {
             "q_data_type": s.dtype,
             "kv_data_type": s.dtype,
             "sm_scale": s.scale,
+            "window_left": -1 if window is None else window - 1,
+            "logits_soft_cap": self._layer.logits_soft_cap,
         }
         if is_decode:
             if graph:
@@ -268,6 +289,11 @@ class FlashInferAttentionBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         metadata: FlashInferMetadata,
         out: torch.Tensor,
+        layer: LayerAttention = FULL_ATTENTION,
     ) -> None:
+        if layer != self._layer:
+            raise ValueError(
+                f"the flashinfer backend was planned for {self._layer}, a layer asked for {layer}"
+            )
         n = metadata.num_rows
         metadata.wrapper.run(q[:n], kv_cache, out=out[:n])

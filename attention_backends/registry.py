@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib
 
-import torch
-
 from compiled_llm.attention_backends.base import AttentionBackend, AttentionSpec
 
 _BACKENDS: dict[str, tuple[str, str]] = {
@@ -42,22 +40,24 @@ def get_backend_class(name: str) -> type[AttentionBackend]:
     return cls
 
 
-def resolve_backend_name(name: str, device: torch.device) -> str:
-    """`auto` means flashinfer when importable on CUDA, else triton on CUDA, torch on CPU."""
+def resolve_backend_name(name: str, spec: AttentionSpec) -> str:
+    """`auto` means flashinfer when importable on CUDA, else triton on CUDA, torch on CPU; on
+    CUDA a backend that refuses the spec's layers (`AttentionBackend.refusal`) is passed over."""
     if name != "auto":
         get_backend_class(name)  # validates the name and checks the dependency
         return name
-    if device.type != "cuda":
+    if spec.device.type != "cuda":
         return "torch"
     for candidate in ("flashinfer", "triton"):
         try:
-            get_backend_class(candidate)
-            return candidate
+            cls = get_backend_class(candidate)
         except ValueError:
             continue
+        if cls.refusal(spec) is None:
+            return candidate
     return "torch"
 
 
 def create_backend(name: str, spec: AttentionSpec) -> AttentionBackend:
-    """The backend `name` (or `auto`'s choice for the spec's device), built for `spec`."""
-    return get_backend_class(resolve_backend_name(name, spec.device))(spec)
+    """The backend `name` (or `auto`'s choice for the spec), built for `spec`."""
+    return get_backend_class(resolve_backend_name(name, spec))(spec)

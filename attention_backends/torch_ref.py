@@ -2,6 +2,9 @@
 
 The CPU default and the correctness oracle for the other backends. It computes in float32 whatever
 the cache dtype, and loops over requests (it is opaque to the compiler, so the loop is fine).
+Sliding windows are a mask (a query at position p sees keys at positions p - window < j <= p);
+a logits soft-cap computes the scores itself (cap * tanh(scores / cap), then mask and softmax),
+in HF's order of operations.
 """
 
 from __future__ import annotations
@@ -9,13 +12,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from compiled_llm.attention_backends.base import AttentionBackend, AttentionInputs
+from compiled_llm.attention_backends.base import (
+    FULL_ATTENTION,
+    AttentionBackend,
+    AttentionInputs,
+    LayerAttention,
+)
 from compiled_llm.layers.rotary import apply_rotary
 
 
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
     accepts_fused_rope_kv_write = True  # as the oracle: the model's own RoPE, then write_kv
+    features = frozenset({"sliding_window", "logits_soft_cap"})
 
     def build_metadata(self, inputs: AttentionInputs) -> AttentionInputs:
         return inputs
@@ -53,12 +62,13 @@ class TorchAttentionBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         metadata: AttentionInputs,
         out: torch.Tensor,
+        layer: LayerAttention = FULL_ATTENTION,
     ) -> None:
         starts = metadata.query_start_loc_cpu.tolist()
         seq_lens = metadata.seq_lens_cpu.tolist()
         decode = [i for i in range(len(seq_lens)) if starts[i + 1] - starts[i] == 1]
         if len(decode) > 1:
-            self._attend_decode(q, kv_cache, metadata, out, decode, starts, seq_lens)
+            self._attend_decode(q, kv_cache, metadata, out, decode, starts, seq_lens, layer)
             decode_set = set(decode)
         else:
             decode_set = set()
@@ -69,13 +79,15 @@ class TorchAttentionBackend(AttentionBackend):
             k, v = self._gather(kv_cache, metadata.block_table[i : i + 1], seq_len)
             qi = q[q_start:q_end].float().transpose(0, 1)[None]  # [1, Hq, q_len, D]
             q_len = q_end - q_start
-            if q_len == seq_len:  # no cached prefix: plain causal
+            if q_len == seq_len and layer == FULL_ATTENTION:  # no cached prefix: plain causal
                 o = self._sdpa(qi, k, v, None, causal=True)
             else:
                 key_pos = torch.arange(seq_len, device=q.device)
                 query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
                 mask = key_pos[None, :] <= query_pos[:, None]
-                o = self._sdpa(qi, k, v, mask, causal=False)
+                if layer.sliding_window is not None:
+                    mask &= key_pos[None, :] > query_pos[:, None] - layer.sliding_window
+                o = self._masked(qi, k, v, mask, layer)
             out[q_start:q_end] = o[0].transpose(0, 1).to(out.dtype)
 
     def _attend_decode(
@@ -87,6 +99,7 @@ class TorchAttentionBackend(AttentionBackend):
         rows: list[int],
         starts: list[int],
         seq_lens: list[int],
+        layer: LayerAttention,
     ) -> None:
         """All one-token queries at once: pages gathered into a padded batch, keys masked. The
         query heads sharing a KV head become that head's query rows (GQA without copying K/V)."""
@@ -94,7 +107,10 @@ class TorchAttentionBackend(AttentionBackend):
         index = torch.tensor(rows, device=q.device)
         k, v = self._gather(kv_cache, metadata.block_table[index], longest)
         lens = torch.tensor([seq_lens[i] for i in rows], device=q.device)
-        valid = torch.arange(longest, device=q.device)[None, :] < lens[:, None]  # [B, longest]
+        key_pos = torch.arange(longest, device=q.device)[None, :]
+        valid = key_pos < lens[:, None]  # [B, longest]
+        if layer.sliding_window is not None:  # the query sits at position len - 1
+            valid &= key_pos > lens[:, None] - 1 - layer.sliding_window
         # Pages past a row's length hold whatever was there (NaN included): zero them, since a
         # masked-out NaN still poisons the weighted sum. k and v are our own gathered copies.
         invalid = ~valid[:, None, :, None]
@@ -103,9 +119,7 @@ class TorchAttentionBackend(AttentionBackend):
         tokens = torch.tensor([starts[i] for i in rows], device=q.device)
         b, hkv, (hq, d) = len(rows), k.shape[1], q.shape[1:]
         qi = q[tokens].float().view(b, hkv, hq // hkv, d)  # [B, Hkv, group, D]
-        o = F.scaled_dot_product_attention(
-            qi, k, v, attn_mask=valid[:, None, None, :], scale=self.spec.scale
-        )
+        o = self._masked(qi, k, v, valid[:, None, None, :], layer)
         out[tokens] = o.reshape(b, hq, d).to(out.dtype)
 
     def _gather(
@@ -123,6 +137,26 @@ class TorchAttentionBackend(AttentionBackend):
             t = pages.view(b, num_blocks * bs, *pages.shape[-2:])[:, :length]
             out.append(t.float().transpose(1, 2))
         return out[0], out[1]
+
+    def _masked(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor,
+        layer: LayerAttention,
+    ) -> torch.Tensor:
+        """Attention of q [B, Hq, Lq, D] over k, v [B, Hkv, Lk, D] where `mask` (broadcast to
+        [B, Hq, Lq, Lk]) is True, the scores soft-capped where the layer says so."""
+        cap = layer.logits_soft_cap
+        if cap is None:
+            return self._sdpa(q, k, v, mask, causal=False)
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.spec.scale
+        scores = torch.tanh(scores / cap) * cap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
 
     def _sdpa(
         self,

@@ -5,7 +5,8 @@ decode kernel when every query has one token, else the prefill/extend kernel, wh
 mix. After `prepare_for_capture`, batches that fit are staged into persistent buffers and launched
 over padded request counts with a split count that depends only on the padded batch size, so a
 captured graph stays correct for any batch of its size: CUDA graphs are supported for every batch.
-On CPU the kernels run under TRITON_INTERPRET=1 (tests only).
+On CPU the kernels run under TRITON_INTERPRET=1 (tests only). Both kernels take a layer's
+sliding window and logits soft-cap.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import torch
 import triton
 
 from compiled_llm.attention_backends.base import (
+    FULL_ATTENTION,
     AttentionBackend,
     AttentionInputs,
     AttentionSpec,
     CudaGraphSupport,
+    LayerAttention,
 )
 from compiled_llm.attention_backends.triton_kernels import (
     decode_attention,
@@ -107,6 +110,7 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     cudagraph_support = CudaGraphSupport.ALWAYS
     accepts_fused_rope_kv_write = True
+    features = frozenset({"sliding_window", "logits_soft_cap"})
 
     def __init__(self, spec: AttentionSpec, config: KernelConfig | None = None) -> None:
         super().__init__(spec)
@@ -216,7 +220,12 @@ class TritonAttentionBackend(AttentionBackend):
         return rope_and_write_kv_per_token(q, k, v, cos, sin, kv_cache, metadata.batch.slot_mapping)
 
     def attend(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: TritonMetadata, out: torch.Tensor
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: TritonMetadata,
+        out: torch.Tensor,
+        layer: LayerAttention = FULL_ATTENTION,
     ) -> None:
         md, cfg, b = metadata, self.config, metadata.batch
         if md.is_decode:
@@ -233,6 +242,8 @@ class TritonAttentionBackend(AttentionBackend):
                 block_n=cfg.decode_block_n,
                 num_warps=cfg.decode_warps,
                 num_stages=cfg.decode_stages,
+                sliding_window=layer.sliding_window,
+                logits_soft_cap=layer.logits_soft_cap,
             )
         else:
             prefill_attention(
@@ -249,4 +260,6 @@ class TritonAttentionBackend(AttentionBackend):
                 block_n=md.prefill_tiles.block_n,
                 num_warps=md.prefill_tiles.warps,
                 num_stages=md.prefill_tiles.stages,
+                sliding_window=layer.sliding_window,
+                logits_soft_cap=layer.logits_soft_cap,
             )

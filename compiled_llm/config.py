@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from compiled_llm.attention_backends.base import AttentionSpec
+from compiled_llm.attention_backends.base import AttentionSpec, LayerAttention
 from compiled_llm.envs import Envs
-from compiled_llm.models.interface import head_dim
+from compiled_llm.models.interface import attention_scale, head_dim
 
 _DTYPES = {
     "float32": torch.float32,
@@ -62,17 +62,23 @@ class ModelConfig:
     def head_dim(self) -> int:
         return head_dim(self.hf_config)
 
-    def attention_spec(self, block_size: int, device: torch.device) -> AttentionSpec:
-        """What the attention backend is built for: this model's heads, dtype and device."""
-        d = self.head_dim
+    def attention_spec(
+        self,
+        block_size: int,
+        device: torch.device,
+        layers: tuple[LayerAttention, ...] = (),
+    ) -> AttentionSpec:
+        """What the attention backend is built for: this model's heads, dtype and device, and
+        its layers' attributes (`models.attention.layer_attention` of the loaded model)."""
         return AttentionSpec(
             num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads,
-            head_dim=d,
+            head_dim=self.head_dim,
             block_size=block_size,
             dtype=self.dtype,
             device=device,
-            scale=d**-0.5,
+            scale=attention_scale(self.hf_config),
+            layers=layers,
         )
 
 

@@ -1,7 +1,8 @@
 """Lower the model's generic attention op to the selected backend's ops.
 
-`compiled_llm::attention(q, k, v, i)` becomes
-`dep = compiled_llm::<backend>_kv_write(k, v, i); out = compiled_llm::<backend>_attention(q, dep, i)`,
+`compiled_llm::attention(q, k, v, i, *attrs)` becomes
+`dep = compiled_llm::<backend>_kv_write(k, v, i); out = compiled_llm::<backend>_attention(q, dep, i,
+*attrs)`, the layer's static attributes (sliding window, soft-cap) passed through as they are,
 so which kernels run is decided here, by the compiler, and the write is a separate node that
 later passes (RoPE + KV-write fusion) and the graph splitter can see.
 """
@@ -35,10 +36,12 @@ class AttentionLoweringPass(CompilerPass):
         for node in list(graph.nodes):
             if not is_generic_attention(node):
                 continue
-            q, k, v, layer_idx = node.args
+            q, k, v, layer_idx, *attrs = node.args
             with graph.inserting_before(node):
                 dep = graph.call_function(ops.kv_write, (k, v, layer_idx))
-                out = graph.call_function(ops.attention, (q, dep, layer_idx))
+                out = graph.call_function(
+                    ops.attention, (q, dep, layer_idx, *attrs), dict(node.kwargs)
+                )
             out.meta = dict(node.meta)
             node.replace_all_uses_with(out)
             graph.erase_node(node)

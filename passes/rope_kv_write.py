@@ -75,7 +75,7 @@ class RopeKVWritePass(CompilerPass):
         if len(users) != 1 or users[0].target != ops.attention:
             return 0
         attend = users[0]
-        q_rot, dep, attend_idx = attend.args
+        q_rot, dep, attend_idx, *attrs = attend.args
         if dep is not write or attend_idx != layer_idx:
             return 0
         if not (isinstance(k_rot, fx.Node) and isinstance(q_rot, fx.Node)):
@@ -94,6 +94,6 @@ class RopeKVWritePass(CompilerPass):
             q_new = graph.call_function(operator.getitem, (fused, 0))
             dep_new = graph.call_function(operator.getitem, (fused, 1))
         q_new.meta = dict(q_rot.meta)
-        attend.args = (q_new, dep_new, attend_idx)
+        attend.args = (q_new, dep_new, attend_idx, *attrs)
         graph.erase_node(write)  # the rotations, now unused, go with dead-code elimination
         return 1

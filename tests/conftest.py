@@ -72,19 +72,24 @@ def embedded_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_tiny_model(kind: str, path: Path, tokenizer_dir: Path, **overrides: object) -> Path:
-    """Save a tiny random model of family `kind` (llama | qwen2 | qwen3) with our tokenizer."""
+    """Save a tiny random model of family `kind` (llama | qwen2 | qwen3 | mistral | gemma2 |
+    gemma3) with
+    our tokenizer."""
     import transformers
 
     cfg_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
     }[kind]
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     kwargs = dict(TINY, vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    if kind == "qwen3":
+    if kind in ("qwen3", "gemma2", "gemma3"):
         kwargs["head_dim"] = 16
     kwargs.update(overrides)
     torch.manual_seed(0)

@@ -6,7 +6,9 @@ Split s covers ceil(ceil(seq_len / S) / BLOCK_N) tiles: the split count S is lau
 (fixed when captured in a CUDA graph) while each request's slice size follows its length, so a
 graph is correct for any context length. With S > 1 each split writes a normalised partial output
 and its log-sum-exp, and `_reduce_kernel` merges them; with S == 1 the output is written directly.
-Requests with seq_len 0 (padding of a captured batch) produce zeros.
+Requests with seq_len 0 (padding of a captured batch) produce zeros. With a sliding window the
+splits share out only the keys the query sees, the last `window` of the request's; a logits
+soft-cap goes through `prefill.soft_cap`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from compiled_llm.attention_backends.triton_kernels.prefill import LOG2E, soft_cap
 
 
 @triton.jit
@@ -26,6 +30,8 @@ def _decode_split_kernel(
     part_o_ptr,
     part_lse_ptr,
     qk_scale,
+    window,
+    cap,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -42,6 +48,8 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
+    SLIDING: tl.constexpr,
+    SOFT_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     req = tl.program_id(0).to(tl.int64)
@@ -51,8 +59,11 @@ def _decode_split_kernel(
     num_q_heads = tl.num_programs(1) * GROUP
 
     seq_len = tl.load(seq_lens_ptr + req)
-    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * chunk
+    first = 0
+    if SLIDING:  # the query, at position seq_len - 1, sees keys > seq_len - 1 - window
+        first = tl.maximum(seq_len - window, 0)
+    chunk = tl.cdiv(tl.cdiv(seq_len - first, num_splits), BLOCK_N) * BLOCK_N
+    start = first + split * chunk
     end = tl.minimum(start + chunk, seq_len)
 
     g = tl.arange(0, GROUP_PAD)
@@ -80,6 +91,8 @@ def _decode_split_kernel(
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if SOFT_CAP:
+            s = soft_cap(s, cap)
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -160,8 +173,11 @@ def decode_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> None:
-    """Attention of one query token per request (row i of q is request i) for `num_reqs` rows.
+    """Attention of one query token per request (row i of q is request i) for `num_reqs` rows,
+    windowed and soft-capped where given.
 
     `scratch` is a float32 buffer of at least `partial_numel(...)` elements when num_splits > 1.
     """
@@ -188,7 +204,9 @@ def decode_attention(
         out,
         part_o,
         part_lse,
-        scale * 1.4426950408889634,
+        scale if logits_soft_cap else scale * LOG2E,  # soft_cap() goes to log2 itself
+        sliding_window or 0,
+        logits_soft_cap or 1.0,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -202,6 +220,8 @@ def decode_attention(
         BLOCK_SIZE=kv_cache.shape[2],
         BLOCK_N=block_n,
         SINGLE_SPLIT=single,
+        SLIDING=sliding_window is not None,
+        SOFT_CAP=logits_soft_cap is not None,
         DOT_PRECISION=precision,
         num_warps=num_warps,
         num_stages=num_stages,

@@ -9,6 +9,10 @@ query_start_loc[i] // BLOCK_Q + i, an upper bound that needs no per-step prefix 
 their request by binary search and programs past a request's last block exit. The grid therefore
 depends only on (token count, request count), and a launch sized for padded counts is correct
 for any batch that fits, which is what a captured CUDA graph needs. Handles decode rows too.
+
+A sliding window (a query at position p sees keys p - window < j <= p) starts each program's key
+loop at the first tile its earliest query sees and masks the tiles crossing either edge; a logits
+soft-cap turns the scores into cap * tanh(scores / cap) before the softmax (`soft_cap`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def soft_cap(s, cap):
+    """cap * tanh(s / cap) of natural-scale scores, returned in the log2 domain the kernels'
+    softmax works in; tanh as 2 * sigmoid(2x) - 1, which saturates instead of overflowing."""
+    return cap * (2.0 * tl.sigmoid(2.0 * s / cap) - 1.0) * 1.4426950408889634
 
 
 @triton.jit
@@ -30,6 +43,8 @@ def _attend_tile(
     pos,
     kv_end,
     qk_scale,
+    window,
+    cap,
     stride_c_blk,
     stride_c_kv,
     stride_c_tok,
@@ -38,6 +53,8 @@ def _attend_tile(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
+    SLIDING: tl.constexpr,
+    SOFT_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     n = n0 + tl.arange(0, BLOCK_N)
@@ -51,11 +68,20 @@ def _attend_tile(
     tok = page * stride_c_blk + (n % BLOCK_SIZE) * stride_c_tok
     k = tl.load(k_base + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if SOFT_CAP:
+        s = soft_cap(s, cap)
     if MASKED:
-        s = tl.where(n[None, :] <= pos[:, None], s, float("-inf"))
+        visible = n[None, :] <= pos[:, None]
+        if SLIDING:
+            visible = visible & (n[None, :] > pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    m_safe = m_new
+    if SLIDING:
+        # A row may have seen no key yet (all left of its window): keep exp2 away from -inf - -inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(k_base + stride_c_kv + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -71,6 +97,8 @@ def _prefill_kernel(
     query_start_ptr,
     out_ptr,
     qk_scale,
+    window,
+    cap,
     num_reqs,
     stride_qt,
     stride_qh,
@@ -89,6 +117,8 @@ def _prefill_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SLIDING: tl.constexpr,
+    SOFT_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # Highest blocks first: within a request they have the most keys, so the tail stays short.
@@ -133,21 +163,37 @@ def _prefill_kernel(
         k_base = cache_ptr + kvh.to(tl.int64) * stride_c_head
         bt_row = block_table_ptr + tl.cast(req, tl.int64) * stride_bt
 
-        # Keys every row of the block sees need no mask; the diagonal tiles do.
+        # Keys every row of the block sees need no mask; the diagonal tiles do, and with a
+        # window so do the tiles from the first one the earliest row sees to the first one the
+        # last row sees whole: masked [lo, mid), unmasked [mid, full_end), masked to the end.
         first_pos = prefix + tok0
         last_pos = prefix + tl.minimum(tok0 + BLOCK_Q, q_len) - 1
         full_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N
-        for n0 in range(0, full_end, BLOCK_N):
+        lo = 0
+        mid = 0
+        if SLIDING:
+            lo = (tl.maximum(first_pos - window + 1, 0) // BLOCK_N) * BLOCK_N
+            # lo <= mid <= full_end: the earliest row's window starts no later than the last's
+            mid = tl.minimum(
+                tl.cdiv(tl.maximum(last_pos - window + 1, 0), BLOCK_N) * BLOCK_N, full_end
+            )
+            for n0 in range(lo, mid, BLOCK_N):
+                acc, m_i, l_i = _attend_tile(
+                    q, acc, m_i, l_i, k_base, bt_row, n0, pos, last_pos + 1, qk_scale, window, cap,
+                    stride_c_blk, stride_c_kv, stride_c_tok, d, d_mask,
+                    BLOCK_SIZE, BLOCK_N, True, SLIDING, SOFT_CAP, DOT_PRECISION,
+                )  # fmt: skip
+        for n0 in range(mid, full_end, BLOCK_N):
             acc, m_i, l_i = _attend_tile(
-                q, acc, m_i, l_i, k_base, bt_row, n0, pos, last_pos + 1, qk_scale,
+                q, acc, m_i, l_i, k_base, bt_row, n0, pos, last_pos + 1, qk_scale, window, cap,
                 stride_c_blk, stride_c_kv, stride_c_tok, d, d_mask,
-                BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
+                BLOCK_SIZE, BLOCK_N, False, SLIDING, SOFT_CAP, DOT_PRECISION,
             )  # fmt: skip
         for n0 in range(full_end, last_pos + 1, BLOCK_N):
             acc, m_i, l_i = _attend_tile(
-                q, acc, m_i, l_i, k_base, bt_row, n0, pos, last_pos + 1, qk_scale,
+                q, acc, m_i, l_i, k_base, bt_row, n0, pos, last_pos + 1, qk_scale, window, cap,
                 stride_c_blk, stride_c_kv, stride_c_tok, d, d_mask,
-                BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
+                BLOCK_SIZE, BLOCK_N, True, SLIDING, SOFT_CAP, DOT_PRECISION,
             )  # fmt: skip
 
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -177,9 +223,11 @@ def prefill_attention(
     block_n: int = 64,
     num_warps: int = 8,
     num_stages: int = 2,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> None:
     """Causal attention for `num_reqs` packed requests (bounds; padded entries must have zero
-    query length) over at most `num_tokens` query rows."""
+    query length) over at most `num_tokens` query rows, windowed and soft-capped where given."""
     if num_reqs == 0 or num_tokens == 0:
         return
     hq, d = q.shape[1], q.shape[2]
@@ -196,7 +244,9 @@ def prefill_attention(
         seq_lens,
         query_start_loc,
         out,
-        scale * 1.4426950408889634,
+        scale if logits_soft_cap else scale * LOG2E,  # soft_cap() goes to log2 itself
+        sliding_window or 0,
+        logits_soft_cap or 1.0,
         num_reqs,
         q.stride(0),
         q.stride(1),
@@ -212,6 +262,8 @@ def prefill_attention(
         BLOCK_Q=block_q,
         BLOCK_M=block_q * group_pad,
         BLOCK_N=block_n,
+        SLIDING=sliding_window is not None,
+        SOFT_CAP=logits_soft_cap is not None,
         DOT_PRECISION=precision,
         num_warps=num_warps,
         num_stages=num_stages,

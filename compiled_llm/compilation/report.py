@@ -26,6 +26,7 @@ from compiled_llm.compilation.cache import no_compile_caches
 from compiled_llm.compilation.compiler import CompiledModel
 from compiled_llm.config import EngineArgs
 from compiled_llm.forward_context import ForwardContext, set_forward_context
+from compiled_llm.models.attention import layer_attention
 from compiled_llm.models.loader import load_model
 from compiled_llm.passes.registry import REQUIRED, resolve_pipeline
 
@@ -79,7 +80,9 @@ class _Bench:
         self.device = self.config.device
         self.model = load_model(mc, self.device)
         block_size = self.config.cache_config.block_size
-        spec = mc.attention_spec(block_size, self.device)
+        spec = mc.attention_spec(
+            block_size, self.device, layer_attention(self.model, mc.num_layers)
+        )
         self.backend = create_backend(self.config.attention_backend, spec)
         self.backend_name = self.backend.name
         self._inputs(num_tokens, num_reqs, block_size, int(mc.hf_config.vocab_size))

@@ -27,6 +27,7 @@ from compiled_llm.config import EngineConfig
 from compiled_llm.engine.cuda_graph_runner import CudaGraphRunner
 from compiled_llm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from compiled_llm.forward_context import ForwardContext, set_forward_context
+from compiled_llm.models.attention import layer_attention
 from compiled_llm.models.loader import load_model
 from compiled_llm.profiler import Profiler
 from compiled_llm.request import Request
@@ -191,7 +192,8 @@ class ModelRunner:
         self.load_seconds = self.start_seconds["weights"]
         logger.info("loaded weights in %.1f s", self.load_seconds)
         self.vocab_size = int(mc.hf_config.vocab_size)
-        spec = mc.attention_spec(self.block_size, self.device)
+        layers = layer_attention(self.model, mc.num_layers)
+        spec = mc.attention_spec(self.block_size, self.device, layers)
         self.backend: AttentionBackend = create_backend(config.attention_backend, spec)
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()

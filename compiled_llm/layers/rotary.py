@@ -13,8 +13,12 @@ import torch
 from torch import nn
 
 
-def rope_parameters(hf_config: Any) -> dict[str, Any]:
+def rope_parameters(hf_config: Any, layer_type: str | None = None) -> dict[str, Any]:
+    """The config's RoPE parameters; those of `layer_type` where they are kept per layer type
+    (Gemma 3: "sliding_attention" and "full_attention")."""
     params = getattr(hf_config, "rope_parameters", None)
+    if params and layer_type is not None:
+        return dict(params[layer_type])
     if params:
         return dict(params)
     scaling = dict(getattr(hf_config, "rope_scaling", None) or {})
@@ -23,8 +27,10 @@ def rope_parameters(hf_config: Any) -> dict[str, Any]:
     return scaling
 
 
-def inverse_frequencies(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
-    params = rope_parameters(hf_config)
+def inverse_frequencies(
+    hf_config: Any, head_dim: int, layer_type: str | None = None
+) -> tuple[torch.Tensor, float]:
+    params = rope_parameters(hf_config, layer_type)
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         base = float(params["rope_theta"])
@@ -35,7 +41,8 @@ def inverse_frequencies(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, fl
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"unsupported rope type {rope_type!r}")
     with torch.device("cpu"):  # models are built under a meta-device context
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+        kwargs = {} if layer_type is None else {"layer_type": layer_type}
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"), **kwargs)
     return inv_freq.float(), float(scaling)
 
 
@@ -43,10 +50,15 @@ class RotaryEmbedding(nn.Module):
     """Holds the cos/sin table; `forward(positions)` returns (cos, sin), each [T, head_dim/2]."""
 
     def __init__(
-        self, hf_config: Any, head_dim: int, max_positions: int, device: torch.device | None
+        self,
+        hf_config: Any,
+        head_dim: int,
+        max_positions: int,
+        device: torch.device | None,
+        layer_type: str | None = None,
     ) -> None:
         super().__init__()
-        inv_freq, scaling = inverse_frequencies(hf_config, head_dim)
+        inv_freq, scaling = inverse_frequencies(hf_config, head_dim, layer_type)
         # Built on the host explicitly: models are constructed under a meta-device context.
         t = torch.arange(max_positions, dtype=torch.int64, device="cpu").float()
         freqs = torch.outer(t, inv_freq)

@@ -37,3 +37,23 @@ def head_dim(hf_config: Any) -> int:
     if declared:
         return int(declared)
     return int(hf_config.hidden_size) // int(hf_config.num_attention_heads)
+
+
+def attention_scale(hf_config: Any) -> float:
+    """HF's softmax scale: query_pre_attn_scalar ** -0.5 where the config has one (Gemma 2),
+    else head_dim ** -0.5."""
+    scalar = getattr(hf_config, "query_pre_attn_scalar", None)
+    return float(scalar if scalar else head_dim(hf_config)) ** -0.5
+
+
+def sliding_window(hf_config: Any, layer_idx: int) -> int | None:
+    """The layer's sliding window by HF's rule: a config with `layer_types` (Qwen2, Gemma 2)
+    windows its "sliding_attention" layers, one without them (Mistral) every layer, where it sets
+    `sliding_window` at all (Qwen2 clears it unless use_sliding_window)."""
+    window = getattr(hf_config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is not None and layer_types[layer_idx] != "sliding_attention":
+        return None
+    return int(window)

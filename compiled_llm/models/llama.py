@@ -1,5 +1,5 @@
-"""Llama family: Llama 2/3/3.1/3.2 (incl. `llama3` RoPE scaling), Mistral without sliding window,
-SmolLM. Qwen2 and Qwen3 reuse these blocks with their small differences (see qwen2.py, qwen3.py).
+"""Llama family: Llama 2/3/3.1/3.2 (incl. `llama3` RoPE scaling), Mistral (with its sliding
+window), SmolLM. Qwen2 and Qwen3 reuse these blocks with their small differences (see qwen2.py, qwen3.py).
 
 Written for capture: one packed batch `[num_tokens, hidden]` with a position per token, plain
 PyTorch ops, and attention through the one opaque op. Parameter names match HF checkpoints.
@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from compiled_llm.attention_backends.ops import attention
 from compiled_llm.layers.activation import GatedMLP
 from compiled_llm.layers.norm import RMSNorm
 from compiled_llm.layers.rotary import RotaryEmbedding, apply_rotary
-from compiled_llm.models.interface import CausalLM, head_dim
+from compiled_llm.models.attention import Attention
+from compiled_llm.models.interface import CausalLM, head_dim, sliding_window
 
 
 class LlamaAttention(nn.Module):
@@ -35,6 +35,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(
             self.num_heads * self.head_dim, hidden, bias=bool(getattr(cfg, "attention_bias", False))
         )
+        self.attn = Attention(layer_idx, sliding_window=sliding_window(cfg, layer_idx))
 
     @staticmethod
     def qkv_bias(cfg: Any) -> bool:
@@ -51,7 +52,7 @@ class LlamaAttention(nn.Module):
         k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.project_qk(q, k, cos, sin)
-        o = attention(q, k, v, self.layer_idx)
+        o = self.attn(q, k, v)
         return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim))
 
 
@@ -74,14 +75,19 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    # Whose RoPE parameters `rotary_emb` takes where the config keeps them per layer type.
+    rope_layer_type: str | None = None
+
     def __init__(
-        self, cfg: Any, layer_cls: type[LlamaDecoderLayer], max_positions: int, device: Any
+        self, cfg: Any, layer_cls: type[nn.Module], max_positions: int, device: Any
     ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(int(cfg.vocab_size), int(cfg.hidden_size))
         self.layers = nn.ModuleList([layer_cls(cfg, i) for i in range(int(cfg.num_hidden_layers))])
-        self.norm = RMSNorm(int(cfg.hidden_size), float(cfg.rms_norm_eps))
-        self.rotary_emb = RotaryEmbedding(cfg, head_dim(cfg), max_positions, device)
+        self.norm: nn.Module = RMSNorm(int(cfg.hidden_size), float(cfg.rms_norm_eps))
+        self.rotary_emb = RotaryEmbedding(
+            cfg, head_dim(cfg), max_positions, device, self.rope_layer_type
+        )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
@@ -94,12 +100,13 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(CausalLM):
     """`forward(input_ids [T], positions [T]) -> hidden [T, H]`; `compute_logits` on a subset."""
 
-    layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
+    layer_cls: type[nn.Module] = LlamaDecoderLayer
+    model_cls: type[LlamaModel] = LlamaModel
 
     def __init__(self, cfg: Any, max_positions: int, device: Any = None) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, self.layer_cls, max_positions, device)
+        self.model = self.model_cls(cfg, self.layer_cls, max_positions, device)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         if not self.tie_word_embeddings:
             self.lm_head = nn.Linear(int(cfg.hidden_size), int(cfg.vocab_size), bias=False)
@@ -139,4 +146,4 @@ class LlamaForCausalLM(CausalLM):
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    """Mistral is Llama's graph; a sliding window is refused by the registry's config check."""
+    """Mistral is Llama's graph, every layer windowed where the config sets sliding_window."""

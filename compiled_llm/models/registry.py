@@ -13,6 +13,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("compiled_llm.models.llama", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("compiled_llm.models.qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("compiled_llm.models.qwen3", "Qwen3ForCausalLM"),
+    "Gemma2ForCausalLM": ("compiled_llm.models.gemma2", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ("compiled_llm.models.gemma3", "Gemma3ForCausalLM"),
 }
 
 
@@ -23,6 +25,8 @@ _CAUSAL_LM_OF_TYPE = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
 
 
@@ -68,14 +72,6 @@ def get_model_class(hf_config: Any, model_impl: str = "auto") -> type[CausalLM]:
 
         return TransformersForCausalLM
     arch = architecture_of(hf_config)
-    sliding = getattr(hf_config, "sliding_window", None)
-    if sliding and getattr(hf_config, "use_sliding_window", True) and arch == "MistralForCausalLM":
-        max_pos = int(getattr(hf_config, "max_position_embeddings", 0))
-        if sliding < max_pos:
-            raise ValueError(
-                f"sliding-window attention (sliding_window={sliding}) is not supported; "
-                "Mistral checkpoints without a sliding window are"
-            )
     module_name, class_name = _MODELS[arch]
     cls = getattr(importlib.import_module(module_name), class_name)
     if not issubclass(cls, CausalLM):
