@@ -83,8 +83,11 @@ def test_unsupported_architecture(tiny_models, tmp_path) -> None:
     config = json.loads((path / "config.json").read_text())
     config["architectures"] = ["FancyNewForCausalLM"]
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="unsupported model architecture.*LlamaForCausalLM"):
+    # auto tries the transformers fallback, which refuses a name transformers does not map
+    with pytest.raises(ValueError, match="FancyNewForCausalLM cannot run in the transformers"):
         LLM(str(path), enforce_eager=True)
+    with pytest.raises(ValueError, match="no native class.*FancyNew.*LlamaForCausalLM"):
+        LLM(str(path), enforce_eager=True, model_impl="native")
 
 
 def test_unknown_engine_argument() -> None:
