@@ -83,9 +83,9 @@ print(json.dumps({"unique": s.num_unique, "seconds": s.trace_s + s.passes_s + s.
 
 @pytest.mark.slow
 def test_identical_layers_compile_once(tmp_path: Path, embedded_tokenizer_dir) -> None:
-    """A deeper model compiles no more pieces: each depth compiled cold in a fresh process, and
-    Inductor sees the same three unique pieces (time is the benchmarks' business)."""
-    shallow = make_tiny_model("llama", tmp_path / "l2", embedded_tokenizer_dir)
+    """A deeper model compiles no more pieces: 8 layers compiled cold in a fresh process give
+    Inductor the three unique pieces any depth has (before the first attention, between two,
+    after the last), not one per layer (time is the benchmarks' business)."""
     deep = make_tiny_model("llama", tmp_path / "l8", embedded_tokenizer_dir, num_hidden_layers=8)
 
     def unique_pieces(path: Path, name: str) -> int:
@@ -100,7 +100,7 @@ def test_identical_layers_compile_once(tmp_path: Path, embedded_tokenizer_dir) -
         assert result.returncode == 0, result.stderr[-3000:]
         return int(json.loads(result.stdout.strip().splitlines()[-1])["unique"])
 
-    assert unique_pieces(shallow, "shallow") == unique_pieces(deep, "deep") == 3
+    assert unique_pieces(deep, "deep") == 3
 
 
 @pytest.mark.slow
