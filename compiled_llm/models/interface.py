@@ -57,3 +57,31 @@ def sliding_window(hf_config: Any, layer_idx: int) -> int | None:
     if layer_types is not None and layer_types[layer_idx] != "sliding_attention":
         return None
     return int(window)
+
+
+def load_parameters(
+    params: dict[str, nn.Parameter], weights: Iterable[tuple[str, torch.Tensor]], owner: str
+) -> None:
+    """Each checkpoint tensor into the parameter of its name (shape checked; taken as it is,
+    with no copy, when dtype and device match: e.g. a memory-mapped checkpoint's pages); a
+    tensor without a parameter or a parameter without a tensor is a ValueError. `owner` names
+    the model in the messages."""
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        if name not in params:
+            raise ValueError(f"checkpoint tensor {name!r} has no parameter in {owner}")
+        param = params[name]
+        if tuple(param.shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(param.shape)}"
+            )
+        with torch.no_grad():
+            if tensor.dtype == param.dtype and tensor.device == param.device:
+                param.data = tensor
+            else:
+                param.copy_(tensor)
+        loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} parameter(s), e.g. {missing[:3]}")

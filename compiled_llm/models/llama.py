@@ -17,7 +17,7 @@ from compiled_llm.layers.activation import GatedMLP
 from compiled_llm.layers.norm import RMSNorm
 from compiled_llm.layers.rotary import RotaryEmbedding, apply_rotary
 from compiled_llm.models.attention import Attention
-from compiled_llm.models.interface import CausalLM, head_dim, sliding_window
+from compiled_llm.models.interface import CausalLM, head_dim, load_parameters, sliding_window
 
 
 class LlamaAttention(nn.Module):
@@ -119,30 +119,13 @@ class LlamaForCausalLM(CausalLM):
         return torch.nn.functional.linear(hidden, weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb." in name or (self.tie_word_embeddings and name == "lm_head.weight"):
-                continue
-            if name not in params:
-                raise ValueError(
-                    f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}"
-                )
-            param = params[name]
-            if tuple(param.shape) != tuple(tensor.shape):
-                raise ValueError(
-                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(param.shape)}"
-                )
-            with torch.no_grad():
-                if tensor.dtype == param.dtype and tensor.device == param.device:
-                    param.data = tensor  # no copy: e.g. a memory-mapped checkpoint's pages
-                else:
-                    param.copy_(tensor)
-            loaded.add(name)
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} parameter(s), e.g. {missing[:3]}")
+        tied = self.tie_word_embeddings
+        kept = (
+            (name, tensor)
+            for name, tensor in weights
+            if "rotary_emb." not in name and not (tied and name == "lm_head.weight")
+        )
+        load_parameters(dict(self.named_parameters()), kept, type(self).__name__)
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -22,7 +22,7 @@ import torch
 
 from compiled_llm.attention_backends.ops import attention
 from compiled_llm.models.derived import transformers_config_of
-from compiled_llm.models.interface import CausalLM, head_dim
+from compiled_llm.models.interface import CausalLM, head_dim, load_parameters
 
 ATTENTION = "compiled_llm"  # the name our attention function is registered under
 PROBE = "compiled_llm_probe"  # records each call on the meta-device probe forward
@@ -167,31 +167,13 @@ class TransformersForCausalLM(CausalLM):
         aliases = {n for n, _ in self.named_parameters(remove_duplicate=False)} - set(params)
         buffers = {n for n, _ in self.named_buffers()}
         rename = self._checkpoint_names(params)
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            name = rename(name)
-            if name in aliases or name in buffers:
-                continue  # a tied weight's second name; a computed buffer an old checkpoint kept
-            if name not in params:
-                raise ValueError(
-                    f"checkpoint tensor {name!r} has no parameter in transformers' "
-                    f"{type(self.__dict__['_hf']).__name__}"
-                )
-            param = params[name]
-            if tuple(param.shape) != tuple(tensor.shape):
-                raise ValueError(
-                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(param.shape)}"
-                )
-            with torch.no_grad():
-                if tensor.dtype == param.dtype and tensor.device == param.device:
-                    param.data = tensor  # no copy: e.g. a memory-mapped checkpoint's pages
-                else:
-                    param.copy_(tensor)
-            loaded.add(name)
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} parameter(s), e.g. {missing[:3]}")
+        # a tied weight's second name, a computed buffer an old checkpoint kept: skipped
+        kept = (
+            (name, tensor)
+            for name, tensor in ((rename(n), t) for n, t in weights)
+            if name not in aliases and name not in buffers
+        )
+        load_parameters(params, kept, f"transformers' {type(self.__dict__['_hf']).__name__}")
 
     def _checkpoint_names(self, params: dict[str, Any]) -> Callable[[str], str]:
         """transformers' renaming of checkpoint keys for this model (legacy names, e.g.
