@@ -28,6 +28,9 @@ class Envs:
     api_key: str | None  # COMPILED_LLM_API_KEY: the server's --api-key when the flag is not given
     flashinfer_prefill_backend: str  # COMPILED_LLM_FLASHINFER_PREFILL_BACKEND: fa2 (default) | fa3
     cxx: str | None  # CXX: the C++ compiler Inductor builds CPU kernels with
+    # COMPILED_LLM_DEBUG_CUDA_GRAPHS=1: every CUDA-graph replay checks that its inputs are at
+    # their captured addresses (a few microseconds a piece)
+    debug_cuda_graphs: bool
 
     @classmethod
     def read(cls) -> Envs:
@@ -40,6 +43,7 @@ class Envs:
                 "COMPILED_LLM_FLASHINFER_PREFILL_BACKEND", "fa2"
             ),
             cxx=os.environ.get("CXX") or None,
+            debug_cuda_graphs=_flag("COMPILED_LLM_DEBUG_CUDA_GRAPHS"),
         )
         return dataclasses.replace(envs, **dict(_overrides.get()))
 

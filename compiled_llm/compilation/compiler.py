@@ -23,7 +23,12 @@ from torch.utils import _pytree as pytree
 from compiled_llm.attention_backends.ops import backend_ops
 from compiled_llm.compilation.backend import CompiledPiece, CompilerBackend, CompileStats
 from compiled_llm.compilation.cache import CompileCache, engine_key, no_compile_caches
-from compiled_llm.compilation.cuda_graphs import GraphPool, PiecewiseGraph, default_piecewise_sizes
+from compiled_llm.compilation.cuda_graphs import (
+    CudaGraphWrapper,
+    GraphMode,
+    GraphPool,
+    default_piecewise_sizes,
+)
 from compiled_llm.compilation.graph_cache import FORMAT as GRAPH_FORMAT
 from compiled_llm.compilation.graph_cache import (
     SavedGraph,
@@ -116,7 +121,7 @@ class CompiledModel:
             sizes = cc.cudagraph_capture_sizes or default_piecewise_sizes()
             self.graph_pool = GraphPool(config.device, max(sizes), static_ptrs=set())
             pool = self.graph_pool
-            wrap_piece = lambda _name, piece: PiecewiseGraph(piece, pool)  # noqa: E731
+            wrap_piece = lambda _name, piece: CudaGraphWrapper(piece, pool, GraphMode.PIECEWISE)  # noqa: E731
         self.backend = CompilerBackend(
             self.pipeline, splitting_predicate(backend_name), cache, wrap_piece
         )

@@ -1,7 +1,8 @@
-"""CUDA graphs per padded batch size: piecewise graphs around eager attention, and full graphs
-for uniform-decode batches (captured by the model runner where the attention backend allows).
+"""CUDA graphs per padded batch size, through one wrapper keyed by (mode, size): piecewise
+graphs of the compiled pieces around eager attention, and full graphs of the whole forward for
+uniform-decode batches (where the attention backend allows).
 
-All graphs share one memory pool. Pieces copy their activation inputs into shared static
+All graphs share one memory pool. Wrappers copy their activation inputs into shared static
 buffers, so a graph replays at the addresses it was captured with. While one batch size is
 captured every piece's outputs stay alive (a later piece may still read them); afterwards they
 are kept only as non-owning aliases, so the pool memory is reused by the next size's graphs —
@@ -12,12 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+import enum
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from compiled_llm.envs import Envs
 
 
 def default_capture_sizes(max_size: int = 512) -> list[int]:
@@ -78,25 +82,9 @@ def _alias_all(out: Any) -> Any:
     return out
 
 
-@dataclass(frozen=True)
-class _Mode:
-    num_tokens: int  # piece wrappers replay (or capture) graphs of this size
-    capturing: bool = False
-
-
-_MODE: contextvars.ContextVar[_Mode | None] = contextvars.ContextVar(
-    "compiled_llm_piecewise_mode", default=None
-)
-
-
-@contextlib.contextmanager
-def piecewise_graphs(num_tokens: int, capturing: bool = False) -> Iterator[None]:
-    """Within this block, compiled pieces run as graphs of `num_tokens` (the padded size)."""
-    token = _MODE.set(_Mode(num_tokens, capturing))
-    try:
-        yield
-    finally:
-        _MODE.reset(token)
+class GraphMode(enum.Enum):
+    PIECEWISE = "piecewise"  # each compiled piece a graph, attention eager between them
+    FULL = "full"  # the whole forward one graph (uniform-decode batches)
 
 
 @dataclass
@@ -108,9 +96,9 @@ class GraphPool:
     static_ptrs: set[int]  # parameters and other tensors whose address never changes
     pool: Any = None
     stream: Any = None
-    replays: int = 0
+    replays: dict[GraphMode, int] = field(default_factory=lambda: dict.fromkeys(GraphMode, 0))
     _buffers: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
-    _alive: list[tuple[dict[int, Any], int, Any]] = field(default_factory=list)
+    _alive: list[_Entry] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.pool = torch.cuda.graph_pool_handle()
@@ -121,7 +109,8 @@ class GraphPool:
 
     def input_buffer(self, slot: int, like: torch.Tensor) -> torch.Tensor:
         """A static buffer with `like`'s layout (strides included: compiled pieces check them;
-        e.g. cos/sin arrive as strided halves of one table)."""
+        e.g. cos/sin arrive as strided halves of one table). Shared by every graph that takes
+        such an argument in this position: graphs replay one at a time, each after its copy."""
         key = (slot, like.dtype, tuple(like.shape[1:]), like.stride())
         buf = self._buffers.get(key)
         if buf is None:
@@ -130,14 +119,13 @@ class GraphPool:
             self._buffers[key] = buf
         return buf[: like.shape[0]]
 
-    def keep_alive(self, table: dict[int, Any], size: int, outputs: Any) -> None:
-        self._alive.append((table, size, outputs))
+    def keep_alive(self, entry: _Entry) -> None:
+        self._alive.append(entry)
 
     def release(self) -> None:
-        """End of one size's capture: outputs become aliases, their memory reusable."""
-        for table, size, outputs in self._alive:
-            graph, statics, _ = table[size]
-            table[size] = (graph, statics, _alias_all(outputs))
+        """End of one size's piecewise capture: outputs become aliases, their memory reusable."""
+        for entry in self._alive:
+            entry.outputs = _alias_all(entry.outputs)
         self._alive.clear()
 
     def is_activation(self, a: Any, num_tokens: int) -> bool:
@@ -149,48 +137,109 @@ class GraphPool:
         )
 
 
-class PiecewiseGraph(nn.Module):
-    """Wraps one compiled piece: eager outside piecewise mode, else replay the graph of the
-    current size (capturing it first when the runner is capturing)."""
+@dataclass(frozen=True)
+class _Dispatch:
+    mode: GraphMode
+    size: int  # the padded token count whose graph replays (or is captured)
+    capturing: bool
 
-    def __init__(self, piece: nn.Module, shared: GraphPool) -> None:
+
+_DISPATCH: contextvars.ContextVar[_Dispatch | None] = contextvars.ContextVar(
+    "compiled_llm_cuda_graph_dispatch", default=None
+)
+
+
+@contextlib.contextmanager
+def cuda_graph_mode(mode: GraphMode, size: int, capturing: bool = False) -> Iterator[None]:
+    """Within this block, wrappers of `mode` replay their graph of `size` (capturing it first
+    when `capturing`); wrappers of the other mode run eagerly."""
+    token = _DISPATCH.set(_Dispatch(mode, size, capturing))
+    try:
+        yield
+    finally:
+        _DISPATCH.reset(token)
+
+
+@dataclass
+class _Entry:
+    graph: torch.cuda.CUDAGraph
+    buffers: list[torch.Tensor | None]  # per argument: the static buffer it is copied into
+    captured: list[Any]  # per argument not copied: its address (tensors) or value at capture
+    outputs: Any
+
+
+class CudaGraphWrapper(nn.Module):
+    """Runs `fn` eagerly, or as the CUDA graph of the current dispatch's size when the dispatch
+    (`cuda_graph_mode`) names this wrapper's mode. One graph per size, keyed by (mode, size).
+
+    A graph replays at the addresses it was captured with. Arguments whose first dimension is
+    the size (activations, token ids) and that are not the model's own tensors are copied into
+    static buffers before each replay; every other argument must be what it was at capture. With
+    COMPILED_LLM_DEBUG_CUDA_GRAPHS=1 each replay checks that, instead of replaying stale inputs.
+    """
+
+    def __init__(self, fn: Callable[..., Any], pool: GraphPool, mode: GraphMode) -> None:
         super().__init__()
-        self.piece = piece
-        self.shared = shared
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[torch.Tensor | None], Any]] = {}
+        self.fn = fn  # registered as a child when it is a module
+        self.pool = pool
+        self.mode = mode
+        self.check_addresses = Envs.read().debug_cuda_graphs
+        self.entries: dict[int, _Entry] = {}
 
     def forward(self, *args: Any) -> Any:
-        mode = _MODE.get()
-        if mode is None:
-            return self.piece(*args)
-        n = mode.num_tokens
-        entry = self.graphs.get(n)
+        d = _DISPATCH.get()
+        if d is None or d.mode is not self.mode:
+            return self.fn(*args)
+        entry = self.entries.get(d.size)
         if entry is None:
-            return self._capture(n, args) if mode.capturing else self.piece(*args)
-        graph, statics, outputs = entry
-        for buf, a in zip(statics, args):
+            return self._capture(d.size, args) if d.capturing else self.fn(*args)
+        if self.check_addresses:
+            self._check(d.size, entry, args)
+        for buf, a in zip(entry.buffers, args, strict=True):
             if buf is not None:
                 buf.copy_(a, non_blocking=True)
-        graph.replay()
-        self.shared.replays += 1
-        return outputs
+        entry.graph.replay()
+        self.pool.replays[self.mode] += 1
+        return entry.outputs
 
-    def _capture(self, n: int, args: tuple[Any, ...]) -> Any:
-        statics: list[torch.Tensor | None] = []
+    def _capture(self, size: int, args: tuple[Any, ...]) -> Any:
+        buffers: list[torch.Tensor | None] = []
+        captured: list[Any] = []
         call_args = []
         for slot, a in enumerate(args):
-            if self.shared.is_activation(a, n):
-                buf = self.shared.input_buffer(slot, a)
+            if self.pool.is_activation(a, size):
+                buf = self.pool.input_buffer(slot, a)
                 buf.copy_(a)
-                statics.append(buf)
+                buffers.append(buf)
+                captured.append(None)
                 call_args.append(buf)
             else:
-                statics.append(None)
+                buffers.append(None)
+                captured.append(a.data_ptr() if isinstance(a, torch.Tensor) else a)
                 call_args.append(a)
-        self.piece(*call_args)  # warm-up: first launches may autotune or allocate
+        self.fn(*call_args)  # warm-up: first launches may autotune or allocate
         graph = torch.cuda.CUDAGraph()
-        with self.shared.capture(graph):
-            outputs = self.piece(*call_args)
-        self.graphs[n] = (graph, statics, outputs)
-        self.shared.keep_alive(self.graphs, n, outputs)
+        with self.pool.capture(graph):
+            outputs = self.fn(*call_args)
+        entry = _Entry(graph, buffers, captured, outputs)
+        self.entries[size] = entry
+        if self.mode is GraphMode.PIECEWISE:
+            # A piece's outputs are another piece's inputs: kept while this size is captured,
+            # then aliased (`GraphPool.release`). A full graph's output is the step's result.
+            self.pool.keep_alive(entry)
         return outputs
+
+    def _check(self, size: int, entry: _Entry, args: tuple[Any, ...]) -> None:
+        for slot, (buf, was, a) in enumerate(zip(entry.buffers, entry.captured, args, strict=True)):
+            if buf is not None:
+                ok = isinstance(a, torch.Tensor) and a.shape[0] == size
+                now: Any = tuple(a.shape) if isinstance(a, torch.Tensor) else a
+            else:
+                now = a.data_ptr() if isinstance(a, torch.Tensor) else a
+                ok = now == was
+            if not ok:
+                raise RuntimeError(
+                    f"{self.mode.value} CUDA graph of size {size}: argument {slot} is {now!r}, "
+                    f"captured with {was if buf is None else ('size', size)!r}; a replay would "
+                    "read the captured input, not this one"
+                )

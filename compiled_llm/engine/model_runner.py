@@ -278,7 +278,7 @@ class ModelRunner:
             return used, used - torch.cuda.memory_reserved(dev) + torch.cuda.memory_allocated(dev)
 
         before, reserved = in_use(), torch.cuda.memory_reserved(dev)
-        graphs = self._measure_cuda_graphs(footprint) if self.graphs is not None else 0
+        graphs = self.graphs.measure_memory(footprint) if self.graphs is not None else 0
         held = in_use() - before  # what the graphs (piecewise kept, decode dropped) hold now
         held_torch = torch.cuda.memory_reserved(dev) - reserved
         self.kv_caches = []
@@ -292,30 +292,6 @@ class ModelRunner:
             non_torch=max(0, used - torch_used - (held - held_torch)),
             cuda_graphs=max(graphs, held),
         )
-
-    def _measure_cuda_graphs(self, footprint: Callable[[], tuple[int, int]]) -> int:
-        """Bytes all CUDA graphs will take, capturing what can be before the KV cache exists
-        (see `_profile_memory`). `footprint` reads two measures of the engine's memory: device
-        memory in use, which counts whole allocator segments, and torch-allocated plus
-        non-torch bytes, which sees tensors that land in a segment with room (FlashInfer's 8 MiB
-        per decode graph did: the first read 0). Each cost is the larger of the two; later
-        decode graphs get 2 MiB more each, for the segment they may start."""
-        assert self.graphs is not None
-        start = footprint()
-        self.graphs.capture_piecewise()
-        sizes = sorted(self.graphs.decode_sizes, reverse=True)[:2]
-        if sizes:
-            self.graphs.prepare_full_graphs()
-            first = self.graphs.capture_full_graph(sizes[0])
-        after_first = footprint()
-        cost = max(a - b for a, b in zip(after_first, start, strict=True))
-        if len(sizes) < 2:
-            return cost
-        second = self.graphs.capture_full_graph(sizes[1])
-        added = max(a - b for a, b in zip(footprint(), after_first, strict=True))
-        per_graph = max(added, first[1].untyped_storage().nbytes()) + (2 << 20)
-        del first, second
-        return cost + per_graph * (len(self.graphs.decode_sizes) - 1)
 
     @contextlib.contextmanager
     def _timed(self, stage: str) -> Iterator[None]:
@@ -350,7 +326,13 @@ class ModelRunner:
         if self.device.type == "cuda":  # hand back the weights GEMM merging copied and freed
             torch.cuda.empty_cache()
         if self.compiled.graph_pool is not None:
-            self.graphs = CudaGraphRunner(self, self.compiled.graph_pool)
+            self.graphs = CudaGraphRunner(
+                self,
+                self.compiled,
+                self.compiled.graph_pool,
+                self.config.compilation_config,
+                self.config.scheduler_config,
+            )
 
     # --- one step -------------------------------------------------------------------------------
     def prepare_inputs(
@@ -477,13 +459,16 @@ class ModelRunner:
     def run_model(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs
     ) -> torch.Tensor:
-        metadata = self.backend.build_metadata(attn)
+        context = self.forward_context(self.backend.build_metadata(attn))
         if self.graphs is not None:
-            hidden = self.graphs.run(input_ids, positions, attn, metadata)
+            hidden = self.graphs.run(input_ids, positions, attn, context)
         else:
-            with set_forward_context(ForwardContext(self.backend, self.kv_caches, metadata)):
+            with set_forward_context(context):
                 hidden = self.forward_fn(input_ids, positions)
         return hidden[: attn.num_tokens]
+
+    def forward_context(self, metadata: Any) -> ForwardContext:
+        return ForwardContext(self.backend, self.kv_caches, metadata)
 
     def dummy_inputs(
         self, num_tokens: int, num_reqs: int

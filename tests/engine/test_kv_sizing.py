@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from compiled_llm import LLM, SamplingParams
+from compiled_llm.engine.cuda_graph_runner import CudaGraphRunner
 from compiled_llm.engine.model_runner import (
     _DEFAULT_CPU_KV_BYTES,
     MemoryProfile,
-    ModelRunner,
     kv_cache_budget,
 )
 from tests.conftest import backend_available, make_tiny_model
@@ -70,17 +70,18 @@ def test_smallest_positive_budget() -> None:
 
 
 def graphs_measured(readings: list[tuple[int, int]], decode_sizes: list[int]) -> int:
-    """`_measure_cuda_graphs` on stand-ins: the largest decode graph's output is 8 bytes."""
+    """`CudaGraphRunner.measure_memory` on stand-ins: the largest decode graph's output is 8
+    bytes."""
     output = torch.empty(8, dtype=torch.uint8)
     graphs = SimpleNamespace(
         decode_sizes=decode_sizes,
         capture_piecewise=lambda: None,
         prepare_full_graphs=lambda: None,
-        capture_full_graph=lambda b: (None, output),
+        capture_full_graph=lambda b: output,
+        drop_full_graphs=lambda: None,
     )
-    runner = SimpleNamespace(graphs=graphs)
     read = iter(readings)
-    return ModelRunner._measure_cuda_graphs(runner, lambda: next(read))  # type: ignore[arg-type]
+    return CudaGraphRunner.measure_memory(graphs, lambda: next(read))  # type: ignore[arg-type]
 
 
 def test_graph_estimate_extrapolates_from_the_second_decode_graph() -> None:
