@@ -41,6 +41,10 @@ def check_shapes(
         raise ValueError(
             f"topk_ids must be [{hidden.shape[0]}, top_k], got {tuple(topk_ids.shape)}"
         )
+    if not hidden.dtype == w13.dtype == w2.dtype:
+        raise ValueError(
+            f"hidden ({hidden.dtype}), w13 ({w13.dtype}) and w2 ({w2.dtype}) differ in dtype"
+        )
     if topk_weights.shape != topk_ids.shape:
         raise ValueError(
             f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} "

@@ -144,6 +144,7 @@ def test_fake_shapes() -> None:
         ("w2", torch.zeros(4, 16, 7), r"w2 must be \(4, 16, 8\)"),
         ("topk_ids", torch.zeros(4, 2, dtype=torch.int64), "topk_ids must be"),
         ("topk_weights", torch.zeros(5, 3), "differ in shape"),
+        ("w2", torch.zeros(4, 16, 8, dtype=torch.float64), "differ in dtype"),
     ],
 )
 def test_bad_shapes_are_refused(key: str, value: torch.Tensor, message: str) -> None:
