@@ -5,6 +5,13 @@ output tokens/s, and weight bytes read per step over step time, compared with th
 bandwidth measured in the same run. Prefill: one request of 1k and 4k tokens. Each level runs in
 a fresh process. Random weights from a config dict (benchmarks/shapes.py), never a download.
 
+Roofline: a decode step must read its weights once, so batch-1 tok/s cannot exceed copy
+bandwidth / bytes read per step (shapes.weight_bytes): every weight but the embedding table
+(its rows are gathered; a tied one is read as the LM head), and of an MoE layer only the router
+and the top_k experts a token routes to, the *active* parameters (Qwen3-30B-A3B: about 3.3B of
+30.5B). At batch B the "weights GB/s" column counts the distinct experts B tokens are expected
+to touch under uniform routing (exact at batch 1). KV-cache reads are not counted.
+
   python benchmarks/latency.py --shape llama-3.1-8b --levels 0,1,2
   python benchmarks/latency.py --shape tiny --levels 0,1 --batch-sizes 1,4 --decode-steps 4 \\
       --prefill-lens 64   # CPU smoke run
@@ -244,10 +251,12 @@ def main() -> None:
     env = environment()
     print("config:", json.dumps(vars(args)), json.dumps(env), sep="\n  ")
     bandwidth = copy_bandwidth()
-    _, read_bytes = weight_bytes(args.shape)
+    _, read_bytes = weight_bytes(args.shape)  # batch 1: the active weights
+    read_at = {b: weight_bytes(args.shape, batch=b)[1] for b in _ints(args.batch_sizes)}
     roofline_tok_s = bandwidth / read_bytes
     print(
-        f"device copy bandwidth {bandwidth / 1e12:.3f} TB/s; batch-1 roofline {roofline_tok_s:.1f} tok/s"
+        f"device copy bandwidth {bandwidth / 1e12:.3f} TB/s; {read_bytes / 1e9:.2f} GB of weights "
+        f"read per batch-1 step; batch-1 roofline {roofline_tok_s:.1f} tok/s"
     )
     results = {}
     for level in _ints(args.levels):
@@ -266,7 +275,7 @@ def main() -> None:
         if "error" in r:
             continue
         for b, s in r["decode_s_per_step"].items():
-            achieved = read_bytes / s
+            achieved = read_at[int(b)] / s
             idle = r["gpu_idle_fraction"].get(b)
             rows.append(
                 [
@@ -287,6 +296,7 @@ def main() -> None:
             "env": env,
             "copy_bandwidth": bandwidth,
             "read_bytes": read_bytes,
+            "read_bytes_by_batch": read_at,
             "results": results,
             "hf_peer": peer,
         },

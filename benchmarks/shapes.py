@@ -60,6 +60,54 @@ QWEN3_8B: dict[str, Any] = dict(
     tie_word_embeddings=False,
 )
 
+# Mixture-of-experts shapes (their published configs): 30.5B parameters of which 3.3B active
+# per token (128 experts, top 8), and 46.7B with 12.9B active (8 experts, top 2).
+QWEN3_30B_A3B: dict[str, Any] = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "torch_dtype": "bfloat16",
+}
+
+MIXTRAL_8X7B: dict[str, Any] = {
+    "architectures": ["MixtralForCausalLM"],
+    "model_type": "mixtral",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1000000.0,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "bfloat16",
+}
+
 # For CPU smoke runs of the scripts.
 TINY: dict[str, Any] = dict(
     LLAMA_3_1_8B,
@@ -73,11 +121,30 @@ TINY: dict[str, Any] = dict(
     rope_scaling=None,
 )
 
+# A tiny Qwen3-MoE for CPU smoke runs.
+TINY_MOE: dict[str, Any] = dict(
+    QWEN3_30B_A3B,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_experts=8,
+    num_experts_per_tok=2,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=512,
+    max_position_embeddings=8192,
+)
+
 SHAPES = {
     "llama-3.1-8b": LLAMA_3_1_8B,
     "qwen3-0.6b": QWEN3_0_6B,
     "qwen3-8b": QWEN3_8B,
+    "qwen3-30b-a3b": QWEN3_30B_A3B,
+    "mixtral-8x7b": MIXTRAL_8X7B,
     "tiny": TINY,
+    "tiny-moe": TINY_MOE,
 }
 
 
@@ -92,16 +159,49 @@ def shape_folder(name: str) -> str:
     return folder
 
 
-def weight_bytes(name: str, dtype_bytes: int = 2) -> tuple[int, int]:
-    """(bytes of all weights, bytes a decode step reads: all but the embedding table)."""
+def experts_read(num_experts: int, top_k: int, batch: int) -> float:
+    """Experts a decode step of `batch` tokens reads per MoE layer: top_k at batch 1 (exact);
+    above, the expected number of distinct experts when each token picks its top_k uniformly
+    and independently, num_experts * (1 - (1 - top_k / num_experts) ** batch) (an estimate:
+    random weights route about uniformly, trained ones do not)."""
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** batch)
+
+
+def weight_bytes(name: str, dtype_bytes: int = 2, batch: int = 1) -> tuple[int, int]:
+    """(bytes of all weights, bytes a decode step of `batch` tokens reads). A step reads every
+    weight but the embedding table (only its looked-up rows; a tied table is read as the LM
+    head) and, of each MoE layer, the router and only the experts its tokens route to
+    (`experts_read`): the *active* parameters, which set an MoE model's decode roofline.
+    Counted: q/k/v/o projections, q/k head norms where the family has them, the two layer
+    norms, the MLP or router + experts, the final norm, embedding and LM head."""
     c = SHAPES[name]
-    h, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    h, layers = c["hidden_size"], c["num_hidden_layers"]
     head_dim = c.get("head_dim") or h // c["num_attention_heads"]
     q = c["num_attention_heads"] * head_dim
     kv = c["num_key_value_heads"] * head_dim
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * inter + 2 * h
+    qk_norm = 2 * head_dim if c["model_type"] in ("qwen3", "qwen3_moe") else 0
+    attention = h * (q + 2 * kv) + q * h + qk_norm + 2 * h
+    dense_mlp = 3 * h * c["intermediate_size"]
+    num_experts = c.get("num_experts") or c.get("num_local_experts") or 0
+    total = read = 0.0
+    for layer in range(layers):
+        total += attention
+        read += attention
+        sparse = (
+            num_experts > 0
+            and layer not in (c.get("mlp_only_layers") or [])
+            and (layer + 1) % c.get("decoder_sparse_step", 1) == 0
+        )
+        if not sparse:
+            total += dense_mlp
+            read += dense_mlp
+            continue
+        expert = 3 * h * (c.get("moe_intermediate_size") or c["intermediate_size"])
+        router = num_experts * h
+        total += router + num_experts * expert
+        read += router + experts_read(num_experts, c["num_experts_per_tok"], batch) * expert
     embed = c["vocab_size"] * h
     head = 0 if c.get("tie_word_embeddings") else embed
-    total = (layers * per_layer + embed + head + h) * dtype_bytes
-    read = (layers * per_layer + (head or embed) + h) * dtype_bytes
-    return total, read
+    total += embed + head + h
+    read += (head or embed) + h
+    return int(total * dtype_bytes), int(read * dtype_bytes)

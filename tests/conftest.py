@@ -73,8 +73,7 @@ def embedded_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_tiny_model(kind: str, path: Path, tokenizer_dir: Path, **overrides: object) -> Path:
     """Save a tiny random model of family `kind` (llama | qwen2 | qwen3 | mistral | gemma2 |
-    gemma3) with
-    our tokenizer."""
+    gemma3 | qwen3_moe | mixtral) with our tokenizer."""
     import transformers
 
     cfg_cls, model_cls = {
@@ -84,12 +83,14 @@ def make_tiny_model(kind: str, path: Path, tokenizer_dir: Path, **overrides: obj
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
         "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
     }[kind]
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     kwargs = dict(TINY, vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    if kind in ("qwen3", "gemma2", "gemma3"):
+    if kind in ("qwen3", "gemma2", "gemma3", "qwen3_moe"):
         kwargs["head_dim"] = 16
     kwargs.update(overrides)
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
@@ -111,3 +112,36 @@ def test_benchmark_help(script: str) -> None:
         timeout=120,
     )
     assert result.returncode == 0 and "usage" in result.stdout
+
+
+@pytest.mark.parametrize("shape", ["llama-3.1-8b", "qwen3-8b", "qwen3-30b-a3b", "mixtral-8x7b"])
+def test_weight_bytes_are_the_models_parameters(shape: str) -> None:
+    """The roofline's byte counts against the native model built from the shape (on the meta
+    device): all its parameters, and at batch 1 all but the untied embedding table with each
+    MoE layer's stacked experts counted top_k / num_experts (the active parameters); at a
+    batch large enough to touch every expert, all experts."""
+    from transformers import AutoConfig
+
+    from compiled_llm.models.registry import get_model_class
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from shapes import SHAPES, shape_folder, weight_bytes
+
+    config = AutoConfig.from_pretrained(shape_folder(shape))
+    with torch.device("meta"):
+        model = get_model_class(config)(config, 16, None)
+    c = SHAPES[shape]
+    num_experts = c.get("num_experts") or c.get("num_local_experts") or 1
+    active = c.get("num_experts_per_tok", 1) / num_experts
+    total = read = every_expert = 0.0
+    for name, param in model.named_parameters():
+        n = param.numel()
+        total += n
+        if "embed_tokens" in name and not c["tie_word_embeddings"]:
+            continue
+        read += n * active if ".experts." in name else n
+        every_expert += n
+    assert weight_bytes(shape) == (2 * total, round(2 * read))
+    assert weight_bytes(shape, batch=10**6)[1] == 2 * every_expert
+    if num_experts > 1:
+        assert weight_bytes(shape, batch=8)[1] > weight_bytes(shape)[1]

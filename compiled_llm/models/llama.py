@@ -63,11 +63,16 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         eps = float(cfg.rms_norm_eps)
         self.self_attn = self.attention_cls(cfg, layer_idx)
-        self.mlp = GatedMLP(
-            int(cfg.hidden_size), int(cfg.intermediate_size), bool(getattr(cfg, "mlp_bias", False))
-        )
+        self.mlp = self.make_mlp(cfg, layer_idx)
         self.input_layernorm = RMSNorm(int(cfg.hidden_size), eps)
         self.post_attention_layernorm = RMSNorm(int(cfg.hidden_size), eps)
+
+    @staticmethod
+    def make_mlp(cfg: Any, layer_idx: int) -> nn.Module:
+        """The layer's feed-forward block (MoE families return their sparse block)."""
+        return GatedMLP(
+            int(cfg.hidden_size), int(cfg.intermediate_size), bool(getattr(cfg, "mlp_bias", False))
+        )
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin)

@@ -15,6 +15,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen3ForCausalLM": ("compiled_llm.models.qwen3", "Qwen3ForCausalLM"),
     "Gemma2ForCausalLM": ("compiled_llm.models.gemma2", "Gemma2ForCausalLM"),
     "Gemma3ForCausalLM": ("compiled_llm.models.gemma3", "Gemma3ForCausalLM"),
+    "Qwen3MoeForCausalLM": ("compiled_llm.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+    "MixtralForCausalLM": ("compiled_llm.models.mixtral", "MixtralForCausalLM"),
 }
 
 
@@ -27,6 +29,8 @@ _CAUSAL_LM_OF_TYPE = {
     "qwen3": "Qwen3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
 }
 
 
