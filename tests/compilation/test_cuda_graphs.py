@@ -65,7 +65,8 @@ def test_debug_mode_refuses_a_moved_input(pool: GraphPool) -> None:
     pool.static_ptrs = {w.data_ptr()}
     with envs.override(debug_cuda_graphs=True):
         checked = CudaGraphWrapper(affine, pool, GraphMode.PIECEWISE)
-    unchecked = CudaGraphWrapper(affine, pool, GraphMode.PIECEWISE)
+    with envs.override(debug_cuda_graphs=False):
+        unchecked = CudaGraphWrapper(affine, pool, GraphMode.PIECEWISE)
     x, b = torch.randn(4, 8, device="cuda"), torch.zeros(8, device="cuda")
     with cuda_graph_mode(GraphMode.PIECEWISE, 4, capturing=True):
         checked(x, w, b)

@@ -48,7 +48,7 @@ def test_backend_with_cuda_graphs_matches_reference(kind, backend, gpu_models, r
         cudagraph_capture_sizes=[1, 2, 4, 8, 16, 32, 64, 128, 256],
     )
     runner = llm.engine.core.runner
-    assert runner.graphs is not None and runner.graphs.full  # decode graphs captured
+    assert runner.graphs is not None and runner.graphs.decode_sizes  # decode graphs captured
     got = tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
     assert_greedy_close(reference[kind], got)
     assert runner.graphs.full_replays > 0
@@ -71,7 +71,7 @@ def test_o2_equals_o0_same_backend(gpu_models):
     compiled = LLM(path, dtype="float16", attention_backend=backend, max_num_seqs=24)
     assert compiled.engine.config.compilation_config.level == 2  # the CUDA default
     graphs = compiled.engine.core.runner.graphs
-    assert 24 in graphs.full and 24 not in graphs.piecewise_sizes
+    assert graphs.padded_size(24, uniform_decode=True) == 24 and 24 not in graphs.piecewise_sizes
     assert_greedy_close(expected, tokens(compiled.generate(prompts, GREEDY, use_tqdm=False)))
     assert graphs.full_replays > 0 and graphs.piecewise_replays > 0
 
