@@ -113,7 +113,12 @@ class CudaGraphRunner:
     ) -> torch.Tensor:
         n = ids.shape[0]
         mode: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
-        if n in self.forward.entries and attn.is_uniform_decode and attn.num_reqs == n:
+        # A uniform-decode batch padded to a captured size (padding tokens are not requests).
+        if (
+            n in self.forward.entries
+            and attn.is_uniform_decode
+            and attn.num_reqs == attn.num_tokens
+        ):
             mode = cuda_graph_mode(GraphMode.FULL, n)
         elif n in self.piecewise_sizes and not torch.cuda.is_current_stream_capturing():
             mode = cuda_graph_mode(GraphMode.PIECEWISE, n)
