@@ -15,14 +15,15 @@ architecture and the reason (see `_refusal`, docs/models.md).
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from compiled_llm.attention_backends.ops import attention
+from compiled_llm.models.attention import Attention
 from compiled_llm.models.derived import transformers_config_of
-from compiled_llm.models.interface import CausalLM, head_dim, load_parameters
+from compiled_llm.models.interface import CausalLM, attention_scale, head_dim, load_parameters
 
 ATTENTION = "compiled_llm"  # the name our attention function is registered under
 PROBE = "compiled_llm_probe"  # records each call on the meta-device probe forward
@@ -33,7 +34,12 @@ _PROBED = "_compiled_llm_probe"  # the attribute the probe leaves on each attent
 _HARMLESS = {"position_ids", "cache_position", "use_cache", "output_attentions"}
 
 # Config fields that make attention something our op does not compute (None/False: absent).
-_REFUSED_FIELDS = ("attn_logit_softcapping", "final_logit_softcapping", "alibi")
+_REFUSED_FIELDS = ("alibi",)
+# What a layer's attention call may pass that our op does too (the layer's `LayerAttention`).
+_LAYER_ATTRS = {"sliding_window", "softcap"}
+# The attribute each HF attention module gets: our `Attention` module with that layer's window
+# and soft-cap, found by `layer_attention` as a native model's are and called by `_attention`.
+_OURS = "compiled_llm_attention"
 
 
 def _probe_attention(
@@ -51,6 +57,7 @@ def _probe_attention(
         "key": tuple(key.shape),
         "value": tuple(value.shape),
         "mask": attention_mask is not None,
+        "scaling": scaling,
         "kwargs": {k: v for k, v in kwargs.items() if v is not None and k not in _HARMLESS},
     }
     out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
@@ -67,16 +74,34 @@ def _attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' q/k/v [1, heads, T, D] -> our op's [T, heads, D] -> [1, T, heads, D]."""
+    """transformers' q/k/v [1, heads, T, D] -> our op's [T, heads, D] -> [1, T, heads, D]. The
+    layer's `scaling` was turned into its `FallbackAttention.q_factor` by the probe."""
     q = query[0].transpose(0, 1).contiguous()
     k = key[0].transpose(0, 1).contiguous()
     v = value[0].transpose(0, 1).contiguous()
-    if scaling is not None:
-        factor = scaling * q.shape[-1] ** 0.5  # the backends scale by head_dim ** -0.5
-        if factor != 1.0:
-            q = q * factor
-    out = attention(q, k, v, int(module.layer_idx))  # type: ignore[arg-type]
-    return out.unsqueeze(0), None
+    ours: FallbackAttention = getattr(module, _OURS)
+    return ours(q, k, v).unsqueeze(0), None
+
+
+class FallbackAttention(Attention):
+    """Our attention for one transformers layer: its window and soft-cap, and the factor on q
+    that turns the softmax scale transformers passes into the one the backend applies (one per
+    model, `interface.attention_scale`)."""
+
+    def __init__(
+        self,
+        layer_idx: int,
+        sliding_window: int | None,
+        logits_soft_cap: float | None,
+        q_factor: float,
+    ) -> None:
+        super().__init__(layer_idx, sliding_window, logits_soft_cap)
+        self.q_factor = q_factor
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.q_factor != 1.0:
+            q = q * self.q_factor
+        return super().forward(q, k, v)
 
 
 def _register() -> None:
@@ -117,21 +142,28 @@ class TransformersForCausalLM(CausalLM):
                 f"architecture {arch} cannot run in the transformers fallback: transformers "
                 f"cannot build it as a causal LM with a custom attention function ({e})"
             ) from e
-        reason = _model_refusal(hf, arch, config, max_positions)
+        reason = _probe_model(hf, arch, config, max_positions)
         if reason:
             raise ValueError(
                 f"architecture {arch} cannot run in the transformers fallback: {reason}"
             )
-        hf.set_attn_implementation(ATTENTION)
+        hf.set_attn_implementation(ATTENTION)  # the probe left each layer its `_OURS` module
         object.__setattr__(self, "_hf", hf)  # not a submodule: its children are ours below
         for name, child in hf.named_children():
             self.add_module(name, child)
         self.base_name = str(hf.base_model_prefix)
         embeddings = hf.get_output_embeddings()
         self.head_name = next(n for n, m in hf.named_modules() if m is embeddings)
-        # What transformers' causal-LM forward does to logits after the head, by config field.
-        self.logit_divisor = float(getattr(config, "logits_scaling", None) or 1.0)
-        self.logit_multiplier = float(getattr(config, "logit_scale", None) or 1.0)
+
+        # What transformers' causal-LM forward does to logits after the head, by config field
+        # (a field its forward does not read, it ignores, and so do we).
+        def field(name: str, default: float) -> float:
+            value = getattr(config, name, None)
+            return float(value) if value and _forward_reads(hf, name) else default
+
+        self.logit_divisor = field("logits_scaling", 1.0)
+        self.logit_multiplier = field("logit_scale", 1.0)
+        self.logit_soft_cap = field("final_logit_softcapping", 0.0)
 
     def to_empty(self, *, device: Any, recurse: bool = True) -> TransformersForCausalLM:
         """Parameters become uninitialized memory on `device` (weights are loaded next); buffers
@@ -160,6 +192,8 @@ class TransformersForCausalLM(CausalLM):
             logits = logits / self.logit_divisor
         if self.logit_multiplier != 1.0:
             logits = logits * self.logit_multiplier
+        if self.logit_soft_cap:
+            logits = torch.tanh(logits / self.logit_soft_cap) * self.logit_soft_cap
         return logits.float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -206,6 +240,15 @@ class TransformersForCausalLM(CausalLM):
         return rename
 
 
+def _forward_reads(hf: Any, name: str) -> bool:
+    """Whether the source of `hf`'s causal-LM forward names `name` (e.g. Gemma 2's reads
+    final_logit_softcapping; OLMo 2's does not, whatever its config holds)."""
+    try:
+        return name in inspect.getsource(type(hf).forward)
+    except (OSError, TypeError):  # no source to read: assume it applies what its config sets
+        return True
+
+
 def _architecture(config: Any) -> str:
     archs = getattr(config, "architectures", None) or []
     return str(archs[0]) if archs else f"(model_type {getattr(config, 'model_type', None)!r})"
@@ -222,21 +265,17 @@ def _config_refusal(config: Any, max_positions: int) -> str | None:
             return f"{name}={getattr(config, name)!r} is not supported by our attention op yet"
     if getattr(config, "position_embedding_type", None) == "alibi":
         return "ALiBi position biases (position_embedding_type='alibi') are not supported yet"
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and int(window) < max_positions:
-        return (
-            f"sliding-window attention (sliding_window={window}) is not supported yet "
-            f"(a window of at least max_model_len={max_positions} is)"
-        )
     layer_types = set(getattr(config, "layer_types", None) or ())
-    if layer_types - {"full_attention"}:
-        return f"layer_types {sorted(layer_types)} are not all full attention"
+    if layer_types - {"full_attention", "sliding_attention"}:
+        return f"layer_types {sorted(layer_types)} are not all full or sliding-window attention"
     return None
 
 
-def _model_refusal(hf: Any, arch: str, config: Any, max_positions: int) -> str | None:
+def _probe_model(hf: Any, arch: str, config: Any, max_positions: int) -> str | None:
     """Run `hf`'s base model once on the meta device with the probe attention function: every
-    layer must call it, with the shapes our KV cache holds and nothing our op cannot honour."""
+    layer must call it, with the shapes our KV cache holds and nothing our op cannot honour.
+    Returns why not, or None after giving each layer's attention module our `Attention` with
+    the sliding window and logit soft-cap the layer passed."""
     declared = getattr(config, "architectures", None) or []
     if declared and type(hf).__name__ != declared[0]:
         return f"transformers' causal LM for its config is {type(hf).__name__}, not {arch}"
@@ -281,12 +320,26 @@ def _model_refusal(hf: Any, arch: str, config: Any, max_positions: int) -> str |
             return f"layer {module.layer_idx} needs an attention mask, which we cannot give"
         if getattr(module, "is_causal", True) is False:
             return f"layer {module.layer_idx}'s attention is not causal"
-        for name, value in seen["kwargs"].items():  # e.g. sliding_window, softcap, s_aux
-            if name == "sliding_window" and int(value) >= max_positions:
-                continue  # a window no sequence reaches
-            if name == "is_causal" and value is True:
-                continue
+        kwargs = dict(seen["kwargs"])
+        if kwargs.get("is_causal") is True:
+            del kwargs["is_causal"]
+        unknown = sorted(set(kwargs) - _LAYER_ATTRS)  # e.g. s_aux (attention sinks)
+        if unknown:
+            name = unknown[0]
             return (
-                f"layer {module.layer_idx}'s attention takes {name}={value!r}, which our op lacks"
+                f"layer {module.layer_idx}'s attention takes {name}={kwargs[name]!r}, which "
+                "our op lacks"
             )
+        window = kwargs.get("sliding_window")
+        if window is not None and int(window) >= max_positions:
+            window = None  # a window no sequence reaches
+        softcap = kwargs.get("softcap")
+        scaling = dim**-0.5 if seen["scaling"] is None else float(seen["scaling"])
+        ours = FallbackAttention(
+            int(module.layer_idx),
+            None if window is None else int(window),
+            None if not softcap else float(softcap),
+            q_factor=scaling / attention_scale(config),
+        )
+        module.add_module(_OURS, ours)
     return None

@@ -148,3 +148,15 @@ def test_compiled_equals_eager(model) -> None:
     compiled = LLM(str(path), max_model_len=128, compilation_level=1)
     assert compiled.engine.core.runner.compiled is not None
     assert generate(compiled, ids) == generate(eager, ids)
+
+
+def test_transformers_fallback_matches_hf(model) -> None:
+    """The same models through the transformers fallback: the window and soft-cap each HF layer
+    passes to its attention function reach our op (and the final soft-cap our logits)."""
+    path, ids, expected = model
+    llm = LLM(str(path), max_model_len=128, enforce_eager=True, model_impl="transformers")
+    native = LLM(str(path), max_model_len=128, enforce_eager=True)
+    layers = [e.engine.core.runner.backend.spec.layers for e in (llm, native)]
+    assert type(llm.engine.core.runner.model).__name__ == "TransformersForCausalLM"
+    assert layers[0] == layers[1] and any(a.features() for a in layers[0])
+    assert_matches_hf(expected, generate(llm, ids))

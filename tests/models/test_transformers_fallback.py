@@ -196,9 +196,8 @@ def start(path: str, **kwargs: object) -> LLM:
 @pytest.mark.parametrize(
     ("arch", "overrides", "field"),
     [
-        ("Starcoder2", dict(sliding_window=16), "sliding_window"),
-        ("Olmo2", dict(attn_logit_softcapping=30.0), "attn_logit_softcapping"),
-        ("Olmo2", dict(final_logit_softcapping=30.0), "final_logit_softcapping"),
+        ("Olmo2", dict(alibi=True), "alibi"),
+        ("Olmo2", dict(position_embedding_type="alibi"), "alibi"),
     ],
 )
 def test_unsupported_config_is_refused(tmp_path: Path, arch, overrides, field) -> None:
@@ -208,6 +207,20 @@ def test_unsupported_config_is_refused(tmp_path: Path, arch, overrides, field) -
     config.architectures = [f"{arch}ForCausalLM"]
     with pytest.raises(ValueError, match=rf"{arch}ForCausalLM.*{field}"):
         start(config_only(tmp_path, config))
+
+
+@pytest.mark.parametrize(("arch", "applied"), [("Gemma2", 30.0), ("Olmo2", 0.0)])
+def test_final_logit_cap_where_transformers_applies_it(tmp_path: Path, arch, applied) -> None:
+    """Gemma 2's causal-LM forward soft-caps its logits by final_logit_softcapping; OLMo 2's
+    ignores the field when a config sets it, and so does the fallback."""
+    import transformers
+
+    config = getattr(transformers, f"{arch}Config")(
+        **dict(TINY, vocab_size=128, final_logit_softcapping=30.0)
+    )
+    config.architectures = [f"{arch}ForCausalLM"]
+    llm = start(config_only(tmp_path, config), model_impl="transformers")
+    assert model_of(llm).logit_soft_cap == applied
 
 
 def test_attention_outside_the_interface_is_refused(tmp_path: Path) -> None:
