@@ -71,6 +71,8 @@ def make_cache(config: EngineConfig, pipeline: PassPipeline, backend_name: str) 
         {
             "model": mc.hf_config.to_json_string(use_diff=False),
             "model_impl": mc.model_impl,  # native and fallback classes trace different graphs
+            # quantized layers trace other ops (and random weights are quantized at load)
+            "quantization": [repr(mc.quantization), mc.load_format if mc.quantization else None],
             "dtype": str(mc.dtype),
             "max_model_len": mc.max_model_len,
             "device": str(config.device),
