@@ -1,4 +1,5 @@
-"""Fused ops that compiler passes put into the graph.
+"""Custom ops: fused ops that compiler passes put into the graph, and the FP8 ops of quantized
+linear layers (fp8.py).
 
 Each op is a `torch.library` op (namespace `compiled_llm`) with three implementations: a fake one
 (shapes only, for tracing), a CPU one in plain PyTorch that reuses the model's own layer code (so
@@ -6,6 +7,6 @@ its numerics equal eager), and a CUDA one in Triton. Importing this package regi
 the Triton modules are imported only when a CUDA op first runs.
 """
 
-from compiled_llm.kernels import activation, norm, rotary
+from compiled_llm.kernels import activation, fp8, norm, rotary
 
-__all__ = ["activation", "norm", "rotary"]
+__all__ = ["activation", "fp8", "norm", "rotary"]

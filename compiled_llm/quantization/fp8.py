@@ -170,7 +170,7 @@ class Fp8Method(QuantizationMethod):
                 leaf = "weight_scale"
             if leaf == "weight_scale" and not layer.block_size:
                 if tensor.numel() == 1:  # per tensor: the same scale for every channel
-                    tensor = tensor.reshape(1, 1).expand(layer.out_features, 1)
+                    tensor = tensor.reshape(1, 1).expand(layer.out_features, 1).contiguous()
                 tensor = tensor.reshape(layer.out_features, 1)
             elif leaf == "input_scale":
                 if layer.input_scale is None:
