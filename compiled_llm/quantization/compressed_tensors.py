@@ -27,7 +27,14 @@ def _scheme_name(scheme: Any) -> str:
     def key(args: Any) -> Any:
         if args is None:
             return None
-        return (args.num_bits, str(args.type), str(args.strategy), args.group_size, args.dynamic)
+        return (
+            args.num_bits,
+            str(args.type),
+            str(args.strategy),
+            args.group_size,
+            args.dynamic,
+            args.symmetric,
+        )
 
     mine = (key(scheme.weights), key(scheme.input_activations))
     for name, preset in PRESET_SCHEMES.items():
