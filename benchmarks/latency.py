@@ -6,6 +6,7 @@ bandwidth measured in the same run. Prefill: one request of 1k and 4k tokens. Ea
 a fresh process. Random weights from a config dict (benchmarks/shapes.py), never a download.
 
   python benchmarks/latency.py --shape llama-3.1-8b --levels 0,1,2
+  python benchmarks/latency.py --shape llama-3.1-8b --levels 2 --quantization fp8
   python benchmarks/latency.py --shape tiny --levels 0,1 --batch-sizes 1,4 --decode-steps 4 \\
       --prefill-lens 64   # CPU smoke run
 """
@@ -46,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--prefill-repeats", type=int, default=5, help="timed prefills per length (median)"
     )
     p.add_argument("--dtype", default="auto")
+    p.add_argument(
+        "--quantization",
+        default=None,
+        choices=["fp8"],
+        help="quantize the weights at load (the roofline then counts 1 byte per linear weight)",
+    )
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--passes", default="", help="pass edits, e.g. -fuse_add_rmsnorm")
     p.add_argument("--capture-sizes", default="", help="CUDA-graph sizes (default: the engine's)")
@@ -104,6 +111,7 @@ def worker(args: argparse.Namespace) -> dict:
         load_format="dummy",
         skip_tokenizer_init=True,
         dtype=args.dtype,
+        quantization=args.quantization,
         max_model_len=max(2 * longest, 2048),
         max_num_seqs=max(batches),
         max_num_batched_tokens=max(longest, 2048),
@@ -244,7 +252,7 @@ def main() -> None:
     env = environment()
     print("config:", json.dumps(vars(args)), json.dumps(env), sep="\n  ")
     bandwidth = copy_bandwidth()
-    _, read_bytes = weight_bytes(args.shape)
+    _, read_bytes = weight_bytes(args.shape, quantization=args.quantization)
     roofline_tok_s = bandwidth / read_bytes
     print(
         f"device copy bandwidth {bandwidth / 1e12:.3f} TB/s; batch-1 roofline {roofline_tok_s:.1f} tok/s"
@@ -281,7 +289,7 @@ def main() -> None:
                 ]
             )
     path = write_result(
-        f"latency-{args.shape}",
+        f"latency-{args.shape}" + (f"-{args.quantization}" if args.quantization else ""),
         {
             "config": vars(args),
             "env": env,

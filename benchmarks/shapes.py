@@ -92,16 +92,28 @@ def shape_folder(name: str) -> str:
     return folder
 
 
-def weight_bytes(name: str, dtype_bytes: int = 2) -> tuple[int, int]:
-    """(bytes of all weights, bytes a decode step reads: all but the embedding table)."""
+def weight_bytes(
+    name: str, dtype_bytes: int = 2, quantization: str | None = None
+) -> tuple[int, int]:
+    """(bytes of all weights, bytes a decode step reads: all but the embedding table). With
+    `quantization="fp8"` the decoder layers' linear weights take 1 byte a parameter plus a
+    float32 scale per output channel; norms, embeddings and the output head keep
+    `dtype_bytes`."""
     c = SHAPES[name]
     h, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
     head_dim = c.get("head_dim") or h // c["num_attention_heads"]
     q = c["num_attention_heads"] * head_dim
     kv = c["num_key_value_heads"] * head_dim
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * inter + 2 * h
-    embed = c["vocab_size"] * h
+    linear = h * (q + 2 * kv) + q * h + 3 * h * inter
+    if quantization == "fp8":
+        outputs = (q + 2 * kv) + h + 2 * inter + h  # one float32 scale per output channel
+        per_layer = linear + 4 * outputs + 2 * h * dtype_bytes
+    elif quantization is None:
+        per_layer = (linear + 2 * h) * dtype_bytes
+    else:
+        raise SystemExit(f"no weight-bytes model for quantization {quantization!r}")
+    embed = c["vocab_size"] * h * dtype_bytes
     head = 0 if c.get("tie_word_embeddings") else embed
-    total = (layers * per_layer + embed + head + h) * dtype_bytes
-    read = (layers * per_layer + (head or embed) + h) * dtype_bytes
+    total = layers * per_layer + embed + head + h * dtype_bytes
+    read = layers * per_layer + (head or embed) + h * dtype_bytes
     return total, read
