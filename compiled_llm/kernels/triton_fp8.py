@@ -14,6 +14,10 @@ import triton.language as tl
 
 from compiled_llm.kernels.fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE
 
+# Globals a kernel reads must be constexprs.
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_MIN_SCALE = tl.constexpr(MIN_SCALE)
+
 
 @triton.jit
 def _quant_group_kernel(
@@ -38,21 +42,21 @@ def _quant_group_kernel(
         x = tl.load(x_ptr + row * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), axis=0)
     else:
-        amax = 0.0
+        amax = tl.max(tl.zeros([BLOCK], dtype=tl.float32), axis=0)  # a float32 scalar
         for c in range(start, end, BLOCK):
             mask = c + cols < end
             x = tl.load(x_ptr + row * stride_x + c + cols, mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
-    scale = tl.maximum(amax / FP8_MAX, MIN_SCALE)
+    scale = tl.maximum(amax / _FP8_MAX, _MIN_SCALE)
     tl.store(s_ptr + row * stride_s + group, scale)
     if SINGLE:
-        q = tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX)
+        q = tl.clamp(tl.math.div_rn(x, scale), -_FP8_MAX, _FP8_MAX)
         tl.store(q_ptr + row * stride_q + start + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     else:
         for c in range(start, end, BLOCK):
             mask = c + cols < end
             x = tl.load(x_ptr + row * stride_x + c + cols, mask=mask, other=0.0).to(tl.float32)
-            q = tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX)
+            q = tl.clamp(tl.math.div_rn(x, scale), -_FP8_MAX, _FP8_MAX)
             tl.store(q_ptr + row * stride_q + c + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
@@ -63,7 +67,7 @@ def _quant_static_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, n_cols, BLOCK:
     mask = cols < n_cols
     scale = tl.load(s_ptr).to(tl.float32)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    q = tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX)
+    q = tl.clamp(tl.math.div_rn(x, scale), -_FP8_MAX, _FP8_MAX)
     tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 

@@ -15,6 +15,10 @@ import triton.language as tl
 
 from compiled_llm.kernels.fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE
 
+# Globals a kernel reads must be constexprs.
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_MIN_SCALE = tl.constexpr(MIN_SCALE)
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -22,10 +26,10 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 def _quantize_tile(y, q_ptr, s_ptr, cols, mask, n_groups, NG: tl.constexpr):
     """Store y's [NG, G] tile in E4M3 with one scale per group (a row of the tile)."""
     amax = tl.max(tl.abs(y), axis=1)
-    scale = tl.maximum(amax / FP8_MAX, MIN_SCALE)
+    scale = tl.maximum(amax / _FP8_MAX, _MIN_SCALE)
     groups = tl.arange(0, NG)
     tl.store(s_ptr + groups, scale, mask=groups < n_groups)
-    q = tl.clamp(tl.math.div_rn(y, scale[:, None]), -FP8_MAX, FP8_MAX)
+    q = tl.clamp(tl.math.div_rn(y, scale[:, None]), -_FP8_MAX, _FP8_MAX)
     tl.store(q_ptr + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 

@@ -188,6 +188,10 @@ def interpreter_errors() -> None:
         out[f"per_group/{dtype}"] = codes_differ(
             q, rq, x, F8.expand_scale(rs, x.shape, (1, 128))
         ) + float((s != rs).sum())
+        wide = operands(3, 1, 5000, dtype)[0]  # wider than one 4096-column block: two passes
+        q, s = T.quant_per_group(wide, 5000)
+        rq, rs = F8.quantize_per_token(wide)
+        out[f"per_token_wide/{dtype}"] = codes_differ(q, rq, wide, rs) + float((s != rs).sum())
         scale = torch.tensor([0.05])
         out[f"static/{dtype}"] = codes_differ(
             T.quant_static(x, scale), F8.quantize(x, scale), x, scale
@@ -239,6 +243,59 @@ def test_triton_kernels_interpreted() -> None:
             assert err <= 0.01 * 20 * 320, (key, err)
         else:
             assert err == 0, (key, err)
+
+
+def _hopper_kernels() -> list[tuple[object, dict[str, str], dict[str, object]]]:
+    """Each Triton FP8 kernel with a bf16 signature and its constexpr variants."""
+    import triton.language as tl
+
+    from compiled_llm.kernels import triton_fp8 as T
+    from compiled_llm.kernels import triton_fp8_fused as TF
+
+    def sig(fn, types: dict[str, str], consts: dict[str, object]) -> tuple:  # noqa: ANN001
+        names = fn.arg_names  # type: ignore[attr-defined]
+        full = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
+        return fn, full, consts
+
+    fp8, f32, bf16 = "*fp8e4nv", "*fp32", "*bf16"
+    gemm = {"a_ptr": fp8, "as_ptr": f32, "b_ptr": fp8, "bs_ptr": f32, "bias_ptr": bf16}
+    gemm["c_ptr"] = bf16
+    norm = {"x_ptr": bf16, "res_ptr": bf16, "w_ptr": bf16, "q_ptr": fp8, "s_ptr": f32}
+    norm.update(res_out_ptr=bf16, eps="fp32")
+    act = {"gate_ptr": bf16, "up_ptr": bf16, "q_ptr": fp8, "s_ptr": f32}
+    quant = {"x_ptr": bf16, "q_ptr": fp8, "s_ptr": f32}
+    kernels = [
+        sig(T._fp8_gemm_kernel, gemm, dict(BLOCKWISE=b, HAS_BIAS=True, BM=m, BN=n, BK=128))
+        for b in (True, False)
+        for m, n in ((16, 64), (128, 128))
+    ]
+    kernels += [
+        sig(T._quant_group_kernel, quant, dict(BLOCK=block, SINGLE=single))
+        for block, single in ((1024, True), (4096, False))
+    ]
+    kernels.append(sig(T._quant_static_kernel, quant, dict(BLOCK=1024)))
+    for ng, g in ((1, 4096), (32, 128)):
+        consts = dict(HAS_RESIDUAL=True, NORM_DTYPE=tl.bfloat16, NG=ng, G=g)
+        kernels.append(sig(TF._rms_norm_quant_kernel, norm, consts))
+    for ng, g in ((1, 16384), (128, 128)):
+        consts = dict(OUT_DTYPE=tl.bfloat16, NG=ng, G=g)
+        kernels.append(sig(TF._silu_and_mul_quant_kernel, act, consts))
+    return kernels
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_hopper() -> None:
+    """Every FP8 kernel compiles to an sm_90 cubin (Triton's own ptxas, no GPU needed): what the
+    interpreter does not check (constexpr globals, loop-carried types, FP8 tensor-core dots)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for fn, signature, consts in _hopper_kernels():
+        compiled = triton.compile(
+            ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32)
+        )
+        assert compiled.asm["cubin"], fn
 
 
 # --- CUDA ----------------------------------------------------------------------------------------
