@@ -19,8 +19,9 @@ clamp(x / scale, -448, 448) rounded to the nearest E4M3 value, all in float32.
 CPU implementations are the reference: they dequantize both operands to float32 and multiply
 there (the products of E4M3 values are exact in float32, so this is what a GPU's FP8 tensor-core
 GEMM with float32 accumulation computes, up to the order of the sums) — slow, and the oracle of
-the CUDA ones. CUDA: the quantizers and a block-scaled GEMM in Triton (triton_fp8.py); the
-per-channel GEMM through cuBLASLt (`torch._scaled_mm` with row-wise scales) for bfloat16 output.
+the CUDA ones. CUDA: the quantizers, a block-scaled GEMM and a one-token GEMV in Triton
+(triton_fp8.py); the per-channel GEMM through cuBLASLt (`torch._scaled_mm` with row-wise scales)
+for bfloat16 output, above TRITON_MAX_TOKENS tokens.
 """
 
 from __future__ import annotations
@@ -231,9 +232,15 @@ def _static_cuda(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return quant_static(x, scale)
 
 
+# Per-channel GEMMs of at most this many tokens go to Triton (its GEMV for one token) rather
+# than cuBLASLt. Not measured yet: `python benchmarks/fp8_gemm.py` on the GPU prints the
+# crossover; until then cuBLASLt takes every shape it fits.
+TRITON_MAX_TOKENS = 0
+
+
 def cublas_fits(m: int, n: int, k: int, out_dtype: torch.dtype) -> bool:
     """Shapes and dtypes cuBLASLt's row-wise scaled FP8 GEMM takes (operand leading dimensions
-    16-byte aligned, bfloat16 output). Others go to the Triton kernel."""
+    16-byte aligned, bfloat16 output). Others go to the Triton kernels."""
     return out_dtype == torch.bfloat16 and k % 16 == 0 and n % 16 == 0 and m > 0
 
 
@@ -251,7 +258,12 @@ def _scaled_mm_cuda(
     _check_mm(a, a_scale, b, b_scale, block_size, bias)
     m, k = a.shape
     n = b.shape[0]
-    if not block_size and cublas_fits(m, n, k, out_dtype) and a.is_contiguous():
+    if (
+        not block_size
+        and m > TRITON_MAX_TOKENS
+        and cublas_fits(m, n, k, out_dtype)
+        and a.is_contiguous()
+    ):
         y = torch._scaled_mm(
             a,
             b.t(),  # [K, N] column-major, as cuBLASLt wants the second operand

@@ -1,5 +1,6 @@
 """Triton FP8 kernels: dynamic per-group (per-token when the group is the whole row) and static
-activation quantization, and an FP8 GEMM with per-channel or block scales.
+activation quantization, an FP8 GEMM with per-channel or block scales, and a GEMV for one
+token.
 
 Quantization follows kernels/fp8.py exactly: scale = max(amax / 448, MIN_SCALE) in float32 and
 q = clamp(x / scale) with a correctly rounded division (`div_rn`), so it equals the reference
@@ -174,6 +175,56 @@ def _fp8_gemm_kernel(
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _fp8_gemv_kernel(
+    a_ptr,
+    as_ptr,
+    b_ptr,
+    bs_ptr,
+    bias_ptr,
+    c_ptr,
+    N,
+    K,
+    stride_bn,
+    stride_bsn,
+    scale_block_n,
+    scale_block_k,
+    BLOCKWISE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """One token (M = 1): c [N] = dequant(a [K]) . dequant(B [N, K]) rows, without tensor
+    cores (which would waste 15 of their 16 rows), streaming B in [BN, BK] tiles."""
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    mask_n = offs_n < N
+    b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + offs_k
+        a = tl.load(a_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        b = tl.load(b_rows + k[None, :], mask=mask_n[:, None] & (k[None, :] < K), other=0.0)
+        part = tl.sum(b.to(tl.float32) * a[None, :], axis=1)
+        if BLOCKWISE:
+            kb = k0 // scale_block_k
+            sb = tl.load(
+                bs_ptr + (offs_n // scale_block_n) * stride_bsn + kb, mask=mask_n, other=0.0
+            )
+            acc += part * tl.load(as_ptr + kb) * sb
+        else:
+            acc += part
+    if not BLOCKWISE:
+        acc = acc * tl.load(as_ptr) * tl.load(bs_ptr + offs_n * stride_bsn, mask=mask_n, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(c_ptr + offs_n, acc.to(c_ptr.dtype.element_ty), mask=mask_n)
+
+
+GEMV_BN = 32  # output rows per GEMV program: N / 32 programs stream the weight
+
+
 def _tiles(m: int, scale_block_k: int | None) -> tuple[int, int, int]:
     """(BM, BN, BK): small-M tiles for decode (tl.dot needs 16 rows; narrow N tiles give more
     programs to stream the weight with), larger ones for prefill."""
@@ -197,8 +248,10 @@ def scaled_mm(
     block_size: list[int],
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    gemv: bool = True,
 ) -> torch.Tensor:
-    """compiled_llm::fp8_scaled_mm in Triton (shapes checked by the caller)."""
+    """compiled_llm::fp8_scaled_mm in Triton (shapes checked by the caller); one token goes
+    through the GEMV kernel unless `gemv` is False."""
     m, k = a.shape
     n = b.shape[0]
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
@@ -212,6 +265,28 @@ def scaled_mm(
     if blockwise and bk_scale % 16:
         raise ValueError(f"the Triton FP8 GEMM needs block widths divisible by 16, got {bk_scale}")
     bm, bn, bk = _tiles(m, bk_scale if blockwise else None)
+    if m == 1 and gemv:
+        _fp8_gemv_kernel[(triton.cdiv(n, GEMV_BN),)](
+            a,
+            a_scale,
+            b,
+            b_scale,
+            bias if bias is not None else c,
+            c,
+            n,
+            k,
+            b.stride(0),
+            b_scale.stride(0),
+            bn_scale,
+            bk_scale,
+            BLOCKWISE=blockwise,
+            HAS_BIAS=bias is not None,
+            BN=GEMV_BN,
+            BK=bk,
+            num_warps=4,
+            num_stages=3,
+        )
+        return c
     stride_asm = a_scale.stride(0) if a_scale.shape[0] == m and m > 1 else 0
     _fp8_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         a,

@@ -211,13 +211,13 @@ def interpreter_errors() -> None:
             key = f"fused_act/{dtype}/{group}"
             out[key] = codes_differ(q, rq, torch.nn.functional.silu(x) * r, expand(rs, group), True)
             out[key + "/scale"] = float(((s - rs).abs() / rs).max())
-        for m in (1, 20):
+        for m, gemv in ((1, True), (1, False), (20, True)):
             for block in ([], [128, 128]):
                 a, sa, b, sb, _, _ = quantized(x[:m], w, block)
-                got = T.scaled_mm(a, sa, b, sb, block, bias, dtype).float()
+                got = T.scaled_mm(a, sa, b, sb, block, bias, dtype, gemv=gemv).float()
                 want = F8.scaled_mm_reference(a, sa, b, sb, block, bias, dtype).float()
                 rel = (got - want).abs().max() / want.abs().max()
-                out[f"gemm/{dtype}/M={m}/{block}"] = float(rel)
+                out[f"gemm/{dtype}/M={m}/{block}/gemv={gemv}"] = float(rel)
     print(json.dumps(out))
 
 
@@ -268,6 +268,10 @@ def _hopper_kernels() -> list[tuple[object, dict[str, str], dict[str, object]]]:
         sig(T._fp8_gemm_kernel, gemm, dict(BLOCKWISE=b, HAS_BIAS=True, BM=m, BN=n, BK=128))
         for b in (True, False)
         for m, n in ((16, 64), (128, 128))
+    ]
+    kernels += [
+        sig(T._fp8_gemv_kernel, gemm, dict(BLOCKWISE=b, HAS_BIAS=True, BN=32, BK=128))
+        for b in (True, False)
     ]
     kernels += [
         sig(T._quant_group_kernel, quant, dict(BLOCK=block, SINGLE=single))
@@ -334,6 +338,24 @@ def test_cuda_ops_match_reference(m: int, block: list[int], dtype: torch.dtype) 
             y64 = x.double() @ w.double().t() + (0 if with_bias is None else bias.double())
             bound = error_bound(x.cpu(), w.cpu(), sx.cpu(), sw.cpu(), dtype, got.cpu())
             assert bool(((got.double().cpu() - y64.cpu()).abs() <= bound.cpu()).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4])
+def test_cuda_triton_per_channel_paths(m: int) -> None:
+    """The Triton GEMV (one token) and GEMM on per-channel weights, which cuBLASLt serves by
+    default: whichever TRITON_MAX_TOKENS selects must match the reference too."""
+    from compiled_llm.kernels import triton_fp8 as T
+
+    for n, k in ((6144, 4096), (4096, 14336)):
+        x, w, bias = operands(m, n, k, torch.bfloat16, "cuda")
+        a, sa, b, sb, _, _ = quantized(x, w, [])
+        want = F8.scaled_mm_reference(
+            a.cpu(), sa.cpu(), b.cpu(), sb.cpu(), [], bias.cpu(), torch.float32
+        )
+        for gemv in (True, False):
+            got = T.scaled_mm(a, sa, b, sb, [], bias, torch.bfloat16, gemv=gemv).float().cpu()
+            assert float((got - want).abs().max()) <= 1e-2 * float(want.abs().max()), (n, gemv)
 
 
 @pytest.mark.gpu
