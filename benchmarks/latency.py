@@ -6,7 +6,8 @@ bandwidth measured in the same run. Prefill: one request of 1k and 4k tokens. Ea
 a fresh process. Random weights from a config dict (benchmarks/shapes.py), never a download.
 
   python benchmarks/latency.py --shape llama-3.1-8b --levels 0,1,2
-  python benchmarks/latency.py --shape llama-3.1-8b --levels 2 --quantization fp8
+  python benchmarks/latency.py --shape llama-3.1-8b --levels 2 --quantization fp8 \\
+      --kv-cache-dtype fp8
   python benchmarks/latency.py --shape tiny --levels 0,1 --batch-sizes 1,4 --decode-steps 4 \\
       --prefill-lens 64   # CPU smoke run
 """
@@ -53,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["fp8"],
         help="quantize the weights at load (the roofline then counts 1 byte per linear weight)",
     )
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--passes", default="", help="pass edits, e.g. -fuse_add_rmsnorm")
     p.add_argument("--capture-sizes", default="", help="CUDA-graph sizes (default: the engine's)")
@@ -112,6 +114,7 @@ def worker(args: argparse.Namespace) -> dict:
         skip_tokenizer_init=True,
         dtype=args.dtype,
         quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=max(2 * longest, 2048),
         max_num_seqs=max(batches),
         max_num_batched_tokens=max(longest, 2048),
@@ -289,7 +292,9 @@ def main() -> None:
                 ]
             )
     path = write_result(
-        f"latency-{args.shape}" + (f"-{args.quantization}" if args.quantization else ""),
+        f"latency-{args.shape}"
+        + (f"-{args.quantization}" if args.quantization else "")
+        + ("-kv-fp8" if args.kv_cache_dtype == "fp8" else ""),
         {
             "config": vars(args),
             "env": env,

@@ -68,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quantization", default=None, choices=["fp8"], help="quantize our engine's weights"
     )
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--worker", choices=["ours", "peer"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeats < 1 or (args.repeats > 1 and args.workload == "embedded"):
@@ -96,6 +97,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     extra = json.loads(args.engine_args)
     if args.quantization:
         extra["quantization"] = args.quantization
+    extra.setdefault("kv_cache_dtype", args.kv_cache_dtype)
     start = time.perf_counter()
     if args.workload == "embedded":
         llm = LLM(**extra)
@@ -235,6 +237,8 @@ def main() -> None:
         name += f"-{args.shape}"
     if args.quantization:
         name += f"-{args.quantization}"
+    if args.kv_cache_dtype == "fp8":
+        name += "-kv-fp8"
     path = write_result(name, {"config": vars(args), "env": env, "results": results})
     print(f"\nresults: {path}\n")
     print_table(["engine", "requests", "seconds", "output tok/s", "total tok/s"], rows)

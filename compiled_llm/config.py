@@ -42,6 +42,7 @@ class ModelConfig:
     model_impl: str  # resolved: "native" (our model class) or "transformers" (the fallback)
     trust_remote_code: bool  # a local folder's own modeling code may run (transformers)
     quantization: QuantizationConfig | None  # resolved: the user's choice or the checkpoint's
+    kv_cache_dtype: torch.dtype  # resolved: `dtype`, or FP8 (E4M3)
 
     @property
     def architecture(self) -> str:
@@ -81,6 +82,7 @@ class ModelConfig:
             device=device,
             scale=attention_scale(self.hf_config),
             layers=layers,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
 
 
@@ -141,6 +143,8 @@ class EngineConfig:
 
 
 _LOAD_FORMATS = ("auto", "dummy")
+# vLLM's names; FP8 is E4M3 with a per-tensor scale of 1 (attention_backends/base.py).
+_KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 _MODEL_IMPLS = ("auto", "native", "transformers")
 
 
@@ -225,6 +229,13 @@ class EngineArgs:
         None, "longest prompt + output, in tokens (default: the model's max_position_embeddings)"
     )
     block_size: int = _arg(16, "tokens per KV-cache block (a power of two)")
+    kv_cache_dtype: str = _arg(
+        "auto",
+        "auto: the model's dtype; fp8 (or fp8_e4m3): keys and values in FP8 E4M3 (saturated at "
+        "+-448, per-tensor scale 1), half of bf16's bytes, so the cache holds twice the tokens "
+        "(docs/quantization.md)",
+        choices=tuple(_KV_CACHE_DTYPES),
+    )
     gpu_memory_utilization: float = _arg(
         0.9,
         "share of the GPU's memory this engine may use: weights, activations and CUDA graphs, "
@@ -299,6 +310,11 @@ class EngineArgs:
                 raise ValueError(f"{name} {what}, got {getattr(self, name)!r}")
 
         require(self.load_format in _LOAD_FORMATS, "load_format", "must be auto or dummy")
+        require(
+            self.kv_cache_dtype in _KV_CACHE_DTYPES,
+            "kv_cache_dtype",
+            f"must be one of {', '.join(_KV_CACHE_DTYPES)}",
+        )
         require(
             self.model_impl in _MODEL_IMPLS,
             "model_impl",
@@ -394,6 +410,7 @@ class EngineArgs:
             model_impl=model_impl,
             trust_remote_code=self.trust_remote_code,
             quantization=quantization,
+            kv_cache_dtype=_KV_CACHE_DTYPES[self.kv_cache_dtype] or dtype,
         )
         level = 0 if self.enforce_eager else self.compilation_level
         if level is None:

@@ -149,6 +149,30 @@ def test_bad_operands_are_refused() -> None:
 
 
 # --- Triton, interpreted on CPU ------------------------------------------------------------------
+def interpreted_code_mismatches(
+    got: torch.Tensor,
+    want: torch.Tensor,
+    x: torch.Tensor,
+    s: torch.Tensor | float,
+    adjacent: bool = False,
+) -> int:
+    """Elements whose E4M3 code differs, except where the interpreter's float32 -> E4M3
+    conversion is wrong: it rounds ties up (not to even), does not carry a mantissa
+    overflow into the exponent (so it halves a value the reference rounded up to a power
+    of two) and misrounds subnormals (below 2^-6). GPUs convert in hardware; the `gpu`
+    tests check those bit for bit."""
+    differ = got.view(torch.uint8) != want.view(torch.uint8)
+    w = want.float().abs()
+    v = (x.float() / s).abs().double()  # what was rounded (float32, exactly)
+    carried = (w == 2 ** torch.floor(torch.log2(w))) & (v < w)
+    steps = 2 * v / 2.0 ** (torch.floor(torch.log2(v)) - 3)  # odd integer: a tie
+    tie = (steps == steps.round()) & (steps.round() % 2 == 1)
+    if adjacent:  # one E4M3 step apart: what a last-bit difference before rounding makes
+        step = 2.0 ** (torch.floor(torch.log2(w.clamp(min=2.0**-6))) - 3)
+        differ &= (got.float() - want.float()).abs() > step
+    return int((differ & ~carried & ~tie & (w >= 2.0**-6)).sum())
+
+
 def interpreter_errors() -> None:
     """Run under TRITON_INTERPRET=1: print each Triton kernel's mismatch with the reference."""
     from compiled_llm.kernels import fp8_fused as FF
@@ -158,42 +182,27 @@ def interpreter_errors() -> None:
     def expand(scale: torch.Tensor, group: int) -> torch.Tensor:
         return scale if group == 0 else F8.expand_scale(scale, (scale.shape[0], 320), (1, group))
 
-    def codes_differ(
-        got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, s: torch.Tensor, adjacent=False
-    ):
-        """Elements whose E4M3 code differs, except where the interpreter's float32 -> E4M3
-        conversion is wrong: it rounds ties up (not to even), does not carry a mantissa
-        overflow into the exponent (so it halves a value the reference rounded up to a power
-        of two) and misrounds subnormals (below 2^-6). GPUs convert in hardware; the `gpu`
-        tests check those bit for bit."""
-        differ = got.view(torch.uint8) != want.view(torch.uint8)
-        w = want.float().abs()
-        v = (x.float() / s).abs().double()  # what was rounded (float32, exactly)
-        carried = (w == 2 ** torch.floor(torch.log2(w))) & (v < w)
-        steps = 2 * v / 2.0 ** (torch.floor(torch.log2(v)) - 3)  # odd integer: a tie
-        tie = (steps == steps.round()) & (steps.round() % 2 == 1)
-        if adjacent:  # one E4M3 step apart: what a last-bit difference before rounding makes
-            step = 2.0 ** (torch.floor(torch.log2(w.clamp(min=2.0**-6))) - 3)
-            differ &= (got.float() - want.float()).abs() > step
-        return int((differ & ~carried & ~tie & (w >= 2.0**-6)).sum())
-
     out: dict[str, float] = {}
     for dtype in (torch.float32, torch.bfloat16):
         x, w, bias = operands(20, 200, 320, dtype)
         q, s = T.quant_per_group(x, 320)
         rq, rs = F8.quantize_per_token(x)
-        out[f"per_token/{dtype}"] = codes_differ(q, rq, x, rs) + float((s != rs).sum())
+        out[f"per_token/{dtype}"] = interpreted_code_mismatches(q, rq, x, rs) + float(
+            (s != rs).sum()
+        )
         q, s = T.quant_per_group(x, 128)
         rq, rs = F8.quantize_per_group(x, 128)
-        out[f"per_group/{dtype}"] = codes_differ(
+        out[f"per_group/{dtype}"] = interpreted_code_mismatches(
             q, rq, x, F8.expand_scale(rs, x.shape, (1, 128))
         ) + float((s != rs).sum())
         wide = operands(3, 1, 5000, dtype)[0]  # wider than one 4096-column block: two passes
         q, s = T.quant_per_group(wide, 5000)
         rq, rs = F8.quantize_per_token(wide)
-        out[f"per_token_wide/{dtype}"] = codes_differ(q, rq, wide, rs) + float((s != rs).sum())
+        out[f"per_token_wide/{dtype}"] = interpreted_code_mismatches(q, rq, wide, rs) + float(
+            (s != rs).sum()
+        )
         scale = torch.tensor([0.05])
-        out[f"static/{dtype}"] = codes_differ(
+        out[f"static/{dtype}"] = interpreted_code_mismatches(
             T.quant_static(x, scale), F8.quantize(x, scale), x, scale
         )
         # Fused norm / activation + quantization: the normalized row may differ in its last
@@ -204,12 +213,16 @@ def interpreter_errors() -> None:
             q, s, h = TF.rms_norm_quant(x, wn, 1e-6, group, r)
             rq, rs, rh = FF.fused_add_rms_norm_quant_fp8_reference(x, r, wn, 1e-6, group)
             key = f"fused_norm/{dtype}/{group}"
-            out[key] = codes_differ(q, rq, rms_norm(rh, wn, 1e-6), expand(rs, group), True)
+            out[key] = interpreted_code_mismatches(
+                q, rq, rms_norm(rh, wn, 1e-6), expand(rs, group), True
+            )
             out[key + "/scale"] = float(((s - rs).abs() / rs).max())
             q, s = TF.silu_and_mul_quant(x, r, group)
             rq, rs = FF.quantize_rows(torch.nn.functional.silu(x) * r, group)
             key = f"fused_act/{dtype}/{group}"
-            out[key] = codes_differ(q, rq, torch.nn.functional.silu(x) * r, expand(rs, group), True)
+            out[key] = interpreted_code_mismatches(
+                q, rq, torch.nn.functional.silu(x) * r, expand(rs, group), True
+            )
             out[key + "/scale"] = float(((s - rs).abs() / rs).max())
         for m, gemv in ((1, True), (1, False), (20, True)):
             for block in ([], [128, 128]):
