@@ -326,13 +326,16 @@ def test_cuda_ops_match_reference(m: int, block: list[int], dtype: torch.dtype) 
     for n, k in ((6144, 4096), (4096, 14336)):
         x, w, bias = operands(m, n, k, dtype, "cuda")
         for with_bias in (None, bias):
-            a, sa, b, sb, sx, sw = quantized(x, w, block)
-            ra, rsa = (
-                F8.quantize_per_group(x.cpu(), block[1])
-                if block
-                else F8.quantize_per_token(x.cpu())
-            )
-            # Quantizers: the same codes and scales as the CPU reference, bit for bit.
+            _, _, b, sb, _, sw = quantized(x, w, block)
+            # The Triton quantizers: the same codes and scales as the CPU reference, bit for bit.
+            if block:
+                a, sa = ops.quant_fp8_per_group(x, block[1])
+                ra, rsa = F8.quantize_per_group(x.cpu(), block[1])
+                sx = F8.expand_scale(sa, x.shape, (1, block[1]))
+            else:
+                a, sa = ops.quant_fp8_per_token(x)
+                ra, rsa = F8.quantize_per_token(x.cpu())
+                sx = sa
             assert torch.equal(a.cpu().view(torch.uint8), ra.view(torch.uint8))
             assert torch.equal(sa.cpu(), rsa)
             got = ops.fp8_scaled_mm(a, sa, b, sb, block, with_bias, dtype)
@@ -349,8 +352,8 @@ def test_cuda_ops_match_reference(m: int, block: list[int], dtype: torch.dtype) 
             )
             # And the whole linear within the E4M3 bound of float64 (fp32 sums on the GPU).
             y64 = x.double() @ w.double().t() + (0 if with_bias is None else bias.double())
-            bound = error_bound(x.cpu(), w.cpu(), sx.cpu(), sw.cpu(), dtype, got.cpu())
-            assert bool(((got.double().cpu() - y64.cpu()).abs() <= bound.cpu()).all())
+            bound = error_bound(x, w, sx, sw, dtype, got)  # float64, on the GPU
+            assert bool(((got.double() - y64).abs() <= bound).all())
 
 
 @pytest.mark.gpu
