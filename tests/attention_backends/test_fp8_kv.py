@@ -120,7 +120,7 @@ def test_engine_cache_holds_twice_the_tokens(tiny_models) -> None:
     from compiled_llm import LLM, SamplingParams
 
     path = str(tiny_models("llama"))
-    common = dict(max_model_len=256, enforce_eager=True, dtype="bfloat16")
+    common = dict(max_model_len=256, enforce_eager=True, dtype="bfloat16", device="cpu")
     common["kv_cache_memory_bytes"] = 1 << 21
     auto = LLM(path, **common)
     fp8 = LLM(path, kv_cache_dtype="fp8", **common)

@@ -131,7 +131,7 @@ def test_checkpoint_scheme_refused_at_load(tiny_models, tmp_path: Path) -> None:
     config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128}
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="AWQ"):
-        LLM(str(path), enforce_eager=True)
+        LLM(str(path), enforce_eager=True, device="cpu")
     config["quantization_config"] = quantization_config("hf-tensor")
     (path / "config.json").write_text(json.dumps(config))
     mc = EngineArgs(model=str(path), quantization="fp8").create_config().model_config

@@ -30,7 +30,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 
 def engine_greedy(path: Path, level: int, **kwargs: object) -> tuple[list[list[int]], LLM]:
-    llm = LLM(str(path), max_model_len=512, compilation_level=level, **kwargs)
+    llm = LLM(str(path), max_model_len=512, compilation_level=level, device="cpu", **kwargs)
     outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     return [o.outputs[0].token_ids for o in outputs], llm
 
@@ -154,4 +154,4 @@ def test_wrong_weight_dtype_is_refused(tiny_models, tmp_path: Path) -> None:
     config["quantization_config"] = E.quantization_config("ct-dynamic")
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"_proj\.weight' is torch.float32.*float8_e4m3fn"):
-        LLM(str(path), max_model_len=512, enforce_eager=True)
+        LLM(str(path), max_model_len=512, enforce_eager=True, device="cpu")
