@@ -53,6 +53,18 @@ class LayerAttention:
 FULL_ATTENTION = LayerAttention()
 
 
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_KV_MAX = 448.0  # keys and values beyond +-448 are stored as +-448
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as the cache stores it: rounded to `dtype`, saturated first where that is FP8 (a plain
+    cast would make NaN of anything past E4M3's largest value)."""
+    if dtype == FP8_KV_DTYPE:
+        return x.float().clamp(-FP8_KV_MAX, FP8_KV_MAX).to(dtype)
+    return x.to(dtype)
+
+
 @dataclass(frozen=True)
 class AttentionSpec:
     num_heads: int
@@ -65,12 +77,28 @@ class AttentionSpec:
     # Each layer's attributes, by layer index (the model's `Attention` modules); empty: all
     # layers plain causal.
     layers: tuple[LayerAttention, ...] = ()
+    # What the KV cache stores (None: `dtype`). FP8 (E4M3) keys and values are stored with a
+    # per-tensor scale of 1: written saturated to +-448, read back exactly (CACHE_DTYPES).
+    kv_cache_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        if self.kv_cache_dtype not in (None, self.dtype, FP8_KV_DTYPE):
+            raise ValueError(
+                f"kv_cache_dtype must be the model's dtype or {FP8_KV_DTYPE}, "
+                f"got {self.kv_cache_dtype}"
+            )
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return self.kv_cache_dtype or self.dtype
+
+    @property
+    def fp8_kv(self) -> bool:
+        return self.cache_dtype == FP8_KV_DTYPE
 
 
 @dataclass
@@ -189,12 +217,12 @@ class AttentionBackend(ABC):
     def kv_cache_bytes_per_block(self, num_layers: int) -> int:
         s = self.spec
         per_block = 2 * s.block_size * s.num_kv_heads * s.head_dim
-        return per_block * num_layers * torch.empty((), dtype=s.dtype).element_size()
+        return per_block * num_layers * torch.empty((), dtype=s.cache_dtype).element_size()
 
     def allocate_kv_caches(self, num_blocks: int, num_layers: int) -> list[torch.Tensor]:
         shape = self.kv_cache_shape(num_blocks)
         return [
-            torch.empty(shape, dtype=self.spec.dtype, device=self.spec.device)
+            torch.empty(shape, dtype=self.spec.cache_dtype, device=self.spec.device)
             for _ in range(num_layers)
         ]
 

@@ -16,6 +16,9 @@ bound is inclusive, HF's exclusive; logits_soft_cap as is). One plan serves ever
 so a model whose layers differ in them (Gemma 2's alternating local and global layers) is refused
 (`refusal`); `auto` then picks Triton. Untested on CUDA so far.
 
+An FP8 KV cache is planned with `kv_data_type` E4M3 and read with FlashInfer's default k/v scales
+of 1, matching what our write kernel stores (saturated, unscaled); fa2 prefill only.
+
 FlashInfer JIT-compiles its kernels with nvcc on first use; they are cached under
 FLASHINFER_WORKSPACE_BASE, which we point at ~/.cache/compiled_llm/flashinfer unless it is set.
 """
@@ -124,6 +127,11 @@ class FlashInferAttentionBackend(AttentionBackend):
                 "the FlashInfer prefill backend (COMPILED_LLM_FLASHINFER_PREFILL_BACKEND) must be "
                 f"fa2 or fa3, got {self.prefill_backend}"
             )
+        if spec.fp8_kv and self.prefill_backend != "fa2":
+            raise ValueError(
+                "an FP8 KV cache with a bf16/fp16 query runs on FlashInfer's fa2 prefill only "
+                "(COMPILED_LLM_FLASHINFER_PREFILL_BACKEND=fa2)"
+            )
         group = spec.num_heads // spec.num_kv_heads
         # Tensor-core decode (FlashInfer's prefill kernel) wins once several heads share a KV head.
         self.decode_tensor_cores = (
@@ -216,7 +224,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         window = self._layer.sliding_window
         common: dict[str, Any] = {
             "q_data_type": s.dtype,
-            "kv_data_type": s.dtype,
+            "kv_data_type": s.cache_dtype,  # FP8: read with k/v scales of 1 (run()'s default)
             "sm_scale": s.scale,
             "window_left": -1 if window is None else window - 1,
             "logits_soft_cap": self._layer.logits_soft_cap,

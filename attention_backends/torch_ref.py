@@ -1,7 +1,8 @@
 """Pure-PyTorch paged attention: gather a request's pages, then scaled-dot-product attention.
 
 The CPU default and the correctness oracle for the other backends. It computes in float32 whatever
-the cache dtype, and loops over requests (it is opaque to the compiler, so the loop is fine).
+the cache dtype (an FP8 cache is read back exactly: its values are E4M3 numbers with a scale of
+1), and loops over requests (it is opaque to the compiler, so the loop is fine).
 Sliding windows are a mask (a query at position p sees keys at positions p - window < j <= p);
 a logits soft-cap computes the scores itself (cap * tanh(scores / cap), then mask and softmax),
 in HF's order of operations.
@@ -13,12 +14,20 @@ import torch
 import torch.nn.functional as F
 
 from compiled_llm.attention_backends.base import (
+    FP8_KV_DTYPE,
     FULL_ATTENTION,
     AttentionBackend,
     AttentionInputs,
     LayerAttention,
+    to_cache_dtype,
 )
 from compiled_llm.layers.rotary import apply_rotary
+
+
+def _storable(t: torch.Tensor) -> torch.Tensor:
+    """FP8 tensors as their bytes: indexed writes and gathers of float8 are not implemented on
+    every device, those of uint8 are."""
+    return t.view(torch.uint8) if t.dtype == FP8_KV_DTYPE else t
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -40,8 +49,9 @@ class TorchAttentionBackend(AttentionBackend):
             slots, k, v = slots[keep], k[keep], v[keep]
         bs = self.spec.block_size
         blocks, offsets = slots // bs, slots % bs
-        kv_cache[blocks, 0, offsets] = k.to(kv_cache.dtype)
-        kv_cache[blocks, 1, offsets] = v.to(kv_cache.dtype)
+        cache = _storable(kv_cache)
+        cache[blocks, 0, offsets] = _storable(to_cache_dtype(k, kv_cache.dtype))
+        cache[blocks, 1, offsets] = _storable(to_cache_dtype(v, kv_cache.dtype))
 
     def rope_write_kv(
         self,
@@ -133,7 +143,8 @@ class TorchAttentionBackend(AttentionBackend):
         b = block_table.shape[0]
         out = []
         for which in (0, 1):
-            pages = kv_cache[:, which].index_select(0, index)  # [B * n, bs, Hkv, D], contiguous
+            pages = _storable(kv_cache[:, which]).index_select(0, index)  # [B * n, bs, Hkv, D]
+            pages = pages.view(kv_cache.dtype)
             t = pages.view(b, num_blocks * bs, *pages.shape[-2:])[:, :length]
             out.append(t.float().transpose(1, 2))
         return out[0], out[1]

@@ -13,6 +13,8 @@ and the top_k experts a token routes to, the *active* parameters (Qwen3-30B-A3B:
 to touch under uniform routing (exact at batch 1). KV-cache reads are not counted.
 
   python benchmarks/latency.py --shape llama-3.1-8b --levels 0,1,2
+  python benchmarks/latency.py --shape llama-3.1-8b --levels 2 --quantization fp8 \\
+      --kv-cache-dtype fp8
   python benchmarks/latency.py --shape tiny --levels 0,1 --batch-sizes 1,4 --decode-steps 4 \\
       --prefill-lens 64   # CPU smoke run
 """
@@ -53,6 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--prefill-repeats", type=int, default=5, help="timed prefills per length (median)"
     )
     p.add_argument("--dtype", default="auto")
+    p.add_argument(
+        "--quantization",
+        default=None,
+        choices=["fp8"],
+        help="quantize the weights at load (the roofline then counts 1 byte per linear weight)",
+    )
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--passes", default="", help="pass edits, e.g. -fuse_add_rmsnorm")
     p.add_argument("--capture-sizes", default="", help="CUDA-graph sizes (default: the engine's)")
@@ -111,6 +120,8 @@ def worker(args: argparse.Namespace) -> dict:
         load_format="dummy",
         skip_tokenizer_init=True,
         dtype=args.dtype,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=max(2 * longest, 2048),
         max_num_seqs=max(batches),
         max_num_batched_tokens=max(longest, 2048),
@@ -251,8 +262,11 @@ def main() -> None:
     env = environment()
     print("config:", json.dumps(vars(args)), json.dumps(env), sep="\n  ")
     bandwidth = copy_bandwidth()
-    _, read_bytes = weight_bytes(args.shape)  # batch 1: the active weights
-    read_at = {b: weight_bytes(args.shape, batch=b)[1] for b in _ints(args.batch_sizes)}
+    q = args.quantization
+    _, read_bytes = weight_bytes(args.shape, quantization=q)  # batch 1: the active weights
+    read_at = {
+        b: weight_bytes(args.shape, batch=b, quantization=q)[1] for b in _ints(args.batch_sizes)
+    }
     roofline_tok_s = bandwidth / read_bytes
     print(
         f"device copy bandwidth {bandwidth / 1e12:.3f} TB/s; {read_bytes / 1e9:.2f} GB of weights "
@@ -290,7 +304,9 @@ def main() -> None:
                 ]
             )
     path = write_result(
-        f"latency-{args.shape}",
+        f"latency-{args.shape}"
+        + (f"-{args.quantization}" if args.quantization else "")
+        + ("-kv-fp8" if args.kv_cache_dtype == "fp8" else ""),
         {
             "config": vars(args),
             "env": env,

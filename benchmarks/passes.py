@@ -5,6 +5,7 @@ over --decode-steps; prefill: median of --prefill-repeats timed prefills after a
 baseline is the default pipeline. Random weights from a config dict (benchmarks/shapes.py).
 
   python benchmarks/passes.py --shape llama-3.1-8b
+  python benchmarks/passes.py --shape llama-3.1-8b --quantization fp8   # the FP8 fusions too
   python benchmarks/passes.py --shape tiny -O 1 --batch-sizes 1 --decode-steps 4 \\
       --prefill-lens 64   # CPU smoke run
 """
@@ -38,7 +39,16 @@ def main() -> None:
     )
     p.add_argument("--capture-sizes", default="1,8,64,512")
     p.add_argument("--only", default="", help="comma-separated passes to flip (default: all)")
+    p.add_argument(
+        "--quantization",
+        default=None,
+        choices=["fp8"],
+        help="FP8 weights (its default pipeline has the quantization fusions on)",
+    )
     args = p.parse_args()
+    import torch
+
+    from compiled_llm.passes.base import PassContext
     from compiled_llm.passes.registry import REQUIRED, builtin_names, get_pass
 
     env = environment()
@@ -59,13 +69,16 @@ def main() -> None:
         args.capture_sizes,
         "--worker-level",
         str(args.level),
+        *(["--quantization", args.quantization] if args.quantization else []),
     ]
+    # Only the quantization decides a pass's default; the rest of the context does not.
+    ctx = PassContext("cuda", torch.bfloat16, "auto", args.quantization)
     configs = {"default pipeline": ""}
     only = [n for n in args.only.split(",") if n]
     for name in builtin_names():
         if name in REQUIRED or (only and name not in only):
             continue
-        on = get_pass(name).enabled_by_default
+        on = get_pass(name).on_by_default(ctx)
         configs[f"{'-' if on else '+'}{name}"] = f"{'-' if on else '+'}{name}"
     results = {}
     for label, edit in configs.items():
@@ -85,8 +98,9 @@ def main() -> None:
         pre = next(iter(r["prefill_s"].values()))
         row += [pre * 1e3, f"{100 * (pre / next(iter(base['prefill_s'].values())) - 1):+.1f}%"]
         rows.append(row)
+    suffix = f"-{args.quantization}" if args.quantization else ""
     path = write_result(
-        f"passes-{args.shape}", {"config": vars(args), "env": env, "results": results}
+        f"passes-{args.shape}{suffix}", {"config": vars(args), "env": env, "results": results}
     )
     print(f"\nresults: {path}\n")
     headers = ["pipeline"]

@@ -167,21 +167,34 @@ def experts_read(num_experts: int, top_k: int, batch: int) -> float:
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** batch)
 
 
-def weight_bytes(name: str, dtype_bytes: int = 2, batch: int = 1) -> tuple[int, int]:
+def weight_bytes(
+    name: str, dtype_bytes: int = 2, batch: int = 1, quantization: str | None = None
+) -> tuple[int, int]:
     """(bytes of all weights, bytes a decode step of `batch` tokens reads). A step reads every
     weight but the embedding table (only its looked-up rows; a tied table is read as the LM
     head) and, of each MoE layer, the router and only the experts its tokens route to
     (`experts_read`): the *active* parameters, which set an MoE model's decode roofline.
     Counted: q/k/v/o projections, q/k head norms where the family has them, the two layer
-    norms, the MLP or router + experts, the final norm, embedding and LM head."""
+    norms, the MLP or router + experts, the final norm, embedding and LM head. With
+    `quantization="fp8"` the decoder layers' linear layers (routers included) take 1 byte a
+    weight plus a float32 scale per output channel; norms, embeddings, the output head and
+    stacked MoE experts (not linear layers) keep `dtype_bytes`."""
+    if quantization not in (None, "fp8"):
+        raise SystemExit(f"no weight-bytes model for quantization {quantization!r}")
     c = SHAPES[name]
     h, layers = c["hidden_size"], c["num_hidden_layers"]
     head_dim = c.get("head_dim") or h // c["num_attention_heads"]
     q = c["num_attention_heads"] * head_dim
     kv = c["num_key_value_heads"] * head_dim
+
+    def linear(n_in: int, n_out: int) -> int:
+        return n_in * n_out + 4 * n_out if quantization == "fp8" else n_in * n_out * dtype_bytes
+
     qk_norm = 2 * head_dim if c["model_type"] in ("qwen3", "qwen3_moe") else 0
-    attention = h * (q + 2 * kv) + q * h + qk_norm + 2 * h
-    dense_mlp = 3 * h * c["intermediate_size"]
+    norms = (qk_norm + 2 * h) * dtype_bytes
+    attention = linear(h, q) + 2 * linear(h, kv) + linear(q, h) + norms
+    inter = c["intermediate_size"]
+    dense_mlp = 2 * linear(h, inter) + linear(inter, h)
     num_experts = c.get("num_experts") or c.get("num_local_experts") or 0
     total = read = 0.0
     for layer in range(layers):
@@ -196,12 +209,12 @@ def weight_bytes(name: str, dtype_bytes: int = 2, batch: int = 1) -> tuple[int, 
             total += dense_mlp
             read += dense_mlp
             continue
-        expert = 3 * h * (c.get("moe_intermediate_size") or c["intermediate_size"])
-        router = num_experts * h
+        expert = 3 * h * (c.get("moe_intermediate_size") or inter) * dtype_bytes
+        router = linear(h, num_experts)
         total += router + num_experts * expert
         read += router + experts_read(num_experts, c["num_experts_per_tok"], batch) * expert
-    embed = c["vocab_size"] * h
+    embed = c["vocab_size"] * h * dtype_bytes
     head = 0 if c.get("tie_word_embeddings") else embed
-    total += embed + head + h
-    read += (head or embed) + h
-    return int(total * dtype_bytes), int(read * dtype_bytes)
+    total += embed + head + h * dtype_bytes
+    read += (head or embed) + h * dtype_bytes
+    return int(total), int(read)

@@ -15,6 +15,8 @@ lengths) and reports the median; the peer runs it once.
   python benchmarks/throughput.py --workload embedded              # CPU, README's figure
   python benchmarks/throughput.py --shape llama-3.1-8b --workload random --input-len 256 \\
       --output-len 256 --num-prompts 1000 --peer-prompts 128
+  python benchmarks/throughput.py --shape llama-3.1-8b --workload random --input-len 256 \\
+      --output-len 256 --num-prompts 1000 --no-peer --quantization fp8
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--embedded-repeats", type=int, default=4, help="embedded: prompt list repeats")
     p.add_argument("--embedded-output-len", type=int, default=64)
     p.add_argument("--engine-args", default="{}", help="JSON dict of extra LLM(...) arguments")
+    p.add_argument(
+        "--quantization", default=None, choices=["fp8"], help="quantize our engine's weights"
+    )
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--worker", choices=["ours", "peer"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeats < 1 or (args.repeats > 1 and args.workload == "embedded"):
@@ -89,6 +95,9 @@ def run_ours(args: argparse.Namespace) -> dict:
     from compiled_llm import LLM, SamplingParams
 
     extra = json.loads(args.engine_args)
+    if args.quantization:
+        extra["quantization"] = args.quantization
+    extra.setdefault("kv_cache_dtype", args.kv_cache_dtype)
     start = time.perf_counter()
     if args.workload == "embedded":
         llm = LLM(**extra)
@@ -226,6 +235,10 @@ def main() -> None:
     name = f"throughput-{args.workload}"
     if args.workload != "embedded":
         name += f"-{args.shape}"
+    if args.quantization:
+        name += f"-{args.quantization}"
+    if args.kv_cache_dtype == "fp8":
+        name += "-kv-fp8"
     path = write_result(name, {"config": vars(args), "env": env, "results": results})
     print(f"\nresults: {path}\n")
     print_table(["engine", "requests", "seconds", "output tok/s", "total tok/s"], rows)

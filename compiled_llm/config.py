@@ -18,6 +18,7 @@ import torch
 from compiled_llm.attention_backends.base import AttentionSpec, LayerAttention
 from compiled_llm.envs import Envs
 from compiled_llm.models.interface import attention_scale, head_dim
+from compiled_llm.quantization import QuantizationConfig
 
 _DTYPES = {
     "float32": torch.float32,
@@ -40,6 +41,8 @@ class ModelConfig:
     skip_tokenizer_init: bool  # token ids in and out only (benchmarks)
     model_impl: str  # resolved: "native" (our model class) or "transformers" (the fallback)
     trust_remote_code: bool  # a local folder's own modeling code may run (transformers)
+    quantization: QuantizationConfig | None  # resolved: the user's choice or the checkpoint's
+    kv_cache_dtype: torch.dtype  # resolved: `dtype`, or FP8 (E4M3)
 
     @property
     def architecture(self) -> str:
@@ -79,6 +82,7 @@ class ModelConfig:
             device=device,
             scale=attention_scale(self.hf_config),
             layers=layers,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
 
 
@@ -139,6 +143,8 @@ class EngineConfig:
 
 
 _LOAD_FORMATS = ("auto", "dummy")
+# vLLM's names; FP8 is E4M3 with a per-tensor scale of 1 (attention_backends/base.py).
+_KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 _MODEL_IMPLS = ("auto", "native", "transformers")
 
 
@@ -147,6 +153,12 @@ def _arg(default: Any, help: str, **cli: Any) -> Any:
     flag needs beyond them (`flags`, `choices`, `metavar`). Help of a field whose default is None
     or empty says what that default means; the CLI shows every other default itself."""
     return field(default=default, metadata={"help": help, **cli})
+
+
+def quantization_choices() -> tuple[str, ...]:
+    from compiled_llm.quantization import quantization_methods
+
+    return quantization_methods()
 
 
 def attention_backend_choices() -> tuple[str, ...]:
@@ -199,6 +211,14 @@ class EngineArgs:
         "auto: float32 on CPU, the checkpoint's bfloat16 or float16 on CUDA",
         choices=("auto", *_DTYPES),
     )
+    quantization: str | None = _arg(
+        None,
+        "fp8: linear weights quantized to FP8 (E4M3, a scale per output channel) at load and "
+        "activations per token at run time; the output head stays in full precision (default: "
+        "none, or what a pre-quantized checkpoint's quantization_config declares; "
+        "docs/quantization.md)",
+        choices=quantization_choices,
+    )
     seed: int = _arg(
         0,
         "engine seed: draws the sampling seed of every request that brings none (a request's own "
@@ -209,6 +229,13 @@ class EngineArgs:
         None, "longest prompt + output, in tokens (default: the model's max_position_embeddings)"
     )
     block_size: int = _arg(16, "tokens per KV-cache block (a power of two)")
+    kv_cache_dtype: str = _arg(
+        "auto",
+        "auto: the model's dtype; fp8 (or fp8_e4m3): keys and values in FP8 E4M3 (saturated at "
+        "+-448, per-tensor scale 1), half of bf16's bytes, so the cache holds twice the tokens "
+        "(docs/quantization.md)",
+        choices=tuple(_KV_CACHE_DTYPES),
+    )
     gpu_memory_utilization: float = _arg(
         0.9,
         "share of the GPU's memory this engine may use: weights, activations and CUDA graphs, "
@@ -284,6 +311,11 @@ class EngineArgs:
 
         require(self.load_format in _LOAD_FORMATS, "load_format", "must be auto or dummy")
         require(
+            self.kv_cache_dtype in _KV_CACHE_DTYPES,
+            "kv_cache_dtype",
+            f"must be one of {', '.join(_KV_CACHE_DTYPES)}",
+        )
+        require(
             self.model_impl in _MODEL_IMPLS,
             "model_impl",
             "(--model-impl) must be auto, native or transformers",
@@ -292,6 +324,10 @@ class EngineArgs:
             self.dtype in ("auto", *_DTYPES), "dtype", f"must be one of auto, {', '.join(_DTYPES)}"
         )
         _resolve_device(self.device)
+        if self.quantization is not None:
+            from compiled_llm.quantization import check_method
+
+            check_method(self.quantization)
         if self.attention_backend != "auto":
             from compiled_llm.attention_backends.registry import get_backend_class
 
@@ -354,6 +390,7 @@ class EngineArgs:
 
         model_impl = resolve_model_impl(hf_config, self.model_impl)
         dtype = _resolve_dtype(self.dtype, hf_config, device)
+        quantization = _resolve_quantization(self.quantization, hf_config)
         max_pos = int(getattr(hf_config, "max_position_embeddings", 0) or 8192)
         max_model_len = self.max_model_len or max_pos
         if max_model_len > max_pos:
@@ -372,6 +409,8 @@ class EngineArgs:
             skip_tokenizer_init=self.skip_tokenizer_init,
             model_impl=model_impl,
             trust_remote_code=self.trust_remote_code,
+            quantization=quantization,
+            kv_cache_dtype=_KV_CACHE_DTYPES[self.kv_cache_dtype] or dtype,
         )
         level = 0 if self.enforce_eager else self.compilation_level
         if level is None:
@@ -427,6 +466,23 @@ def _resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dty
     if isinstance(declared, str):
         declared = _DTYPES.get(declared)
     return declared if declared in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def _resolve_quantization(name: str | None, hf_config: Any) -> QuantizationConfig | None:
+    """The checkpoint's quantization where its config.json declares one (refused by name if we
+    do not run it), else the user's `quantization` applied to the float weights at load."""
+    from compiled_llm.quantization import from_checkpoint, online
+
+    raw = getattr(hf_config, "quantization_config", None)
+    if raw:
+        config = from_checkpoint(dict(raw))
+        if name is not None and name != config.method:
+            raise ValueError(
+                f"quantization={name!r} was requested, but the checkpoint is quantized "
+                f"({config.describe()}); leave quantization unset"
+            )
+        return config
+    return online(name) if name is not None else None
 
 
 def _default_level(device: torch.device) -> int:

@@ -34,6 +34,7 @@ class PassContext:
     device_type: str  # "cpu" | "cuda"
     dtype: torch.dtype
     attention_backend: str
+    quantization: str | None = None  # the model's quantization method ("fp8"), if any
 
 
 class CompilerPass(ABC):
@@ -41,11 +42,21 @@ class CompilerPass(ABC):
     description: ClassVar[str]
     stage: ClassVar[Stage] = "post_grad"
     enabled_by_default: ClassVar[bool] = True
+    # A pass that rewrites the ops of quantized layers is in the default pipeline exactly for
+    # models quantized with one of these methods (and `enabled_by_default` is then ignored).
+    default_for_quantization: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: PassContext) -> None:
         self.ctx = ctx
         # Graph-stage passes see the real inputs of the captured graph (parameters included).
         self.example_inputs: tuple[Any, ...] = ()
+
+    @classmethod
+    def on_by_default(cls, ctx: PassContext | None) -> bool:
+        """Whether the default pipeline for `ctx` holds this pass (None: an unquantized model)."""
+        if cls.default_for_quantization:
+            return ctx is not None and ctx.quantization in cls.default_for_quantization
+        return cls.enabled_by_default
 
     @abstractmethod
     def apply(self, graph: fx.Graph) -> int:
@@ -53,11 +64,14 @@ class CompilerPass(ABC):
 
     def options(self) -> dict[str, Any]:
         """Everything besides source code that changes what the pass does."""
-        return {
+        options: dict[str, Any] = {
             "device": self.ctx.device_type,
             "dtype": str(self.ctx.dtype),
             "backend": self.ctx.attention_backend,
         }
+        if self.ctx.quantization is not None:  # unquantized models keep their cache keys
+            options["quantization"] = self.ctx.quantization
+        return options
 
     def uuid(self) -> str:
         source = inspect.getsource(inspect.getmodule(type(self)) or type(self))

@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
-from compiled_llm.passes.base import CompilerPass
+from compiled_llm.passes.base import CompilerPass, PassContext
 
 ENTRY_POINT_GROUP = "compiled_llm.passes"
 
@@ -21,6 +21,9 @@ _BUILTIN: dict[str, str] = {
     "rope_kv_write": "compiled_llm.passes.rope_kv_write:RopeKVWritePass",
     "gemm_merge": "compiled_llm.passes.gemm_merge:GemmMergePass",
     "noop_elimination": "compiled_llm.passes.noop_elimination:NoopEliminationPass",
+    "dedup_quant": "compiled_llm.passes.dedup_quant:DedupQuantPass",
+    "fuse_norm_quant": "compiled_llm.passes.fuse_norm_quant:FuseNormQuantPass",
+    "fuse_act_quant": "compiled_llm.passes.fuse_act_quant:FuseActQuantPass",
     "qk_norm_rope": "compiled_llm.passes.qk_norm_rope:QKNormRopePass",
     "rope": "compiled_llm.passes.rope:RopePass",
     "fuse_add_rmsnorm": "compiled_llm.passes.fuse_add_rmsnorm:FuseAddRMSNormPass",
@@ -71,9 +74,12 @@ def get_pass(name: str) -> type[CompilerPass]:
     raise ValueError(f"unknown compiler pass {name!r}; known: {', '.join(all_names())}")
 
 
-def resolve_pipeline(edits: Sequence[str]) -> list[type[CompilerPass]]:
-    """The default pipeline edited by "+name" (add) and "-name" (remove) entries, in order."""
-    selected = [n for n in _BUILTIN if get_pass(n).enabled_by_default]
+def resolve_pipeline(
+    edits: Sequence[str], ctx: PassContext | None = None
+) -> list[type[CompilerPass]]:
+    """The default pipeline for `ctx` (its quantization turns the quantization fusions on)
+    edited by "+name" (add) and "-name" (remove) entries, in order."""
+    selected = [n for n in _BUILTIN if get_pass(n).on_by_default(ctx)]
     for edit in edits:
         edit = edit.strip()
         if not edit:

@@ -89,7 +89,7 @@ def _decode_split_kernel(
         page = tl.load(bt_row + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         tok = page * stride_c_blk + (n % BLOCK_SIZE) * stride_c_tok
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + tok[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if SOFT_CAP:
             s = soft_cap(s, cap)
@@ -99,6 +99,7 @@ def _decode_split_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(k_base + stride_c_kv + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 

@@ -1,7 +1,8 @@
 """KV-cache writes by slot mapping, plain and fused with RoPE.
 
 Both kernels run one program per token and skip slots < 0 (padding), so they can be captured in a
-CUDA graph at a padded token count: which tokens are written is data, not launch geometry.
+CUDA graph at a padded token count: which tokens are written is data, not launch geometry. An FP8
+(E4M3) cache gets keys and values saturated at +-448 (a per-tensor scale of 1).
 """
 
 from __future__ import annotations
@@ -31,6 +32,15 @@ def _heads_to_store(slot, NUM_KV_HEADS: tl.constexpr):
 
 
 @triton.jit
+def _to_cache(x, out_ty, SATURATE: tl.constexpr):
+    """x rounded to the cache's dtype; an FP8 cache's values saturate at +-448 (E4M3's largest:
+    a plain conversion makes NaN of what lies beyond)."""
+    if SATURATE:
+        x = tl.clamp(x.to(tl.float32), -448.0, 448.0)
+    return x.to(out_ty)
+
+
+@triton.jit
 def _write_kv_kernel(
     k_ptr,
     v_ptr,
@@ -49,6 +59,7 @@ def _write_kv_kernel(
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    SATURATE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -60,8 +71,9 @@ def _write_kv_kernel(
     )
     k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
-    tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + stride_c_kv, v.to(cache_ptr.dtype.element_ty), mask=mask)
+    out_ty = cache_ptr.dtype.element_ty
+    tl.store(dst, _to_cache(k, out_ty, SATURATE), mask=mask)
+    tl.store(dst + stride_c_kv, _to_cache(v, out_ty, SATURATE), mask=mask)
 
 
 @triton.jit
@@ -99,6 +111,7 @@ def _rope_write_kv_kernel(
     BLOCK_SIZE: tl.constexpr,
     HAS_POSITIONS: tl.constexpr,  # cos/sin rows by positions[t] (a table), else by t
     K_IN_PLACE: tl.constexpr,  # also store the rotated k back into k
+    SATURATE: tl.constexpr,  # an FP8 cache
 ):
     t = tl.program_id(0).to(tl.int64)
     row = tl.load(pos_ptr + t).to(tl.int64) if HAS_POSITIONS else t
@@ -119,13 +132,13 @@ def _rope_write_kv_kernel(
         cache_ptr, slot, h, i[None, :], stride_c_blk, stride_c_tok, stride_c_head, BLOCK_SIZE
     )
     out_ty = cache_ptr.dtype.element_ty
-    tl.store(dst, k1.to(out_ty), mask=mask)
-    tl.store(dst + HALF, k2.to(out_ty), mask=mask)
+    tl.store(dst, _to_cache(k1, out_ty, SATURATE), mask=mask)
+    tl.store(dst + HALF, _to_cache(k2, out_ty, SATURATE), mask=mask)
     v_src = v_ptr + t * stride_vt + h[:, None] * stride_vh + i[None, :]
     v1 = tl.load(v_src, mask=mask)
     v2 = tl.load(v_src + HALF, mask=mask)
-    tl.store(dst + stride_c_kv, v1.to(out_ty), mask=mask)
-    tl.store(dst + stride_c_kv + HALF, v2.to(out_ty), mask=mask)
+    tl.store(dst + stride_c_kv, _to_cache(v1, out_ty, SATURATE), mask=mask)
+    tl.store(dst + stride_c_kv + HALF, _to_cache(v2, out_ty, SATURATE), mask=mask)
 
 
 def _check_cache(kv_cache: torch.Tensor, k: torch.Tensor) -> None:
@@ -162,6 +175,7 @@ def write_kv(
         HEAD_DIM=d,
         D_PAD=triton.next_power_of_2(d),
         BLOCK_SIZE=kv_cache.shape[2],
+        SATURATE=kv_cache.dtype == torch.float8_e4m3fn,
         num_warps=4,
     )
 
@@ -221,6 +235,7 @@ def _launch_rope_write_kv(
         BLOCK_SIZE=kv_cache.shape[2],
         HAS_POSITIONS=positions is not None,
         K_IN_PLACE=k_in_place,
+        SATURATE=kv_cache.dtype == torch.float8_e4m3fn,
         num_warps=4,
     )
 

