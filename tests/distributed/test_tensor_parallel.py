@@ -31,13 +31,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_ranks(cases: list[tp_worker.Case]) -> list[list[dict]]:
-    """Spawn WORLD gloo ranks running `tp_worker.main` on `cases`; each rank's results."""
+def run_ranks(cases: list[tp_worker.Case], device_type: str = "cpu") -> list[list[dict]]:
+    """Spawn WORLD ranks running `tp_worker.main` on `cases`; each rank's results."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=tp_worker.main, args=(rank, WORLD, port, cases, results), daemon=True)
+        ctx.Process(
+            target=tp_worker.main,
+            args=(rank, WORLD, port, cases, results, device_type),
+            daemon=True,
+        )
         for rank in range(WORLD)
     ]
     for p in procs:
@@ -63,8 +67,10 @@ def run_ranks(cases: list[tp_worker.Case]) -> list[list[dict]]:
 def models(tmp_path_factory, embedded_tokenizer_dir) -> dict[str, Path]:
     specs = {
         "llama_gqa": ("llama", {}),  # 4 heads, 2 KV heads: KV heads split
-        "llama_mqa": ("llama", dict(num_key_value_heads=1)),  # 1 KV head: replicated
+        # 1 KV head: replicated; row-parallel biases (added once, after the reduce)
+        "llama_mqa": ("llama", dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True)),
         "qwen3": ("qwen3", {}),
+        "gemma3": ("gemma3", {}),
         "qwen3_moe": ("qwen3_moe", dict(MOE, num_hidden_layers=3, mlp_only_layers=[1])),
     }
     return {
@@ -86,7 +92,8 @@ def test_shards_equal_the_whole_model(models, tmp_path: Path) -> None:
 
     # Memory: each sharded parameter holds 1/WORLD of the whole one's elements; exactly the
     # attention and MLP/expert projections are sharded (KV projections only where the KV heads
-    # split: the 1-KV-head model replicates them); embeddings, lm_head, norms, routers are not.
+    # split: the 1-KV-head model replicates them); embeddings, lm_head, norms, routers and the
+    # row-parallel biases are not.
     sharded = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     for rank_out in ranks:
         for name, out in zip([*names, "llama_gqa (-O1)"], rank_out, strict=True):
@@ -94,7 +101,8 @@ def test_shards_equal_the_whole_model(models, tmp_path: Path) -> None:
             assert shard.keys() == whole.keys(), name
             for n in whole:
                 kv_replicated = name == "llama_mqa" and ("k_proj" in n or "v_proj" in n)
-                if any(s in n for s in sharded) and not kv_replicated:
+                row_bias = n.endswith(("o_proj.bias", "down_proj.bias"))  # added after the reduce
+                if any(s in n for s in sharded) and not kv_replicated and not row_bias:
                     assert shard[n] * WORLD == whole[n], (name, n)
                 else:
                     assert shard[n] == whole[n], (name, n)
@@ -111,6 +119,18 @@ def test_shards_equal_the_whole_model(models, tmp_path: Path) -> None:
     pieces = (dump / "rank0").glob("*/*noop_elimination.before.txt")
     reduces = sorted(p.read_text().count("_c10d_functional.all_reduce.default") for p in pieces)
     assert reduces == [0, 2, 2], reduces  # last piece (final norm), first and middle layer
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_shards_equal_the_whole_model_on_two_gpus(models, tmp_path: Path) -> None:
+    """The same on two GPUs with NCCL (float32, rtol = atol = 1e-4), both ranks compiled for
+    Llama-GQA at -O1."""
+    dump = str(tmp_path / "dumps")
+    cases = [(str(path), dump, ()) for path in models.values()]
+    cases.append((str(models["llama_gqa"]), dump, (0, 1)))
+    ranks = run_ranks(cases, "cuda")
+    assert all(out[-1]["pieces"] == 3 for out in ranks)
 
 
 # --- the plan and the transform, in one process ----------------------------------------------
