@@ -124,13 +124,13 @@ def test_shards_equal_the_whole_model(models, tmp_path: Path) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_shards_equal_the_whole_model_on_two_gpus(models, tmp_path: Path) -> None:
-    """The same on two GPUs with NCCL (float32, rtol = atol = 1e-4), both ranks compiled for
-    Llama-GQA at -O1."""
-    dump = str(tmp_path / "dumps")
-    cases = [(str(path), dump, ()) for path in models.values()]
-    cases.append((str(models["llama_gqa"]), dump, (0, 1)))
+    """The same on two GPUs with NCCL (float32, rtol = atol = 1e-4), both ranks compiled at -O1
+    for Llama-GQA and Qwen3-MoE (the experts' all-reduce hook traced by Dynamo)."""
+    cases = [(str(path), str(tmp_path / "eager"), ()) for path in models.values()]
+    cases.append((str(models["llama_gqa"]), str(tmp_path / "llama"), (0, 1)))
+    cases.append((str(models["qwen3_moe"]), str(tmp_path / "moe"), (0, 1)))
     ranks = run_ranks(cases, "cuda")
-    assert all(out[-1]["pieces"] == 3 for out in ranks)
+    assert all(out[-2]["pieces"] == 3 and out[-1]["pieces"] == 4 for out in ranks)
 
 
 # --- the plan and the transform, in one process ----------------------------------------------
