@@ -24,7 +24,7 @@ FOLDERS = {  # import name -> folder (pyproject.toml's package-dir mapping)
 LAYERS: list[tuple[str, ...]] = [
     ("envs", "sampling_params", "outputs", "profiler", "layers"),
     ("request", "kernels", "forward_context"),
-    ("attention_backends", "quantization"),
+    ("attention_backends", "quantization", "distributed"),
     ("models", "passes"),
     ("config",),
     ("compilation", "kv_cache", "sampling", "structured_output"),

@@ -24,16 +24,16 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: Any, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = int(cfg.num_attention_heads)
-        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
+        num_heads = int(cfg.num_attention_heads)
+        num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or num_heads)
         self.head_dim = head_dim(cfg)
         hidden = int(cfg.hidden_size)
         bias = self.qkv_bias(cfg)
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.q_proj = nn.Linear(hidden, num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(
-            self.num_heads * self.head_dim, hidden, bias=bool(getattr(cfg, "attention_bias", False))
+            num_heads * self.head_dim, hidden, bias=bool(getattr(cfg, "attention_bias", False))
         )
         self.attn = Attention(layer_idx, sliding_window=sliding_window(cfg, layer_idx))
 
@@ -48,12 +48,15 @@ class LlamaAttention(nn.Module):
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        # Head counts come from the projections' widths, not the config, so a transform that
+        # narrows the projections (tensor parallelism: compiled_llm/distributed) needs no change
+        # here.
+        q = self.q_proj(x).unflatten(-1, (-1, self.head_dim))
+        k = self.k_proj(x).unflatten(-1, (-1, self.head_dim))
+        v = self.v_proj(x).unflatten(-1, (-1, self.head_dim))
         q, k = self.project_qk(q, k, cos, sin)
         o = self.attn(q, k, v)
-        return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim))
+        return self.o_proj(o.flatten(1))
 
 
 class LlamaDecoderLayer(nn.Module):

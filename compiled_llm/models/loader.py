@@ -14,13 +14,15 @@ import importlib.util
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from compiled_llm.distributed.plan import ShardPlan, ShardSpec
+from compiled_llm.distributed.transform import shard_model
 from compiled_llm.envs import Envs
 from compiled_llm.models.derived import DerivedConfig, derived_config, derived_tokenizer
 from compiled_llm.models.interface import CausalLM
@@ -186,7 +188,11 @@ def check_weights(path: str) -> None:
         )
 
 
-def iterate_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_safetensors(
+    folder: str, shard: Callable[[str], ShardSpec | None] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the folder's files; where `shard` gives a tensor a ShardSpec (tensor
+    parallelism), only that slice of it is read from the file."""
     from safetensors import safe_open
 
     files = safetensors_files(folder)
@@ -195,7 +201,8 @@ def iterate_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                yield name, f.get_tensor(name)
+                spec = shard(name) if shard is not None else None
+                yield name, f.get_tensor(name) if spec is None else spec.read(f.get_slice(name))
 
 
 def gguf_weights(
@@ -263,10 +270,13 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def create_model(model_config: Any, device: torch.device) -> CausalLM:
-    """Build the model with uninitialized parameters on `device` (no wasted random init). For a
-    pre-quantized checkpoint the quantization method swaps its layers while the model is still
-    on the meta device, so the float weights are never allocated."""
+def create_model(
+    model_config: Any, device: torch.device, plan: ShardPlan | None = None
+) -> CausalLM:
+    """Build the model with uninitialized parameters on `device` (no wasted random init); with a
+    tensor-parallel `plan`, only this rank's shards. For a pre-quantized checkpoint the
+    quantization method swaps its layers while the model is still on the meta device, so the
+    float weights are never allocated."""
     from compiled_llm.models.registry import get_model_class
 
     cls = get_model_class(model_config.hf_config, model_config.model_impl)
@@ -278,6 +288,8 @@ def create_model(model_config: Any, device: torch.device) -> CausalLM:
     )
     with _default_dtype(model_config.dtype), torch.device("meta"):
         model = cls(model_config.hf_config, model_config.max_model_len, device, **extra)
+        if plan is not None:
+            shard_model(model, plan)
         method = _quantization_method(model_config)
         if method is not None and _loads_quantized(model_config):
             method.prepare(model)
@@ -308,8 +320,31 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
         param.normal_(0.0, 0.02, generator=gen)
 
 
-def load_model(model_config: Any, device: torch.device) -> CausalLM:
-    model = create_model(model_config, device)
+def check_shardable(model_config: Any) -> None:
+    """Tensor parallelism reads slices of safetensors files into native, unquantized models."""
+    if is_gguf(model_config.model):
+        raise ValueError(
+            "tensor parallelism (tensor_parallel_size > 1) does not load GGUF files; "
+            "use the model's safetensors checkpoint"
+        )
+    if model_config.model_impl == "transformers":
+        raise ValueError(
+            "tensor parallelism (tensor_parallel_size > 1) needs a native model class; "
+            "the transformers fallback (model_impl='transformers') is not sharded"
+        )
+    if getattr(model_config, "quantization", None) is not None:
+        raise ValueError(
+            "tensor parallelism (tensor_parallel_size > 1) with quantization is not supported "
+            "yet (FP8 scales shard with their weights, Fp8Linear.shard, but the loader does not "
+            "slice them yet)"
+        )
+
+
+def load_model(model_config: Any, device: torch.device, plan: ShardPlan | None = None) -> CausalLM:
+    """The model with its weights; with a tensor-parallel `plan`, this rank's shards only."""
+    if plan is not None and plan.tp.world_size > 1:
+        check_shardable(model_config)
+    model = create_model(model_config, device, plan)
     method = _quantization_method(model_config)
     if model_config.load_format == "dummy":
         init_dummy_weights(model, model_config.seed)
@@ -319,7 +354,7 @@ def load_model(model_config: Any, device: torch.device) -> CausalLM:
             names = [n for n, _ in model.named_parameters()]
             weights = gguf_weights(path, model_config.hf_config, names)
         else:
-            weights = iterate_safetensors(path)
+            weights = iterate_safetensors(path, plan.spec if plan is not None else None)
         if method is not None and _loads_quantized(model_config):
             weights = method.checkpoint_weights(model, weights)
         model.load_weights(weights)
