@@ -31,17 +31,16 @@ def chain(start: int, n: int) -> list[int]:
     return out
 
 
-@pytest.fixture(scope="session")
-def cycle_model(tmp_path_factory: pytest.TempPathFactory, embedded_tokenizer_dir: Path) -> Path:
+def build_cycle_model(path: Path, tokenizer_dir: Path, **overrides: object) -> Path:
     import transformers
 
-    path = tmp_path_factory.mktemp("cycle-llama")
     make_tiny_model(
-        "llama", path, embedded_tokenizer_dir, vocab_size=VOCAB, tie_word_embeddings=False
+        "llama", path, tokenizer_dir, vocab_size=VOCAB, tie_word_embeddings=False, **overrides
     )
     model = transformers.LlamaForCausalLM.from_pretrained(path)
     g = torch.Generator().manual_seed(1)
-    rows, _ = torch.linalg.qr(torch.randn(VOCAB, model.config.hidden_size, generator=g))
+    rows, _ = torch.linalg.qr(torch.randn(model.config.hidden_size, VOCAB, generator=g))
+    rows = rows.T  # VOCAB orthonormal rows
     inverse = torch.argsort(torch.tensor(permutation()))
     with torch.no_grad():
         model.model.embed_tokens.weight.copy_(rows * 4)
@@ -51,3 +50,8 @@ def cycle_model(tmp_path_factory: pytest.TempPathFactory, embedded_tokenizer_dir
             layer.mlp.down_proj.weight.mul_(0.15)
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def cycle_model(tmp_path_factory: pytest.TempPathFactory, embedded_tokenizer_dir: Path) -> Path:
+    return build_cycle_model(tmp_path_factory.mktemp("cycle-llama"), embedded_tokenizer_dir)
