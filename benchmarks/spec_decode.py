@@ -114,7 +114,9 @@ def make_predictable(model: Any, seed: int = 0) -> list[int]:
 
     params = dict(model.named_parameters())
     emb = next(v for n, v in params.items() if n.endswith("embed_tokens.weight"))
-    head = params.get("lm_head.weight", emb)
+    head = params.get("lm_head.weight")
+    if head is None:
+        raise SystemExit("the oracle workload needs a shape with untied embeddings (an lm_head)")
     vocab = emb.shape[0]
     f = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))
     g = torch.Generator(device=emb.device).manual_seed(seed)
@@ -122,8 +124,7 @@ def make_predictable(model: Any, seed: int = 0) -> list[int]:
         rows = torch.randn(emb.shape, generator=g, device=emb.device, dtype=torch.float32)
         rows /= rows.norm(dim=1, keepdim=True)
         emb.copy_(rows * 100)
-        if head is not emb:
-            head.copy_(rows[torch.argsort(f).to(emb.device)])  # row f(x) = direction of x
+        head.copy_(rows[torch.argsort(f).to(emb.device)])  # row f(x) = direction of x
         for name, v in params.items():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 v.mul_(0.01)
