@@ -131,6 +131,107 @@ class ObservabilityConfig:
     nvtx: bool
 
 
+SPECULATIVE_METHODS = ("ngram",)  # what compiled_llm/spec_decode has a proposer for
+# vLLM's other methods: named so that asking for one says "not supported yet", not "unknown".
+_SPECULATIVE_METHODS_LATER = ("draft_model", "eagle", "eagle3", "medusa", "mtp", "suffix")
+# speculative_config keys and their defaults where the user leaves one out (None: required, or
+# taken from another key; see speculative_config_from).
+SPECULATIVE_DEFAULTS: dict[str, Any] = {
+    "method": None,
+    "model": None,
+    "num_speculative_tokens": None,
+    "prompt_lookup_max": 5,
+    "prompt_lookup_min": None,  # 2, or prompt_lookup_max if that is lower
+    "disable_by_batch_size": 32,
+}
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (docs/speculative_decoding.md): a proposer guesses the next
+    `num_speculative_tokens` tokens of a decoding request and the target model checks them all
+    in its ordinary step. Built from the user's `speculative_config` dict (vLLM's keys) by
+    `speculative_config_from`, which holds the defaults and validates."""
+
+    method: str  # a proposer of compiled_llm/spec_decode's registry: "ngram"
+    num_speculative_tokens: int  # k: most draft tokens checked per request and step
+    prompt_lookup_min: int  # ngram: shortest suffix of the context looked up
+    prompt_lookup_max: int  # ngram: longest suffix looked up (tried first)
+    # No request speculates in a step that starts with more running requests than this (None:
+    # any number). Verifying k tokens per request turns a memory-bound decode step into a
+    # compute-bound one once the batch is large.
+    disable_by_batch_size: int | None
+
+
+def speculative_config_from(value: Any) -> SpeculativeConfig | None:
+    """The typed config of `speculative_config` (a dict with vLLM's keys, a SpeculativeConfig,
+    or None: off). ValueError naming the key for anything wrong or not supported yet."""
+    if value is None or isinstance(value, SpeculativeConfig):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"speculative_config must be a dict (JSON object), got {type(value).__name__}"
+        )
+    unknown = sorted(set(value) - set(SPECULATIVE_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"speculative_config has unknown key(s) {', '.join(map(repr, unknown))}; known: "
+            + ", ".join(SPECULATIVE_DEFAULTS)
+        )
+    d = {**SPECULATIVE_DEFAULTS, **value}
+    method, model = d["method"], d["model"]
+    if method is None and model in ("ngram", "[ngram]"):
+        method, model = "ngram", None  # vLLM's older spelling
+    if method is None:
+        method = "draft_model" if model is not None else None
+    if method is None:
+        raise ValueError(
+            f"speculative_config.method is required: one of {', '.join(SPECULATIVE_METHODS)}"
+        )
+    if method in _SPECULATIVE_METHODS_LATER:
+        raise ValueError(
+            f"speculative_config.method={method!r} is not supported yet; supported: "
+            + ", ".join(SPECULATIVE_METHODS)
+        )
+    if method not in SPECULATIVE_METHODS:
+        raise ValueError(
+            f"speculative_config.method must be one of {', '.join(SPECULATIVE_METHODS)}, "
+            f"got {method!r}"
+        )
+    if model is not None:
+        raise ValueError(
+            f"speculative_config.model is for draft models; method {method!r} takes none"
+        )
+
+    def integer(key: str, low: int, optional: bool = False) -> None:
+        v = d[key]
+        if v is None and optional:
+            return
+        if v is None:
+            raise ValueError(f"speculative_config.{key} is required")
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise ValueError(f"speculative_config.{key} must be an integer >= {low}, got {v!r}")
+
+    integer("num_speculative_tokens", 1)
+    integer("prompt_lookup_max", 1)
+    if d["prompt_lookup_min"] is None:  # 2, or prompt_lookup_max when that is lower
+        d["prompt_lookup_min"] = min(2, d["prompt_lookup_max"])
+    integer("prompt_lookup_min", 1)
+    if d["prompt_lookup_min"] > d["prompt_lookup_max"]:
+        raise ValueError(
+            f"speculative_config.prompt_lookup_min={d['prompt_lookup_min']} must be <= "
+            f"prompt_lookup_max={d['prompt_lookup_max']}"
+        )
+    integer("disable_by_batch_size", 1, optional=True)
+    return SpeculativeConfig(
+        method=method,
+        num_speculative_tokens=d["num_speculative_tokens"],
+        prompt_lookup_min=d["prompt_lookup_min"],
+        prompt_lookup_max=d["prompt_lookup_max"],
+        disable_by_batch_size=d["disable_by_batch_size"],
+    )
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_config: ModelConfig
@@ -140,6 +241,7 @@ class EngineConfig:
     observability_config: ObservabilityConfig
     device: torch.device
     attention_backend: str
+    speculative_config: SpeculativeConfig | None  # None: no speculative decoding
 
 
 _LOAD_FORMATS = ("auto", "dummy")
@@ -303,6 +405,16 @@ class EngineArgs:
         metavar="DIR",
     )
     nvtx: bool = _arg(False, "NVTX ranges around steps and their stages, for Nsight Systems")
+    speculative_config: dict[str, Any] | None = _arg(
+        None,
+        "speculative decoding, as a JSON object with vLLM's keys (docs/speculative_decoding.md): "
+        '{"method": "ngram", "num_speculative_tokens": K} proposes up to K tokens a step by '
+        "looking the context's last prompt_lookup_max (default 5) down to prompt_lookup_min "
+        "(default 2) tokens up earlier in the context; "
+        "disable_by_batch_size (default 32) turns it off in steps with more running requests "
+        "(default: off)",
+        metavar="JSON",
+    )
 
     def __post_init__(self) -> None:
         def require(ok: bool, name: str, what: str) -> None:
@@ -362,6 +474,7 @@ class EngineArgs:
         from compiled_llm.passes.registry import resolve_pipeline
 
         resolve_pipeline(self.passes)  # every pass name or dotted path loads
+        speculative_config_from(self.speculative_config)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
@@ -443,6 +556,7 @@ class EngineArgs:
             observability_config=ObservabilityConfig(profile_dir=self.profile_dir, nvtx=self.nvtx),
             device=device,
             attention_backend=self.attention_backend,
+            speculative_config=speculative_config_from(self.speculative_config),
         )
 
 

@@ -31,11 +31,35 @@ class CompletionOutput:
 
 
 @dataclass
+class SpecDecodeMetrics:
+    """A request's speculative decoding (summed over its samples when n > 1)."""
+
+    num_spec_steps: int = 0  # steps that verified drafts
+    num_draft_tokens: int = 0  # drafts verified
+    num_accepted_draft_tokens: int = 0  # of them, accepted
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        return (
+            self.num_accepted_draft_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+        )
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per verification step: the accepted drafts plus the one the target
+        sampled after them (1.0 .. k + 1)."""
+        if not self.num_spec_steps:
+            return 0.0
+        return 1.0 + self.num_accepted_draft_tokens / self.num_spec_steps
+
+
+@dataclass
 class RequestMetrics:
     arrival_time: float
     first_token_time: float | None = None
     finished_time: float | None = None
     num_cached_tokens: int = 0
+    spec_decode: SpecDecodeMetrics | None = None  # None: no drafts were verified for it
 
 
 @dataclass

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from compiled_llm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from compiled_llm.spec_decode.state import SpecDecodeState
     from compiled_llm.structured_output.manager import RequestGrammar
 
 
@@ -54,6 +55,8 @@ class Request:
     num_pending_output_tokens: int = 0
     # Structured outputs: this sample's grammar and matcher (None: unconstrained).
     grammar: RequestGrammar | None = None
+    # Speculative decoding: drafts, back-off and acceptance (None: speculation is off).
+    spec: SpecDecodeState | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -1,5 +1,6 @@
 """Prometheus metrics for /metrics: request outcomes, token counts, latency histograms (frontend
-clock), and the scheduler's gauges (from each step's SchedulerStatsMsg).
+clock), the scheduler's gauges (from each step's SchedulerStatsMsg), and speculative decoding's
+counters (vLLM's spec_decode names, under our prefix).
 
 Each server has its own registry, so several apps (tests) can live in one process.
 """
@@ -121,6 +122,20 @@ class ServerMetrics:
         self.total_blocks = gauge("kv_cache_total_blocks", "KV-cache blocks in all.")
         self.hit_rate = gauge("prefix_cache_hit_rate", "Prefix-cache hit rate (0-1).")
         self.preemptions = gauge("num_preemptions", "Preemptions since start.")
+        self.spec_drafts = counter(
+            "spec_decode_num_drafts", "Verification steps of a request that carried drafts."
+        )
+        self.spec_draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens verified.")
+        self.spec_accepted_tokens = counter(
+            "spec_decode_num_accepted_tokens", "Draft tokens accepted."
+        )
+        self._spec_per_pos = Counter(
+            PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted, by their position in the step's drafts (0: first).",
+            [*labels, "position"],
+            registry=self.registry,
+        )
+        self._labels = labels
         self._gauges = [
             self.running,
             self.waiting,
@@ -144,6 +159,13 @@ class ServerMetrics:
         )
         for gauge, value in zip(self._gauges, values):
             gauge.set(value)
+        spec = stats.spec_decode
+        if spec is not None:
+            self.spec_drafts.inc(spec.num_drafts)
+            self.spec_draft_tokens.inc(spec.num_draft_tokens)
+            self.spec_accepted_tokens.inc(spec.num_accepted_tokens)
+            for position, n in enumerate(spec.num_accepted_tokens_per_pos):
+                self._spec_per_pos.labels(**self._labels, position=str(position)).inc(n)
 
     def on_request_added(self, num_prompt_tokens: int) -> None:
         self.prompt_tokens.inc(num_prompt_tokens)

@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("attention_backends", "quantization", "distributed"),
     ("models", "passes"),
     ("config",),
-    ("compilation", "kv_cache", "sampling", "structured_output"),
+    ("compilation", "kv_cache", "sampling", "structured_output", "spec_decode"),
     ("engine",),
     ("llm",),
     ("__init__",),  # the package itself: `from compiled_llm import LLM`

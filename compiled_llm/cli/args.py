@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import os
 import sys
 import types
@@ -55,13 +56,29 @@ def at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def json_object(text: str) -> dict[str, Any]:
+    """An argparse type: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
+json_object.__name__ = "JSON object"
+
+
 def _cli_type(hint: Any) -> Any:
     """The argparse type of a field annotation: `X | None` -> X, `list[X] | tuple[X, ...]` -> a
-    comma-separated list of X."""
+    comma-separated list of X, `dict[...]` -> a JSON object."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if typing.get_origin(hint) in (list, tuple):
         return comma_list(typing.get_args(hint)[0])
+    if typing.get_origin(hint) is dict:
+        return json_object
     return hint
 
 

@@ -16,6 +16,7 @@ from compiled_llm.engine.messages import (
     EngineCoreOutputs,
     EngineCoreRequest,
     SchedulerStatsMsg,
+    SpecDecodeStatsMsg,
 )
 from compiled_llm.engine.model_runner import (
     LaunchedStep,
@@ -23,11 +24,13 @@ from compiled_llm.engine.model_runner import (
     ModelRunnerOutput,
     StepHandle,
 )
+from compiled_llm.engine.processor import STRUCTURED_WITH_SPECULATION
 from compiled_llm.engine.scheduler import Scheduler, SchedulerOutput
 from compiled_llm.kv_cache.kv_cache_manager import KVCacheManager
 from compiled_llm.profiler import Profiler
 from compiled_llm.request import Request, RequestStatus
 from compiled_llm.sampling_params import INT64_MAX, INT64_MIN
+from compiled_llm.spec_decode.decoder import SpeculativeDecoder
 from compiled_llm.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -52,7 +55,13 @@ class EngineCore:
         self.kv_cache = KVCacheManager(
             num_blocks, config.cache_config.block_size, config.cache_config.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler_config, self.kv_cache)
+        self.scheduler = Scheduler(
+            config.scheduler_config, self.kv_cache, config.speculative_config
+        )
+        spec = config.speculative_config
+        self.spec = SpeculativeDecoder(spec) if spec is not None else None
+        # Speculation counters of the results read since the last outputs (for /metrics).
+        self._spec_stats = SpecDecodeStatsMsg.empty(spec.num_speculative_tokens if spec else 0)
         self.async_scheduling = config.scheduler_config.async_scheduling
         self._inflight: StepHandle | None = None  # sampled, results not read yet
         self._unsampled: LaunchedStep | None = None  # forward launched, sampling waits a call
@@ -92,6 +101,8 @@ class EngineCore:
         )
         if params.structured_outputs is not None:
             request.grammar = self.structured.grammar_for(params)  # compiles on its thread
+        if self.spec is not None:
+            request.spec = self.spec.new_state()
         self.scheduler.add_request(request)
 
     def _check(self, req: EngineCoreRequest) -> None:
@@ -108,6 +119,8 @@ class EngineCore:
             raise ValueError(f"priority={req.priority} does not fit 64 bits")
         if req.sampling_params.structured_outputs is not None and mc.skip_tokenizer_init:
             raise ValueError("structured_outputs needs a tokenizer (skip_tokenizer_init is set)")
+        if req.sampling_params.structured_outputs is not None and self.spec is not None:
+            raise ValueError(STRUCTURED_WITH_SPECULATION)
 
     def abort_requests(self, request_ids: list[str], reason: str = "abort") -> None:
         """Finish requests now (client gone, stop string seen) and free their KV blocks. The
@@ -136,6 +149,16 @@ class EngineCore:
         runs while the device runs the first forward, and the device never waits for the
         host's scheduling (as it would if the sampling were launched last)."""
         outputs = self._finished_unscheduled()
+        if (
+            self._inflight is not None
+            and self._unsampled is None
+            and self.spec is not None
+            and self.spec.wants_host_tokens(self.scheduler.running)
+        ):
+            # Speculating requests propose from their newest token: read it first (see
+            # spec_decode/decoder.py).
+            outputs += self._process(self._inflight.result())
+            self._inflight = None
         if self._unsampled is not None:
             launched, self._unsampled = self._unsampled, None
             if self._inflight is not None:
@@ -194,21 +217,28 @@ class EngineCore:
         return [self.kv_cache.block_ids(s.request) for s in sched.scheduled]
 
     def _process(self, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
-        updated = self.scheduler.update_from_output(dict(zip(result.request_ids, result.token_ids)))
+        updates = self.scheduler.update_from_output(dict(zip(result.request_ids, result.token_ids)))
         logprobs = dict(zip(result.request_ids, result.logprobs or []))
         outputs = []
-        for request in updated:
-            lp = logprobs.get(request.request_id)
+        for u in updates:
+            request = u.request
+            lps = logprobs.get(request.request_id)
             outputs.append(
                 EngineCoreOutput(
                     request_id=request.request_id,
-                    new_token_ids=[request.output_token_ids[-1]],
-                    new_logprobs=[lp] if lp is not None else None,
+                    new_token_ids=request.output_token_ids[-u.num_new_tokens :],
+                    new_logprobs=lps[: u.num_new_tokens] if lps is not None else None,
                     finish_reason=request.finish_reason,
                     stop_reason=request.stop_reason,
                     num_cached_tokens=max(request.num_cached_tokens, 0),
+                    num_draft_tokens=u.num_draft_tokens,
+                    num_accepted_tokens=u.num_accepted_tokens,
                 )
             )
+        if self.spec is not None:
+            self._spec_stats.add(updates)
+            running = self.scheduler.running
+            self.spec.propose((u.request for u in updates), len(running))
         return outputs
 
     def _outputs(
@@ -233,9 +263,17 @@ class EngineCore:
                 num_preemptions=stats.num_preemptions,
                 num_prompt_tokens_computed=num_prompt,
                 num_generation_tokens=num_sampled,
+                spec_decode=self._take_spec_stats(),
             ),
             timestamp=time.monotonic(),
         )
+
+    def _take_spec_stats(self) -> SpecDecodeStatsMsg | None:
+        stats = self._spec_stats
+        if self.spec is None or not stats.num_drafts:
+            return None
+        self._spec_stats = SpecDecodeStatsMsg.empty(len(stats.num_accepted_tokens_per_pos))
+        return stats
 
     # --- utilities ------------------------------------------------------------------------------
     def start_profile(self, profile_dir: str | None = None) -> None:

@@ -5,9 +5,15 @@ msgspec structs, so the same types serve the in-process engine and the ZeroMQ wi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 import msgspec
 
 from compiled_llm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from compiled_llm.engine.scheduler import RequestUpdate
 
 
 class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -31,6 +37,33 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    # Speculative decoding, this step: drafts verified and, of them, accepted.
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+
+class SpecDecodeStatsMsg(msgspec.Struct, array_like=True, gc=False):
+    """Speculation counters over the step results read since the last report (vLLM's
+    spec_decode metrics)."""
+
+    num_drafts: int  # verification steps of a request that carried drafts
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    num_accepted_tokens_per_pos: list[int]  # index j: j-th drafts accepted
+
+    @classmethod
+    def empty(cls, num_speculative_tokens: int) -> SpecDecodeStatsMsg:
+        return cls(0, 0, 0, [0] * num_speculative_tokens)
+
+    def add(self, updates: Iterable[RequestUpdate]) -> None:
+        """Count one step's results."""
+        for u in updates:
+            if u.num_draft_tokens:
+                self.num_drafts += 1
+                self.num_draft_tokens += u.num_draft_tokens
+                self.num_accepted_tokens += u.num_accepted_tokens
+                for j in range(u.num_accepted_tokens):
+                    self.num_accepted_tokens_per_pos[j] += 1
 
 
 class SchedulerStatsMsg(msgspec.Struct, array_like=True, gc=False):
@@ -43,6 +76,7 @@ class SchedulerStatsMsg(msgspec.Struct, array_like=True, gc=False):
     num_preemptions: int
     num_prompt_tokens_computed: int  # this step
     num_generation_tokens: int  # this step
+    spec_decode: SpecDecodeStatsMsg | None = None  # None: no drafts verified
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

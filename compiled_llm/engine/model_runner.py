@@ -102,32 +102,44 @@ class StepInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     attn: AttentionInputs
-    logits_indices: torch.Tensor
+    logits_indices: torch.Tensor  # 1 + len(drafts) rows per sampling request
     sampling_requests: list[Request]
+    sampling_drafts: list[list[int]]  # each sampling request's draft tokens (speculation)
 
 
 @dataclass
 class LaunchedStep:
     """A step whose forward is launched and whose sampling is not (ModelRunner.launch)."""
 
-    requests: list[Request]  # the rows that sample, in order
-    logits: torch.Tensor | None
+    requests: list[Request]  # the requests that sample, in order
+    logits: torch.Tensor | None  # their rows: 1 + len(drafts) each
     batch: SamplingBatch | None
+    num_rows: list[int]  # rows per request
 
 
 @dataclass
 class ModelRunnerOutput:
-    request_ids: list[str]  # requests that sampled, in row order
-    token_ids: list[int]
-    logprobs: list[Any] | None = None  # per row: (topk ids, topk logprobs, sampled lp, rank)
+    request_ids: list[str]  # requests that sampled, in order
+    token_ids: list[list[int]]  # per request, one per row: 1 + its drafts
+    # per request (None: it asked for none), per row: (topk ids, topk logprobs, sampled lp, rank)
+    logprobs: list[list[Any] | None] | None = None
 
 
 class StepHandle:
     """A launched step: its sampled ids on the device, and their host copy once ready."""
 
-    def __init__(self, requests: list[Request], out: SamplerOutput | None) -> None:
+    def __init__(
+        self,
+        requests: list[Request],
+        out: SamplerOutput | None,
+        num_rows: list[int] | None = None,
+    ) -> None:
         self.requests = requests
-        self.row = {r.request_id: i for i, r in enumerate(requests)}
+        self.num_rows = num_rows or [1] * len(requests)
+        first = np.cumsum([0, *self.num_rows[:-1]]).tolist()
+        # Each request's first row: the token the next step splices in for one not yet on the
+        # host (a request with drafts is never scheduled before its tokens are).
+        self.row = {r.request_id: first[i] for i, r in enumerate(requests)}
         self.device_tokens = out.token_ids if out is not None else None
         self._out = out
         self._host: list[torch.Tensor] = []
@@ -152,17 +164,22 @@ class StepHandle:
         if self._event is not None:
             self._event.synchronize()
         ids = [r.request_id for r in self.requests]
-        tokens: list[int] = self._host[0].tolist()
+        flat: list[int] = self._host[0].tolist()
+        bounds = np.cumsum([0, *self.num_rows]).tolist()
+        spans = [range(bounds[i], bounds[i + 1]) for i in range(len(self.requests))]
+        tokens = [flat[span.start : span.stop] for span in spans]
         if len(self._host) == 1:
             return ModelRunnerOutput(ids, tokens)
         topk_ids, topk_lps, sampled_lps, ranks = (h.tolist() for h in self._host[1:])
-        logprobs: list[Any] = []
-        for i, r in enumerate(self.requests):
+        logprobs: list[list[Any] | None] = []
+        for r, span in zip(self.requests, spans):
             k = r.sampling_params.logprobs
             if k is None:
                 logprobs.append(None)
             else:
-                logprobs.append((topk_ids[i][:k], topk_lps[i][:k], sampled_lps[i], ranks[i]))
+                logprobs.append(
+                    [(topk_ids[i][:k], topk_lps[i][:k], sampled_lps[i], ranks[i]) for i in span]
+                )
         return ModelRunnerOutput(ids, tokens, logprobs)
 
 
@@ -243,6 +260,13 @@ class ModelRunner:
         )
         return budget
 
+    def max_sample_rows(self) -> int:
+        """The most logits rows a step samples: one per request, or 1 + k per speculating one."""
+        sc = self.config.scheduler_config
+        spec = self.config.speculative_config
+        rows = sc.max_num_seqs * (1 + (spec.num_speculative_tokens if spec else 0))
+        return min(rows, max(sc.max_num_seqs, sc.max_num_batched_tokens))
+
     def _profile_memory(self) -> MemoryProfile:
         """Measure what this engine needs besides the KV cache, on a scratch cache. It compiles
         first (at -O1/-O2), so the profile runs the forward that will serve and sees GEMM
@@ -266,7 +290,7 @@ class ModelRunner:
         in_use()  # empties the cache, so the peak below is what the step adds
         reserved, allocated = torch.cuda.memory_reserved(dev), torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        self.dummy_run(num_tokens, num_reqs=1, sample_rows=sc.max_num_seqs)
+        self.dummy_run(num_tokens, num_reqs=1, sample_rows=self.max_sample_rows())
         torch.cuda.synchronize(dev)
         activation_peak = max(
             torch.cuda.max_memory_reserved(dev) - reserved,
@@ -342,24 +366,36 @@ class ModelRunner:
         previous: StepHandle | None = None,
     ) -> StepInputs:
         """Tensors for one step. Tokens the host does not know yet (sampled by `previous`, still
-        in flight) are taken from `previous`'s device output."""
+        in flight) are taken from `previous`'s device output. A request with drafts feeds them
+        after its newest token and gets logits at each of them (1 + len(drafts) rows)."""
         q_lens = np.array([s.num_tokens for s in scheduled], dtype=np.int64)
         starts = np.array([s.start for s in scheduled], dtype=np.int64)
         cu = np.cumsum(q_lens)
         pieces, pending_dst, pending_src = [], [], []
         for i, s in enumerate(scheduled):
-            known = s.request.all_token_ids[s.start : s.start + s.num_tokens]
-            if len(known) < s.num_tokens:  # the last one is being sampled by `previous`
-                assert previous is not None and len(known) == s.num_tokens - 1
+            num_known = s.num_tokens - len(s.draft_token_ids)
+            known = s.request.all_token_ids[s.start : s.start + num_known]
+            if len(known) < num_known:  # the last one is being sampled by `previous`
+                assert previous is not None and len(known) == num_known - 1
+                assert not s.draft_token_ids
                 pending_dst.append(int(cu[i]) - 1)
                 pending_src.append(previous.row[s.request.request_id])
                 known = known + [0]
-            pieces.append(np.asarray(known, dtype=np.int64))
+            pieces.append(np.asarray(known + s.draft_token_ids, dtype=np.int64))
         width = max(len(b) for b in block_ids)
         block_table = np.zeros((len(scheduled), width), dtype=np.int32)
         for i, ids in enumerate(block_ids):
             block_table[i, : len(ids)] = ids
         samples = np.array([s.samples for s in scheduled], dtype=bool)
+        rows = np.array([1 + len(s.draft_token_ids) for s in scheduled], dtype=np.int64)[samples]
+        # each sampling request's last `rows` token positions, in order
+        ends = np.repeat(cu[samples], rows)
+        logits_indices = (
+            ends
+            - np.repeat(rows, rows)
+            + np.arange(int(rows.sum()))
+            - np.repeat(np.cumsum(rows) - rows, rows)
+        )
         ids_t, pos_t, attn = self._device_inputs(
             np.concatenate(pieces), q_lens, starts + q_lens, block_table
         )
@@ -371,8 +407,9 @@ class ModelRunner:
             input_ids=ids_t,
             positions=pos_t,
             attn=attn,
-            logits_indices=self._to_device(cu[samples] - 1),
+            logits_indices=self._to_device(logits_indices),
             sampling_requests=[s.request for s in scheduled if s.samples],
+            sampling_drafts=[s.draft_token_ids for s in scheduled if s.samples],
         )
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
@@ -432,13 +469,19 @@ class ModelRunner:
         with stage("forward"):
             hidden = self.run_model(inputs.input_ids, inputs.positions, inputs.attn)
         if not inputs.sampling_requests:
-            return LaunchedStep([], None, None)
+            return LaunchedStep([], None, None, [])
+        drafts = inputs.sampling_drafts
         with stage("sample"):
             logits = self.model.compute_logits(hidden[inputs.logits_indices])
             batch = build_sampling_batch(
-                inputs.sampling_requests, self.vocab_size, self.device, previous
+                inputs.sampling_requests,
+                self.vocab_size,
+                self.device,
+                previous,
+                drafts if any(drafts) else None,
             )
-        return LaunchedStep(inputs.sampling_requests, logits, batch)
+        num_rows = [1 + len(d) for d in drafts]
+        return LaunchedStep(inputs.sampling_requests, logits, batch, num_rows)
 
     @torch.inference_mode()
     def sample(
@@ -451,10 +494,11 @@ class ModelRunner:
         with self.profiler.stage("sample"):
             batch = step.batch
             if bitmask is not None and bitmask[1]:
+                assert all(n == 1 for n in step.num_rows), "grammar rows with drafts"
                 mask, rows = bitmask
                 batch.token_bitmask = mask.to(self.device, non_blocking=True)
                 batch.bitmask_rows = self._to_device(np.asarray(rows, dtype=np.int64))
-            return StepHandle(step.requests, self.sampler(step.logits, batch))
+            return StepHandle(step.requests, self.sampler(step.logits, batch), step.num_rows)
 
     def run_model(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs

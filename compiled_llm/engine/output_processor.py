@@ -14,7 +14,13 @@ from typing import Any
 from tokenizers.decoders import DecodeStream
 
 from compiled_llm.engine.messages import EngineCoreOutput
-from compiled_llm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from compiled_llm.outputs import (
+    CompletionOutput,
+    Logprob,
+    RequestMetrics,
+    RequestOutput,
+    SpecDecodeMetrics,
+)
 from compiled_llm.sampling_params import SamplingParams
 
 _PROMPT_CONTEXT = 6  # prompt tokens primed into the decode stream (spacing of the first token)
@@ -106,6 +112,11 @@ class OutputProcessor:
             if state.metrics.first_token_time is None and out.new_token_ids:
                 state.metrics.first_token_time = now
             state.metrics.num_cached_tokens = out.num_cached_tokens
+            if out.num_draft_tokens:
+                spec = state.metrics.spec_decode = state.metrics.spec_decode or SpecDecodeMetrics()
+                spec.num_spec_steps += 1
+                spec.num_draft_tokens += out.num_draft_tokens
+                spec.num_accepted_draft_tokens += out.num_accepted_tokens
             if self._append(state.params, sample, out):
                 to_stop.append(out.request_id)
             elif out.finish_reason is not None:

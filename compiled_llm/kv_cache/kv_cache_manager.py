@@ -87,6 +87,19 @@ class KVCacheManager:
             self._num_cached[request.request_id] = max(start, known // self.block_size)
         return True
 
+    def trim(self, request: Request) -> None:
+        """Free the request's blocks past those its computed tokens fill (speculative decoding:
+        slots allocated for drafts that were rejected). They hold no cached prefix: only blocks
+        full of verified tokens are hashed."""
+        blocks = self._blocks.get(request.request_id)
+        if not blocks:
+            return
+        keep = -(-request.num_computed_tokens // self.block_size)
+        assert self._num_cached.get(request.request_id, 0) <= keep
+        extra = blocks[keep:]
+        del blocks[keep:]
+        self.pool.free(list(reversed(extra)))
+
     def free(self, request: Request) -> None:
         blocks = self._blocks.pop(request.request_id, [])
         self._num_cached.pop(request.request_id, None)

@@ -28,22 +28,27 @@ def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tens
 
 def _output_ids(
     requests: list[Request],
+    owner: list[int],
+    position: list[int],
+    drafts: list[list[int]],
     steps: list[int],
     vocab_size: int,
     device: torch.device,
     in_flight: InFlightStep | None,
 ) -> torch.Tensor:
-    """Each row's output ids so far, padded with vocab_size. Under async scheduling the newest
-    may still be on the device (sampled by `in_flight`): it is appended from there, so the
-    penalties see it without waiting for the step."""
-    ids = _padded([r.output_token_ids for r in requests], vocab_size, device)
-    missing = [i for i, (r, n) in enumerate(zip(requests, steps)) if n > len(r.output_token_ids)]
+    """Each row's output ids so far, padded with vocab_size: its request's, then the drafts
+    before the row's position (the row samples as if they were accepted). Under async scheduling
+    the newest may still be on the device (sampled by `in_flight`; never for a request with
+    drafts): it is appended from there, so the penalties see it without waiting for the step."""
+    prefixes = [requests[i].output_token_ids + drafts[i][:j] for i, j in zip(owner, position)]
+    ids = _padded(prefixes, vocab_size, device)
+    missing = [r for r, (n, p) in enumerate(zip(steps, prefixes)) if n > len(p)]
     if not missing:
         return ids
     assert in_flight is not None and in_flight.device_tokens is not None
-    assert all(steps[i] == len(requests[i].output_token_ids) + 1 for i in missing)
-    src = [in_flight.row[requests[i].request_id] for i in missing]
-    column = torch.full((len(requests),), vocab_size, dtype=torch.int64, device=device)
+    assert all(steps[r] == len(prefixes[r]) + 1 and not drafts[owner[r]] for r in missing)
+    src = [in_flight.row[requests[owner[r]].request_id] for r in missing]
+    column = torch.full((len(owner),), vocab_size, dtype=torch.int64, device=device)
     column[_tensor(missing, torch.int64, device)] = in_flight.device_tokens[
         _tensor(src, torch.int64, device)
     ]
@@ -61,11 +66,22 @@ def build_sampling_batch(
     vocab_size: int,
     device: torch.device,
     in_flight: InFlightStep | None = None,
+    drafts: list[list[int]] | None = None,
 ) -> SamplingBatch:
-    params = [r.sampling_params for r in requests]
-    # Index of the token each row samples in its request's output (scheduling already counted it
-    # as pending).
-    steps = [r.num_tokens_with_pending - r.num_prompt_tokens - 1 for r in requests]
+    """One row per request, or with `drafts` (speculative decoding) 1 + len(drafts[i]) rows for
+    request i: row j samples the token after draft j - 1, i.e. output index base + j, with the
+    drafts before it counted as output (penalties, min_tokens) and that index's seeded noise."""
+    drafts = drafts if drafts is not None else [[] for _ in requests]
+    owner = [i for i, d in enumerate(drafts) for _ in range(len(d) + 1)]
+    position = [j for d in drafts for j in range(len(d) + 1)]
+    rows = [requests[i] for i in owner]
+    params = [r.sampling_params for r in rows]
+    # Index of the token each row samples in its request's output (scheduling already counted
+    # the first as pending).
+    steps = [
+        requests[i].num_tokens_with_pending - requests[i].num_prompt_tokens - 1 + j
+        for i, j in zip(owner, position)
+    ]
 
     def col(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
         return _tensor(values, dtype, device)
@@ -91,7 +107,7 @@ def build_sampling_batch(
         top_k=col(top_k, torch.int64),
         top_p=col([p.top_p for p in params], torch.float32),
         min_p=col([p.min_p for p in params], torch.float32),
-        seeds=col([r.sampling_seed for r in requests], torch.int64),
+        seeds=col([r.sampling_seed for r in rows], torch.int64),
         steps=col(steps, torch.int64),
         seeded_rows=col(seeded, torch.int64) if seeded else None,
         all_greedy=not random_rows,
@@ -107,10 +123,12 @@ def build_sampling_batch(
         repetition_penalty=col([p.repetition_penalty for p in params], torch.float32)
         if any_penalty
         else None,
-        output_token_ids=_output_ids(requests, steps, vocab_size, device, in_flight)
+        output_token_ids=_output_ids(
+            requests, owner, position, drafts, steps, vocab_size, device, in_flight
+        )
         if any_penalty
         else None,
-        prompt_token_ids=_padded([r.prompt_token_ids for r in requests], vocab_size, device)
+        prompt_token_ids=_padded([r.prompt_token_ids for r in rows], vocab_size, device)
         if any_penalty
         else None,
         banned=(col(banned_rows, torch.int64), col(banned_ids, torch.int64))

@@ -45,6 +45,11 @@ class FakeKV:
 
     forget = free
 
+    def trim(self, request: Request) -> None:
+        keep = -(-request.num_computed_tokens // BLOCK)
+        self.num_free_blocks += self.held.get(request.request_id, 0) - keep
+        self.held[request.request_id] = keep
+
     def usage(self) -> float:
         return 1 - self.num_free_blocks / self.num_blocks
 
@@ -91,7 +96,7 @@ def plan(out: SchedulerOutput) -> list[tuple[str, int, int, bool]]:
 def run_step(s: Scheduler, token: int = 1) -> SchedulerOutput:
     """Schedule, then return a token for every request that samples (a synchronous step)."""
     out = s.schedule()
-    s.update_from_output({x.request.request_id: token for x in out.scheduled if x.samples})
+    s.update_from_output({x.request.request_id: [token] for x in out.scheduled if x.samples})
     return out
 
 
@@ -198,7 +203,7 @@ def test_async_steps_schedule_placeholders_up_to_max_tokens(max_tokens: int) -> 
     assert steps[0] == [("r", 0, 3, True)]
     assert steps[1:max_tokens] == [[("r", 3 + i, 1, True)] for i in range(max_tokens - 1)]
     assert steps[max_tokens] == []  # every token it may produce is in flight
-    s.update_from_output({"r": 5})
+    s.update_from_output({"r": [5]})
     if max_tokens == 1:
         assert s.requests.get("r") is None  # finished by length
     else:

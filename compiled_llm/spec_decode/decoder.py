@@ -1,0 +1,72 @@
+"""What the engine core asks of speculative decoding: a state for each new request, proposals
+after each step's results, and whether the next step must wait for those results.
+
+Proposals need a request's newest token on the host. Under async scheduling the engine
+schedules step N+1 before step N's tokens are read, so a request that is proposing makes the
+core read the step in flight first (`wants_host_tokens`): the engine runs synchronously while any
+running request speculates, and asynchronously while none does (backed off, or the batch too
+large), which is when the overlap pays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from compiled_llm.config import SpeculativeConfig
+from compiled_llm.request import Request, RequestStatus
+from compiled_llm.spec_decode.proposer import create_proposer
+from compiled_llm.spec_decode.state import SpecDecodeState
+
+
+class SpeculativeDecoder:
+    def __init__(self, config: SpeculativeConfig) -> None:
+        self.config = config
+        self.proposer = create_proposer(config)
+
+    def new_state(self) -> SpecDecodeState:
+        return SpecDecodeState(self.config.num_speculative_tokens)
+
+    def enabled_for(self, num_running: int) -> bool:
+        """Whether a step with this many running requests speculates."""
+        limit = self.config.disable_by_batch_size
+        return limit is None or num_running <= limit
+
+    def wants_host_tokens(self, running: list[Request]) -> bool:
+        """Some running request would propose (or has drafts being verified) once the step in
+        flight is read: read it before scheduling the next."""
+        if not self.enabled_for(len(running)):
+            return False
+        return any(
+            r.spec is not None
+            and r.num_pending_output_tokens > 0
+            and (r.spec.active or r.spec.in_flight)
+            for r in running
+        )
+
+    def propose(self, requests: Iterable[Request], num_running: int) -> None:
+        """Proposals for the requests that just got tokens: those still running, with no token
+        in flight, not backed off, and room for a draft before max_tokens."""
+        if not self.enabled_for(num_running):
+            return
+        chosen: list[Request] = []
+        room: list[int] = []
+        for r in requests:
+            state = r.spec
+            if (
+                state is None
+                or r.status is not RequestStatus.RUNNING
+                or r.num_pending_output_tokens
+                or not state.active
+            ):
+                continue
+            # The step emits up to drafts + 1 tokens: keep them within max_tokens (which also
+            # keeps them within max_model_len).
+            left = r.max_tokens - len(r.output_token_ids) - 1
+            if left > 0:
+                chosen.append(r)
+                room.append(min(self.config.num_speculative_tokens, left))
+        if not chosen:
+            return
+        for r, k, drafts in zip(chosen, room, self.proposer.propose(chosen, room)):
+            assert r.spec is not None
+            r.spec.set_drafts(list(drafts[:k]), r.num_tokens)

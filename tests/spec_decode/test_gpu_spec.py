@@ -1,0 +1,68 @@
+"""On CUDA at -O2: n-gram speculation gives the greedy tokens of the same engine without it
+(up to fp16 near-ties, `assert_greedy_close`), with drafts accepted; verification steps (k + 1
+query tokens a request) run the piecewise graphs and steps without drafts still replay the full
+decode graphs."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from compiled_llm import LLM, SamplingParams
+from tests.conftest import GPU_SHAPE, assert_greedy_close, backend_available, tokens
+from tests.spec_decode.conftest import VOCAB, build_cycle_model, chain
+
+pytestmark = pytest.mark.gpu
+
+_rng = random.Random(0)
+PROMPTS = [
+    {"prompt_token_ids": chain(17, 40) + [17]},
+    {"prompt_token_ids": chain(5, 24) + [_rng.randrange(VOCAB) for _ in range(9)] + [5]},
+    {"prompt_token_ids": [_rng.randrange(VOCAB) for _ in range(20)]},
+]
+GREEDY = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=5)
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1}
+
+
+@pytest.fixture(scope="module")
+def gpu_cycle_model(tmp_path_factory: pytest.TempPathFactory, embedded_tokenizer_dir: Path):
+    return build_cycle_model(
+        tmp_path_factory.mktemp("gpu-cycle"), embedded_tokenizer_dir, **GPU_SHAPE
+    )
+
+
+@pytest.mark.parametrize("backend", ["triton", "flashinfer"])
+def test_ngram_at_o2_matches_no_speculation(gpu_cycle_model, backend) -> None:
+    if not backend_available(backend):
+        pytest.skip(f"{backend} not installed")
+    common = dict(
+        dtype="float16",
+        attention_backend=backend,
+        compilation_level=2,
+        max_num_seqs=8,
+        max_model_len=512,
+        skip_tokenizer_init=True,
+        gpu_memory_utilization=0.3,
+    )
+    plain = LLM(str(gpu_cycle_model), **common)
+    expected = tokens(plain.generate(PROMPTS, GREEDY, use_tqdm=False))
+    alone = tokens(plain.generate(PROMPTS[2:], GREEDY, use_tqdm=False))
+    del plain
+    torch.cuda.empty_cache()
+    llm = LLM(str(gpu_cycle_model), speculative_config=NGRAM, **common)
+    graphs = llm.engine.core.runner.graphs
+    assert graphs is not None
+    free = llm.engine.num_free_blocks
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert_greedy_close(expected, tokens(outs))
+    m = outs[0].metrics.spec_decode
+    assert m is not None and m.num_accepted_draft_tokens > 0
+    assert graphs.piecewise_replays > 0  # prefill and verification steps
+    # alone, a request that finds no drafts decodes with the full decode graphs
+    full_before = graphs.full_replays
+    assert_greedy_close(alone, tokens(llm.generate(PROMPTS[2:], GREEDY, use_tqdm=False)))
+    assert graphs.full_replays > full_before
+    assert llm.engine.num_free_blocks == free

@@ -1,0 +1,107 @@
+"""speculative_config: vLLM's keys in, a typed frozen SpeculativeConfig out, bad values refused
+with a ValueError naming the key, and the CLI's --speculative-config JSON."""
+
+from __future__ import annotations
+
+import pytest
+
+from compiled_llm.cli import build_parser
+from compiled_llm.cli.args import engine_kwargs
+from compiled_llm.config import EngineArgs, SpeculativeConfig, speculative_config_from
+
+
+def test_ngram_with_defaults() -> None:
+    config = speculative_config_from({"method": "ngram", "num_speculative_tokens": 4})
+    assert config == SpeculativeConfig(
+        method="ngram",
+        num_speculative_tokens=4,
+        prompt_lookup_min=2,
+        prompt_lookup_max=5,
+        disable_by_batch_size=32,
+    )
+    with pytest.raises(AttributeError):
+        config.num_speculative_tokens = 2  # type: ignore[misc]
+
+
+def test_given_values_and_vllm_older_spelling() -> None:
+    config = speculative_config_from(
+        {
+            "model": "ngram",
+            "num_speculative_tokens": 2,
+            "prompt_lookup_max": 3,
+            "prompt_lookup_min": 1,
+            "disable_by_batch_size": None,
+        }
+    )
+    assert config is not None
+    assert (config.method, config.prompt_lookup_min, config.prompt_lookup_max) == ("ngram", 1, 3)
+    assert config.disable_by_batch_size is None
+    # a maximum below the default minimum lowers the minimum with it
+    low = speculative_config_from(
+        {"method": "ngram", "num_speculative_tokens": 1, "prompt_lookup_max": 1}
+    )
+    assert low is not None and low.prompt_lookup_min == 1
+    assert speculative_config_from(None) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ({"method": "ngram"}, "num_speculative_tokens is required"),
+        ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+        ({"method": "ngram", "num_speculative_tokens": True}, "num_speculative_tokens"),
+        ({"method": "ngram", "num_speculative_tokens": 2.0}, "num_speculative_tokens"),
+        ({"num_speculative_tokens": 2}, "method is required"),
+        ({"method": "magic", "num_speculative_tokens": 2}, "method must be one of ngram"),
+        ({"method": "eagle3", "num_speculative_tokens": 2}, "'eagle3' is not supported yet"),
+        ({"method": "draft_model", "model": "m", "num_speculative_tokens": 2}, "not supported yet"),
+        ({"model": "some/draft", "num_speculative_tokens": 2}, "'draft_model' is not supported"),
+        (
+            {"method": "ngram", "model": "m", "num_speculative_tokens": 2},
+            "speculative_config.model",
+        ),
+        (
+            {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 6},
+            "prompt_lookup_min=6 must be <= prompt_lookup_max=5",
+        ),
+        (
+            {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 0},
+            "prompt_lookup_max",
+        ),
+        (
+            {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 0},
+            "prompt_lookup_min",
+        ),
+        (
+            {"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0},
+            "disable_by_batch_size",
+        ),
+        ({"method": "ngram", "num_speculative_tokens": 2, "typo": 1}, "unknown key.*'typo'"),
+        ("ngram", "speculative_config must be a dict"),
+    ],
+)
+def test_bad_values_name_the_key(value: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        speculative_config_from(value)
+    # EngineArgs validates at construction, before any model is loaded
+    with pytest.raises(ValueError, match=match):
+        EngineArgs(speculative_config=value)  # type: ignore[arg-type]
+
+
+def test_cli_flag_takes_json() -> None:
+    parser = build_parser()
+    args = parser.parse_args(
+        [
+            "generate",
+            "hi",
+            "--speculative-config",
+            '{"method": "ngram", "num_speculative_tokens": 3}',
+        ]
+    )
+    assert engine_kwargs(args)["speculative_config"] == {
+        "method": "ngram",
+        "num_speculative_tokens": 3,
+    }
+    for bad in ("{not json", "[1, 2]"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["generate", "hi", "--speculative-config", bad])
