@@ -22,7 +22,7 @@ def no_weights(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every weight read fails the command with WeightsRead (and is recorded)."""
     reads: list[str] = []
 
-    def read(folder: str):
+    def read(folder: str, shard: object = None):
         reads.append(folder)
         raise WeightsRead(folder)
 
