@@ -80,7 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peer-compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--worker-level", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.prefill_repeats < 1:
+        p.error("--prefill-repeats must be at least 1 (the median of that many timed prefills)")
+    return args
 
 
 def _ints(text: str) -> list[int]:
