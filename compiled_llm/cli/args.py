@@ -12,7 +12,7 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 from compiled_llm.config import EngineArgs
@@ -109,14 +109,22 @@ def _add_flag(
     group.add_argument(*flags, **kwargs)
 
 
-def add_engine_args(parser: argparse.ArgumentParser, *, model_positional: bool = False) -> None:
+def add_engine_args(
+    parser: argparse.ArgumentParser,
+    *,
+    model_positional: bool = False,
+    without: Collection[str] = (),
+) -> None:
     """A flag for every EngineArgs field (`--field-name`, vLLM's names). `model_positional`: the
-    model is also the optional positional MODEL (serve, passes report), with `--model` beside it."""
+    model is also the optional positional MODEL (serve, passes report), with `--model` beside it.
+    `without`: fields the subcommand sets itself (no flag; `engine_kwargs` gives their default)."""
     group = parser.add_argument_group(
         "engine", "EngineArgs: each flag is the LLM(...) keyword of the same name"
     )
     hints = typing.get_type_hints(EngineArgs)
     for f in dataclasses.fields(EngineArgs):
+        if f.name in without:
+            continue
         flags = f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),)
         dest = f.name
         if f.name == "model" and model_positional:
@@ -127,7 +135,7 @@ def add_engine_args(parser: argparse.ArgumentParser, *, model_positional: bool =
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Every EngineArgs field from a namespace that `add_engine_args` filled."""
-    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs)}
+    kwargs = {f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(EngineArgs)}
     flag = getattr(args, "model_flag", None)
     if flag is not None:
         if kwargs["model"] not in (None, flag):

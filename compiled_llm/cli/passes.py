@@ -105,5 +105,6 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
         help="timed steps per variant, median (default: %(default)s)",
     )
     r.add_argument("--json", default=None, help="also write the report here (default: no file)")
-    add_engine_args(r, model_positional=True)
+    # The report compiles at -O1 itself (Inductor, no CUDA graphs): no -O or --enforce-eager.
+    add_engine_args(r, model_positional=True, without=("compilation_level", "enforce_eager"))
     r.set_defaults(func=_report, parser=r)
