@@ -75,9 +75,20 @@ def cached_entry(kind: str, source: str, write: Callable[[str], None]) -> str:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    publish(tmp, folder)
     return folder
+
+
+def publish(tmp: str, folder: str) -> None:
+    """Move the finished cache entry `tmp` to `folder`. Another process may have published the
+    same entry meanwhile (tensor-parallel ranks, two servers starting at once): its copy is as
+    good, so ours is dropped, and a reader of it never sees the folder vanish."""
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        if not os.path.isdir(folder):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- config -------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from torch import nn
 from compiled_llm.distributed.plan import ShardPlan, ShardSpec
 from compiled_llm.distributed.transform import shard_model
 from compiled_llm.envs import Envs
-from compiled_llm.models.derived import DerivedConfig, derived_config, derived_tokenizer
+from compiled_llm.models.derived import DerivedConfig, derived_config, derived_tokenizer, publish
 from compiled_llm.models.interface import CausalLM
 from compiled_llm.quantization import QuantizationMethod, get_quantization_method
 
@@ -98,8 +98,9 @@ def gguf_side_folder(path: str) -> str:
     AutoTokenizer.from_pretrained(src, gguf_file=name).save_pretrained(tmp)
     open(os.path.join(tmp, "complete"), "w").close()
     os.makedirs(os.path.dirname(folder), exist_ok=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    if os.path.isdir(folder):  # without its marker: left by an older version
+        shutil.rmtree(folder, ignore_errors=True)
+    publish(tmp, folder)
     return folder
 
 
@@ -220,8 +221,9 @@ def gguf_weights(
         tmp = f"{converted}.tmp{os.getpid()}"
         os.makedirs(tmp, exist_ok=True)
         save_file(dict(iterate_gguf(path, hf_config, param_names)), f"{tmp}/model.safetensors")
-        shutil.rmtree(converted, ignore_errors=True)
-        os.replace(tmp, converted)
+        if os.path.isdir(converted):  # without its file: left by an older version
+            shutil.rmtree(converted, ignore_errors=True)
+        publish(tmp, converted)
     return iterate_safetensors(converted)
 
 

@@ -141,3 +141,18 @@ def test_derived_load_imports_no_transformers(tmp_path: Path) -> None:
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
     assert runs[0].stdout.strip() != "[]"  # the first load derives, with transformers
     assert runs[1].stdout.strip() == "[]", runs[1].stdout
+
+
+def test_publish_keeps_an_entry_another_process_published(tmp_path) -> None:
+    """Two writers of one cache entry (tensor-parallel ranks starting together): the second
+    finds the first's folder in place, keeps it, and drops its own copy without an error."""
+    from compiled_llm.models.derived import publish
+
+    folder = tmp_path / "entry"
+    for writer in ("first", "second"):
+        tmp = tmp_path / f"entry.tmp-{writer}"
+        tmp.mkdir()
+        (tmp / "who").write_text(writer)
+        publish(str(tmp), str(folder))
+        assert not tmp.exists()
+    assert (folder / "who").read_text() == "first"
