@@ -63,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--attention-backend", default="auto")
+    p.add_argument(
+        "--model-impl",
+        default="auto",
+        choices=["auto", "native", "transformers"],
+        help="transformers: run the shape through the transformers fallback",
+    )
     p.add_argument("--passes", default="", help="pass edits, e.g. -fuse_add_rmsnorm")
     p.add_argument("--capture-sizes", default="", help="CUDA-graph sizes (default: the engine's)")
     p.add_argument("--no-async-scheduling", action="store_true")
@@ -131,6 +137,7 @@ def worker(args: argparse.Namespace) -> dict:
         enable_prefix_caching=False,
         compilation_level=args.worker_level,
         attention_backend=args.attention_backend,
+        model_impl=args.model_impl,
         passes=[p for p in args.passes.split(",") if p],
         cudagraph_capture_sizes=_ints(args.capture_sizes) or None,
         async_scheduling=not args.no_async_scheduling,
@@ -309,7 +316,8 @@ def main() -> None:
     path = write_result(
         f"latency-{args.shape}"
         + (f"-{args.quantization}" if args.quantization else "")
-        + ("-kv-fp8" if args.kv_cache_dtype == "fp8" else ""),
+        + ("-kv-fp8" if args.kv_cache_dtype == "fp8" else "")
+        + ("-transformers" if args.model_impl == "transformers" else ""),
         {
             "config": vars(args),
             "env": env,
