@@ -95,6 +95,8 @@ def _add_norm_cuda(x, residual, weight, eps: float, group_size: int):  # noqa: A
     from compiled_llm.kernels.triton_fp8_fused import rms_norm_quant
 
     _check(x, group_size)
+    if residual.shape != x.shape:  # the kernel reads the residual row by row, unbroadcast
+        raise ValueError(f"residual {tuple(residual.shape)} and x {tuple(x.shape)} differ in shape")
     q, s, h = rms_norm_quant(x, weight, eps, group_size, residual)
     assert h is not None
     return q, s, h

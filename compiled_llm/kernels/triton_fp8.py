@@ -48,7 +48,8 @@ def _quant_group_kernel(
             mask = c + cols < end
             x = tl.load(x_ptr + row * stride_x + c + cols, mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
-    scale = tl.maximum(amax / _FP8_MAX, _MIN_SCALE)
+    # div_rn: Triton's `/` on float32 is approximate, the reference's division is not.
+    scale = tl.maximum(tl.math.div_rn(amax, _FP8_MAX), _MIN_SCALE)
     tl.store(s_ptr + row * stride_s + group, scale)
     if SINGLE:
         q = tl.clamp(tl.math.div_rn(x, scale), -_FP8_MAX, _FP8_MAX)

@@ -26,7 +26,8 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 def _quantize_tile(y, q_ptr, s_ptr, cols, mask, n_groups, NG: tl.constexpr):
     """Store y's [NG, G] tile in E4M3 with one scale per group (a row of the tile)."""
     amax = tl.max(tl.abs(y), axis=1)
-    scale = tl.maximum(amax / _FP8_MAX, _MIN_SCALE)
+    # div_rn: Triton's `/` on float32 is approximate, the reference's division is not.
+    scale = tl.maximum(tl.math.div_rn(amax, _FP8_MAX), _MIN_SCALE)
     groups = tl.arange(0, NG)
     tl.store(s_ptr + groups, scale, mask=groups < n_groups)
     q = tl.clamp(tl.math.div_rn(y, scale[:, None]), -_FP8_MAX, _FP8_MAX)

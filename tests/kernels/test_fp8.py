@@ -403,7 +403,7 @@ def test_cuda_fused_quant_ops_match_reference(group: int, dtype: torch.dtype) ->
         assert int(far.sum()) == 0 and float(differ.float().mean()) < 0.01, key
 
     for n in (4096, 14336):
-        x, r, _ = operands(33, 1, n, dtype, "cuda")
+        x, r, _ = operands(33, 33, n, dtype, "cuda")  # r: a [33, n] residual
         w = (1 + 0.1 * torch.randn(n)).to("cuda", dtype)
         got = ops.fused_add_rms_norm_quant_fp8(x, r, w, 1e-5, group)
         want = FF.fused_add_rms_norm_quant_fp8_reference(x.cpu(), r.cpu(), w.cpu(), 1e-5, group)
