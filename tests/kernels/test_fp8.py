@@ -345,7 +345,9 @@ def test_cuda_ops_match_reference(m: int, block: list[int], dtype: torch.dtype) 
             )
             err = (got.float().cpu() - want).abs()
             scale = want.abs().max()
-            assert float(err.max()) <= (1e-5 if dtype == torch.float32 else 1e-2) * float(scale), (
+            # float32 out: Hopper's FP8 tensor cores add their products with fewer mantissa bits
+            # than float32 (4e-4 of the largest output seen at M = 512); bf16 out: its rounding.
+            assert float(err.max()) <= (1e-3 if dtype == torch.float32 else 1e-2) * float(scale), (
                 n,
                 k,
                 float(err.max()),
