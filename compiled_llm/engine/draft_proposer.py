@@ -107,13 +107,15 @@ class DraftModelProposer:
         block_ids = [self.kv_cache.block_ids(r) for r in reqs]
         width = max(len(b) for b in block_ids)
         block_table = np.zeros((len(reqs), width), dtype=np.int32)
-        for i, ids in enumerate(block_ids):
-            block_table[i, : len(ids)] = ids
+        for i, row in enumerate(block_ids):
+            block_table[i, : len(row)] = row
 
         # Catch up (a new or preempted request's whole context, or tokens accepted last step
         # that the draft has not fed): chunks of at most max_num_batched_tokens until what is
-        # left fits the first draft step.
-        while sum(e - v for e, v in zip(ends, valid)) > self.max_tokens_per_forward:
+        # left fits the first draft step (or is only the newest tokens).
+        while sum(e - v for e, v in zip(ends, valid)) > self.max_tokens_per_forward and any(
+            e - 1 > v for e, v in zip(ends, valid)
+        ):
             self._prefill_chunk(reqs, valid, ends, block_table)
 
         # Draft step 1 feeds each request's tokens from `valid` to its newest; step j > 1 feeds
@@ -151,9 +153,9 @@ class DraftModelProposer:
             for i in range(n):
                 drafts[i].append(flat[offset + i])
             offset += n
-        for i, (state, e) in enumerate(zip(kv, ends)):
-            state.valid, state.start = e, e
-            state.written = drafts[i][: room[i] - 1]  # drafts 1..k-1 were fed
+        for i, (written, e) in enumerate(zip(kv, ends)):
+            written.valid, written.start = e, e
+            written.written = drafts[i][: room[i] - 1]  # drafts 1..k-1 were fed
             out[chosen[i]] = drafts[i]
         return out
 
