@@ -434,6 +434,8 @@ class EngineArgs:
         '{"method": "ngram", "num_speculative_tokens": K} proposes up to K tokens a step by '
         "looking the context's last prompt_lookup_max (default 5) down to prompt_lookup_min "
         "(default 2) tokens up earlier in the context; "
+        '{"method": "draft_model", "model": PATH, "num_speculative_tokens": K} drafts with a '
+        "smaller model of the same vocabulary; "
         "disable_by_batch_size (default 32) turns it off in steps with more running requests "
         "(default: off)",
         metavar="JSON",
