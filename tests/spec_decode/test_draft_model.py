@@ -158,6 +158,32 @@ def test_self_draft_kv_through_preemption_chunks_and_prefix_hits(noise_model) ->
     assert drafted > 0 and accepted == drafted
 
 
+def test_speculation_starting_mid_generation(noise_model) -> None:
+    """With disable_by_batch_size=2 nobody speculates while more than two requests run; when the
+    short ones finish, the others start, and the draft first catches up with everything they
+    generated meanwhile (in chunks: more than max_num_batched_tokens). n = 2 samples speculate
+    apart. Exact, and a self-draft still has every draft accepted."""
+    prompts = [{"prompt_token_ids": [_rng.randrange(VOCAB) for _ in range(n)]} for n in (9, 30, 4)]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (6, 80, 30)]
+    params[2] = SamplingParams(n=2, temperature=0.7, seed=4, max_tokens=30, ignore_eos=True)
+    kwargs = dict(max_num_batched_tokens=24, max_num_seqs=4)
+    expected = run(engine(noise_model, **kwargs), params, prompts)
+    spec = {**draft_config(noise_model), "disable_by_batch_size": 2}
+    llm = LLM(
+        str(noise_model),
+        speculative_config=spec,
+        max_model_len=256,
+        enforce_eager=True,
+        skip_tokenizer_init=True,
+        **kwargs,
+    )
+    outs = run(llm, params, prompts)
+    same_outputs(expected, outs)
+    assert outs[1].metrics.spec_decode is not None
+    drafted, accepted = acceptance(outs)
+    assert drafted > 20 and accepted == drafted
+
+
 def test_mixed_batch_with_stops_preemption_and_chunked_prefill(
     cycle_model, small_draft, baseline
 ) -> None:
@@ -183,20 +209,26 @@ def test_mixed_batch_with_stops_preemption_and_chunked_prefill(
     assert acceptance(outs)[1] > 0
 
 
+SEEDED = [
+    SamplingParams(temperature=0.8, seed=11, max_tokens=32, ignore_eos=True, logprobs=1),
+    SamplingParams(temperature=1.0, top_k=8, seed=3, max_tokens=24, min_tokens=8),
+    SamplingParams(temperature=1.2, top_p=0.9, seed=5, max_tokens=24, ignore_eos=True),
+    SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+]
+
+
+@pytest.fixture(scope="module")
+def seeded_baseline(cycle_model):  # noqa: ANN001
+    return run(engine(cycle_model), SEEDED)
+
+
 @pytest.mark.parametrize("draft", ["self", "small"])
-def test_seeded_sampling_identical(cycle_model, small_draft, draft) -> None:
+def test_seeded_sampling_identical(cycle_model, small_draft, seeded_baseline, draft) -> None:
     """A seeded request emits what it emits without speculation. Drafts are sampled with the
     noise the target verifies with, so a target drafting for itself has every draft accepted
     even while sampling."""
-    params = [
-        SamplingParams(temperature=0.8, seed=11, max_tokens=40, ignore_eos=True, logprobs=1),
-        SamplingParams(temperature=1.0, top_k=8, seed=3, max_tokens=32, min_tokens=8),
-        SamplingParams(temperature=1.2, top_p=0.9, seed=5, max_tokens=32, ignore_eos=True),
-        SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
-    ]
-    expected = run(engine(cycle_model), params)
-    outs = run(engine(cycle_model, small_draft if draft == "small" else cycle_model), params)
-    same_outputs(expected, outs)
+    outs = run(engine(cycle_model, small_draft if draft == "small" else cycle_model), SEEDED)
+    same_outputs(seeded_baseline, outs)
     drafted, accepted = acceptance(outs)
     assert (accepted == drafted) if draft == "self" else (0 < accepted < drafted)
 
