@@ -233,6 +233,22 @@ def test_seeded_sampling_identical(cycle_model, small_draft, seeded_baseline, dr
     assert (accepted == drafted) if draft == "self" else (0 < accepted < drafted)
 
 
+def test_stop_strings(cycle_model, small_draft) -> None:
+    """A stop string the frontend finds in the text of accepted drafts ends the request where it
+    ends without speculation (the same text, tokens and finish)."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    text = run(engine(cycle_model, skip_tokenizer_init=False), params, PROMPTS[2:3])[0]
+    text = text.outputs[0].text
+    assert len(text) > 12
+    stopped = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[text[8:11]])
+    expected = run(engine(cycle_model, skip_tokenizer_init=False), stopped, PROMPTS[2:3])
+    assert expected[0].outputs[0].finish_reason == "stop"
+    outs = run(engine(cycle_model, small_draft, skip_tokenizer_init=False), stopped, PROMPTS[2:3])
+    same_outputs(expected, outs)
+    assert outs[0].outputs[0].text == expected[0].outputs[0].text
+    assert acceptance(outs)[1] > 0
+
+
 @pytest.mark.slow
 def test_compiled_draft(cycle_model, small_draft, baseline) -> None:
     """-O1: the draft's forward is compiled too (its own compile-cache entry)."""
