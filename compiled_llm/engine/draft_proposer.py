@@ -34,6 +34,17 @@ from compiled_llm.sampling.batch import build_sampling_batch
 from compiled_llm.sampling.sampler import Sampler, SamplingBatch
 
 
+def _token_ids(request: Request, start: int, end: int) -> list[int]:
+    """request.all_token_ids[start:end] without building the whole list."""
+    prompt = request.prompt_token_ids
+    if end <= len(prompt):
+        return prompt[start:end]
+    output = request.output_token_ids
+    if start >= len(prompt):
+        return output[start - len(prompt) : end - len(prompt)]
+    return prompt[start:] + output[: end - len(prompt)]
+
+
 @dataclass
 class _DraftKV:
     """What of a request the draft's KV cache holds (Request.spec.proposer_state)."""
@@ -52,7 +63,7 @@ class _DraftKV:
             self.num_preemptions = request.num_preemptions
             self.valid, self.written = 0, []
         if self.written:
-            tokens = request.all_token_ids[self.start : self.start + len(self.written)]
+            tokens = _token_ids(request, self.start, self.start + len(self.written))
             same = 0
             for a, b in zip(tokens, self.written):
                 if a != b:
@@ -123,7 +134,7 @@ class DraftModelProposer:
         # for draft j. One host copy at the end.
         q_lens = np.array([e - v for e, v in zip(ends, valid)], dtype=np.int64)
         tokens = np.concatenate(
-            [np.asarray(r.all_token_ids[v:e], dtype=np.int64) for r, v, e in zip(reqs, valid, ends)]
+            [np.asarray(_token_ids(r, v, e), dtype=np.int64) for r, v, e in zip(reqs, valid, ends)]
         )
         seq_lens = np.array(ends, dtype=np.int64)
         sampled: list[torch.Tensor] = []
@@ -193,7 +204,7 @@ class DraftModelProposer:
             if take <= 0:
                 continue
             rows.append(i)
-            pieces.append(np.asarray(r.all_token_ids[v : v + take], dtype=np.int64))
+            pieces.append(np.asarray(_token_ids(r, v, v + take), dtype=np.int64))
             q_lens.append(take)
             seq_lens.append(v + take)
             valid[i] = v + take

@@ -235,6 +235,7 @@ class ModelRunner:
             )
             self.draft = ModelRunner(draft_config, self.profiler, is_draft=True)
             self.start_seconds["weights"] += self.draft.start_seconds["weights"]
+            self.load_seconds = self.start_seconds["weights"]
 
     # --- KV cache -------------------------------------------------------------------------------
     def determine_num_blocks(self) -> int:
