@@ -105,6 +105,23 @@ def test_config_resolves_the_draft_and_refuses_what_does_not_fit(
         ).create_config()
 
 
+def test_kv_budget_holds_both_caches(cycle_model, small_draft) -> None:
+    """kv_cache_memory_bytes pays for both caches: as many blocks each, together within the
+    budget, and one block id more would not fit."""
+    budget = 1 << 20
+    llm = engine(cycle_model, small_draft, kv_cache_memory_bytes=budget)
+    runner = llm.engine.core.runner
+    assert runner.draft is not None
+    caches = [*runner.kv_caches, *runner.draft.kv_caches]
+    used = sum(t.numel() * t.element_size() for t in caches)
+    num_blocks = llm.engine.core.num_blocks
+    assert {t.shape[0] for t in caches} == {num_blocks}
+    assert used <= budget < used + used // num_blocks
+    # the one-layer draft's cache is a third of the whole (target 2 layers, same heads)
+    draft = sum(t.numel() * t.element_size() for t in runner.draft.kv_caches)
+    assert 3 * draft == used
+
+
 # --- exactness end to end ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def baseline(cycle_model):  # noqa: ANN001
