@@ -108,6 +108,19 @@ MIXTRAL_8X7B: dict[str, Any] = {
     "torch_dtype": "bfloat16",
 }
 
+# Llama-3.2-1B's dimensions and vocabulary (a draft model for Llama-3.1-8B). Untied embeddings
+# where the release ties them, so that benchmarks/spec_decode.py can edit its output head: a
+# step reads the same bytes and does the same work either way.
+LLAMA_3_2_1B: dict[str, Any] = dict(
+    LLAMA_3_1_8B,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+)
+
 # For CPU smoke runs of the scripts.
 TINY: dict[str, Any] = dict(
     LLAMA_3_1_8B,
@@ -120,6 +133,9 @@ TINY: dict[str, Any] = dict(
     max_position_embeddings=8192,
     rope_scaling=None,
 )
+
+# TINY with one layer (a draft model for TINY in CPU smoke runs).
+TINY_DRAFT: dict[str, Any] = dict(TINY, num_hidden_layers=1)
 
 # A tiny Qwen3-MoE for CPU smoke runs.
 TINY_MOE: dict[str, Any] = dict(
@@ -139,11 +155,13 @@ TINY_MOE: dict[str, Any] = dict(
 
 SHAPES = {
     "llama-3.1-8b": LLAMA_3_1_8B,
+    "llama-3.2-1b": LLAMA_3_2_1B,
     "qwen3-0.6b": QWEN3_0_6B,
     "qwen3-8b": QWEN3_8B,
     "qwen3-30b-a3b": QWEN3_30B_A3B,
     "mixtral-8x7b": MIXTRAL_8X7B,
     "tiny": TINY,
+    "tiny-draft": TINY_DRAFT,
     "tiny-moe": TINY_MOE,
 }
 

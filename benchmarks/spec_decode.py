@@ -13,10 +13,18 @@ Two workloads, each timed as decode only (from every request's first token to th
   ngram (--model PATH, or "embedded" for the bundled SmolLM2-135M-Instruct): the real n-gram
     proposer, greedy, on chat prompts that quote their context (repeat, fix, edit a given text),
     against the same engine without speculation; the outputs are compared token for token.
+  draft_model (--shape and --draft-shape, random weights): the real draft-model proposer, so the
+    draft's k decode steps (its compiled forward, CUDA graphs, KV cache) are timed too. Random
+    weights agree on nothing, so both models are edited as in oracle: the target to follow a
+    permutation f, the draft to follow f too (--accept-probs 1: nearly every draft accepted) or
+    another permutation (0: nearly none). Only those two acceptance levels are available; what
+    the draft's cost does to the speedup at either end is what this measures.
 
   python benchmarks/spec_decode.py --shape llama-3.1-8b --batch-sizes 1,8,64 --k 4 \\
       --accept-probs 0,0.5,0.8,1
   python benchmarks/spec_decode.py --workload ngram --model embedded --batch-sizes 1 --k 4  # CPU
+  python benchmarks/spec_decode.py --workload draft_model --shape llama-3.1-8b \
+      --draft-shape llama-3.2-1b --batch-sizes 1,8,64 --k 4 --accept-probs 0,1
 """
 
 from __future__ import annotations
@@ -60,12 +68,22 @@ NGRAM_PROMPTS = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--workload", choices=("oracle", "ngram"), default="oracle")
-    p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES), help="oracle")
+    p.add_argument("--workload", choices=("oracle", "ngram", "draft_model"), default="oracle")
+    p.add_argument(
+        "--shape", default="llama-3.1-8b", choices=sorted(SHAPES), help="oracle, draft_model"
+    )
+    p.add_argument(
+        "--draft-shape", default="llama-3.2-1b", choices=sorted(SHAPES), help="draft_model"
+    )
     p.add_argument("--model", default="embedded", help="ngram: a model folder, or embedded")
     p.add_argument("--batch-sizes", default="1,8,64")
     p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
-    p.add_argument("--accept-probs", default="0,0.5,0.8,1", help="oracle: per-token p's")
+    p.add_argument(
+        "--accept-probs",
+        default="0,0.5,0.8,1",
+        help="oracle: per-token p's; draft_model: 0 and/or 1 (the draft follows another "
+        "permutation, or the target's)",
+    )
     p.add_argument("--prompt-len", type=int, default=64, help="oracle: prompt tokens")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens generated per request")
     p.add_argument("--prompt-lookup-min", type=int, default=2, help="ngram")
@@ -152,6 +170,9 @@ def build(args: argparse.Namespace, speculative: bool) -> tuple[Any, list[int], 
             "prompt_lookup_max": args.prompt_lookup_max,
             "disable_by_batch_size": None if limit == "none" else int(limit),
         }
+        if args.workload == "draft_model":
+            del spec["prompt_lookup_min"], spec["prompt_lookup_max"]
+            spec.update(method="draft_model", model=shape_folder(args.draft_shape))
     engine_args: dict[str, Any] = dict(
         max_num_seqs=max(batches),
         enable_prefix_caching=False,
@@ -161,7 +182,7 @@ def build(args: argparse.Namespace, speculative: bool) -> tuple[Any, list[int], 
         speculative_config=spec,
         kv_cache_memory_bytes=None if cuda else 1 << 28,
     )
-    if args.workload == "oracle":
+    if args.workload != "ngram":
         engine_args.update(load_format="dummy", skip_tokenizer_init=True)
         engine_args.update(max_model_len=args.prompt_len + args.max_tokens + 64)
         llm = LLM(shape_folder(args.shape), **engine_args)
@@ -200,7 +221,7 @@ def decode_run(
 
     from compiled_llm import SamplingParams
 
-    oracle = args.workload == "oracle"
+    oracle = args.workload != "ngram"  # random-weight shapes made predictable
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=oracle)
     groups = (
@@ -271,10 +292,16 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     startup_s = time.perf_counter() - start
     results: dict[str, dict[str, Any]] = {kind: {} for kind in kinds}
     for b in batches:
-        if "spec" in engines and args.workload == "oracle":
+        if "spec" in engines and args.workload != "ngram":
             llm, f, prompts = engines["spec"]
             for p in [float(x) for x in args.accept_probs.split(",") if x]:
-                llm.engine.core.spec.proposer = OracleProposer(f, p)
+                if args.workload == "oracle":
+                    llm.engine.core.spec.proposer = OracleProposer(f, p)
+                elif p in (0.0, 1.0):  # the draft follows f (seed 0), or another permutation
+                    draft = llm.engine.core.runner.draft
+                    make_predictable(draft.model, seed=0 if p == 1.0 else 1)
+                else:
+                    raise SystemExit("draft_model: --accept-probs takes 0 and 1 only")
                 decode_run(args, llm, f, prompts, b, f"warm{b}p{p}")
                 timed = [
                     decode_run(args, llm, f, prompts, b, f"b{b}p{p}r{r}")
@@ -305,6 +332,12 @@ def main() -> None:
             "oracle workload: drafts are the target's own next tokens kept with probability p "
             "(a stand-in for a trained draft model), on a random-weight target edited to be "
             "predictable"
+        )
+    if args.workload == "draft_model":
+        print(
+            f"draft_model workload: a {args.draft_shape} draft model drafts for a {args.shape} "
+            "target, both random weights edited to follow a permutation: the target's (p=1, "
+            "nearly all drafts accepted) or another (p=0, nearly none)"
         )
     script, argv = os.path.abspath(__file__), sys.argv[1:]
     if args.workload == "ngram":
@@ -337,7 +370,9 @@ def main() -> None:
                 r["ms_per_step"],
             ]
         )
-    name = args.shape if args.workload == "oracle" else os.path.basename(args.model.rstrip("/"))
+    name = args.shape if args.workload != "ngram" else os.path.basename(args.model.rstrip("/"))
+    if args.workload == "draft_model":
+        name = f"{args.shape}-draft-{args.draft_shape}"
     path = write_result(
         f"spec_decode-{args.workload}-{name}", {"config": vars(args), "env": env, "runs": runs}
     )

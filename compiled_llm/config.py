@@ -131,9 +131,9 @@ class ObservabilityConfig:
     nvtx: bool
 
 
-SPECULATIVE_METHODS = ("ngram",)  # what compiled_llm/spec_decode has a proposer for
+SPECULATIVE_METHODS = ("ngram", "draft_model")  # what compiled_llm/spec_decode proposes with
 # vLLM's other methods: named so that asking for one says "not supported yet", not "unknown".
-_SPECULATIVE_METHODS_LATER = ("draft_model", "eagle", "eagle3", "medusa", "mtp", "suffix")
+_SPECULATIVE_METHODS_LATER = ("eagle", "eagle3", "medusa", "mtp", "suffix")
 # speculative_config keys and their defaults where the user leaves one out (None: required, or
 # taken from another key; see speculative_config_from).
 SPECULATIVE_DEFAULTS: dict[str, Any] = {
@@ -143,6 +143,7 @@ SPECULATIVE_DEFAULTS: dict[str, Any] = {
     "prompt_lookup_max": 5,
     "prompt_lookup_min": None,  # 2, or prompt_lookup_max if that is lower
     "disable_by_batch_size": 32,
+    "draft_tensor_parallel_size": None,  # draft_model: 1 (the draft runs unsharded)
 }
 
 
@@ -153,8 +154,11 @@ class SpeculativeConfig:
     in its ordinary step. Built from the user's `speculative_config` dict (vLLM's keys) by
     `speculative_config_from`, which holds the defaults and validates."""
 
-    method: str  # a proposer of compiled_llm/spec_decode's registry: "ngram"
+    method: str  # "ngram" (compiled_llm/spec_decode's registry) or "draft_model"
     num_speculative_tokens: int  # k: most draft tokens checked per request and step
+    model: str | None  # draft_model: the draft's path as given (None for ngram)
+    # draft_model: the draft resolved by EngineArgs.create_config (None before, and for ngram)
+    draft_model_config: ModelConfig | None
     prompt_lookup_min: int  # ngram: shortest suffix of the context looked up
     prompt_lookup_max: int  # ngram: longest suffix looked up (tried first)
     # No request speculates in a step that starts with more running requests than this (None:
@@ -198,10 +202,27 @@ def speculative_config_from(value: Any) -> SpeculativeConfig | None:
             f"speculative_config.method must be one of {', '.join(SPECULATIVE_METHODS)}, "
             f"got {method!r}"
         )
-    if model is not None:
-        raise ValueError(
-            f"speculative_config.model is for draft models; method {method!r} takes none"
-        )
+    if method == "draft_model":
+        if not isinstance(model, str) or not model:
+            raise ValueError(
+                "speculative_config.model is required for method 'draft_model': the draft's "
+                f"local folder or .gguf file, got {model!r}"
+            )
+        if d["draft_tensor_parallel_size"] not in (None, 1):
+            raise ValueError(
+                "speculative_config.draft_tensor_parallel_size must be 1 (the draft runs "
+                f"unsharded), got {d['draft_tensor_parallel_size']!r}"
+            )
+    else:
+        if model is not None:
+            raise ValueError(
+                f"speculative_config.model is for draft models; method {method!r} takes none"
+            )
+        if d["draft_tensor_parallel_size"] is not None:
+            raise ValueError(
+                "speculative_config.draft_tensor_parallel_size is for draft models; method "
+                f"{method!r} takes none"
+            )
 
     def integer(key: str, low: int, optional: bool = False) -> None:
         v = d[key]
@@ -226,6 +247,8 @@ def speculative_config_from(value: Any) -> SpeculativeConfig | None:
     return SpeculativeConfig(
         method=method,
         num_speculative_tokens=d["num_speculative_tokens"],
+        model=model,
+        draft_model_config=None,
         prompt_lookup_min=d["prompt_lookup_min"],
         prompt_lookup_max=d["prompt_lookup_max"],
         disable_by_batch_size=d["disable_by_batch_size"],
@@ -411,6 +434,8 @@ class EngineArgs:
         '{"method": "ngram", "num_speculative_tokens": K} proposes up to K tokens a step by '
         "looking the context's last prompt_lookup_max (default 5) down to prompt_lookup_min "
         "(default 2) tokens up earlier in the context; "
+        '{"method": "draft_model", "model": PATH, "num_speculative_tokens": K} drafts with a '
+        "smaller model of the same vocabulary; "
         "disable_by_batch_size (default 32) turns it off in steps with more running requests "
         "(default: off)",
         metavar="JSON",
@@ -556,8 +581,53 @@ class EngineArgs:
             observability_config=ObservabilityConfig(profile_dir=self.profile_dir, nvtx=self.nvtx),
             device=device,
             attention_backend=self.attention_backend,
-            speculative_config=speculative_config_from(self.speculative_config),
+            speculative_config=_resolve_speculative(
+                speculative_config_from(self.speculative_config), model_config
+            ),
         )
+
+
+def _resolve_speculative(
+    spec: SpeculativeConfig | None, target: ModelConfig
+) -> SpeculativeConfig | None:
+    """draft_model: the draft's ModelConfig, checked against the target's. It runs in the
+    target's dtype, KV-cache dtype, max_model_len and load format (random weights with
+    --load-format dummy), with its checkpoint's own quantization if it declares one, and reads
+    token ids only (the target's tokenizer is the one used)."""
+    if spec is None or spec.method != "draft_model":
+        return spec
+    from compiled_llm.models.loader import check_weights, load_hf_config, resolve_model
+    from compiled_llm.models.registry import resolve_model_impl
+
+    assert spec.model is not None
+    try:
+        path = resolve_model(spec.model)
+    except ValueError as e:
+        raise ValueError(f"speculative_config.model: {e}") from None
+    if target.load_format == "auto":
+        check_weights(path)
+    hf_config = load_hf_config(path, target.trust_remote_code)
+    vocab, target_vocab = int(hf_config.vocab_size), int(target.hf_config.vocab_size)
+    if vocab != target_vocab:
+        raise ValueError(
+            f"speculative_config.model {spec.model!r} has vocab_size={vocab}, the target has "
+            f"{target_vocab}: a draft model must use the target's tokenizer and vocabulary"
+        )
+    max_pos = int(getattr(hf_config, "max_position_embeddings", 0) or 8192)
+    if target.max_model_len > max_pos:
+        raise ValueError(
+            f"speculative_config.model {spec.model!r} has max_position_embeddings={max_pos}, "
+            f"below max_model_len={target.max_model_len}; lower max_model_len"
+        )
+    draft = dataclasses.replace(
+        target,
+        model=path,
+        hf_config=hf_config,
+        skip_tokenizer_init=True,
+        model_impl=resolve_model_impl(hf_config, "auto"),
+        quantization=_resolve_quantization(None, hf_config),
+    )
+    return dataclasses.replace(spec, draft_model_config=draft)
 
 
 def _resolve_device(name: str) -> torch.device:

@@ -11,6 +11,7 @@ import logging
 import time
 
 from compiled_llm.config import EngineConfig
+from compiled_llm.engine.draft_proposer import draft_proposer
 from compiled_llm.engine.messages import (
     EngineCoreOutput,
     EngineCoreOutputs,
@@ -59,7 +60,9 @@ class EngineCore:
             config.scheduler_config, self.kv_cache, config.speculative_config
         )
         spec = config.speculative_config
-        self.spec = SpeculativeDecoder(spec) if spec is not None else None
+        self.spec = (
+            SpeculativeDecoder(spec, draft_proposer(self.runner, self.kv_cache)) if spec else None
+        )
         # Speculation counters of the results read since the last outputs (for /metrics).
         self._spec_stats = SpecDecodeStatsMsg.empty(spec.num_speculative_tokens if spec else 0)
         self.async_scheduling = config.scheduler_config.async_scheduling

@@ -9,6 +9,7 @@ when the step's result is asked for.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import math
@@ -184,7 +185,12 @@ class StepHandle:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, profiler: Profiler | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, profiler: Profiler | None = None, is_draft: bool = False
+    ) -> None:
+        """`is_draft`: the draft model of speculative decoding (`draft_model`), run by the
+        target's runner (`self.draft`): it sizes no memory of its own, and the target's KV
+        cache sizing counts it."""
         self.config = config
         self.profiler = profiler or Profiler(None, False)
         self.device = config.device
@@ -195,7 +201,7 @@ class ModelRunner:
         self.start_seconds: dict[str, float] = {}
         # KV sizing on CUDA charges this engine with the memory used from here on.
         self._in_use_before = self._reserved_before = 0
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not is_draft:
             gc.collect()  # an engine dropped earlier in this process may still hold memory
             self._in_use_before = _device_in_use(self.device)
             self._reserved_before = torch.cuda.memory_reserved(self.device)
@@ -217,12 +223,24 @@ class ModelRunner:
         self.forward_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self.model.forward
         self.compiled: CompiledModel | None = None
         self.graphs: CudaGraphRunner | None = None
+        # Speculative decoding with a draft model: its own runner (weights, compiled forward,
+        # CUDA graphs, a KV cache of as many blocks as this one's, addressed by the same block
+        # ids); engine/draft_proposer.py runs it.
+        self.draft: ModelRunner | None = None
+        spec = config.speculative_config
+        if spec is not None and spec.draft_model_config is not None:
+            logger.info("loading the draft model %s", spec.draft_model_config.model)
+            draft_config = dataclasses.replace(
+                config, model_config=spec.draft_model_config, speculative_config=None
+            )
+            self.draft = ModelRunner(draft_config, self.profiler, is_draft=True)
+            self.start_seconds["weights"] += self.draft.start_seconds["weights"]
+            self.load_seconds = self.start_seconds["weights"]
 
     # --- KV cache -------------------------------------------------------------------------------
     def determine_num_blocks(self) -> int:
         cc = self.config.cache_config
-        mc = self.config.model_config
-        per_block = self.backend.kv_cache_bytes_per_block(mc.num_layers)
+        per_block = self.kv_cache_bytes_per_block()
         sc = self.config.scheduler_config
         useful = sc.max_num_seqs * -(-sc.max_model_len // self.block_size)
         if cc.num_gpu_blocks_override is not None:
@@ -240,6 +258,14 @@ class ModelRunner:
                 "memory (kv_cache_memory_bytes / gpu_memory_utilization)"
             )
         return int(num_blocks)
+
+    def kv_cache_bytes_per_block(self) -> int:
+        """Bytes of one block id: this model's KV, plus the draft model's (its cache has as many
+        blocks, so the budget is split in proportion to the two models' per-token KV)."""
+        per_block = self.backend.kv_cache_bytes_per_block(self.config.model_config.num_layers)
+        if self.draft is not None:
+            per_block += self.draft.kv_cache_bytes_per_block()
+        return per_block
 
     def _profile_kv_cache_bytes(self) -> int:
         m = self._profile_memory()
@@ -283,6 +309,8 @@ class ModelRunner:
         num_tokens = min(sc.max_num_batched_tokens, sc.max_model_len)
         self.initialize_kv_cache(-(-num_tokens // self.block_size))  # scratch
         self._compile_forward()
+        if self.draft is not None:
+            self.draft._compile_forward()
 
         def in_use() -> int:  # by this engine, torch or not
             return _device_in_use(dev) - self._in_use_before
@@ -302,10 +330,15 @@ class ModelRunner:
             return used, used - torch.cuda.memory_reserved(dev) + torch.cuda.memory_allocated(dev)
 
         before, reserved = in_use(), torch.cuda.memory_reserved(dev)
-        graphs = self.graphs.measure_memory(footprint) if self.graphs is not None else 0
+        graphs = 0
+        for runner in (self, self.draft):
+            if runner is not None and runner.graphs is not None:
+                graphs += runner.graphs.measure_memory(footprint)
         held = in_use() - before  # what the graphs (piecewise kept, decode dropped) hold now
         held_torch = torch.cuda.memory_reserved(dev) - reserved
         self.kv_caches = []
+        if self.draft is not None:
+            self.draft.kv_caches = []
         used = in_use()
         torch_used = torch.cuda.memory_reserved(dev) - self._reserved_before
         return MemoryProfile(
@@ -331,6 +364,8 @@ class ModelRunner:
             self.kv_caches = self.backend.allocate_kv_caches(
                 num_blocks, self.config.model_config.num_layers
             )
+        if self.draft is not None:
+            self.draft.initialize_kv_cache(num_blocks)
 
     def compile(self) -> None:
         """At -O1 and above: compile the forward now (not on the first request); at -O2 capture
@@ -339,6 +374,13 @@ class ModelRunner:
         if self.graphs is not None:
             with self._timed("cudagraphs"):
                 self.graphs.capture()
+        if self.draft is not None:
+            self.draft.compile()
+            for stage in ("compile", "cudagraphs"):
+                if stage in self.draft.start_seconds:
+                    self.start_seconds[stage] = (
+                        self.start_seconds.get(stage, 0.0) + self.draft.start_seconds[stage]
+                    )
 
     def _compile_forward(self) -> None:
         if self.compiled is not None or self.config.compilation_config.level < 1:

@@ -62,11 +62,17 @@ class KVCacheManager:
 
     # --- allocation -----------------------------------------------------------------------------
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, computed: list[KVBlock] | None = None
+        self,
+        request: Request,
+        num_new_tokens: int,
+        computed: list[KVBlock] | None = None,
+        cache_prefix: bool = True,
     ) -> bool:
         """Make room for `num_new_tokens` more tokens after the computed ones (plus `computed`
         prefix hits for a request being admitted). False, with nothing changed, if blocks run
-        out."""
+        out. `cache_prefix=False` enters no block in the prefix index: speculative decoding's
+        draft model writes ahead of the target into slots the target computes later, and a
+        block is hashed only when the step that fills it is scheduled."""
         computed = computed or []
         blocks = self._blocks.setdefault(request.request_id, [])
         total = request.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
@@ -78,7 +84,7 @@ class KVCacheManager:
         blocks.extend(computed)
         if needed > 0:
             blocks.extend(self.pool.allocate(needed))
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and cache_prefix:
             known = min(total, request.num_tokens)
             hashes = self._full_block_hashes(request, known)
             start = self._num_cached.get(request.request_id, len(computed))

@@ -70,7 +70,11 @@ def build_sampling_batch(
 ) -> SamplingBatch:
     """One row per request, or with `drafts` (speculative decoding) 1 + len(drafts[i]) rows for
     request i: row j samples the token after draft j - 1, i.e. output index base + j, with the
-    drafts before it counted as output (penalties, min_tokens) and that index's seeded noise."""
+    drafts before it counted as output (penalties, min_tokens) and that index's seeded noise.
+    With `drafts` every random row draws the counter-based noise of its request's
+    sampling_seed (random for a request that brings no seed), seeded or not: a draft model
+    samples its drafts with that same noise (spec_decode, docs/speculative_decoding.md)."""
+    verifying = drafts is not None
     drafts = drafts if drafts is not None else [[] for _ in requests]
     owner = [i for i, d in enumerate(drafts) for _ in range(len(d) + 1)]
     position = [j for d in drafts for j in range(len(d) + 1)]
@@ -88,7 +92,7 @@ def build_sampling_batch(
 
     top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
-    seeded = [i for i in random_rows if params[i].seed is not None]
+    seeded = [i for i in random_rows if verifying or params[i].seed is not None]
     any_penalty = any(p.has_penalties for p in params)
     # Stop tokens are banned until min_tokens outputs exist.
     banned_rows: list[int] = []

@@ -14,14 +14,16 @@ from collections.abc import Iterable
 
 from compiled_llm.config import SpeculativeConfig
 from compiled_llm.request import Request, RequestStatus
-from compiled_llm.spec_decode.proposer import create_proposer
+from compiled_llm.spec_decode.proposer import Proposer, create_proposer
 from compiled_llm.spec_decode.state import SpecDecodeState
 
 
 class SpeculativeDecoder:
-    def __init__(self, config: SpeculativeConfig) -> None:
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer | None = None) -> None:
+        """`proposer`: one the engine built (a draft model needs the engine's runner and KV
+        cache); by default the registry's for `config.method`."""
         self.config = config
-        self.proposer = create_proposer(config)
+        self.proposer = proposer if proposer is not None else create_proposer(config)
 
     def new_state(self) -> SpecDecodeState:
         return SpecDecodeState(self.config.num_speculative_tokens)

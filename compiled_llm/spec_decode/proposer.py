@@ -1,7 +1,8 @@
 """Proposers by `method` name. A proposer guesses up to k next tokens for each of a batch of
 decoding requests whose newest token is on the host; the scheduler hands them to the target's
-next step as drafts. Model-based proposers (a draft model, EAGLE-3 heads) will register here
-too, taking their requests' last hidden states from the runner."""
+next step as drafts. Proposers that run a model (`draft_model`: engine/draft_proposer.py) need
+the engine's runner and KV cache, so the engine builds them and hands them to
+`SpeculativeDecoder`; this registry holds the ones built from the config alone."""
 
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ def available_methods() -> tuple[str, ...]:
 def create_proposer(config: SpeculativeConfig) -> Proposer:
     if config.method not in _PROPOSERS:
         raise ValueError(
-            f"speculative_config.method={config.method!r} has no proposer; available: "
-            + ", ".join(_PROPOSERS)
+            f"speculative_config.method={config.method!r} has no proposer built from the "
+            "config alone; available: " + ", ".join(_PROPOSERS)
         )
     module, name = _PROPOSERS[config.method].split(":")
     cls = getattr(importlib.import_module(module), name)

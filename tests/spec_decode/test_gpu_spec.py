@@ -1,7 +1,7 @@
-"""On CUDA at -O2: n-gram speculation gives the greedy tokens of the same engine without it
-(up to fp16 near-ties, `assert_greedy_close`), with drafts accepted; verification steps (k + 1
-query tokens a request) run the piecewise graphs and steps without drafts still replay the full
-decode graphs."""
+"""On CUDA at -O2: n-gram and draft-model speculation give the greedy tokens of the same engine
+without it (up to fp16 near-ties, `assert_greedy_close`), with drafts accepted; verification
+steps (k + 1 query tokens a request) run the piecewise graphs and steps without drafts still
+replay the full decode graphs."""
 
 from __future__ import annotations
 
@@ -65,4 +65,50 @@ def test_ngram_at_o2_matches_no_speculation(gpu_cycle_model, backend) -> None:
     full_before = graphs.full_replays
     assert_greedy_close(alone, tokens(llm.generate(PROMPTS[2:], GREEDY, use_tqdm=False)))
     assert graphs.full_replays > full_before
+    assert llm.engine.num_free_blocks == free
+
+
+@pytest.fixture(scope="module")
+def gpu_small_draft(tmp_path_factory: pytest.TempPathFactory, embedded_tokenizer_dir: Path):
+    return build_cycle_model(
+        tmp_path_factory.mktemp("gpu-cycle-draft"),
+        embedded_tokenizer_dir,
+        **{**GPU_SHAPE, "num_hidden_layers": 1},
+    )
+
+
+@pytest.mark.parametrize("backend", ["triton", "flashinfer"])
+def test_draft_model_at_o2_matches_no_speculation(
+    gpu_cycle_model, gpu_small_draft, backend
+) -> None:
+    """A one-layer draft at -O2: compiled, with its own piecewise and full decode graphs (the
+    draft steps after the first are uniform decodes and replay its full graphs), its KV cache
+    beside the target's with as many blocks; greedy output as without speculation."""
+    if not backend_available(backend):
+        pytest.skip(f"{backend} not installed")
+    common = dict(
+        dtype="float16",
+        attention_backend=backend,
+        compilation_level=2,
+        max_num_seqs=8,
+        max_model_len=512,
+        skip_tokenizer_init=True,
+        gpu_memory_utilization=0.3,
+    )
+    plain = LLM(str(gpu_cycle_model), **common)
+    expected = tokens(plain.generate(PROMPTS, GREEDY, use_tqdm=False))
+    del plain
+    torch.cuda.empty_cache()
+    spec = {"method": "draft_model", "model": str(gpu_small_draft), "num_speculative_tokens": 4}
+    llm = LLM(str(gpu_cycle_model), speculative_config=spec, **common)
+    runner = llm.engine.core.runner
+    draft = runner.draft
+    assert draft is not None and draft.graphs is not None and draft.compiled is not None
+    assert draft.kv_caches[0].shape[0] == runner.kv_caches[0].shape[0]
+    free = llm.engine.num_free_blocks
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert_greedy_close(expected, tokens(outs))
+    m = outs[0].metrics.spec_decode
+    assert m is not None and m.num_accepted_draft_tokens > 0
+    assert draft.graphs.full_replays > 0 and draft.graphs.piecewise_replays > 0
     assert llm.engine.num_free_blocks == free

@@ -15,6 +15,8 @@ def test_ngram_with_defaults() -> None:
     assert config == SpeculativeConfig(
         method="ngram",
         num_speculative_tokens=4,
+        model=None,
+        draft_model_config=None,
         prompt_lookup_min=2,
         prompt_lookup_max=5,
         disable_by_batch_size=32,
@@ -54,8 +56,16 @@ def test_given_values_and_vllm_older_spelling() -> None:
         ({"num_speculative_tokens": 2}, "method is required"),
         ({"method": "magic", "num_speculative_tokens": 2}, "method must be one of ngram"),
         ({"method": "eagle3", "num_speculative_tokens": 2}, "'eagle3' is not supported yet"),
-        ({"method": "draft_model", "model": "m", "num_speculative_tokens": 2}, "not supported yet"),
-        ({"model": "some/draft", "num_speculative_tokens": 2}, "'draft_model' is not supported"),
+        ({"method": "draft_model", "num_speculative_tokens": 2}, "speculative_config.model is"),
+        ({"method": "draft_model", "model": 3, "num_speculative_tokens": 2}, "config.model is"),
+        (
+            {"model": "m", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 2},
+            "draft_tensor_parallel_size must be 1",
+        ),
+        (
+            {"method": "ngram", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1},
+            "draft_tensor_parallel_size is for draft models",
+        ),
         (
             {"method": "ngram", "model": "m", "num_speculative_tokens": 2},
             "speculative_config.model",
@@ -105,3 +115,17 @@ def test_cli_flag_takes_json() -> None:
     for bad in ("{not json", "[1, 2]"):
         with pytest.raises(SystemExit):
             parser.parse_args(["generate", "hi", "--speculative-config", bad])
+
+
+def test_draft_model_keys() -> None:
+    """vLLM infers draft_model from a model that is not "ngram"; the draft is resolved (and its
+    vocabulary checked) by create_config, tested in test_draft_model.py."""
+    config = speculative_config_from(
+        {"model": "some/draft", "num_speculative_tokens": 3, "draft_tensor_parallel_size": 1}
+    )
+    assert config is not None
+    assert (config.method, config.model, config.draft_model_config) == (
+        "draft_model",
+        "some/draft",
+        None,
+    )

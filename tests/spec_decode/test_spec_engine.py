@@ -147,6 +147,22 @@ def test_prefix_cache_after_rollbacks(cycle_model, baseline) -> None:
     assert hit.outputs[0].token_ids == reference.outputs[0].token_ids
 
 
+def test_stop_strings(cycle_model) -> None:
+    """A stop string the frontend finds in the text of accepted drafts ends the request where it
+    ends without speculation (the same text, tokens and finish)."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    text = run(engine(cycle_model, False, skip_tokenizer_init=False), params, PROMPTS[2:3])[0]
+    text = text.outputs[0].text
+    assert len(text) > 12
+    stopped = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[text[8:11]])
+    expected = run(engine(cycle_model, False, skip_tokenizer_init=False), stopped, PROMPTS[2:3])
+    assert expected[0].outputs[0].finish_reason == "stop"
+    outs = run(engine(cycle_model, True, skip_tokenizer_init=False), stopped, PROMPTS[2:3])
+    same_outputs(expected, outs)
+    assert outs[0].outputs[0].text == expected[0].outputs[0].text
+    assert acceptance(outs)[1] > 0
+
+
 def test_structured_outputs_refused(cycle_model) -> None:
     llm = engine(cycle_model, True, skip_tokenizer_init=False)
     params = SamplingParams(structured_outputs=StructuredOutputsParams(regex="[ab]+"))

@@ -75,7 +75,7 @@ def verify(params: SamplingParams) -> list[list[int]]:
     [
         SamplingParams(temperature=0.9, top_k=5, seed=0),
         SamplingParams(temperature=1.3, frequency_penalty=0.7, seed=0),
-        SamplingParams(temperature=1.0),  # unseeded rows: torch's own noise
+        SamplingParams(temperature=1.0),  # unseeded: the noise of sampling_seed (random)
     ],
     ids=["seeded-top_k", "seeded-penalty", "unseeded"],
 )

@@ -1,0 +1,225 @@
+"""The `draft_model` proposer: a second, smaller model with the target's vocabulary guesses each
+speculating request's next k tokens by running k decode steps of its own
+(docs/speculative_decoding.md, "Draft model").
+
+The draft is the target runner's `draft` (`ModelRunner`: loaded by our loader, compiled by our
+compiler, its own CUDA graphs). Its KV cache has as many blocks as the target's and is addressed
+by the target's block tables, so it needs no allocator of its own: a request's draft KV lives in
+the slots of the request's own blocks. Before drafting, a request's blocks are extended to cover
+the draft positions (`KVCacheManager.allocate_slots(..., cache_prefix=False)`: the blocks the
+verification step will need anyway; none is entered in the prefix index before the target fills
+it). Rejected drafts need no rollback: the target's `trim` frees the blocks past the verified
+tokens, and a draft slot is only ever read after this request's draft wrote it for the token now
+at that position (`_DraftKV.valid` tracks how far that holds).
+
+Drafts are sampled with the request's own sampling parameters and the counter-based noise of
+the output index they stand at: the noise the target draws that position with when verifying.
+The target keeps a draft iff its own sample equals it, so the emitted tokens are the ones it
+would emit without speculation (docs, "Why this is exact"); a draft whose distribution is close
+to the target's makes the same choice under the same noise, which is what gets accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from compiled_llm.engine.model_runner import ModelRunner
+from compiled_llm.kv_cache.kv_cache_manager import KVCacheManager
+from compiled_llm.request import Request
+from compiled_llm.sampling.batch import build_sampling_batch
+from compiled_llm.sampling.sampler import Sampler, SamplingBatch
+
+
+def _token_ids(request: Request, start: int, end: int) -> list[int]:
+    """request.all_token_ids[start:end] without building the whole list."""
+    prompt = request.prompt_token_ids
+    if end <= len(prompt):
+        return prompt[start:end]
+    output = request.output_token_ids
+    if start >= len(prompt):
+        return output[start - len(prompt) : end - len(prompt)]
+    return prompt[start:] + output[: end - len(prompt)]
+
+
+@dataclass
+class _DraftKV:
+    """What of a request the draft's KV cache holds (Request.spec.proposer_state)."""
+
+    valid: int = 0  # its first `valid` tokens have draft KV written for them
+    num_preemptions: int = 0  # the request's count when `valid` was set (a preemption clears)
+    # The last proposal: its drafts whose KV was written, from token position `start` on.
+    start: int = 0
+    written: list[int] = field(default_factory=list)
+
+    def sync(self, request: Request) -> int:
+        """`valid` now: drafts the request has since emitted as its own tokens keep their KV, up
+        to (not including) its newest token, which is always fed again: its slot may have been
+        freed with rejected drafts' blocks."""
+        if request.num_preemptions != self.num_preemptions:
+            self.num_preemptions = request.num_preemptions
+            self.valid, self.written = 0, []
+        if self.written:
+            tokens = _token_ids(request, self.start, self.start + len(self.written))
+            same = 0
+            for a, b in zip(tokens, self.written):
+                if a != b:
+                    break
+                same += 1
+            self.valid = self.start + same
+            self.written = []
+        self.valid = min(self.valid, request.num_tokens - 1)
+        return self.valid
+
+
+class DraftModelProposer:
+    """Runs the draft model for the requests the speculative decoder picked (spec_decode's
+    `Proposer` protocol)."""
+
+    def __init__(self, draft: ModelRunner, kv_cache: KVCacheManager) -> None:
+        self.draft = draft
+        self.kv_cache = kv_cache
+        self.vocab_size = draft.vocab_size
+        self.max_tokens_per_forward = draft.config.scheduler_config.max_num_batched_tokens
+        self.sampler = Sampler()
+        self._batches: dict[int, SamplingBatch] = {}  # one proposal's, by number of rows
+
+    @torch.inference_mode()
+    def propose(self, requests: list[Request], max_drafts: list[int]) -> list[list[int]]:
+        with self.draft.profiler.stage("draft model"):
+            return self._propose(requests, max_drafts)
+
+    def _propose(self, requests: list[Request], max_drafts: list[int]) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in requests]
+        # Requests that can draft: decoding (every token but the newest computed by the target)
+        # and with blocks for the draft positions (else no drafts: drafting never preempts).
+        chosen: list[int] = []
+        for i, (r, k) in enumerate(zip(requests, max_drafts)):
+            state = r.spec
+            assert state is not None
+            if state.proposer_state is None:
+                state.proposer_state = _DraftKV(num_preemptions=r.num_preemptions)
+            if k < 1 or r.num_computed_tokens != r.num_tokens - 1:
+                continue
+            # slots for the newest token and drafts 1..k-1 (draft k is never fed)
+            if self.kv_cache.allocate_slots(r, k, cache_prefix=False):
+                chosen.append(i)
+        if not chosen:
+            return out
+        chosen.sort(key=lambda i: -max_drafts[i])  # the requests of step j form a prefix
+        reqs = [requests[i] for i in chosen]
+        room = [max_drafts[i] for i in chosen]
+        kv: list[_DraftKV] = [r.spec.proposer_state for r in reqs]  # type: ignore[union-attr]
+        valid = [s.sync(r) for s, r in zip(kv, reqs)]
+        ends = [r.num_tokens for r in reqs]  # N: draft 1 is the token at position N
+        block_ids = [self.kv_cache.block_ids(r) for r in reqs]
+        width = max(len(b) for b in block_ids)
+        block_table = np.zeros((len(reqs), width), dtype=np.int32)
+        for i, row in enumerate(block_ids):
+            block_table[i, : len(row)] = row
+
+        # Catch up (a new or preempted request's whole context, or tokens accepted last step
+        # that the draft has not fed): chunks of at most max_num_batched_tokens until what is
+        # left fits the first draft step (or is only the newest tokens).
+        while sum(e - v for e, v in zip(ends, valid)) > self.max_tokens_per_forward and any(
+            e - 1 > v for e, v in zip(ends, valid)
+        ):
+            self._prefill_chunk(reqs, valid, ends, block_table)
+
+        # Draft step 1 feeds each request's tokens from `valid` to its newest; step j > 1 feeds
+        # draft j - 1 (still on the device) at position N + j - 2, for the requests with room
+        # for draft j. One host copy at the end.
+        q_lens = np.array([e - v for e, v in zip(ends, valid)], dtype=np.int64)
+        tokens = np.concatenate(
+            [np.asarray(_token_ids(r, v, e), dtype=np.int64) for r, v, e in zip(reqs, valid, ends)]
+        )
+        seq_lens = np.array(ends, dtype=np.int64)
+        sampled: list[torch.Tensor] = []
+        prev: torch.Tensor | None = None
+        for j in range(max(room)):
+            n = sum(1 for k in room if k > j)
+            if j > 0:
+                assert prev is not None
+                tokens = np.zeros(n, dtype=np.int64)
+                q_lens = np.ones(n, dtype=np.int64)
+                seq_lens = np.array(ends[:n], dtype=np.int64) + j
+            ids, positions, attn = self.draft._device_inputs(
+                tokens, q_lens, seq_lens, block_table[:n]
+            )
+            if prev is not None:
+                ids[:n] = prev[:n]
+            hidden = self.draft.run_model(ids, positions, attn)
+            logits = self.draft.model.compute_logits(hidden[self._last_rows(q_lens)])
+            prev = self.sampler(logits, self._batch(reqs[:n], j)).token_ids
+            sampled.append(prev)
+        self._batches.clear()
+        flat: list[int] = torch.cat(sampled).tolist()
+        offset = 0
+        drafts: list[list[int]] = [[] for _ in reqs]
+        for j in range(max(room)):
+            n = sum(1 for k in room if k > j)
+            for i in range(n):
+                drafts[i].append(flat[offset + i])
+            offset += n
+        for i, (written, e) in enumerate(zip(kv, ends)):
+            written.valid, written.start = e, e
+            written.written = drafts[i][: room[i] - 1]  # drafts 1..k-1 were fed
+            out[chosen[i]] = drafts[i]
+        return out
+
+    def _batch(self, reqs: list[Request], j: int) -> SamplingBatch:
+        """Sampling rows for draft j + 1 of each request: its own parameters, at its output
+        index (no token is pending while drafting, so the builder's index is one short), with
+        every random row on the counter-based noise the verification step will use. Penalties
+        and min_tokens see the request's output without the drafts before: only acceptance
+        depends on that."""
+        batch = self._batches.get(len(reqs))
+        if batch is None:
+            batch = build_sampling_batch(
+                reqs, self.vocab_size, self.draft.device, drafts=[[] for _ in reqs]
+            )
+            batch = dataclasses.replace(batch, max_num_logprobs=-1)
+            self._batches[len(reqs)] = batch
+        return dataclasses.replace(batch, steps=batch.steps + 1 + j)
+
+    def _last_rows(self, q_lens: np.ndarray) -> torch.Tensor:
+        return self.draft._to_device(np.cumsum(q_lens) - 1)
+
+    def _prefill_chunk(
+        self,
+        reqs: list[Request],
+        valid: list[int],
+        ends: list[int],
+        block_table: np.ndarray,
+    ) -> None:
+        """One draft forward that writes KV for up to max_num_batched_tokens of the requests'
+        catch-up tokens (never their newest, which the first draft step feeds)."""
+        budget = self.max_tokens_per_forward
+        rows, pieces, q_lens, seq_lens = [], [], [], []
+        for i, (r, v, e) in enumerate(zip(reqs, valid, ends)):
+            take = min(e - 1 - v, budget)
+            if take <= 0:
+                continue
+            rows.append(i)
+            pieces.append(np.asarray(_token_ids(r, v, v + take), dtype=np.int64))
+            q_lens.append(take)
+            seq_lens.append(v + take)
+            valid[i] = v + take
+            budget -= take
+            if budget == 0:
+                break
+        ids, positions, attn = self.draft._device_inputs(
+            np.concatenate(pieces),
+            np.array(q_lens, dtype=np.int64),
+            np.array(seq_lens, dtype=np.int64),
+            block_table[rows],
+        )
+        self.draft.run_model(ids, positions, attn)
+
+
+def draft_proposer(runner: ModelRunner, kv_cache: KVCacheManager) -> DraftModelProposer | None:
+    """The proposer of a runner with a draft model (speculative_config.method draft_model)."""
+    return DraftModelProposer(runner.draft, kv_cache) if runner.draft is not None else None
