@@ -78,6 +78,8 @@ def run_engine_core(
         proc.send(OutputType.FAILED, CoreFailed(f"{type(e).__name__}: {e}"))
         code = 1
     finally:
+        if proc.core is not None:  # tensor-parallel workers: stopped, not left to notice
+            proc.core.shutdown()
         proc.close()
         shutil.rmtree(socket_dir, ignore_errors=True)
     os._exit(code)  # skip interpreter teardown: torch and ZeroMQ threads can stall it
