@@ -92,7 +92,7 @@ def _free_port() -> int:
 def _init_process_group(config: EngineConfig, port: int) -> None:
     pc = config.parallel_config
     cuda = config.device.type == "cuda"
-    if cuda:
+    if cuda and config.device.index is not None:
         torch.cuda.set_device(config.device)
     dist.init_process_group(
         "nccl" if cuda else "gloo",
@@ -127,6 +127,7 @@ class _Workers:
         level = logging.getLogger("compiled_llm").getEffectiveLevel()
         self.procs: list[BaseProcess] = []
         self.conns: list[Connection] = []
+        self._error: str | None = None  # the first error a worker reported
         with _may_have_children():
             for rank in range(1, world):
                 ours, theirs = ctx.Pipe()
@@ -153,11 +154,11 @@ class _Workers:
         """The first traceback a worker sent before it exited (start-up or step failure)."""
         for i, conn in enumerate(self.conns):
             with contextlib.suppress(OSError, EOFError):
-                while conn.poll():
+                while self._error is None and conn.poll():
                     kind, text = conn.recv()
                     if kind == "error":
-                        return f"rank {self.rank_of(i)} (pid {self.procs[i].pid}): {text}"
-        return None
+                        self._error = f"rank {self.rank_of(i)} (pid {self.procs[i].pid}): {text}"
+        return self._error
 
     def dead(self) -> tuple[int, BaseProcess] | None:
         for i, proc in enumerate(self.procs):
@@ -389,6 +390,11 @@ def worker_main(
     )
     logging.getLogger("compiled_llm").setLevel(log_level)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    # tqdm's first bar (compiling) makes a multiprocessing lock, a named semaphore this
+    # process's os._exit never unlinks (then the resource tracker warns); a thread lock will do.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     pc = config.parallel_config
     if config.device.type == "cpu":  # the ranks share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // pc.tensor_parallel_size))
