@@ -58,6 +58,12 @@ logger = logging.getLogger(__name__)
 _PARENT_CHECK_S = 1.0  # how often a worker checks that the engine core's process still exists
 _STOP_TIMEOUT_S = 10.0  # how long a worker gets to exit after being asked
 _READY_TIMEOUT_S = 300.0  # how long rank 0, started, waits for the workers' start-up to end
+_JOIN_TIMEOUT_S = 120.0  # how long a worker may take to import torch and reach the rendezvous
+_SPAWN_HINT = (
+    ". Workers start with multiprocessing's spawn method, "
+    "which imports the main script again: a script that creates the engine must do so under "
+    '`if __name__ == "__main__":`'
+)
 
 
 def create_model_runner(config: EngineConfig, profiler: Profiler | None = None) -> ModelRunner:
@@ -128,6 +134,7 @@ class _Workers:
         self.procs: list[BaseProcess] = []
         self.conns: list[Connection] = []
         self._error: str | None = None  # the first error a worker reported
+        self._reading = threading.Lock()  # the engine's thread and the monitor both read
         with _may_have_children():
             for rank in range(1, world):
                 ours, theirs = ctx.Pipe()
@@ -141,7 +148,10 @@ class _Workers:
                 theirs.close()
                 self.procs.append(proc)
                 self.conns.append(ours)
-        self._finalizer = weakref.finalize(self, _stop_workers, self.procs, self.conns)
+        self.stopping = threading.Event()  # set first when they are stopped on purpose
+        self._finalizer = weakref.finalize(
+            self, _stop_workers, self.procs, self.conns, self.stopping
+        )
 
     def rank_of(self, index: int) -> int:
         return index + 1
@@ -150,15 +160,48 @@ class _Workers:
         for conn in self.conns:
             conn.send_bytes(payload)
 
+    def _read(self, i: int) -> tuple[str, Any] | None:
+        """Worker i's next message if one is there (None: none, or its pipe is closed)."""
+        with self._reading, contextlib.suppress(OSError, EOFError):
+            if self.conns[i].poll():
+                kind, payload = self.conns[i].recv()
+                if kind == "error" and self._error is None:
+                    self._error = f"rank {self.rank_of(i)} (pid {self.procs[i].pid}): {payload}"
+                return kind, payload
+        return None
+
     def reported_error(self) -> str | None:
         """The first traceback a worker sent before it exited (start-up or step failure)."""
-        for i, conn in enumerate(self.conns):
-            with contextlib.suppress(OSError, EOFError):
-                while self._error is None and conn.poll():
-                    kind, text = conn.recv()
-                    if kind == "error":
-                        self._error = f"rank {self.rank_of(i)} (pid {self.procs[i].pid}): {text}"
+        for i in range(len(self.conns)):
+            while self._error is None and self._read(i) is not None:
+                pass
         return self._error
+
+    def expect(self, kind: str, timeout: float, stage: str) -> None:
+        """Each worker's `kind` message, watching that it is alive meanwhile; WorkerFailed
+        naming the rank of one that reports an error, dies or stays silent."""
+        deadline = time.monotonic() + timeout
+        for i, (conn, proc) in enumerate(zip(self.conns, self.procs)):
+            rank = self.rank_of(i)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WorkerFailed(
+                        f"tensor-parallel worker rank {rank} (pid {proc.pid}) sent nothing for "
+                        f"{timeout:.0f} s {stage}"
+                    )
+                multiprocessing.connection.wait([conn, proc.sentinel], min(left, 1.0))
+                message = self._read(i)
+                if message is not None and message[0] == kind:
+                    break
+                if message is not None and message[0] == "error":
+                    raise WorkerFailed(f"tensor-parallel worker failed {stage}: {self._error}")
+                if message is None and not proc.is_alive():
+                    raise WorkerFailed(
+                        f"tensor-parallel worker rank {rank} (pid {proc.pid}) "
+                        f"{_describe_exit(proc)} {stage}"
+                        + (_SPAWN_HINT if kind == "joining" else "")
+                    )
 
     def dead(self) -> tuple[int, BaseProcess] | None:
         for i, proc in enumerate(self.procs):
@@ -166,24 +209,15 @@ class _Workers:
                 return self.rank_of(i), proc
         return None
 
-    def wait_ready(self, timeout: float) -> None:
-        """Each worker's ready message (sent once its start-up matched rank 0's)."""
-        deadline = time.monotonic() + timeout
-        for i, conn in enumerate(self.conns):
-            if not conn.poll(max(0.0, deadline - time.monotonic())):
-                raise WorkerFailed(f"tensor-parallel worker rank {self.rank_of(i)} never got ready")
-            kind, text = conn.recv()
-            if kind != "ready":
-                raise WorkerFailed(
-                    f"tensor-parallel worker rank {self.rank_of(i)} failed at start-up:\n{text}"
-                )
-
     def stop(self) -> None:
         self._finalizer()
 
 
-def _stop_workers(procs: list[BaseProcess], conns: list[Connection]) -> None:
+def _stop_workers(
+    procs: list[BaseProcess], conns: list[Connection], stopping: threading.Event
+) -> None:
     """Ask each worker to stop, then terminate and finally kill what is left."""
+    stopping.set()
     for conn in conns:
         with contextlib.suppress(OSError):
             conn.send_bytes(pickle.dumps(None))
@@ -223,7 +257,6 @@ class DriverRunner(ModelRunner):
                 "tensor-parallel engine per process"
             )
         self.failure: WorkerFailed | None = None
-        self._stopping = False
         port = _free_port()
         self.workers = _Workers(config, port)
         self._monitor = threading.Thread(
@@ -231,6 +264,9 @@ class DriverRunner(ModelRunner):
         )
         self._monitor.start()
         try:
+            # A worker that dies before the rendezvous would leave rank 0 waiting there for
+            # torch's timeout: it says when it gets there.
+            self.workers.expect("joining", _JOIN_TIMEOUT_S, "before joining the process group")
             _init_process_group(config, port)
             # dropped without shutdown(): leave the group, so that a later engine can start
             weakref.finalize(self, _destroy_group, dist.group.WORLD)
@@ -248,19 +284,24 @@ class DriverRunner(ModelRunner):
     def compile(self) -> None:
         try:
             super().compile()
-            self.workers.wait_ready(timeout=_READY_TIMEOUT_S)
+            self.workers.expect("ready", _READY_TIMEOUT_S, "during start-up")
         except BaseException as e:
             self._fail_start(e)
 
     def _fail_start(self, error: BaseException) -> NoReturn:
         """Raise the worker's own error where one failed (rank 0's error is then only the
         collective that lost its peer), else rank 0's; stop everything first."""
+        if isinstance(error, WorkerFailed):  # says already which rank and why
+            self.shutdown()
+            raise error
         time.sleep(0.2)  # a failed worker's report may still be on its way
         reported = self.workers.reported_error()
         dead = self.workers.dead()
         self.shutdown()
         if reported is not None:
-            raise WorkerFailed(f"tensor-parallel worker failed at start-up: {reported}") from error
+            raise WorkerFailed(
+                f"tensor-parallel worker failed during start-up: {reported}"
+            ) from error
         if dead is not None and not isinstance(error, ValueError):
             rank, proc = dead
             raise WorkerFailed(
@@ -328,7 +369,7 @@ class DriverRunner(ModelRunner):
         the waiting operation fail and the next step raise the failure."""
         sentinels = {p.sentinel: (i, p) for i, p in enumerate(self.workers.procs)}
         multiprocessing.connection.wait(list(sentinels))
-        if self._stopping:
+        if self.workers.stopping.is_set():
             return
         index, proc = next((v for s, v in sentinels.items() if not v[1].is_alive()), (0, None))
         if proc is None:
@@ -341,7 +382,7 @@ class DriverRunner(ModelRunner):
 
     def shutdown(self) -> None:
         """Stop the workers and leave the process group (idempotent)."""
-        self._stopping = True
+        self.workers.stopping.set()
         if dist.is_initialized():  # first: a worker waiting in a collective then fails at once
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
@@ -400,6 +441,7 @@ def worker_main(
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // pc.tensor_parallel_size))
     code = 0
     try:
+        conn.send(("joining", None))
         _init_process_group(config, port)
         runner = WorkerRunner(config)
         runner.initialize_kv_cache(runner.determine_num_blocks())

@@ -144,11 +144,20 @@ def test_tp2_moe_equals_hf(tmp_path: Path, embedded_tokenizer_dir: Path) -> None
 def test_worker_failing_at_load_ends_the_start(llama: Path, monkeypatch) -> None:
     monkeypatch.setattr(tp_executor, "worker_main", tp_engine_worker.worker_with_missing_weights)
     started = time.monotonic()
-    with pytest.raises(WorkerFailed, match=r"(?s)rank 1 .*no \*\.safetensors files"):
+    with pytest.raises(WorkerFailed, match=r"(?s)during start-up: rank 1 .*no \*\.safetensors"):
         LLM(str(llama), tensor_parallel_size=2, **ENGINE)
     assert time.monotonic() - started < 120  # no collective waited for its timeout
     assert_no_workers_left([])
     assert not torch.distributed.is_initialized()  # a later engine can start
+
+
+def test_worker_dying_before_the_rendezvous_ends_the_start(llama: Path, monkeypatch) -> None:
+    """Rank 0 does not wait in the rendezvous for a worker that never comes."""
+    monkeypatch.setattr(tp_executor, "worker_main", tp_engine_worker.worker_that_exits_at_once)
+    with pytest.raises(WorkerFailed, match=r"rank 1 \(pid \d+\) exited with code 3 before joining"):
+        LLM(str(llama), tensor_parallel_size=2, **ENGINE)
+    assert_no_workers_left([])
+    assert not torch.distributed.is_initialized()
 
 
 @pytest.mark.parametrize(
