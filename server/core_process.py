@@ -215,6 +215,8 @@ class EngineCoreProc:
             raise SystemExit(0)
         if not self._in_thread.is_alive():
             raise RuntimeError("the engine core's input thread died")
+        if self.core is not None:  # a tensor-parallel worker that died while idle
+            self.core.check_health()
 
     def _handle(self, kind: bytes, msg: Any) -> None:
         core = self.core

@@ -286,6 +286,11 @@ class EngineCore:
     def reset_prefix_cache(self) -> bool:
         return self.kv_cache.pool.reset_prefix_cache()
 
+    def check_health(self) -> None:
+        """Raise what has ended the engine outside a step (a tensor-parallel worker that
+        died while it was idle); nothing otherwise."""
+        self.runner.check_health()
+
     def shutdown(self) -> None:
         """Stop what outlives this object: tensor-parallel workers (none otherwise)."""
         self.runner.shutdown()

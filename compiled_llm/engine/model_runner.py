@@ -469,6 +469,9 @@ class ModelRunner:
         assert previous is not None and previous.device_tokens is not None
         return previous.device_tokens[self._to_device(host.pending_src)]
 
+    def check_health(self) -> None:
+        """Raise if this runner can no longer run steps (a tensor-parallel worker died)."""
+
     def shutdown(self) -> None:
         """Release what outlives the object (tensor-parallel workers); nothing here."""
 

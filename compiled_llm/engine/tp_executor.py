@@ -236,7 +236,7 @@ def _stop_workers(
 
 
 def _describe_exit(proc: BaseProcess) -> str:
-    proc.join(1.0)  # the exit code may lag the sentinel
+    proc.join(5.0)  # the exit code may lag the sentinel
     code = proc.exitcode
     if code is None:
         return "stopped answering"
@@ -368,17 +368,22 @@ class DriverRunner(ModelRunner):
         peer died would wait for NCCL's timeout, so the communicator is aborted, which makes
         the waiting operation fail and the next step raise the failure."""
         sentinels = {p.sentinel: (i, p) for i, p in enumerate(self.workers.procs)}
-        multiprocessing.connection.wait(list(sentinels))
+        ready = multiprocessing.connection.wait(list(sentinels))
         if self.workers.stopping.is_set():
             return
-        index, proc = next((v for s, v in sentinels.items() if not v[1].is_alive()), (0, None))
-        if proc is None:
-            return
+        # The sentinel closes with the process's files, a moment before it can be waited for
+        # (is_alive() may still say True): take the rank from the sentinel.
+        index, proc = sentinels[ready[0]]  # type: ignore[index]
         self._record(self.workers.rank_of(index), proc)
         logger.error("%s", self.failure)
         if device.type == "cuda":
             with contextlib.suppress(Exception):
                 dist.distributed_c10d._abort_process_group()
+
+    def check_health(self) -> None:
+        if self.failure is not None:
+            self.shutdown()
+            raise self.failure
 
     def shutdown(self) -> None:
         """Stop the workers and leave the process group (idempotent)."""

@@ -114,6 +114,8 @@ def test_tp2_equals_tp1_and_hf_then_a_killed_worker_ends_it(llama: Path) -> None
             generate(llm, PROMPTS[:1])
         with pytest.raises(WorkerFailed, match="rank 1"):
             generate(llm, PROMPTS[:1])
+        with pytest.raises(WorkerFailed, match="rank 1"):  # what the server polls when idle
+            llm.engine.core.check_health()
         assert_no_workers_left(procs)
     finally:
         llm.engine.core.shutdown()
