@@ -86,6 +86,7 @@ def llama(tmp_path_factory, embedded_tokenizer_dir) -> Path:
     return make_tiny_model("llama", tmp_path_factory.mktemp("tp-llama"), embedded_tokenizer_dir)
 
 
+@pytest.mark.slow
 def test_tp2_equals_tp1_and_hf_then_a_killed_worker_ends_it(llama: Path) -> None:
     """One TP=2 engine: greedy tokens equal transformers' and TP=1's (chunked prefill, then a
     prefix-cache hit); each rank holds half the KV heads; then rank 1 is killed mid-run."""
@@ -122,6 +123,7 @@ def test_tp2_equals_tp1_and_hf_then_a_killed_worker_ends_it(llama: Path) -> None
     assert_no_workers_left(procs)
 
 
+@pytest.mark.slow
 def test_tp2_moe_equals_hf(tmp_path: Path, embedded_tokenizer_dir: Path) -> None:
     """Qwen3-MoE (a dense layer between sparse ones): the experts' intermediate dim split."""
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
@@ -143,6 +145,7 @@ def test_tp2_moe_equals_hf(tmp_path: Path, embedded_tokenizer_dir: Path) -> None
     assert_no_workers_left(procs)
 
 
+@pytest.mark.slow
 def test_worker_failing_at_load_ends_the_start(llama: Path, monkeypatch) -> None:
     monkeypatch.setattr(tp_executor, "worker_main", tp_engine_worker.worker_with_missing_weights)
     started = time.monotonic()
