@@ -23,6 +23,7 @@ engine core's process is gone (parent watchdog), so none is left behind.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import logging
@@ -269,7 +270,11 @@ class DriverRunner(ModelRunner):
             self.workers.expect("joining", _JOIN_TIMEOUT_S, "before joining the process group")
             _init_process_group(config, port)
             # dropped without shutdown(): leave the group, so that a later engine can start
-            weakref.finalize(self, _destroy_group, dist.group.WORLD)
+            weakref.finalize(self, _destroy_group, dist.group.WORLD).atexit = False
+            # At exit: stop in order (the group, then the workers) before multiprocessing's own
+            # exit handler terminates the daemonic workers under a live group (atexit runs the
+            # handler registered last first).
+            atexit.register(_shutdown_at_exit, weakref.ref(self))
             super().__init__(config, profiler)
         except BaseException as e:
             self._fail_start(e)
@@ -392,6 +397,12 @@ class DriverRunner(ModelRunner):
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
         self.workers.stop()
+
+
+def _shutdown_at_exit(ref: weakref.ref[DriverRunner]) -> None:
+    runner = ref()
+    if runner is not None:
+        runner.shutdown()
 
 
 def _destroy_group(group: Any) -> None:
