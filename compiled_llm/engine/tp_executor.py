@@ -258,6 +258,7 @@ class DriverRunner(ModelRunner):
                 "tensor-parallel engine per process"
             )
         self.failure: WorkerFailed | None = None
+        self._group: Any = None  # the default group this engine made
         port = _free_port()
         self.workers = _Workers(config, port)
         self._monitor = threading.Thread(
@@ -269,8 +270,9 @@ class DriverRunner(ModelRunner):
             # torch's timeout: it says when it gets there.
             self.workers.expect("joining", _JOIN_TIMEOUT_S, "before joining the process group")
             _init_process_group(config, port)
+            self._group = dist.group.WORLD
             # dropped without shutdown(): leave the group, so that a later engine can start
-            weakref.finalize(self, _destroy_group, dist.group.WORLD).atexit = False
+            weakref.finalize(self, _destroy_group, self._group).atexit = False
             # At exit: stop in order (the group, then the workers) before multiprocessing's own
             # exit handler terminates the daemonic workers under a live group (atexit runs the
             # handler registered last first).
@@ -296,7 +298,9 @@ class DriverRunner(ModelRunner):
     def _fail_start(self, error: BaseException) -> NoReturn:
         """Raise the worker's own error where one failed (rank 0's error is then only the
         collective that lost its peer), else rank 0's; stop everything first."""
-        if isinstance(error, WorkerFailed):  # says already which rank and why
+        if isinstance(error, (WorkerFailed, ValueError)):
+            # which rank and why, or rank 0's own refusal (every rank refuses the same way,
+            # e.g. a KV cache too small for max_model_len, and rank 0's says it best)
             self.shutdown()
             raise error
         time.sleep(0.2)  # a failed worker's report may still be on its way
@@ -307,7 +311,7 @@ class DriverRunner(ModelRunner):
             raise WorkerFailed(
                 f"tensor-parallel worker failed during start-up: {reported}"
             ) from error
-        if dead is not None and not isinstance(error, ValueError):
+        if dead is not None:
             rank, proc = dead
             raise WorkerFailed(
                 f"tensor-parallel worker rank {rank} (pid {proc.pid}) {_describe_exit(proc)} "
@@ -393,9 +397,7 @@ class DriverRunner(ModelRunner):
     def shutdown(self) -> None:
         """Stop the workers and leave the process group (idempotent)."""
         self.workers.stopping.set()
-        if dist.is_initialized():  # first: a worker waiting in a collective then fails at once
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
+        _destroy_group(self._group)  # first: a worker waiting in a collective fails at once
         self.workers.stop()
 
 
@@ -406,7 +408,8 @@ def _shutdown_at_exit(ref: weakref.ref[DriverRunner]) -> None:
 
 
 def _destroy_group(group: Any) -> None:
-    if dist.is_initialized() and dist.group.WORLD is group:
+    """Leave `group` if it is still the default group (not a later engine's)."""
+    if group is not None and dist.is_initialized() and dist.group.WORLD is group:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 

@@ -180,6 +180,15 @@ def test_bad_sizes_are_refused_before_anything_starts(llama: Path, kwargs, match
     assert not torch.distributed.is_initialized()
 
 
+def test_rank_0s_own_refusal_at_start_is_raised_as_it_is(llama: Path) -> None:
+    """Every rank finds the KV cache too small for max_model_len; the user sees the
+    ValueError, not a worker failure."""
+    with pytest.raises(ValueError, match="fewer than max_model_len=128"):
+        LLM(str(llama), tensor_parallel_size=2, **{**ENGINE, "kv_cache_memory_bytes": 4096})
+    assert_no_workers_left([])
+    assert not torch.distributed.is_initialized()
+
+
 def test_more_ranks_than_gpus_are_refused(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     mc = SimpleNamespace(num_heads=8, num_kv_heads=8, model="/x", model_impl="native")
