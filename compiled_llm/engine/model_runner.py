@@ -200,6 +200,10 @@ class StepHandle:
 
 
 class ModelRunner:
+    # What `sample` returns its launched step as (the tensor-parallel driver checks its
+    # workers when a step's result is read).
+    step_handle: Callable[[list[Request], SamplerOutput, list[int]], StepHandle] = StepHandle
+
     def __init__(self, config: EngineConfig, profiler: Profiler | None = None) -> None:
         self.config = config
         self.profiler = profiler or Profiler(None, False)
@@ -561,7 +565,8 @@ class ModelRunner:
                 mask, rows = bitmask
                 batch.token_bitmask = mask.to(self.device, non_blocking=True)
                 batch.bitmask_rows = self._to_device(np.asarray(rows, dtype=np.int64))
-            return StepHandle(step.requests, self.sampler(step.logits, batch), step.num_rows)
+            out = self.sampler(step.logits, batch)
+            return self.step_handle(step.requests, out, step.num_rows)
 
     def run_model(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs

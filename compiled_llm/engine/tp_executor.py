@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import functools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -49,6 +50,7 @@ from compiled_llm.engine.model_runner import (
     HostInputs,
     LaunchedStep,
     ModelRunner,
+    ModelRunnerOutput,
     StepHandle,
 )
 from compiled_llm.engine.scheduler import SchedulerOutput
@@ -246,11 +248,27 @@ def _describe_exit(proc: BaseProcess) -> str:
     return f"exited with code {code}"
 
 
+class _CheckedStepHandle(StepHandle):
+    """A step of rank 0 whose result is refused once a worker has died: on CUDA the monitor
+    aborts NCCL, which ends a collective waiting for the dead peer with meaningless sums."""
+
+    def __init__(self, driver: DriverRunner, *args: Any) -> None:
+        super().__init__(*args)
+        self.driver = driver
+
+    def result(self) -> ModelRunnerOutput:
+        out = super().result()
+        if self.driver.failure is not None:
+            raise self.driver.failure
+        return out
+
+
 class DriverRunner(ModelRunner):
     """Rank 0 of a tensor-parallel group, in the engine core's process: starts the workers,
     then runs as a ModelRunner on its shard and sends each step's inputs to the workers."""
 
     def __init__(self, config: EngineConfig, profiler: Profiler | None = None) -> None:
+        self.step_handle = functools.partial(_CheckedStepHandle, self)
         if dist.is_initialized():
             raise ValueError(
                 "tensor_parallel_size > 1: this process already has a torch.distributed "

@@ -189,6 +189,16 @@ def test_rank_0s_own_refusal_at_start_is_raised_as_it_is(llama: Path) -> None:
     assert not torch.distributed.is_initialized()
 
 
+def test_a_step_read_after_a_worker_died_is_refused() -> None:
+    """On CUDA the monitor aborts NCCL when a worker dies, so the step in flight ends with
+    meaningless sums: its result raises the failure instead of handing out tokens."""
+    driver = SimpleNamespace(failure=None)
+    assert tp_executor._CheckedStepHandle(driver, [], None).result().request_ids == []
+    driver.failure = WorkerFailed("tensor-parallel worker rank 1 died")
+    with pytest.raises(WorkerFailed, match="rank 1"):
+        tp_executor._CheckedStepHandle(driver, [], None).result()
+
+
 def test_more_ranks_than_gpus_are_refused(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     mc = SimpleNamespace(num_heads=8, num_kv_heads=8, model="/x", model_impl="native")
