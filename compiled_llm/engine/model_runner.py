@@ -109,8 +109,8 @@ class HostInputs:
     q_lens: np.ndarray  # int64, per request: tokens fed
     seq_lens: np.ndarray  # int64, per request: tokens in its KV cache after this step
     block_table: np.ndarray  # int32 [requests, width]
-    pending_dst: np.ndarray  # int64: token positions sampled by the step still in flight
-    pending_src: np.ndarray  # int64: their rows in that step's output
+    pending_dst: list[int]  # token positions sampled by the step still in flight
+    pending_src: list[int]  # their rows in that step's output
 
 
 @dataclass
@@ -451,8 +451,8 @@ class ModelRunner:
             q_lens=q_lens,
             seq_lens=starts + q_lens,
             block_table=block_table,
-            pending_dst=np.asarray(pending_dst, dtype=np.int64),
-            pending_src=np.asarray(pending_src, dtype=np.int64),
+            pending_dst=pending_dst,
+            pending_src=pending_src,
         )
         return host, logits_indices
 
@@ -464,14 +464,15 @@ class ModelRunner:
         ids_t, pos_t, attn = self._device_inputs(
             host.token_ids, host.q_lens, host.seq_lens, host.block_table
         )
-        if len(host.pending_dst):
-            ids_t[self._to_device(host.pending_dst)] = self.pending_tokens(host, previous)
+        if host.pending_dst:
+            dst = self._to_device(np.asarray(host.pending_dst))
+            ids_t[dst] = self.pending_tokens(host, previous)
         return ids_t, pos_t, attn
 
     def pending_tokens(self, host: HostInputs, previous: StepHandle | None) -> torch.Tensor:
         """The ids `previous` sampled for `host.pending_dst`, on the device."""
         assert previous is not None and previous.device_tokens is not None
-        return previous.device_tokens[self._to_device(host.pending_src)]
+        return previous.device_tokens[self._to_device(np.asarray(host.pending_src))]
 
     def check_health(self) -> None:
         """Raise if this runner can no longer run steps (a tensor-parallel worker died)."""
