@@ -17,6 +17,11 @@ to touch under uniform routing (exact at batch 1). KV-cache reads are not counte
       --kv-cache-dtype fp8
   python benchmarks/latency.py --shape tiny --levels 0,1 --batch-sizes 1,4 --decode-steps 4 \\
       --prefill-lens 64   # CPU smoke run
+  python benchmarks/latency.py --shape llama-3.1-8b --levels 2 --tensor-parallel-size 2
+
+With --tensor-parallel-size N the weights are split over N GPUs, whose copy bandwidths add up:
+the roofline and the "of copy bw" column use N x one GPU's copy bandwidth (the all-reduces'
+time is not in it).
 """
 
 from __future__ import annotations
@@ -62,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="quantize the weights at load (the roofline then counts 1 byte per linear weight)",
     )
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    p.add_argument(
+        "-tp", "--tensor-parallel-size", type=int, default=1, help="ranks (GPUs) to shard over"
+    )
     p.add_argument("--attention-backend", default="auto")
     p.add_argument(
         "--model-impl",
@@ -131,6 +139,7 @@ def worker(args: argparse.Namespace) -> dict:
         dtype=args.dtype,
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
+        tensor_parallel_size=args.tensor_parallel_size,
         max_model_len=max(2 * longest, 2048),
         max_num_seqs=max(batches),
         max_num_batched_tokens=max(longest, 2048),
@@ -271,7 +280,7 @@ def main() -> None:
         return
     env = environment()
     print("config:", json.dumps(vars(args)), json.dumps(env), sep="\n  ")
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth() * args.tensor_parallel_size  # the ranks read their shards at once
     q = args.quantization
     _, read_bytes = weight_bytes(args.shape, quantization=q)  # batch 1: the active weights
     read_at = {
@@ -279,7 +288,9 @@ def main() -> None:
     }
     roofline_tok_s = bandwidth / read_bytes
     print(
-        f"device copy bandwidth {bandwidth / 1e12:.3f} TB/s; {read_bytes / 1e9:.2f} GB of weights "
+        f"device copy bandwidth {bandwidth / 1e12:.3f} TB/s"
+        + (f" ({args.tensor_parallel_size} devices)" if args.tensor_parallel_size > 1 else "")
+        + f"; {read_bytes / 1e9:.2f} GB of weights "
         f"read per batch-1 step; batch-1 roofline {roofline_tok_s:.1f} tok/s"
     )
     results = {}
@@ -315,6 +326,7 @@ def main() -> None:
             )
     path = write_result(
         f"latency-{args.shape}"
+        + (f"-tp{args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else "")
         + (f"-{args.quantization}" if args.quantization else "")
         + ("-kv-fp8" if args.kv_cache_dtype == "fp8" else "")
         + ("-transformers" if args.model_impl == "transformers" else ""),

@@ -32,6 +32,16 @@ LLAMA_3_1_8B: dict[str, Any] = {
     "torch_dtype": "bfloat16",
 }
 
+# Llama-3.1-70B's published config: the 8B's family at 80 layers, hidden 8192, 64 query heads.
+LLAMA_3_1_70B: dict[str, Any] = {
+    **LLAMA_3_1_8B,
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+}
+
 QWEN3_0_6B: dict[str, Any] = {
     "architectures": ["Qwen3ForCausalLM"],
     "model_type": "qwen3",
@@ -156,6 +166,7 @@ TINY_MOE: dict[str, Any] = dict(
 SHAPES = {
     "llama-3.1-8b": LLAMA_3_1_8B,
     "llama-3.2-1b": LLAMA_3_2_1B,
+    "llama-3.1-70b": LLAMA_3_1_70B,
     "qwen3-0.6b": QWEN3_0_6B,
     "qwen3-8b": QWEN3_8B,
     "qwen3-30b-a3b": QWEN3_30B_A3B,

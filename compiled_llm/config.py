@@ -126,6 +126,24 @@ class CompilationConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism (docs/tensor_parallel.md): the number of ranks, and which one this
+    process is. The engine core runs rank 0; `engine/tp_executor.py` gives each worker process
+    a copy of the config with its own rank (and, on CUDA, its own device)."""
+
+    tensor_parallel_size: int
+    rank: int
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}"
+            )
+        if not 0 <= self.rank < self.tensor_parallel_size:
+            raise ValueError(f"rank={self.rank} must be in 0..{self.tensor_parallel_size - 1}")
+
+
+@dataclass(frozen=True)
 class ObservabilityConfig:
     profile_dir: str | None
     nvtx: bool
@@ -265,6 +283,7 @@ class EngineConfig:
     device: torch.device
     attention_backend: str
     speculative_config: SpeculativeConfig | None  # None: no speculative decoding
+    parallel_config: ParallelConfig
 
 
 _LOAD_FORMATS = ("auto", "dummy")
@@ -383,7 +402,18 @@ class EngineArgs:
         True, "split long prompts over several steps, beside running decodes"
     )
     async_scheduling: bool = _arg(True, "schedule step N+1 while step N runs on the device")
-    device: str = _arg("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    device: str = _arg(
+        "auto",
+        "auto (cuda when available, else cpu), cpu, cuda or cuda:N (with tensor parallelism, "
+        "rank r runs on cuda:N+r)",
+    )
+    tensor_parallel_size: int = _arg(
+        1,
+        "shard the model over this many ranks, one process and one GPU each (NCCL; gloo on "
+        "CPU): attention heads and MLP/expert projections split, the rest replicated; rank 0 "
+        "runs in the engine core, ranks 1.. in worker processes (docs/tensor_parallel.md)",
+        flags=("-tp", "--tensor-parallel-size"),
+    )
     attention_backend: str = _arg(
         "auto",
         "paged-attention backend; auto: flashinfer if installed, else triton, on CUDA, and torch "
@@ -492,6 +522,13 @@ class EngineArgs:
             require(value is None or value >= 1, name, "must be at least 1")
         require(self.max_num_seqs >= 1, "max_num_seqs", "must be at least 1")
         require(
+            isinstance(self.tensor_parallel_size, int)
+            and not isinstance(self.tensor_parallel_size, bool)
+            and self.tensor_parallel_size >= 1,
+            "tensor_parallel_size",
+            "must be an integer >= 1",
+        )
+        require(
             all(size >= 1 for size in self.cudagraph_capture_sizes or ()),
             "cudagraph_capture_sizes",
             "must be at least 1",
@@ -550,6 +587,17 @@ class EngineArgs:
             quantization=quantization,
             kv_cache_dtype=_KV_CACHE_DTYPES[self.kv_cache_dtype] or dtype,
         )
+        speculative_config = _resolve_speculative(
+            speculative_config_from(self.speculative_config), model_config
+        )
+        if self.tensor_parallel_size > 1:
+            _check_tensor_parallel(model_config, self.tensor_parallel_size, device)
+            if speculative_config is not None and speculative_config.method == "draft_model":
+                # The draft runs in rank 0's process only; the workers would not run it.
+                raise ValueError(
+                    "speculative_config.method='draft_model' with tensor_parallel_size > 1 is "
+                    "not supported yet (n-gram speculation is)"
+                )
         level = 0 if self.enforce_eager else self.compilation_level
         if level is None:
             level = _default_level(device)
@@ -581,9 +629,35 @@ class EngineArgs:
             observability_config=ObservabilityConfig(profile_dir=self.profile_dir, nvtx=self.nvtx),
             device=device,
             attention_backend=self.attention_backend,
-            speculative_config=_resolve_speculative(
-                speculative_config_from(self.speculative_config), model_config
-            ),
+            speculative_config=speculative_config,
+            parallel_config=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size, rank=0),
+        )
+
+
+def _check_tensor_parallel(
+    model_config: ModelConfig, world_size: int, device: torch.device
+) -> None:
+    """Refuse a tensor-parallel size the model or the machine cannot run, before any process
+    starts or any weight is read: the heads must split (ShardPlan), the checkpoint must be
+    sliceable (safetensors, a native class, no quantization yet) and, on CUDA, the ranks need
+    one GPU each from the chosen one on."""
+    from compiled_llm.distributed.parallel import TensorParallel
+    from compiled_llm.distributed.plan import ShardPlan
+    from compiled_llm.models.loader import check_shardable
+
+    ShardPlan(TensorParallel(0, world_size), model_config.num_heads, model_config.num_kv_heads)
+    check_shardable(model_config)
+    if device.type == "cuda":
+        first = device.index or 0
+        count = torch.cuda.device_count()
+        if first + world_size > count:
+            raise ValueError(
+                f"tensor_parallel_size={world_size} needs GPUs {first}..{first + world_size - 1} "
+                f"(one per rank from device={str(device)!r}), but {count} are visible"
+            )
+    elif device.type != "cpu":
+        raise ValueError(
+            f"tensor_parallel_size={world_size} runs on cuda or cpu, not on device={str(device)!r}"
         )
 
 

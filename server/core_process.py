@@ -78,6 +78,8 @@ def run_engine_core(
         proc.send(OutputType.FAILED, CoreFailed(f"{type(e).__name__}: {e}"))
         code = 1
     finally:
+        if proc.core is not None:  # tensor-parallel workers: stopped, not left to notice
+            proc.core.shutdown()
         proc.close()
         shutil.rmtree(socket_dir, ignore_errors=True)
     os._exit(code)  # skip interpreter teardown: torch and ZeroMQ threads can stall it
@@ -213,6 +215,8 @@ class EngineCoreProc:
             raise SystemExit(0)
         if not self._in_thread.is_alive():
             raise RuntimeError("the engine core's input thread died")
+        if self.core is not None:  # a tensor-parallel worker that died while idle
+            self.core.check_health()
 
     def _handle(self, kind: bytes, msg: Any) -> None:
         core = self.core

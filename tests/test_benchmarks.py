@@ -146,7 +146,9 @@ def test_benchmark_help(script: str) -> None:
     assert result.returncode == 0 and "usage" in result.stdout
 
 
-@pytest.mark.parametrize("shape", ["llama-3.1-8b", "qwen3-8b", "qwen3-30b-a3b", "mixtral-8x7b"])
+@pytest.mark.parametrize(
+    "shape", ["llama-3.1-8b", "llama-3.1-70b", "qwen3-8b", "qwen3-30b-a3b", "mixtral-8x7b"]
+)
 def test_weight_bytes_are_the_models_parameters(shape: str) -> None:
     """The roofline's byte counts against the native model built from the shape (on the meta
     device): all its parameters, and at batch 1 all but the untied embedding table with each

@@ -19,6 +19,7 @@ from compiled_llm.config import (
     EngineConfig,
     ModelConfig,
     ObservabilityConfig,
+    ParallelConfig,
     SchedulerConfig,
 )
 
@@ -44,6 +45,7 @@ def test_frozen_configs_carry_no_defaults_of_their_own() -> None:
         SchedulerConfig,
         CompilationConfig,
         ObservabilityConfig,
+        ParallelConfig,
         EngineConfig,
     )
     with_default = [

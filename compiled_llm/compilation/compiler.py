@@ -94,6 +94,11 @@ def make_cache(config: EngineConfig, pipeline: PassPipeline, backend_name: str) 
             "device": str(config.device),
             "attention_backend": backend_name,
             "passes": pipeline.uuid(),
+            # a rank's pieces hold its shard's widths and its collectives
+            "tensor_parallel": [
+                config.parallel_config.rank,
+                config.parallel_config.tensor_parallel_size,
+            ],
         }
     )
     return CompileCache(root, key)

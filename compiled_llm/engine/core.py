@@ -27,6 +27,7 @@ from compiled_llm.engine.model_runner import (
 )
 from compiled_llm.engine.processor import STRUCTURED_WITH_SPECULATION
 from compiled_llm.engine.scheduler import Scheduler, SchedulerOutput
+from compiled_llm.engine.tp_executor import create_model_runner
 from compiled_llm.kv_cache.kv_cache_manager import KVCacheManager
 from compiled_llm.profiler import Profiler
 from compiled_llm.request import Request, RequestStatus
@@ -48,7 +49,7 @@ class EngineCore:
         self.config = config
         obs = config.observability_config
         self.profiler = Profiler(obs.profile_dir, obs.nvtx)
-        self.runner = ModelRunner(config, self.profiler)
+        self.runner: ModelRunner = create_model_runner(config, self.profiler)
         num_blocks = self.runner.determine_num_blocks()
         self.runner.initialize_kv_cache(num_blocks)
         self.runner.compile()
@@ -287,3 +288,12 @@ class EngineCore:
 
     def reset_prefix_cache(self) -> bool:
         return self.kv_cache.pool.reset_prefix_cache()
+
+    def check_health(self) -> None:
+        """Raise what has ended the engine outside a step (a tensor-parallel worker that
+        died while it was idle); nothing otherwise."""
+        self.runner.check_health()
+
+    def shutdown(self) -> None:
+        """Stop what outlives this object: tensor-parallel workers (none otherwise)."""
+        self.runner.shutdown()

@@ -25,6 +25,8 @@ from compiled_llm.attention_backends.base import AttentionBackend, AttentionInpu
 from compiled_llm.attention_backends.registry import create_backend
 from compiled_llm.compilation.compiler import CompiledModel
 from compiled_llm.config import EngineConfig
+from compiled_llm.distributed.parallel import TensorParallel
+from compiled_llm.distributed.plan import ShardPlan
 from compiled_llm.engine.cuda_graph_runner import CudaGraphRunner
 from compiled_llm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from compiled_llm.forward_context import ForwardContext, set_forward_context
@@ -96,6 +98,19 @@ def _device_in_use(device: torch.device) -> int:
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     return total - free
+
+
+@dataclass
+class HostInputs:
+    """A step's inputs as host arrays, before anything is on the device: what every
+    tensor-parallel rank builds the same device inputs from (engine/tp_executor.py sends it)."""
+
+    token_ids: np.ndarray  # int64; 0 where `pending_dst` says the previous step samples it
+    q_lens: np.ndarray  # int64, per request: tokens fed
+    seq_lens: np.ndarray  # int64, per request: tokens in its KV cache after this step
+    block_table: np.ndarray  # int32 [requests, width]
+    pending_dst: list[int]  # token positions sampled by the step still in flight
+    pending_src: list[int]  # their rows in that step's output
 
 
 @dataclass
@@ -185,6 +200,10 @@ class StepHandle:
 
 
 class ModelRunner:
+    # What `sample` returns its launched step as (the tensor-parallel driver checks its
+    # workers when a step's result is read).
+    step_handle: Callable[[list[Request], SamplerOutput, list[int]], StepHandle] = StepHandle
+
     def __init__(
         self, config: EngineConfig, profiler: Profiler | None = None, is_draft: bool = False
     ) -> None:
@@ -209,14 +228,22 @@ class ModelRunner:
             if cc.kv_cache_memory_bytes is None and cc.num_gpu_blocks_override is None:
                 total = torch.cuda.mem_get_info(self.device)[1]  # fail before loading weights
                 check_share_is_free(total, self._in_use_before, cc.gpu_memory_utilization)
+        # Tensor parallelism: the process group is up (engine/tp_executor.py); this rank loads
+        # its shards only and its attention and KV cache hold its heads only.
+        pc = config.parallel_config
+        self.tp = TensorParallel.from_group() if pc.tensor_parallel_size > 1 else None
+        plan = ShardPlan(self.tp, mc.num_heads, mc.num_kv_heads) if self.tp else None
         logger.info("loading weights of %s", mc.model)
         with self._timed("weights"):
-            self.model = load_model(mc, self.device)
+            self.model = load_model(mc, self.device, plan)
         self.load_seconds = self.start_seconds["weights"]
         logger.info("loaded weights in %.1f s", self.load_seconds)
         self.vocab_size = int(mc.hf_config.vocab_size)
         layers = layer_attention(self.model, mc.num_layers)
         spec = mc.attention_spec(self.block_size, self.device, layers)
+        if plan is not None:
+            heads, kv_heads = plan.local_heads
+            spec = dataclasses.replace(spec, num_heads=heads, num_kv_heads=kv_heads)
         self.backend: AttentionBackend = create_backend(config.attention_backend, spec)
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
@@ -251,6 +278,10 @@ class ModelRunner:
             num_blocks = min(self._profile_kv_cache_bytes() // per_block, useful)
         else:
             num_blocks = min(_DEFAULT_CPU_KV_BYTES // per_block, useful)
+        if self.tp is not None:  # every rank's block tables index the same blocks
+            found = torch.tensor([num_blocks], dtype=torch.int64, device=self.device)
+            torch.distributed.all_reduce(found, torch.distributed.ReduceOp.MIN, self.tp.group)
+            num_blocks = int(found.item())
         if num_blocks * self.block_size < sc.max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks} blocks of {self.block_size} tokens, fewer than "
@@ -410,6 +441,24 @@ class ModelRunner:
         """Tensors for one step. Tokens the host does not know yet (sampled by `previous`, still
         in flight) are taken from `previous`'s device output. A request with drafts feeds them
         after its newest token and gets logits at each of them (1 + len(drafts) rows)."""
+        host, logits_indices = self.host_inputs(scheduled, block_ids, previous)
+        ids_t, pos_t, attn = self.device_inputs(host, previous)
+        return StepInputs(
+            input_ids=ids_t,
+            positions=pos_t,
+            attn=attn,
+            logits_indices=self._to_device(logits_indices),
+            sampling_requests=[s.request for s in scheduled if s.samples],
+            sampling_drafts=[s.draft_token_ids for s in scheduled if s.samples],
+        )
+
+    def host_inputs(
+        self,
+        scheduled: list[ScheduledRequest],
+        block_ids: list[list[int]],
+        previous: StepHandle | None = None,
+    ) -> tuple[HostInputs, np.ndarray]:
+        """A step's host arrays, and the rows of its tokens that get logits."""
         q_lens = np.array([s.num_tokens for s in scheduled], dtype=np.int64)
         starts = np.array([s.start for s in scheduled], dtype=np.int64)
         cu = np.cumsum(q_lens)
@@ -438,21 +487,39 @@ class ModelRunner:
             + np.arange(int(rows.sum()))
             - np.repeat(np.cumsum(rows) - rows, rows)
         )
+        host = HostInputs(
+            token_ids=np.concatenate(pieces),
+            q_lens=q_lens,
+            seq_lens=starts + q_lens,
+            block_table=block_table,
+            pending_dst=pending_dst,
+            pending_src=pending_src,
+        )
+        return host, logits_indices
+
+    def device_inputs(
+        self, host: HostInputs, previous: StepHandle | None
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionInputs]:
+        """Token ids, positions and attention inputs on the device, with the tokens `previous`
+        is sampling spliced in."""
         ids_t, pos_t, attn = self._device_inputs(
-            np.concatenate(pieces), q_lens, starts + q_lens, block_table
+            host.token_ids, host.q_lens, host.seq_lens, host.block_table
         )
-        if pending_dst:
-            assert previous is not None and previous.device_tokens is not None
-            src = previous.device_tokens[self._to_device(np.asarray(pending_src))]
-            ids_t[self._to_device(np.asarray(pending_dst))] = src
-        return StepInputs(
-            input_ids=ids_t,
-            positions=pos_t,
-            attn=attn,
-            logits_indices=self._to_device(logits_indices),
-            sampling_requests=[s.request for s in scheduled if s.samples],
-            sampling_drafts=[s.draft_token_ids for s in scheduled if s.samples],
-        )
+        if host.pending_dst:
+            dst = self._to_device(np.asarray(host.pending_dst))
+            ids_t[dst] = self.pending_tokens(host, previous)
+        return ids_t, pos_t, attn
+
+    def pending_tokens(self, host: HostInputs, previous: StepHandle | None) -> torch.Tensor:
+        """The ids `previous` sampled for `host.pending_dst`, on the device."""
+        assert previous is not None and previous.device_tokens is not None
+        return previous.device_tokens[self._to_device(np.asarray(host.pending_src))]
+
+    def check_health(self) -> None:
+        """Raise if this runner can no longer run steps (a tensor-parallel worker died)."""
+
+    def shutdown(self) -> None:
+        """Release what outlives the object (tensor-parallel workers); nothing here."""
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(self.device, non_blocking=True)
@@ -540,7 +607,8 @@ class ModelRunner:
                 mask, rows = bitmask
                 batch.token_bitmask = mask.to(self.device, non_blocking=True)
                 batch.bitmask_rows = self._to_device(np.asarray(rows, dtype=np.int64))
-            return StepHandle(step.requests, self.sampler(step.logits, batch), step.num_rows)
+            out = self.sampler(step.logits, batch)
+            return self.step_handle(step.requests, out, step.num_rows)
 
     def run_model(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs
