@@ -98,7 +98,9 @@ def gguf_side_folder(path: str) -> str:
     AutoTokenizer.from_pretrained(src, gguf_file=name).save_pretrained(tmp)
     open(os.path.join(tmp, "complete"), "w").close()
     os.makedirs(os.path.dirname(folder), exist_ok=True)
-    if os.path.isdir(folder):  # without its marker: left by an older version
+    if not os.path.isfile(os.path.join(folder, "complete")):
+        # A folder without its marker was left by an older version. With the marker, another
+        # process published the entry while this one converted: `publish` keeps that one.
         shutil.rmtree(folder, ignore_errors=True)
     publish(tmp, folder)
     return folder
@@ -221,7 +223,9 @@ def gguf_weights(
         tmp = f"{converted}.tmp{os.getpid()}"
         os.makedirs(tmp, exist_ok=True)
         save_file(dict(iterate_gguf(path, hf_config, param_names)), f"{tmp}/model.safetensors")
-        if os.path.isdir(converted):  # without its file: left by an older version
+        if not os.path.isfile(os.path.join(converted, "model.safetensors")):
+            # without its file: left by an older version (with it: published meanwhile by
+            # another process, whose copy `publish` keeps; a reader of it may have it open)
             shutil.rmtree(converted, ignore_errors=True)
         publish(tmp, converted)
     return iterate_safetensors(converted)

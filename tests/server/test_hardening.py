@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -303,22 +305,25 @@ def test_busy_port_fails_before_the_model_loads(tiny_models) -> None:
     assert "engine core" not in done.stderr  # never started: nothing was loaded
 
 
-def sockets_dirs() -> set[Path]:
-    import tempfile
-
-    return set(Path(tempfile.gettempdir()).glob("compiled-llm-*"))
-
-
-def test_killed_server_leaves_no_socket_folder(tmp_path: Path, tiny_models) -> None:
-    before = sockets_dirs()
-    s = start_server(tmp_path / "server.log", model=str(tiny_models("llama")))
-    core = s.core_pid
-    created = sockets_dirs() - before
-    assert len(created) == 1
-    s.proc.kill()  # SIGKILL: the API server cleans nothing; the core notices and does
-    s.proc.wait(30)
-    deadline = time.monotonic() + 30
-    while (pid_alive(core) or created & sockets_dirs()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not pid_alive(core)
-    assert not created & sockets_dirs()
+def test_killed_server_leaves_no_socket_folder(
+    tiny_models, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The server makes its socket folder in $TMPDIR: a folder of this test's own, so that other
+    # servers on the machine (other tests, other xdist workers) neither add to nor take from what
+    # it sees. Short, below /tmp: a unix socket's path has room for ~107 characters.
+    tmp = Path(tempfile.mkdtemp(prefix="cl-"))
+    monkeypatch.setenv("TMPDIR", str(tmp))  # start_server passes os.environ to the server
+    try:
+        s = start_server(tmp_path / "server.log", model=str(tiny_models("llama")))
+        core = s.core_pid
+        created = set(tmp.glob("compiled-llm-*"))
+        assert len(created) == 1
+        s.proc.kill()  # SIGKILL: the API server cleans nothing; the core notices and does
+        s.proc.wait(30)
+        deadline = time.monotonic() + 30
+        while (pid_alive(core) or any(p.exists() for p in created)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not pid_alive(core)
+        assert not any(p.exists() for p in created)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
