@@ -22,6 +22,30 @@ TINY = dict(
 )
 
 
+# --- parallel runs: README's test command runs `pytest -n auto` (pytest-xdist) ------------------
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker per CPU this process may run on (xdist's own count asks psutil for
+    physical cores, which undercounts a VM's vCPUs); none where CUDA is visible, so that the
+    tests run in the main process as without -n: GPU tests size the KV cache from the memory
+    left on the device and capture CUDA graphs, so each needs the GPU to itself."""
+    return 0 if torch.cuda.is_available() else _usable_cpus()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In an xdist worker, torch's intra-op threads (this process's and, through
+    OMP_NUM_THREADS, the servers, engine cores and ranks it starts) share the CPUs with the
+    other workers instead of each taking all of them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = max(1, _usable_cpus() // workers)
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

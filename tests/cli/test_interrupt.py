@@ -31,6 +31,10 @@ def test_ctrl_c_prints_partial_output(tmp_path: Path, embedded_tokenizer_dir: Pa
         stderr=subprocess.PIPE,
         text=True,
         env=dict(os.environ, TOKENIZERS_PARALLELISM="false"),
+        # Python raises KeyboardInterrupt on SIGINT only if it starts with SIGINT's default
+        # action, and a child inherits an ignored signal: a test run started in the background
+        # of a non-interactive shell (`pytest &`, nohup) ignores SIGINT.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     err = ""
     try:
