@@ -27,11 +27,14 @@ def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     """`-n auto`: one worker per CPU this process may run on (xdist's own count asks psutil for
     physical cores, which undercounts a VM's vCPUs); none where CUDA is visible, so that the
     tests run in the main process as without -n: GPU tests size the KV cache from the memory
-    left on the device and capture CUDA graphs, so each needs the GPU to itself."""
+    left on the device and capture CUDA graphs, so each needs the GPU to itself. xdist's
+    PYTEST_XDIST_AUTO_NUM_WORKERS, where set, decides instead."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own hook reads it
     return 0 if torch.cuda.is_available() else _usable_cpus()
 
 
