@@ -233,8 +233,9 @@ def _static_cuda(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 # Per-channel GEMMs of at most this many tokens go to Triton (its GEMV for one token) rather
-# than cuBLASLt. Not measured yet: `python benchmarks/fp8_gemm.py` on the GPU prints the
-# crossover; until then cuBLASLt takes every shape it fits.
+# than cuBLASLt. `python benchmarks/fp8_gemm.py` prints the largest count at which Triton wins on
+# every shape; on the H200 (2026-12-03) there is none (it wins gate/up up to 64 tokens, loses the
+# other projections), so cuBLASLt takes every shape it fits. A per-shape choice is still to do.
 TRITON_MAX_TOKENS = 0
 
 
