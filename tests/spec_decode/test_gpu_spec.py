@@ -34,11 +34,9 @@ def gpu_cycle_model(tmp_path_factory: pytest.TempPathFactory, embedded_tokenizer
     )
 
 
-@pytest.mark.parametrize("backend", ["triton", "flashinfer"])
-def test_ngram_at_o2_matches_no_speculation(gpu_cycle_model, backend) -> None:
-    if not backend_available(backend):
-        pytest.skip(f"{backend} not installed")
-    common = dict(
+def engine_args(backend: str) -> dict:
+    """The engines both tests compare: -O2 (CUDA graphs) with `backend`, float16."""
+    return dict(
         dtype="float16",
         attention_backend=backend,
         compilation_level=2,
@@ -47,6 +45,13 @@ def test_ngram_at_o2_matches_no_speculation(gpu_cycle_model, backend) -> None:
         skip_tokenizer_init=True,
         gpu_memory_utilization=0.3,
     )
+
+
+@pytest.mark.parametrize("backend", ["triton", "flashinfer"])
+def test_ngram_at_o2_matches_no_speculation(gpu_cycle_model, backend) -> None:
+    if not backend_available(backend):
+        pytest.skip(f"{backend} not installed")
+    common = engine_args(backend)
     plain = LLM(str(gpu_cycle_model), **common)
     expected = tokens(plain.generate(PROMPTS, GREEDY, use_tqdm=False))
     alone = tokens(plain.generate(PROMPTS[2:], GREEDY, use_tqdm=False))
@@ -86,15 +91,7 @@ def test_draft_model_at_o2_matches_no_speculation(
     beside the target's with as many blocks; greedy output as without speculation."""
     if not backend_available(backend):
         pytest.skip(f"{backend} not installed")
-    common = dict(
-        dtype="float16",
-        attention_backend=backend,
-        compilation_level=2,
-        max_num_seqs=8,
-        max_model_len=512,
-        skip_tokenizer_init=True,
-        gpu_memory_utilization=0.3,
-    )
+    common = engine_args(backend)
     plain = LLM(str(gpu_cycle_model), **common)
     expected = tokens(plain.generate(PROMPTS, GREEDY, use_tqdm=False))
     del plain
