@@ -27,6 +27,7 @@ def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: without xdist, not an error
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     """`-n auto`: one worker per CPU this process may run on (xdist's own count asks psutil for
     physical cores, which undercounts a VM's vCPUs); none where CUDA is visible, so that the
