@@ -19,8 +19,14 @@ def write_head(
     draft_vocab: int = 48,
     layer_ids: list[int] | None = LAYER_IDS,
     seed: int = 0,
+    follow: list[int] | None = None,
     **overrides: object,
 ) -> Path:
+    """`follow`: instead of random, a head that guesses the token after next as f(f(x)) for the
+    permutation f of the cycle model (tests/spec_decode/conftest.py), x the token whose target
+    state it reads: fc passes the target's embedding of x through (LAYER_IDS[0] = 0), the layer
+    adds nothing, and lm_head's row of y is the embedding of f^-1(f^-1(y)). Its first draft is
+    then mostly right, its later ones (the same state again) mostly wrong."""
     t = json.loads((target / "config.json").read_text())
     hidden, vocab = t["hidden_size"], t["vocab_size"]
     heads, kv_heads = t["num_attention_heads"], t["num_key_value_heads"]
@@ -71,6 +77,18 @@ def write_head(
         "d2t": kept - torch.arange(draft_vocab),  # target id = draft id + d2t[draft id]
         "t2d": torch.zeros(vocab, dtype=torch.bool).index_fill_(0, kept, True),
     }
+    if follow is not None:
+        from safetensors.torch import load_file
+
+        embed = load_file(target / "model.safetensors")["model.embed_tokens.weight"]
+        inverse = torch.argsort(torch.tensor(follow))
+        tensors["fc.weight"] = torch.cat([torch.eye(hidden), torch.zeros(hidden, 2 * hidden)], 1)
+        for name in ("midlayer.self_attn.o_proj.weight", "midlayer.mlp.down_proj.weight"):
+            tensors[name] = torch.zeros_like(tensors[name])
+        tensors["norm.weight"] = torch.ones(hidden)
+        # (plus a little noise: without it, a state whose f(f(x)) is outside the draft
+        # vocabulary ties every logit, and float32 and float64 break the tie apart)
+        tensors["lm_head.weight"] = embed[inverse[inverse[kept]]] + w(draft_vocab, hidden, std=0.05)
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
