@@ -781,6 +781,16 @@ def _eagle3_layer_ids(name: str, head: Any, target: ModelConfig) -> tuple[int, .
             f"speculative_config.model {name!r} sets eagle_config.use_aux_hidden_state=false (an "
             "EAGLE-1 style head); only EAGLE-3 heads, fed three target layers, are supported"
         )
+    if int(head.num_hidden_layers) != 1:
+        raise ValueError(
+            f"speculative_config.model {name!r} has num_hidden_layers={head.num_hidden_layers}; "
+            "EAGLE-3 heads of one layer (midlayer) are supported"
+        )
+    if getattr(head, "norm_before_residual", False):
+        raise ValueError(
+            f"speculative_config.model {name!r} sets norm_before_residual=true, which is not "
+            "supported (the head's residual is its un-normed hidden state)"
+        )
     ids = getattr(head, "eagle_aux_hidden_state_layer_ids", None)
     if not ids and isinstance(eagle_config, dict):
         ids = eagle_config.get("eagle_aux_hidden_state_layer_ids")

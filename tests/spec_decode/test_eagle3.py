@@ -107,6 +107,8 @@ def test_default_layer_ids_and_bad_configs(cycle_model, heads, tmp_path) -> None
         "hidden size 32 .its target_hidden_size.*the target has 64", speculative_config=spec(wide)
     )
     refused("not an EAGLE-3 head", speculative_config=spec(cycle_model))
+    odd = write_head(tmp_path / "odd", cycle_model, norm_before_residual=True)
+    refused("norm_before_residual=true", speculative_config=spec(odd))
     refused("is an EAGLE-3 draft head", model=heads["random"])
     refused(
         "speculative_config.method='eagle3' with tensor_parallel_size > 1",
