@@ -188,6 +188,29 @@ def shape_folder(name: str) -> str:
     return folder
 
 
+def eagle3_head_folder(name: str, draft_vocab: int = 32000) -> str:
+    """A folder holding just config.json of an EAGLE-3 head for the named target shape: one
+    Llama layer of the target's width, as the published heads (yuhuili/EAGLE3-LLaMA3.1-Instruct-8B:
+    LlamaForCausalLMEagle3, draft_vocab_size 32000); load with load_format="dummy". A target of
+    fewer than 4 layers (tiny) names its layers, EAGLE-3's default needs 4."""
+    target = SHAPES[name]
+    layers = int(target["num_hidden_layers"])
+    config = dict(
+        target,
+        architectures=["LlamaForCausalLMEagle3"],
+        num_hidden_layers=1,
+        draft_vocab_size=min(draft_vocab, int(target["vocab_size"])),
+        tie_word_embeddings=False,
+    )
+    if layers < 4:
+        config["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": [0, layers // 2, layers - 1]}
+    folder = os.path.join(tempfile.gettempdir(), f"compiled_llm_eagle3_head_{name}")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    return folder
+
+
 def experts_read(num_experts: int, top_k: int, batch: int) -> float:
     """Experts a decode step of `batch` tokens reads per MoE layer: top_k at batch 1 (exact);
     above, the expected number of distinct experts when each token picks its top_k uniformly

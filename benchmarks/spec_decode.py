@@ -19,12 +19,19 @@ Two workloads, each timed as decode only (from every request's first token to th
     permutation f, the draft to follow f too (--accept-probs 1: nearly every draft accepted) or
     another permutation (0: nearly none). Only those two acceptance levels are available; what
     the draft's cost does to the speedup at either end is what this measures.
+  eagle3 (--shape, random weights): the real EAGLE-3 proposer with a random-weight head of the
+    published layout for the shape (one layer, draft vocabulary 32000; benchmarks/shapes.py):
+    the target's layer taps, the head's fc per step, its k steps. A random head's drafts are
+    almost never accepted, so only --accept-probs 0 is available: the row is the cost of
+    drafting with EAGLE-3 when it gains nothing.
 
   python benchmarks/spec_decode.py --shape llama-3.1-8b --batch-sizes 1,8,64 --k 4 \\
       --accept-probs 0,0.5,0.8,1
   python benchmarks/spec_decode.py --workload ngram --model embedded --batch-sizes 1 --k 4  # CPU
   python benchmarks/spec_decode.py --workload draft_model --shape llama-3.1-8b \
       --draft-shape llama-3.2-1b --batch-sizes 1,8,64 --k 4 --accept-probs 0,1
+  python benchmarks/spec_decode.py --workload eagle3 --shape llama-3.1-8b --batch-sizes 1,8,64 \
+      --k 4 --accept-probs 0
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import environment, print_table, run_worker, write_result  # noqa: E402
-from shapes import SHAPES, shape_folder  # noqa: E402
+from shapes import SHAPES, eagle3_head_folder, shape_folder  # noqa: E402
 
 # Chat prompts whose answers quote their own context (the n-gram proposer's case).
 TEXT = (
@@ -68,7 +75,9 @@ NGRAM_PROMPTS = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--workload", choices=("oracle", "ngram", "draft_model"), default="oracle")
+    p.add_argument(
+        "--workload", choices=("oracle", "ngram", "draft_model", "eagle3"), default="oracle"
+    )
     p.add_argument(
         "--shape", default="llama-3.1-8b", choices=sorted(SHAPES), help="oracle, draft_model"
     )
@@ -173,6 +182,9 @@ def build(args: argparse.Namespace, speculative: bool) -> tuple[Any, list[int], 
         if args.workload == "draft_model":
             del spec["prompt_lookup_min"], spec["prompt_lookup_max"]
             spec.update(method="draft_model", model=shape_folder(args.draft_shape))
+        if args.workload == "eagle3":
+            del spec["prompt_lookup_min"], spec["prompt_lookup_max"]
+            spec.update(method="eagle3", model=eagle3_head_folder(args.shape))
     engine_args: dict[str, Any] = dict(
         max_num_seqs=max(batches),
         enable_prefix_caching=False,
@@ -297,6 +309,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             for p in [float(x) for x in args.accept_probs.split(",") if x]:
                 if args.workload == "oracle":
                     llm.engine.core.spec.proposer = OracleProposer(f, p)
+                elif args.workload == "eagle3":
+                    if p != 0.0:
+                        raise SystemExit("eagle3: --accept-probs takes 0 only (a random head)")
                 elif p in (0.0, 1.0):  # the draft follows f (seed 0), or another permutation
                     draft = llm.engine.core.runner.draft
                     make_predictable(draft.model, seed=0 if p == 1.0 else 1)
@@ -340,6 +355,12 @@ def main() -> None:
             "nearly all drafts accepted) or another (p=0, nearly none)"
         )
     script, argv = os.path.abspath(__file__), sys.argv[1:]
+    if args.workload == "eagle3":
+        print(
+            f"eagle3 workload: a random-weight EAGLE-3 head drafts for a {args.shape} target "
+            "(random weights edited to follow a permutation): nearly no draft is accepted, the "
+            "row is the cost of drafting"
+        )
     if args.workload == "ngram":
         runs = {"both": run_worker(script, [*argv, "--worker", "both"])}
     else:

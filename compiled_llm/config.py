@@ -149,9 +149,15 @@ class ObservabilityConfig:
     nvtx: bool
 
 
-SPECULATIVE_METHODS = ("ngram", "draft_model")  # what compiled_llm/spec_decode proposes with
+SPECULATIVE_METHODS = (
+    "ngram",
+    "draft_model",
+    "eagle3",
+)  # what compiled_llm/spec_decode proposes with
+# Methods whose proposer is a second model read from `speculative_config.model`.
+_MODEL_METHODS = ("draft_model", "eagle3")
 # vLLM's other methods: named so that asking for one says "not supported yet", not "unknown".
-_SPECULATIVE_METHODS_LATER = ("eagle", "eagle3", "medusa", "mtp", "suffix")
+_SPECULATIVE_METHODS_LATER = ("eagle", "medusa", "mtp", "suffix")
 # speculative_config keys and their defaults where the user leaves one out (None: required, or
 # taken from another key; see speculative_config_from).
 SPECULATIVE_DEFAULTS: dict[str, Any] = {
@@ -161,7 +167,7 @@ SPECULATIVE_DEFAULTS: dict[str, Any] = {
     "prompt_lookup_max": 5,
     "prompt_lookup_min": None,  # 2, or prompt_lookup_max if that is lower
     "disable_by_batch_size": 32,
-    "draft_tensor_parallel_size": None,  # draft_model: 1 (the draft runs unsharded)
+    "draft_tensor_parallel_size": None,  # draft_model, eagle3: 1 (the draft runs unsharded)
 }
 
 
@@ -172,10 +178,11 @@ class SpeculativeConfig:
     in its ordinary step. Built from the user's `speculative_config` dict (vLLM's keys) by
     `speculative_config_from`, which holds the defaults and validates."""
 
-    method: str  # "ngram" (compiled_llm/spec_decode's registry) or "draft_model"
+    method: str  # "ngram" (compiled_llm/spec_decode's registry), "draft_model" or "eagle3"
     num_speculative_tokens: int  # k: most draft tokens checked per request and step
-    model: str | None  # draft_model: the draft's path as given (None for ngram)
-    # draft_model: the draft resolved by EngineArgs.create_config (None before, and for ngram)
+    model: str | None  # draft_model, eagle3: the draft's path as given (None for ngram)
+    # draft_model, eagle3: the draft resolved by EngineArgs.create_config (None before, and for
+    # ngram)
     draft_model_config: ModelConfig | None
     prompt_lookup_min: int  # ngram: shortest suffix of the context looked up
     prompt_lookup_max: int  # ngram: longest suffix looked up (tried first)
@@ -183,6 +190,10 @@ class SpeculativeConfig:
     # any number). Verifying k tokens per request turns a memory-bound decode step into a
     # compute-bound one once the batch is large.
     disable_by_batch_size: int | None
+    # eagle3: the target layers whose *input* (the residual stream entering layer i; vLLM's
+    # indexing) is handed to the draft head, resolved by EngineArgs.create_config from the head's
+    # config or EAGLE-3's default (2, L // 2, L - 3); () before, and for other methods.
+    eagle_aux_hidden_state_layer_ids: tuple[int, ...]
 
 
 def speculative_config_from(value: Any) -> SpeculativeConfig | None:
@@ -220,11 +231,11 @@ def speculative_config_from(value: Any) -> SpeculativeConfig | None:
             f"speculative_config.method must be one of {', '.join(SPECULATIVE_METHODS)}, "
             f"got {method!r}"
         )
-    if method == "draft_model":
+    if method in _MODEL_METHODS:
         if not isinstance(model, str) or not model:
             raise ValueError(
-                "speculative_config.model is required for method 'draft_model': the draft's "
-                f"local folder or .gguf file, got {model!r}"
+                f"speculative_config.model is required for method {method!r}: the draft's "
+                f"local folder{' or .gguf file' if method == 'draft_model' else ''}, got {model!r}"
             )
         if d["draft_tensor_parallel_size"] not in (None, 1):
             raise ValueError(
@@ -234,12 +245,13 @@ def speculative_config_from(value: Any) -> SpeculativeConfig | None:
     else:
         if model is not None:
             raise ValueError(
-                f"speculative_config.model is for draft models; method {method!r} takes none"
+                "speculative_config.model is for draft models and EAGLE-3 heads; method "
+                f"{method!r} takes none"
             )
         if d["draft_tensor_parallel_size"] is not None:
             raise ValueError(
-                "speculative_config.draft_tensor_parallel_size is for draft models; method "
-                f"{method!r} takes none"
+                "speculative_config.draft_tensor_parallel_size is for draft models and EAGLE-3 "
+                f"heads; method {method!r} takes none"
             )
 
     def integer(key: str, low: int, optional: bool = False) -> None:
@@ -270,6 +282,7 @@ def speculative_config_from(value: Any) -> SpeculativeConfig | None:
         prompt_lookup_min=d["prompt_lookup_min"],
         prompt_lookup_max=d["prompt_lookup_max"],
         disable_by_batch_size=d["disable_by_batch_size"],
+        eagle_aux_hidden_state_layer_ids=(),
     )
 
 
@@ -466,6 +479,8 @@ class EngineArgs:
         "(default 2) tokens up earlier in the context; "
         '{"method": "draft_model", "model": PATH, "num_speculative_tokens": K} drafts with a '
         "smaller model of the same vocabulary; "
+        '{"method": "eagle3", "model": PATH, "num_speculative_tokens": K} drafts with an EAGLE-3 '
+        "head fed the target's hidden states; "
         "disable_by_batch_size (default 32) turns it off in steps with more running requests "
         "(default: off)",
         metavar="JSON",
@@ -561,8 +576,17 @@ class EngineArgs:
         if self.load_format == "auto":
             check_weights(model_path)
         hf_config = load_hf_config(model_path, self.trust_remote_code)
-        from compiled_llm.models.registry import resolve_model_impl
+        from compiled_llm.models.registry import (
+            EAGLE3_ARCHITECTURES,
+            architecture_of,
+            resolve_model_impl,
+        )
 
+        if architecture_of(hf_config) in EAGLE3_ARCHITECTURES:
+            raise ValueError(
+                f"model {self.model!r} is an EAGLE-3 draft head, not a model to run on its own; "
+                "give it as speculative_config.model with method 'eagle3'"
+            )
         model_impl = resolve_model_impl(hf_config, self.model_impl)
         dtype = _resolve_dtype(self.dtype, hf_config, device)
         quantization = _resolve_quantization(self.quantization, hf_config)
@@ -592,11 +616,11 @@ class EngineArgs:
         )
         if self.tensor_parallel_size > 1:
             _check_tensor_parallel(model_config, self.tensor_parallel_size, device)
-            if speculative_config is not None and speculative_config.method == "draft_model":
+            if speculative_config is not None and speculative_config.method in _MODEL_METHODS:
                 # The draft runs in rank 0's process only; the workers would not run it.
                 raise ValueError(
-                    "speculative_config.method='draft_model' with tensor_parallel_size > 1 is "
-                    "not supported yet (n-gram speculation is)"
+                    f"speculative_config.method={speculative_config.method!r} with "
+                    "tensor_parallel_size > 1 is not supported yet (n-gram speculation is)"
                 )
         level = 0 if self.enforce_eager else self.compilation_level
         if level is None:
@@ -664,14 +688,19 @@ def _check_tensor_parallel(
 def _resolve_speculative(
     spec: SpeculativeConfig | None, target: ModelConfig
 ) -> SpeculativeConfig | None:
-    """draft_model: the draft's ModelConfig, checked against the target's. It runs in the
+    """draft_model, eagle3: the draft's ModelConfig, checked against the target's. It runs in the
     target's dtype, KV-cache dtype, max_model_len and load format (random weights with
     --load-format dummy), with its checkpoint's own quantization if it declares one, and reads
-    token ids only (the target's tokenizer is the one used)."""
-    if spec is None or spec.method != "draft_model":
+    token ids only (the target's tokenizer is the one used). eagle3 also resolves the target
+    layers that feed the head (`_eagle3_layer_ids`)."""
+    if spec is None or spec.method not in _MODEL_METHODS:
         return spec
     from compiled_llm.models.loader import check_weights, load_hf_config, resolve_model
-    from compiled_llm.models.registry import resolve_model_impl
+    from compiled_llm.models.registry import (
+        EAGLE3_ARCHITECTURES,
+        architecture_of,
+        resolve_model_impl,
+    )
 
     assert spec.model is not None
     try:
@@ -681,6 +710,17 @@ def _resolve_speculative(
     if target.load_format == "auto":
         check_weights(path)
     hf_config = load_hf_config(path, target.trust_remote_code)
+    arch = architecture_of(hf_config)
+    if spec.method == "eagle3" and arch not in EAGLE3_ARCHITECTURES:
+        raise ValueError(
+            f"speculative_config.model {spec.model!r} declares architecture {arch or '(none)'!r}, "
+            f"not an EAGLE-3 head; method 'eagle3' reads {', '.join(EAGLE3_ARCHITECTURES)}"
+        )
+    if spec.method == "draft_model" and arch in EAGLE3_ARCHITECTURES:
+        raise ValueError(
+            f"speculative_config.model {spec.model!r} is an EAGLE-3 head ({arch}); use "
+            "speculative_config.method 'eagle3'"
+        )
     vocab, target_vocab = int(hf_config.vocab_size), int(target.hf_config.vocab_size)
     if vocab != target_vocab:
         raise ValueError(
@@ -688,11 +728,16 @@ def _resolve_speculative(
             f"{target_vocab}: a draft model must use the target's tokenizer and vocabulary"
         )
     max_pos = int(getattr(hf_config, "max_position_embeddings", 0) or 8192)
-    if target.max_model_len > max_pos:
+    if spec.method == "draft_model" and target.max_model_len > max_pos:
+        # (an EAGLE-3 head's max_position_embeddings is its training length, not a limit of
+        # its RoPE table, which is built for max_model_len)
         raise ValueError(
             f"speculative_config.model {spec.model!r} has max_position_embeddings={max_pos}, "
             f"below max_model_len={target.max_model_len}; lower max_model_len"
         )
+    layer_ids: tuple[int, ...] = ()
+    if spec.method == "eagle3":
+        layer_ids = _eagle3_layer_ids(spec.model, hf_config, target)
     draft = dataclasses.replace(
         target,
         model=path,
@@ -701,7 +746,67 @@ def _resolve_speculative(
         model_impl=resolve_model_impl(hf_config, "auto"),
         quantization=_resolve_quantization(None, hf_config),
     )
-    return dataclasses.replace(spec, draft_model_config=draft)
+    return dataclasses.replace(
+        spec, draft_model_config=draft, eagle_aux_hidden_state_layer_ids=layer_ids
+    )
+
+
+def _eagle3_layer_ids(name: str, head: Any, target: ModelConfig) -> tuple[int, ...]:
+    """The target layers whose inputs feed an EAGLE-3 head, checked against the target: the
+    head's `eagle_aux_hidden_state_layer_ids` (top level or in `eagle_config`, as vLLM reads
+    them), else EAGLE-3's (2, L // 2, L - 3). Its `fc` takes three of the target's hidden states
+    (`target_hidden_size`, or its own hidden_size where it has none)."""
+    if target.model_impl != "native":
+        raise ValueError(
+            "speculative_config.method 'eagle3' needs a native target model class (the target's "
+            "decoder layers hand the head their hidden states); model_impl is "
+            f"{target.model_impl!r}"
+        )
+    hidden = int(getattr(head, "target_hidden_size", None) or head.hidden_size)
+    target_hidden = int(target.hf_config.hidden_size)
+    if hidden != target_hidden:
+        raise ValueError(
+            f"speculative_config.model {name!r} was trained on a target of hidden size {hidden} "
+            f"(its target_hidden_size, else hidden_size), the target has {target_hidden}"
+        )
+    draft_vocab = getattr(head, "draft_vocab_size", None)
+    if draft_vocab is not None and not 1 <= int(draft_vocab) <= int(head.vocab_size):
+        raise ValueError(
+            f"speculative_config.model {name!r} has draft_vocab_size={draft_vocab}, outside "
+            f"1..vocab_size={head.vocab_size}"
+        )
+    eagle_config = getattr(head, "eagle_config", None) or {}
+    if isinstance(eagle_config, dict) and eagle_config.get("use_aux_hidden_state") is False:
+        raise ValueError(
+            f"speculative_config.model {name!r} sets eagle_config.use_aux_hidden_state=false (an "
+            "EAGLE-1 style head); only EAGLE-3 heads, fed three target layers, are supported"
+        )
+    if int(head.num_hidden_layers) != 1:
+        raise ValueError(
+            f"speculative_config.model {name!r} has num_hidden_layers={head.num_hidden_layers}; "
+            "EAGLE-3 heads of one layer (midlayer) are supported"
+        )
+    if getattr(head, "norm_before_residual", False):
+        raise ValueError(
+            f"speculative_config.model {name!r} sets norm_before_residual=true, which is not "
+            "supported (the head's residual is its un-normed hidden state)"
+        )
+    ids = getattr(head, "eagle_aux_hidden_state_layer_ids", None)
+    if not ids and isinstance(eagle_config, dict):
+        ids = eagle_config.get("eagle_aux_hidden_state_layer_ids")
+    num_layers = target.num_layers
+    if not ids:
+        ids = [2, num_layers // 2, num_layers - 3]
+    ids = list(ids)
+    if len(ids) != 3 or not all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_layers for i in ids
+    ):
+        raise ValueError(
+            f"speculative_config.model {name!r}: eagle_aux_hidden_state_layer_ids={ids} must be "
+            f"three layer indices in 0..{num_layers - 1} (the target has {num_layers} layers; "
+            "EAGLE-3's default (2, L // 2, L - 3) needs at least 4)"
+        )
+    return tuple(ids)
 
 
 def _resolve_device(name: str) -> torch.device:

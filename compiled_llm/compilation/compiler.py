@@ -40,6 +40,7 @@ from compiled_llm.compilation.graph_cache import (
 )
 from compiled_llm.config import EngineConfig
 from compiled_llm.envs import Envs
+from compiled_llm.models.registry import EAGLE3_ARCHITECTURES
 from compiled_llm.passes.base import PassContext
 from compiled_llm.passes.manager import PassPipeline
 from compiled_llm.passes.registry import resolve_pipeline
@@ -83,24 +84,30 @@ def make_cache(config: EngineConfig, pipeline: PassPipeline, backend_name: str) 
     envs = Envs.read()
     root = config.compilation_config.compile_cache_dir or f"{envs.cache_dir}/compile"
     mc = config.model_config
-    key = engine_key(
-        {
-            "model": mc.hf_config.to_json_string(use_diff=False),
-            "model_impl": mc.model_impl,  # native and fallback classes trace different graphs
-            # quantized layers trace other ops (and random weights are quantized at load)
-            "quantization": [repr(mc.quantization), mc.load_format if mc.quantization else None],
-            "dtype": str(mc.dtype),
-            "max_model_len": mc.max_model_len,
-            "device": str(config.device),
-            "attention_backend": backend_name,
-            "passes": pipeline.uuid(),
-            # a rank's pieces hold its shard's widths and its collectives
-            "tensor_parallel": [
-                config.parallel_config.rank,
-                config.parallel_config.tensor_parallel_size,
-            ],
-        }
-    )
+    items: dict[str, Any] = {
+        "model": mc.hf_config.to_json_string(use_diff=False),
+        "model_impl": mc.model_impl,  # native and fallback classes trace different graphs
+        # quantized layers trace other ops (and random weights are quantized at load)
+        "quantization": [repr(mc.quantization), mc.load_format if mc.quantization else None],
+        "dtype": str(mc.dtype),
+        "max_model_len": mc.max_model_len,
+        "device": str(config.device),
+        "attention_backend": backend_name,
+        "passes": pipeline.uuid(),
+        # a rank's pieces hold its shard's widths and its collectives
+        "tensor_parallel": [
+            config.parallel_config.rank,
+            config.parallel_config.tensor_parallel_size,
+        ],
+    }
+    spec = config.speculative_config
+    if spec is not None and spec.eagle_aux_hidden_state_layer_ids:
+        # the forward also returns these layers' inputs (models/aux_hidden.py)
+        items["aux_hidden_layers"] = list(spec.eagle_aux_hidden_state_layer_ids)
+    if mc.architecture in EAGLE3_ARCHITECTURES:
+        # the head's hidden-state input buffer is a graph input of this many rows
+        items["max_num_batched_tokens"] = config.scheduler_config.max_num_batched_tokens
+    key = engine_key(items)
     return CompileCache(root, key)
 
 

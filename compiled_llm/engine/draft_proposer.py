@@ -221,5 +221,12 @@ class DraftModelProposer:
 
 
 def draft_proposer(runner: ModelRunner, kv_cache: KVCacheManager) -> DraftModelProposer | None:
-    """The proposer of a runner with a draft model (speculative_config.method draft_model)."""
-    return DraftModelProposer(runner.draft, kv_cache) if runner.draft is not None else None
+    """The proposer of a runner with a draft model (speculative_config.method draft_model) or an
+    EAGLE-3 head (eagle3)."""
+    if runner.draft is None:
+        return None
+    if runner.aux_hidden is not None:
+        from compiled_llm.engine.eagle_proposer import Eagle3Proposer
+
+        return Eagle3Proposer(runner, kv_cache)
+    return DraftModelProposer(runner.draft, kv_cache)

@@ -31,6 +31,7 @@ from compiled_llm.engine.cuda_graph_runner import CudaGraphRunner
 from compiled_llm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from compiled_llm.forward_context import ForwardContext, set_forward_context
 from compiled_llm.models.attention import layer_attention
+from compiled_llm.models.aux_hidden import AuxHiddenStates
 from compiled_llm.models.loader import load_model
 from compiled_llm.profiler import Profiler
 from compiled_llm.request import Request
@@ -247,13 +248,20 @@ class ModelRunner:
         self.backend: AttentionBackend = create_backend(config.attention_backend, spec)
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
-        self.forward_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self.model.forward
+        # What is compiled and run: the model's forward, or (eagle3) the forward that also
+        # returns the hidden states entering the layers the head reads (models/aux_hidden.py).
+        self.forward_module: torch.nn.Module = self.model
+        self.forward_fn: Callable[[torch.Tensor, torch.Tensor], Any] = self.model.forward
         self.compiled: CompiledModel | None = None
         self.graphs: CudaGraphRunner | None = None
-        # Speculative decoding with a draft model: its own runner (weights, compiled forward,
-        # CUDA graphs, a KV cache of as many blocks as this one's, addressed by the same block
-        # ids); engine/draft_proposer.py runs it.
+        # Speculative decoding with a draft model or EAGLE-3 head: its own runner (weights,
+        # compiled forward, CUDA graphs, a KV cache of as many blocks as this one's, addressed by
+        # the same block ids); engine/draft_proposer.py and engine/eagle_proposer.py run it.
         self.draft: ModelRunner | None = None
+        # eagle3: per KV slot, the head's combined input from this model's hidden states at that
+        # token (written by every step, read by the head when it catches up).
+        self.hidden_cache: torch.Tensor | None = None
+        self.aux_hidden: AuxHiddenStates | None = None
         spec = config.speculative_config
         if spec is not None and spec.draft_model_config is not None:
             logger.info("loading the draft model %s", spec.draft_model_config.model)
@@ -263,6 +271,21 @@ class ModelRunner:
             self.draft = ModelRunner(draft_config, self.profiler, is_draft=True)
             self.start_seconds["weights"] += self.draft.start_seconds["weights"]
             self.load_seconds = self.start_seconds["weights"]
+            if spec.method == "eagle3":
+                self._attach_eagle3(spec.eagle_aux_hidden_state_layer_ids)
+
+    def _attach_eagle3(self, layer_ids: tuple[int, ...]) -> None:
+        """The head reads the target's embedding where its checkpoint has none, and the target's
+        forward returns the inputs of `layer_ids` too (a different graph, its own compile-cache
+        entry; models without a head are not touched)."""
+        assert self.draft is not None
+        head: Any = self.draft.model
+        target: Any = self.model
+        head.share_embedding(target.model.embed_tokens)
+        head.set_max_tokens(self.config.scheduler_config.max_num_batched_tokens)
+        self.aux_hidden = AuxHiddenStates(self.model, layer_ids)
+        self.forward_module = self.aux_hidden
+        self.forward_fn = self.aux_hidden
 
     # --- KV cache -------------------------------------------------------------------------------
     def determine_num_blocks(self) -> int:
@@ -296,7 +319,15 @@ class ModelRunner:
         per_block = self.backend.kv_cache_bytes_per_block(self.config.model_config.num_layers)
         if self.draft is not None:
             per_block += self.draft.kv_cache_bytes_per_block()
+        if self.aux_hidden is not None:
+            per_block += self.block_size * self._hidden_cache_row().nbytes
         return per_block
+
+    def _hidden_cache_row(self) -> torch.Tensor:
+        assert self.draft is not None
+        head: Any = self.draft.model
+        weight: torch.Tensor = head.fc.weight
+        return torch.empty(weight.shape[0], dtype=weight.dtype, device="meta")
 
     def _profile_kv_cache_bytes(self) -> int:
         m = self._profile_memory()
@@ -368,6 +399,7 @@ class ModelRunner:
         held = in_use() - before  # what the graphs (piecewise kept, decode dropped) hold now
         held_torch = torch.cuda.memory_reserved(dev) - reserved
         self.kv_caches = []
+        self.hidden_cache = None
         if self.draft is not None:
             self.draft.kv_caches = []
         used = in_use()
@@ -397,6 +429,11 @@ class ModelRunner:
             )
         if self.draft is not None:
             self.draft.initialize_kv_cache(num_blocks)
+        if self.aux_hidden is not None:
+            row = self._hidden_cache_row()
+            self.hidden_cache = torch.zeros(
+                num_blocks * self.block_size, row.shape[0], dtype=row.dtype, device=self.device
+            )
 
     def compile(self) -> None:
         """At -O1 and above: compile the forward now (not on the first request); at -O2 capture
@@ -417,7 +454,7 @@ class ModelRunner:
         if self.compiled is not None or self.config.compilation_config.level < 1:
             return
         with self._timed("compile"):
-            self.compiled = CompiledModel(self.model, self.config, self.backend.name)
+            self.compiled = CompiledModel(self.forward_module, self.config, self.backend.name)
             self.forward_fn = self.compiled
             self.dummy_run(num_tokens=16, num_reqs=2)
         if self.device.type == "cuda":  # hand back the weights GEMM merging copied and freed
@@ -576,7 +613,11 @@ class ModelRunner:
         with stage("prepare inputs"):
             inputs = self.prepare_inputs(sched.scheduled, block_ids, previous)
         with stage("forward"):
-            hidden = self.run_model(inputs.input_ids, inputs.positions, inputs.attn)
+            hidden, aux = self._run(inputs.input_ids, inputs.positions, inputs.attn)
+            if aux is not None and self.hidden_cache is not None:
+                # the head's input at each token, kept at the token's KV slot
+                slots = inputs.attn.slot_mapping[: inputs.attn.num_tokens]
+                self.hidden_cache[slots] = self.draft.model.combine(aux)  # type: ignore[union-attr,operator]
         if not inputs.sampling_requests:
             return LaunchedStep([], None, None, [])
         drafts = inputs.sampling_drafts
@@ -613,13 +654,23 @@ class ModelRunner:
     def run_model(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs
     ) -> torch.Tensor:
+        return self._run(input_ids, positions, attn)[0]
+
+    def _run(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The forward's hidden states, and the auxiliary ones where it returns them (eagle3),
+        for the step's real tokens."""
         context = self.forward_context(self.backend.build_metadata(attn))
+        out: Any
         if self.graphs is not None:
-            hidden = self.graphs.run(input_ids, positions, attn, context)
+            out = self.graphs.run(input_ids, positions, attn, context)
         else:
             with set_forward_context(context):
-                hidden = self.forward_fn(input_ids, positions)
-        return hidden[: attn.num_tokens]
+                out = self.forward_fn(input_ids, positions)
+        hidden, aux = out if isinstance(out, tuple) else (out, None)
+        n = attn.num_tokens
+        return hidden[:n], aux[:n] if aux is not None else None
 
     def forward_context(self, metadata: Any) -> ForwardContext:
         return ForwardContext(self.backend, self.kv_caches, metadata)

@@ -17,7 +17,12 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Gemma3ForCausalLM": ("compiled_llm.models.gemma3", "Gemma3ForCausalLM"),
     "Qwen3MoeForCausalLM": ("compiled_llm.models.qwen3_moe", "Qwen3MoeForCausalLM"),
     "MixtralForCausalLM": ("compiled_llm.models.mixtral", "MixtralForCausalLM"),
+    # EAGLE-3 draft heads (speculative_config method "eagle3" only; EngineArgs refuses them as
+    # the model): SpecForge / EAGLE's name, and vLLM's.
+    "LlamaForCausalLMEagle3": ("compiled_llm.models.llama_eagle3", "Eagle3LlamaForCausalLM"),
+    "Eagle3LlamaForCausalLM": ("compiled_llm.models.llama_eagle3", "Eagle3LlamaForCausalLM"),
 }
+EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
 
 
 # transformers' causal-LM class of each model_type we run (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES'
@@ -35,7 +40,8 @@ _CAUSAL_LM_OF_TYPE = {
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_MODELS)
+    """Architectures that run as the model (EAGLE-3 heads only draft)."""
+    return sorted(a for a in _MODELS if a not in EAGLE3_ARCHITECTURES)
 
 
 def architecture_of(hf_config: Any) -> str:

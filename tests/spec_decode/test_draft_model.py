@@ -287,20 +287,28 @@ DRAFT_LOGITS = torch.tensor(
 )
 
 
+# An EAGLE-3 head's q: logits over its draft vocabulary mapped onto the target's, -inf for the
+# tokens outside it (here 1 and 3, to which the target gives mass).
+REDUCED_DRAFT_LOGITS = DRAFT_LOGITS.index_fill(1, torch.tensor([1, 3]), float("-inf"))
+
+
+@pytest.mark.parametrize("draft_vocab", ["full", "reduced"])
 @pytest.mark.parametrize(
     "params",
     [SamplingParams(temperature=0.9, seed=0), SamplingParams(temperature=1.0)],
     ids=["seeded", "unseeded"],
 )
 def test_drafts_from_q_with_the_verification_noise_keep_the_target_distribution(
-    params: SamplingParams,
+    params: SamplingParams, draft_vocab: str
 ) -> None:
     """Drafts are sampled from q by the draft model's sampler with the counter-based noise of
     the output index they stand at (what DraftModelProposer does), then verified by the target's
     ordinary step. The target here does not depend on the context (LOGITS rows), so the emitted
     tokens at positions 0, 1, 2 must follow its three rows; they are also exactly what the
-    target samples at those indices without drafts. Coupling the noise is what gets drafts from
+    target samples at those indices without drafts. "reduced": q of an EAGLE-3 head's smaller
+    draft vocabulary (eagle3), zero where p is not. Coupling the noise is what gets drafts from
     a q != p accepted more often than independent draws would be (sum p q)."""
+    draft_logits = DRAFT_LOGITS if draft_vocab == "full" else REDUCED_DRAFT_LOGITS
     cpu = torch.device("cpu")
     sampler = Sampler()
     reqs = requests(params)
@@ -308,7 +316,7 @@ def test_drafts_from_q_with_the_verification_noise_keep_the_target_distribution(
     drafts = torch.stack(
         [
             sampler(
-                DRAFT_LOGITS[j].repeat(N, 1), dataclasses.replace(first, steps=first.steps + j)
+                draft_logits[j].repeat(N, 1), dataclasses.replace(first, steps=first.steps + j)
             ).token_ids
             for j in range(2)
         ],
@@ -320,7 +328,7 @@ def test_drafts_from_q_with_the_verification_noise_keep_the_target_distribution(
 
     t = params.temperature
     p = [(LOGITS[j].double() / t).softmax(0) for j in range(3)]
-    q = [(DRAFT_LOGITS[j].double() / t).softmax(0) for j in range(2)]
+    q = [(draft_logits[j].double() / t).softmax(0) for j in range(2)]
     for j in range(3):
         tokens = torch.tensor([e[j] for e in emitted if len(e) > j])
         assert len(tokens) > 300

@@ -1,4 +1,4 @@
-"""On CUDA at -O2: n-gram and draft-model speculation give the greedy tokens of the same engine
+"""On CUDA at -O2: n-gram, draft-model and EAGLE-3 speculation give the greedy tokens of the same engine
 without it (up to fp16 near-ties, `assert_greedy_close`), with drafts accepted; verification
 steps (k + 1 query tokens a request) run the piecewise graphs and steps without drafts still
 replay the full decode graphs."""
@@ -108,4 +108,42 @@ def test_draft_model_at_o2_matches_no_speculation(
     m = outs[0].metrics.spec_decode
     assert m is not None and m.num_accepted_draft_tokens > 0
     assert draft.graphs.full_replays > 0 and draft.graphs.piecewise_replays > 0
+    assert llm.engine.num_free_blocks == free
+
+
+@pytest.fixture(scope="module")
+def gpu_eagle3_head(tmp_path_factory: pytest.TempPathFactory, gpu_cycle_model: Path) -> Path:
+    from tests.spec_decode.conftest import permutation
+    from tests.spec_decode.eagle3_head import write_head
+
+    return write_head(tmp_path_factory.mktemp("gpu-eagle3"), gpu_cycle_model, follow=permutation())
+
+
+@pytest.mark.parametrize("backend", ["triton", "flashinfer"])
+def test_eagle3_at_o2_matches_no_speculation(gpu_cycle_model, gpu_eagle3_head, backend) -> None:
+    """An EAGLE-3 head (published layout, reduced draft vocabulary, the cycle model's follower)
+    at -O2: the target's forward with its layer taps and the head are compiled and CUDA-graphed
+    (the head's steps after the first replay its full graphs); greedy output as without
+    speculation, first drafts mostly accepted."""
+    if not backend_available(backend):
+        pytest.skip(f"{backend} not installed")
+    common = engine_args(backend)
+    plain = LLM(str(gpu_cycle_model), **common)
+    expected = tokens(plain.generate(PROMPTS, GREEDY, use_tqdm=False))
+    del plain
+    torch.cuda.empty_cache()
+    spec = {"method": "eagle3", "model": str(gpu_eagle3_head), "num_speculative_tokens": 3}
+    llm = LLM(str(gpu_cycle_model), speculative_config=spec, **common)
+    runner = llm.engine.core.runner
+    head = runner.draft
+    assert head is not None and head.graphs is not None and runner.graphs is not None
+    assert runner.hidden_cache is not None
+    assert runner.hidden_cache.shape[0] == runner.kv_caches[0].shape[0] * runner.block_size
+    free = llm.engine.num_free_blocks
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert_greedy_close(expected, tokens(outs))
+    m = outs[0].metrics.spec_decode
+    assert m is not None and m.num_accepted_draft_tokens > 0
+    assert head.graphs.full_replays > 0 and head.graphs.piecewise_replays > 0
+    assert runner.graphs.piecewise_replays > 0
     assert llm.engine.num_free_blocks == free

@@ -20,6 +20,7 @@ def test_ngram_with_defaults() -> None:
         prompt_lookup_min=2,
         prompt_lookup_max=5,
         disable_by_batch_size=32,
+        eagle_aux_hidden_state_layer_ids=(),
     )
     with pytest.raises(AttributeError):
         config.num_speculative_tokens = 2  # type: ignore[misc]
@@ -55,7 +56,8 @@ def test_given_values_and_vllm_older_spelling() -> None:
         ({"method": "ngram", "num_speculative_tokens": 2.0}, "num_speculative_tokens"),
         ({"num_speculative_tokens": 2}, "method is required"),
         ({"method": "magic", "num_speculative_tokens": 2}, "method must be one of ngram"),
-        ({"method": "eagle3", "num_speculative_tokens": 2}, "'eagle3' is not supported yet"),
+        ({"method": "eagle", "num_speculative_tokens": 2}, "'eagle' is not supported yet"),
+        ({"method": "eagle3", "num_speculative_tokens": 2}, "speculative_config.model is requi"),
         ({"method": "draft_model", "num_speculative_tokens": 2}, "speculative_config.model is"),
         ({"method": "draft_model", "model": 3, "num_speculative_tokens": 2}, "config.model is"),
         (

@@ -1,0 +1,187 @@
+"""The `eagle3` proposer: an EAGLE-3 head (models/llama_eagle3.py) guesses each speculating
+request's next k tokens from the target's own hidden states (docs/speculative_decoding.md,
+"EAGLE-3").
+
+It is the draft-model proposer with a different input: the head at position t reads the token
+at t + 1 and the target's hidden states at t (three layers' inputs, combined by the head's `fc`),
+so it runs one position behind the target. Every target step writes that combined state at
+each token's KV slot (`ModelRunner.hidden_cache`); the head reads it from there when it catches
+up, so the target's steps that drafted nothing (prefill chunks, backed-off decodes) leave what
+it needs. Draft step 1 feeds each request's positions from where the head's KV is valid up to
+N - 2 (N tokens: the newest, N - 1, is the target's next input), ending with the newest token,
+and samples draft 1; step j > 1 feeds draft j - 1 at position N + j - 3 with the head's own
+output at the previous position as its hidden state. Positions fed that way have KV computed
+from the head's guesses, not the target's states, so they are never counted valid: the next
+proposal feeds them again with the target's (what vLLM's EAGLE proposer does).
+
+Everything else is the draft model's: one KV cache addressed by the target's block tables, the
+request's own sampling parameters with the verification step's noise, drafts kept on the
+device until one copy at the end, the same verification.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from compiled_llm.engine.draft_proposer import DraftModelProposer, _token_ids
+from compiled_llm.engine.model_runner import ModelRunner
+from compiled_llm.kv_cache.kv_cache_manager import KVCacheManager
+from compiled_llm.request import Request
+
+
+@dataclass
+class _HeadKV:
+    """What of a request the head's KV cache holds (Request.spec.proposer_state)."""
+
+    valid: int = 0  # positions 0..valid-1 hold KV computed from the target's hidden states
+    num_preemptions: int = 0  # the request's count when `valid` was set (a preemption clears)
+
+    def sync(self, request: Request) -> int:
+        if request.num_preemptions != self.num_preemptions:
+            self.num_preemptions, self.valid = request.num_preemptions, 0
+        self.valid = min(self.valid, request.num_tokens - 2)
+        return self.valid
+
+
+class Eagle3Proposer(DraftModelProposer):
+    def __init__(self, target: ModelRunner, kv_cache: KVCacheManager) -> None:
+        assert target.draft is not None
+        super().__init__(target.draft, kv_cache)
+        self.target = target
+        self.block_size = target.block_size
+
+    @property
+    def hidden_cache(self) -> torch.Tensor:
+        """The target's combined states per KV slot (allocated with the KV cache)."""
+        assert self.target.hidden_cache is not None
+        return self.target.hidden_cache
+
+    @property
+    def hidden_in(self) -> torch.Tensor:
+        """The head's hidden-state input (models/llama_eagle3.py)."""
+        buf: torch.Tensor = self.draft.model.hidden_in  # type: ignore[assignment]
+        return buf
+
+    def _propose(self, requests: list[Request], max_drafts: list[int]) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in requests]
+        chosen: list[int] = []
+        for i, (r, k) in enumerate(zip(requests, max_drafts)):
+            state = r.spec
+            assert state is not None
+            if state.proposer_state is None:
+                state.proposer_state = _HeadKV(num_preemptions=r.num_preemptions)
+            if k < 1 or r.num_computed_tokens != r.num_tokens - 1:
+                continue
+            # slots up to position N + k - 3, the last draft step's (drafting never preempts)
+            if self.kv_cache.allocate_slots(r, k - 1, cache_prefix=False):
+                chosen.append(i)
+        if not chosen:
+            return out
+        chosen.sort(key=lambda i: -max_drafts[i])  # the requests of step j form a prefix
+        reqs = [requests[i] for i in chosen]
+        room = [max_drafts[i] for i in chosen]
+        kv: list[_HeadKV] = [r.spec.proposer_state for r in reqs]  # type: ignore[union-attr]
+        valid = [s.sync(r) for s, r in zip(kv, reqs)]
+        ends = [r.num_tokens - 1 for r in reqs]  # positions valid..ends-1 have target states
+        block_ids = [self.kv_cache.block_ids(r) for r in reqs]
+        block_table = np.zeros((len(reqs), max(len(b) for b in block_ids)), dtype=np.int32)
+        for i, row in enumerate(block_ids):
+            block_table[i, : len(row)] = row
+
+        while sum(e - v for e, v in zip(ends, valid)) > self.max_tokens_per_forward and any(
+            e - 1 > v for e, v in zip(ends, valid)
+        ):
+            self._prefill_chunk(reqs, valid, ends, block_table)
+
+        # Step 1: positions valid..N-2 with the target's states; step j > 1: draft j - 1 at
+        # position N + j - 3 with the head's own output at the position before.
+        rows = list(range(len(reqs)))
+        q_lens = np.array([e - v for e, v in zip(ends, valid)], dtype=np.int64)
+        tokens = np.concatenate(
+            [
+                np.asarray(_token_ids(r, v + 1, e + 1), dtype=np.int64)
+                for r, v, e in zip(reqs, valid, ends)
+            ]
+        )
+        self._fill_from_target(block_table, rows, valid, ends)
+        sampled: list[torch.Tensor] = []
+        prev: torch.Tensor | None = None
+        for j in range(max(room)):
+            n = sum(1 for k in room if k > j)
+            seq_lens = np.array(ends[:n], dtype=np.int64) + j
+            if j > 0:
+                tokens = np.zeros(n, dtype=np.int64)
+                q_lens = np.ones(n, dtype=np.int64)
+            ids, positions, attn = self.draft._device_inputs(
+                tokens, q_lens, seq_lens, block_table[:n]
+            )
+            if prev is not None:
+                ids[:n] = prev[:n]
+            hidden = self.draft.run_model(ids, positions, attn)
+            last = hidden[self._last_rows(q_lens)]
+            logits = self.draft.model.compute_logits(last)
+            prev = self.sampler(logits, self._batch(reqs[:n], j)).token_ids
+            sampled.append(prev)
+            if j + 1 < max(room):
+                self.hidden_in[: last.shape[0]].copy_(last)
+        self._batches.clear()
+        flat: list[int] = torch.cat(sampled).tolist()
+        offset = 0
+        drafts: list[list[int]] = [[] for _ in reqs]
+        for j in range(max(room)):
+            n = sum(1 for k in room if k > j)
+            for i in range(n):
+                drafts[i].append(flat[offset + i])
+            offset += n
+        for i, (head_kv, e) in enumerate(zip(kv, ends)):
+            head_kv.valid = e
+            out[chosen[i]] = drafts[i]
+        return out
+
+    def _fill_from_target(
+        self, block_table: np.ndarray, rows: list[int], starts: list[int], ends: list[int]
+    ) -> None:
+        """`hidden_in` = the target's combined states at positions starts[i]..ends[i]-1 of each
+        request rows[i], in order, read from their KV slots."""
+        pieces = []
+        for row, start, end in zip(rows, starts, ends):
+            pos = np.arange(start, end, dtype=np.int64)
+            pieces.append(block_table[row, pos // self.block_size] * self.block_size)
+            pieces[-1] = pieces[-1].astype(np.int64) + pos % self.block_size
+        slots = self.draft._to_device(np.concatenate(pieces))
+        self.hidden_in[: len(slots)] = self.hidden_cache[slots]
+
+    def _prefill_chunk(
+        self,
+        reqs: list[Request],
+        valid: list[int],
+        ends: list[int],
+        block_table: np.ndarray,
+    ) -> None:
+        """One head forward over up to max_num_batched_tokens of the requests' catch-up
+        positions (never their last, which draft step 1 feeds)."""
+        budget = self.max_tokens_per_forward
+        rows, starts, stops, pieces = [], [], [], []
+        for i, (r, v, e) in enumerate(zip(reqs, valid, ends)):
+            take = min(e - 1 - v, budget)
+            if take <= 0:
+                continue
+            rows.append(i)
+            starts.append(v)
+            stops.append(v + take)
+            pieces.append(np.asarray(_token_ids(r, v + 1, v + take + 1), dtype=np.int64))
+            valid[i] = v + take
+            budget -= take
+            if budget == 0:
+                break
+        self._fill_from_target(block_table, rows, starts, stops)
+        ids, positions, attn = self.draft._device_inputs(
+            np.concatenate(pieces),
+            np.array([b - a for a, b in zip(starts, stops)], dtype=np.int64),
+            np.array(stops, dtype=np.int64),
+            block_table[rows],
+        )
+        self.draft.run_model(ids, positions, attn)
