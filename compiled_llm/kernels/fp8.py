@@ -20,8 +20,9 @@ CPU implementations are the reference: they dequantize both operands to float32 
 there (the products of E4M3 values are exact in float32, so this is what a GPU's FP8 tensor-core
 GEMM with float32 accumulation computes, up to the order of the sums) — slow, and the oracle of
 the CUDA ones. CUDA: the quantizers, a block-scaled GEMM and a one-token GEMV in Triton
-(triton_fp8.py); the per-channel GEMM through cuBLASLt (`torch._scaled_mm` with row-wise scales)
-for bfloat16 output, above TRITON_MAX_TOKENS tokens.
+(triton_fp8.py); the per-channel GEMM through whichever kernel the GPU's tuned table picks for
+the shape and token count (fp8_tuning.py), else cuBLASLt (`torch._scaled_mm` with row-wise
+scales) for bfloat16 output.
 """
 
 from __future__ import annotations
@@ -232,13 +233,6 @@ def _static_cuda(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return quant_static(x, scale)
 
 
-# Per-channel GEMMs of at most this many tokens go to Triton (its GEMV for one token) rather
-# than cuBLASLt. `python benchmarks/fp8_gemm.py` prints the largest count at which Triton wins on
-# every shape; on the H200 (2026-12-03) there is none (it wins gate/up up to 64 tokens, loses the
-# other projections), so cuBLASLt takes every shape it fits. A per-shape choice is still to do.
-TRITON_MAX_TOKENS = 0
-
-
 def cublas_fits(m: int, n: int, k: int, out_dtype: torch.dtype) -> bool:
     """Shapes and dtypes cuBLASLt's row-wise scaled FP8 GEMM takes (operand leading dimensions
     16-byte aligned, bfloat16 output). Others go to the Triton kernels."""
@@ -254,17 +248,16 @@ def _scaled_mm_cuda(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
+    from compiled_llm.kernels.fp8_tuning import choose
     from compiled_llm.kernels.triton_fp8 import scaled_mm
 
     _check_mm(a, a_scale, b, b_scale, block_size, bias)
     m, k = a.shape
     n = b.shape[0]
-    if (
-        not block_size
-        and m > TRITON_MAX_TOKENS
-        and cublas_fits(m, n, k, out_dtype)
-        and a.is_contiguous()
-    ):
+    choice = None if block_size else choose(n, k, m, a.device)
+    if choice is not None and choice.tiles is not None:
+        return scaled_mm(a, a_scale, b, b_scale, block_size, bias, out_dtype, choice.tiles)
+    if not block_size and cublas_fits(m, n, k, out_dtype) and a.is_contiguous():
         y = torch._scaled_mm(
             a,
             b.t(),  # [K, N] column-major, as cuBLASLt wants the second operand

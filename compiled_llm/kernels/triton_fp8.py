@@ -9,6 +9,8 @@ bit for bit.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -223,22 +225,36 @@ def _fp8_gemv_kernel(
     tl.store(c_ptr + offs_n, acc.to(c_ptr.dtype.element_ty), mask=mask_n)
 
 
-GEMV_BN = 32  # output rows per GEMV program: N / 32 programs stream the weight
+@dataclass(frozen=True)
+class Tiles:
+    """Launch parameters of the FP8 GEMM kernel, or of the one-token GEMV with `gemv` (which
+    ignores `block_m` and `num_stages`). `block_k` must divide a block-scaled weight's block
+    width. Chosen per shape by kernels/fp8_tuning.py, or by `default_tiles`."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    gemv: bool = False
 
 
-def _tiles(m: int, scale_block_k: int | None) -> tuple[int, int, int]:
-    """(BM, BN, BK): small-M tiles for decode (tl.dot needs 16 rows; narrow N tiles give more
-    programs to stream the weight with), larger ones for prefill."""
+def default_tiles(m: int, scale_block_k: int | None) -> Tiles:
+    """Tiles for shapes no tuned table covers: the GEMV for one token; otherwise small-M tiles
+    for decode (tl.dot needs 16 rows; narrow N tiles give more programs to stream the weight
+    with), larger ones for prefill."""
     bk = 128
     if scale_block_k is not None:
         while scale_block_k % bk:
             bk //= 2
         bk = max(bk, 16)
+    if m == 1:
+        return Tiles(1, 32, bk, num_warps=4, gemv=True)
     if m <= 16:
-        return 16, 64, bk
+        return Tiles(16, 64, bk)
     if m <= 64:
-        return 64, 64, bk
-    return 128, 128, bk
+        return Tiles(64, 64, bk)
+    return Tiles(128, 128, bk, num_warps=8)
 
 
 def scaled_mm(
@@ -249,10 +265,10 @@ def scaled_mm(
     block_size: list[int],
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
-    gemv: bool = True,
+    tiles: Tiles | None = None,
 ) -> torch.Tensor:
-    """compiled_llm::fp8_scaled_mm in Triton (shapes checked by the caller); one token goes
-    through the GEMV kernel unless `gemv` is False."""
+    """compiled_llm::fp8_scaled_mm in Triton (shapes checked by the caller), with `tiles` or
+    `default_tiles`; the GEMV kernel where `tiles.gemv` (one token only)."""
     m, k = a.shape
     n = b.shape[0]
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
@@ -265,9 +281,13 @@ def scaled_mm(
     bn_scale, bk_scale = (block_size[0], block_size[1]) if blockwise else (1, k)
     if blockwise and bk_scale % 16:
         raise ValueError(f"the Triton FP8 GEMM needs block widths divisible by 16, got {bk_scale}")
-    bm, bn, bk = _tiles(m, bk_scale if blockwise else None)
-    if m == 1 and gemv:
-        _fp8_gemv_kernel[(triton.cdiv(n, GEMV_BN),)](
+    t = tiles or default_tiles(m, bk_scale if blockwise else None)
+    if blockwise and bk_scale % t.block_k:
+        raise ValueError(f"block_k {t.block_k} does not divide the scale block width {bk_scale}")
+    if t.gemv and m != 1:
+        raise ValueError(f"the FP8 GEMV takes one token, got {m}")
+    if t.gemv:
+        _fp8_gemv_kernel[(triton.cdiv(n, t.block_n),)](
             a,
             a_scale,
             b,
@@ -282,14 +302,14 @@ def scaled_mm(
             bk_scale,
             BLOCKWISE=blockwise,
             HAS_BIAS=bias is not None,
-            BN=GEMV_BN,
-            BK=bk,
-            num_warps=4,
-            num_stages=3,
+            BN=t.block_n,
+            BK=t.block_k,
+            num_warps=t.num_warps,
+            num_stages=t.num_stages,
         )
         return c
     stride_asm = a_scale.stride(0) if a_scale.shape[0] == m and m > 1 else 0
-    _fp8_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+    _fp8_gemm_kernel[(triton.cdiv(m, t.block_m), triton.cdiv(n, t.block_n))](
         a,
         a_scale,
         b,
@@ -308,10 +328,10 @@ def scaled_mm(
         bk_scale,
         BLOCKWISE=blockwise,
         HAS_BIAS=bias is not None,
-        BM=bm,
-        BN=bn,
-        BK=bk,
-        num_warps=4 if bm <= 64 else 8,
-        num_stages=3,
+        BM=t.block_m,
+        BN=t.block_n,
+        BK=t.block_k,
+        num_warps=t.num_warps,
+        num_stages=t.num_stages,
     )
     return c
