@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from compiled_llm.attention_backends.base import (
@@ -57,11 +58,16 @@ class CaptureHost(Protocol):
     def forward_context(self, metadata: Any) -> ForwardContext: ...
 
 
+def output_bytes(out: Any) -> int:
+    """Bytes of the storages a graph's output holds (one tensor or a tuple of them)."""
+    return sum(t.untyped_storage().nbytes() for t in pytree.tree_leaves(out))
+
+
 class CudaGraphRunner:
     def __init__(
         self,
         host: CaptureHost,
-        forward_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        forward_fn: Callable[[torch.Tensor, torch.Tensor], Any],
         pool: GraphPool,
         compilation: CompilationConfig,
         scheduler: SchedulerConfig,
@@ -110,7 +116,9 @@ class CudaGraphRunner:
         positions: torch.Tensor,
         attn: AttentionInputs,
         context: ForwardContext,
-    ) -> torch.Tensor:
+    ) -> Any:
+        """The forward's output for this step (see `capture_full_graph`), from a graph where one
+        fits."""
         n = ids.shape[0]
         mode: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         # A uniform-decode batch padded to a captured size (padding tokens are not requests).
@@ -123,8 +131,7 @@ class CudaGraphRunner:
         elif n in self.piecewise_sizes and not torch.cuda.is_current_stream_capturing():
             mode = cuda_graph_mode(GraphMode.PIECEWISE, n)
         with set_forward_context(context), mode:
-            out: torch.Tensor = self.forward(ids, positions)
-            return out
+            return self.forward(ids, positions)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -180,16 +187,16 @@ class CudaGraphRunner:
         )
 
     @torch.inference_mode()
-    def capture_full_graph(self, b: int) -> torch.Tensor:
-        """Capture the full-model graph of a uniform-decode batch of `b`; returns its output.
-        It reads the KV cache at the address it has now. Needs `capture_piecewise` (the model's
-        static tensors) and `prepare_full_graphs` first."""
+    def capture_full_graph(self, b: int) -> Any:
+        """Capture the full-model graph of a uniform-decode batch of `b`; returns its output (a
+        tensor, or a tuple of them where the forward returns more, e.g. eagle3's auxiliary
+        hidden states). It reads the KV cache at the address it has now. Needs
+        `capture_piecewise` (the model's static tensors) and `prepare_full_graphs` first."""
         h = self.host
         ids, pos, attn = h.dummy_inputs(b, num_reqs=b)
         context = h.forward_context(h.backend.build_metadata(attn))
         with set_forward_context(context), cuda_graph_mode(GraphMode.FULL, b, capturing=True):
-            out: torch.Tensor = self.forward(ids, pos)
-        return out
+            return self.forward(ids, pos)
 
     def measure_memory(self, footprint: Callable[[], tuple[int, int]]) -> int:
         """Bytes all CUDA graphs will take, capturing what can be before the KV cache exists:
@@ -216,7 +223,7 @@ class CudaGraphRunner:
         self.capture_full_graph(sizes[1])
         added = max(a - b for a, b in zip(footprint(), after_first, strict=True))
         assert first is not None
-        per_graph = max(added, first.untyped_storage().nbytes()) + (2 << 20)
+        per_graph = max(added, output_bytes(first)) + (2 << 20)
         self.drop_full_graphs()
         return cost + per_graph * (len(self.decode_sizes) - 1)
 
