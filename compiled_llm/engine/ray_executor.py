@@ -96,17 +96,18 @@ class RankActor:
         return os.getpid(), ray.util.get_node_ip_address()
 
     def run(self, config: EngineConfig, init_method: str, address: str) -> None:
-        """The worker loop of tp_executor, until rank 0 says stop; raises if it failed (its
-        traceback has gone to rank 0 first)."""
+        """The worker loop of tp_executor, until rank 0 says stop. If it fails (its traceback
+        has gone to rank 0) the actor's process exits, as an "mp" worker's does: that closes
+        its gloo/NCCL connections, so rank 0's next collective fails instead of waiting for
+        the collective timeout."""
         setup_worker(config, self.log_level)
-        rank = config.parallel_config.rank
-        link = ZmqLink(address, rank)
+        link = ZmqLink(address, config.parallel_config.rank)
         try:
             code = run_worker(config, init_method, link)
         finally:
-            link.close()
+            link.close()  # waits (LINGER) for the last report to leave
         if code:
-            raise RuntimeError(f"tensor-parallel rank {rank} failed (traceback sent to rank 0)")
+            os._exit(code)
 
 
 def _gpu_ids() -> list[str]:

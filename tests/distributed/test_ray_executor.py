@@ -17,6 +17,7 @@ import pytest
 
 from compiled_llm import LLM
 from compiled_llm.config import EngineArgs
+from compiled_llm.engine import tp_executor
 from compiled_llm.engine.tp_executor import WorkerFailed
 from tests.distributed import test_tp_engine as tp
 
@@ -32,7 +33,7 @@ def ray_cluster():
     """A local Ray cluster of 2 CPUs (one bundle per rank), shut down after the module."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray
     finally:
@@ -85,6 +86,31 @@ def test_ray_tp2_equals_tp1_then_a_killed_actor_ends_it(llama: Path, ray_cluster
         llm.engine.core.shutdown()
     assert cpus_free(ray, 2.0)
     assert ray.is_initialized()  # the engine did not start Ray, so it leaves it running
+
+
+@pytest.mark.slow
+@requires_ray
+def test_ray_actor_failing_at_load_ends_the_start(llama: Path, ray_cluster, monkeypatch) -> None:
+    """The actor's checkpoint folder is gone (rank 0's is not): the start raises the actor's
+    own traceback with its rank, and nothing stays placed."""
+    import dataclasses
+
+    import torch
+
+    from compiled_llm.engine import ray_executor
+
+    def missing_weights(config, rank, device=None):
+        config = tp_executor.rank_config(config, rank, device)
+        mc = dataclasses.replace(config.model_config, model="/nonexistent/checkpoint")
+        return dataclasses.replace(config, model_config=mc)
+
+    monkeypatch.setattr(ray_executor, "rank_config", missing_weights)
+    with pytest.raises(
+        WorkerFailed, match=r"(?s)during start-up: rank 1 \(Ray actor .*no \*\.safetensors"
+    ):
+        LLM(str(llama), tensor_parallel_size=2, distributed_executor_backend="ray", **tp.ENGINE)
+    assert cpus_free(ray_cluster, 2.0)
+    assert not torch.distributed.is_initialized()  # a later engine can start
 
 
 def test_without_ray_the_engine_refuses_before_reading_the_model(llama: Path, monkeypatch) -> None:
