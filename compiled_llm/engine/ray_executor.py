@@ -89,11 +89,12 @@ class RankActor:
     def __init__(self, log_level: int) -> None:
         self.log_level = log_level
 
-    def info(self) -> tuple[int, str]:
-        """Its pid and node IP, for error messages."""
+    def info(self) -> tuple[str, int, str]:
+        """Its actor id, pid and node IP, for error messages."""
         import ray
 
-        return os.getpid(), ray.util.get_node_ip_address()
+        actor_id = ray.get_runtime_context().get_actor_id() or "?"
+        return actor_id, os.getpid(), ray.util.get_node_ip_address()
 
     def run(self, config: EngineConfig, init_method: str, address: str) -> None:
         """The worker loop of tp_executor, until rank 0 says stop. If it fails (its traceback
@@ -180,7 +181,7 @@ class RayWorkers:
         self.stopping = self._c.stopping
         self._finalizer = weakref.finalize(self, _stop, self._c)
         self.world = config.parallel_config.tensor_parallel_size
-        self.info: list[tuple[int, str]] = []  # each actor's (pid, node IP)
+        self.info: list[tuple[str, int, str]] = []  # each actor's (id, pid, node IP)
         self._error: str | None = None  # the first error an actor reported
         self._inbox: dict[int, list[str]] = {}  # report kinds per rank, not yet expected
         try:
@@ -276,12 +277,10 @@ class RayWorkers:
                 raise ConnectionError(f"tensor-parallel rank {rank} unreachable: {e}") from e
 
     def _who(self, rank: int) -> str:
-        actor = self._c.actors[rank - 1]
-        where = ""
         if rank - 1 < len(self.info):
-            pid, ip = self.info[rank - 1]
-            where = f", pid {pid} on {ip}"
-        return f"rank {rank} (Ray actor {actor._actor_id.hex()}{where})"
+            actor_id, pid, ip = self.info[rank - 1]
+            return f"rank {rank} (Ray actor {actor_id}, pid {pid} on {ip})"
+        return f"rank {rank} (Ray actor)"
 
     def _drain(self, wait_s: float) -> None:
         """Read the actors' reports that are there, waiting up to `wait_s` for the first."""

@@ -71,7 +71,7 @@ def test_ray_tp2_equals_tp1_then_a_killed_actor_ends_it(llama: Path, ray_cluster
         assert outs[0].num_cached_tokens == 32
 
         # The actor's process dies mid-run: the next step fails with Ray's error and the rank.
-        pid, _ = workers.info[0]
+        _, pid, _ = workers.info[0]
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(
             WorkerFailed, match=rf"(?s)rank 1 \(Ray actor \w+, pid {pid} on .*ActorDiedError"
