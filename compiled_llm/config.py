@@ -315,6 +315,19 @@ def _arg(default: Any, help: str, **cli: Any) -> Any:
     return field(default=default, metadata={"help": help, **cli})
 
 
+def require_ray() -> Any:
+    """The `ray` module (distributed_executor_backend="ray"), or a ValueError saying how to
+    install it."""
+    try:
+        import ray
+    except ImportError as e:
+        raise ValueError(
+            f"distributed_executor_backend='ray' needs Ray, which is not installed ({e}); "
+            "install it with: pip install 'compiled-llm[ray]'"
+        ) from None
+    return ray
+
+
 def quantization_choices() -> tuple[str, ...]:
     from compiled_llm.quantization import quantization_methods
 
@@ -560,8 +573,6 @@ class EngineArgs:
             "must be mp or ray",
         )
         if self.distributed_executor_backend == "ray" and self.tensor_parallel_size > 1:
-            from compiled_llm.engine.ray_executor import require_ray
-
             require_ray()  # installed, before any model or weight is read
         require(
             all(size >= 1 for size in self.cudagraph_capture_sizes or ()),

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import zmq
 
-from compiled_llm.config import EngineConfig
+from compiled_llm.config import EngineConfig, require_ray
 from compiled_llm.engine.tp_executor import (
     WorkerFailed,
     free_port,
@@ -47,18 +47,6 @@ logger = logging.getLogger(__name__)
 _PLACE_TIMEOUT_S = 120.0  # how long Ray may take to find resources for the placement group
 _START_TIMEOUT_S = 300.0  # how long an actor may take to start (a fresh node imports torch)
 _STOP_TIMEOUT_S = 10.0  # how long the actors get to leave their loop before ray.kill
-
-
-def require_ray() -> ModuleType:
-    """The `ray` module, or a ValueError saying how to install it."""
-    try:
-        import ray
-    except ImportError as e:
-        raise ValueError(
-            f"distributed_executor_backend='ray' needs Ray, which is not installed ({e}); "
-            "install it with: pip install 'compiled-llm[ray]'"
-        ) from None
-    return ray
 
 
 class ZmqLink:
@@ -111,10 +99,9 @@ class RankActor:
             os._exit(code)
 
 
-def _gpu_ids() -> list[str]:
-    import ray
-
-    return [str(g) for g in ray.get_gpu_ids()]
+def _gpu_uuid() -> str:
+    """The UUID of the one GPU a Ray task with num_gpus=1 sees."""
+    return str(torch.cuda.get_device_properties(0).uuid)
 
 
 @dataclass
@@ -247,18 +234,20 @@ class RayWorkers:
         ]
 
     def _rank0_gpu(self, strategy: Any, config: EngineConfig) -> torch.device:
-        """The GPU Ray reserved in bundle 0 (on this node), as this process numbers it."""
+        """The GPU Ray reserved in bundle 0 (on this node), as this process numbers it: found
+        by its UUID, which does not depend on either process's CUDA_VISIBLE_DEVICES."""
         ray = self._c.ray
-        remote = ray.remote(num_gpus=1, num_cpus=0)(_gpu_ids)
-        (gpu,) = ray.get(remote.options(scheduling_strategy=strategy).remote())
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-        if gpu not in ids:
+        remote = ray.remote(num_gpus=1, num_cpus=0)(_gpu_uuid)
+        uuid = ray.get(remote.options(scheduling_strategy=strategy).remote())
+        ours = [
+            str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())
+        ]
+        if uuid not in ours:
             raise RuntimeError(
-                f"Ray reserved GPU {gpu} of this node for tensor-parallel rank 0, which "
-                f"CUDA_VISIBLE_DEVICES={visible!r} hides from the engine's process"
+                f"Ray reserved GPU {uuid} of this node for tensor-parallel rank 0, which the "
+                "engine's process does not see (its CUDA_VISIBLE_DEVICES hides it)"
             )
-        device = torch.device("cuda", ids.index(gpu))
+        device = torch.device("cuda", ours.index(uuid))
         if config.device.index not in (None, device.index):
             logger.warning(
                 "rank 0 runs on %s, the GPU Ray reserved for it, not %s", device, config.device
