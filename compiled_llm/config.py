@@ -127,12 +127,14 @@ class CompilationConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Tensor parallelism (docs/tensor_parallel.md): the number of ranks, and which one this
-    process is. The engine core runs rank 0; `engine/tp_executor.py` gives each worker process
-    a copy of the config with its own rank (and, on CUDA, its own device)."""
+    """Tensor parallelism (docs/tensor_parallel.md): the number of ranks, which one this
+    process is, and what runs ranks 1..N-1 ("mp": processes on this host, "ray": Ray actors).
+    The engine core runs rank 0; `engine/tp_executor.py` gives each worker a copy of the config
+    with its own rank (and, on CUDA, its own device)."""
 
     tensor_parallel_size: int
     rank: int
+    distributed_executor_backend: str
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -303,6 +305,7 @@ _LOAD_FORMATS = ("auto", "dummy")
 # vLLM's names; FP8 is E4M3 with a per-tensor scale of 1 (attention_backends/base.py).
 _KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 _MODEL_IMPLS = ("auto", "native", "transformers")
+_EXECUTOR_BACKENDS = ("mp", "ray")
 
 
 def _arg(default: Any, help: str, **cli: Any) -> Any:
@@ -310,6 +313,19 @@ def _arg(default: Any, help: str, **cli: Any) -> Any:
     flag needs beyond them (`flags`, `choices`, `metavar`). Help of a field whose default is None
     or empty says what that default means; the CLI shows every other default itself."""
     return field(default=default, metadata={"help": help, **cli})
+
+
+def require_ray() -> Any:
+    """The `ray` module (distributed_executor_backend="ray"), or a ValueError saying how to
+    install it."""
+    try:
+        import ray
+    except ImportError as e:
+        raise ValueError(
+            f"distributed_executor_backend='ray' needs Ray, which is not installed ({e}); "
+            "install it with: pip install 'compiled-llm[ray]'"
+        ) from None
+    return ray
 
 
 def quantization_choices() -> tuple[str, ...]:
@@ -426,6 +442,14 @@ class EngineArgs:
         "CPU): attention heads and MLP/expert projections split, the rest replicated; rank 0 "
         "runs in the engine core, ranks 1.. in worker processes (docs/tensor_parallel.md)",
         flags=("-tp", "--tensor-parallel-size"),
+    )
+    distributed_executor_backend: str = _arg(
+        "mp",
+        "what runs tensor-parallel ranks 1..N-1: mp: worker processes on this host; ray: Ray "
+        "actors placed by a placement group (one bundle per rank) on the Ray cluster that is "
+        "running (RAY_ADDRESS, `ray start`) or a local one, across nodes (pip install "
+        "compiled-llm[ray]; docs/tensor_parallel.md)",
+        choices=_EXECUTOR_BACKENDS,
     )
     attention_backend: str = _arg(
         "auto",
@@ -544,6 +568,13 @@ class EngineArgs:
             "must be an integer >= 1",
         )
         require(
+            self.distributed_executor_backend in _EXECUTOR_BACKENDS,
+            "distributed_executor_backend",
+            "must be mp or ray",
+        )
+        if self.distributed_executor_backend == "ray" and self.tensor_parallel_size > 1:
+            require_ray()  # installed, before any model or weight is read
+        require(
             all(size >= 1 for size in self.cudagraph_capture_sizes or ()),
             "cudagraph_capture_sizes",
             "must be at least 1",
@@ -615,7 +646,12 @@ class EngineArgs:
             speculative_config_from(self.speculative_config), model_config
         )
         if self.tensor_parallel_size > 1:
-            _check_tensor_parallel(model_config, self.tensor_parallel_size, device)
+            _check_tensor_parallel(
+                model_config,
+                self.tensor_parallel_size,
+                device,
+                across_hosts=self.distributed_executor_backend == "ray",
+            )
             if speculative_config is not None and speculative_config.method in _MODEL_METHODS:
                 # The draft runs in rank 0's process only; the workers would not run it.
                 raise ValueError(
@@ -654,24 +690,33 @@ class EngineArgs:
             device=device,
             attention_backend=self.attention_backend,
             speculative_config=speculative_config,
-            parallel_config=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size, rank=0),
+            parallel_config=ParallelConfig(
+                tensor_parallel_size=self.tensor_parallel_size,
+                rank=0,
+                distributed_executor_backend=self.distributed_executor_backend,
+            ),
         )
 
 
 def _check_tensor_parallel(
-    model_config: ModelConfig, world_size: int, device: torch.device
+    model_config: ModelConfig, world_size: int, device: torch.device, across_hosts: bool = False
 ) -> None:
     """Refuse a tensor-parallel size the model or the machine cannot run, before any process
     starts or any weight is read: the heads must split (ShardPlan), the checkpoint must be
     sliceable (safetensors, a native class, no quantization yet) and, on CUDA, the ranks need
-    one GPU each from the chosen one on."""
+    one GPU each from the chosen one on (on this host; with Ray, `across_hosts`, the placement
+    group finds them on the cluster instead)."""
     from compiled_llm.distributed.parallel import TensorParallel
     from compiled_llm.distributed.plan import ShardPlan
     from compiled_llm.models.loader import check_shardable
 
     ShardPlan(TensorParallel(0, world_size), model_config.num_heads, model_config.num_kv_heads)
     check_shardable(model_config)
-    if device.type == "cuda":
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(
+            f"tensor_parallel_size={world_size} runs on cuda or cpu, not on device={str(device)!r}"
+        )
+    if device.type == "cuda" and not across_hosts:
         first = device.index or 0
         count = torch.cuda.device_count()
         if first + world_size > count:
@@ -679,10 +724,6 @@ def _check_tensor_parallel(
                 f"tensor_parallel_size={world_size} needs GPUs {first}..{first + world_size - 1} "
                 f"(one per rank from device={str(device)!r}), but {count} are visible"
             )
-    elif device.type != "cpu":
-        raise ValueError(
-            f"tensor_parallel_size={world_size} runs on cuda or cpu, not on device={str(device)!r}"
-        )
 
 
 def _resolve_speculative(

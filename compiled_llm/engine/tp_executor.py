@@ -1,5 +1,7 @@
 """Tensor parallelism in the engine (docs/tensor_parallel.md): rank 0 in the engine core's
-process, ranks 1..N-1 in worker processes.
+process, ranks 1..N-1 in worker processes (`distributed_executor_backend="mp"`, here) or Ray
+actors (`"ray"`, engine/ray_executor.py). Both launchers run the same worker loop
+(`run_worker`), fed through a link with a multiprocessing pipe's `send` / `recv_bytes`.
 
 `create_model_runner` returns today's `ModelRunner` for `tensor_parallel_size == 1` (nothing
 here runs then) and a `DriverRunner` otherwise. The driver spawns the workers, joins the process
@@ -40,7 +42,7 @@ import weakref
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import torch
 import torch.distributed as dist
@@ -80,11 +82,48 @@ class WorkerFailed(RuntimeError):
     """A tensor-parallel worker died or failed; the engine cannot go on."""
 
 
-def rank_config(config: EngineConfig, rank: int) -> EngineConfig:
-    """Rank `rank`'s copy of the config: its rank and, on CUDA, its own GPU (cuda:first+rank)."""
-    device = config.device
-    if device.type == "cuda":
-        device = torch.device("cuda", (device.index or 0) + rank)
+class Workers(Protocol):
+    """Ranks 1..N-1 as the driver sees them, whatever runs them (processes, Ray actors)."""
+
+    init_method: str  # torch.distributed's rendezvous, hosted by rank 0
+    stopping: threading.Event  # set first when they are stopped on purpose
+
+    def send(self, payload: bytes) -> None:
+        """The same step message to every worker (OSError: one is gone)."""
+
+    def expect(self, kind: str, timeout: float, stage: str) -> None:
+        """Each worker's `kind` report; WorkerFailed naming a rank that fails or dies first."""
+
+    def reported_error(self) -> str | None:
+        """The first traceback a worker reported, "rank R (...): traceback"."""
+
+    def dead(self) -> tuple[int, str] | None:
+        """A worker that is gone: its rank and "rank R (pid P) <how it ended>"."""
+
+    def wait_for_death(self) -> tuple[int, str] | None:
+        """Block until a worker is gone (as `dead`) or they are stopped (None)."""
+
+    def stop(self) -> None:
+        """Stop every worker (idempotent)."""
+
+
+class Link(Protocol):
+    """A worker's end of its channel to rank 0 (a multiprocessing Connection is one)."""
+
+    def send(self, obj: Any) -> None: ...
+
+    def recv_bytes(self) -> bytes: ...
+
+
+def rank_config(
+    config: EngineConfig, rank: int, device: torch.device | None = None
+) -> EngineConfig:
+    """Rank `rank`'s copy of the config: its rank and, on CUDA, its own GPU (`device`, by
+    default cuda:first+rank)."""
+    if device is None:
+        device = config.device
+        if device.type == "cuda":
+            device = torch.device("cuda", (device.index or 0) + rank)
     return dataclasses.replace(
         config,
         device=device,
@@ -92,20 +131,20 @@ def rank_config(config: EngineConfig, rank: int) -> EngineConfig:
     )
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
-def _init_process_group(config: EngineConfig, port: int) -> None:
+def _init_process_group(config: EngineConfig, init_method: str) -> None:
     pc = config.parallel_config
     cuda = config.device.type == "cuda"
     if cuda and config.device.index is not None:
         torch.cuda.set_device(config.device)
     dist.init_process_group(
         "nccl" if cuda else "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=init_method,
         rank=pc.rank,
         world_size=pc.tensor_parallel_size,
     )
@@ -126,11 +165,13 @@ def _may_have_children() -> Iterator[None]:
             proc_config["daemon"] = daemon
 
 
-class _Workers:
-    """The worker processes of ranks 1..N-1 and a pipe to each; stopped by `stop` or, if the
-    driver is dropped without it, by a finalizer (also at interpreter exit)."""
+class ProcessWorkers:
+    """`distributed_executor_backend="mp"`: the worker processes of ranks 1..N-1 on this host
+    and a pipe to each; stopped by `stop` or, if the driver is dropped without it, by a
+    finalizer (also at interpreter exit)."""
 
-    def __init__(self, config: EngineConfig, port: int) -> None:
+    def __init__(self, config: EngineConfig) -> None:
+        self.init_method = f"tcp://127.0.0.1:{free_port()}"
         ctx = multiprocessing.get_context("spawn")
         world = config.parallel_config.tensor_parallel_size
         level = logging.getLogger("compiled_llm").getEffectiveLevel()
@@ -143,7 +184,13 @@ class _Workers:
                 ours, theirs = ctx.Pipe()
                 proc = ctx.Process(
                     target=worker_main,
-                    args=(rank_config(config, rank), port, theirs, os.getpid(), level),
+                    args=(
+                        rank_config(config, rank),
+                        self.init_method,
+                        theirs,
+                        os.getpid(),
+                        level,
+                    ),
                     name=f"TPWorker-{rank}",
                     daemon=True,
                 )
@@ -206,11 +253,25 @@ class _Workers:
                         + (_SPAWN_HINT if kind == "joining" else "")
                     )
 
-    def dead(self) -> tuple[int, BaseProcess] | None:
+    def _how(self, i: int) -> str:
+        proc = self.procs[i]
+        return f"rank {self.rank_of(i)} (pid {proc.pid}) {_describe_exit(proc)}"
+
+    def dead(self) -> tuple[int, str] | None:
         for i, proc in enumerate(self.procs):
             if not proc.is_alive():
-                return self.rank_of(i), proc
+                return self.rank_of(i), self._how(i)
         return None
+
+    def wait_for_death(self) -> tuple[int, str] | None:
+        sentinels = {p.sentinel: i for i, p in enumerate(self.procs)}
+        ready = multiprocessing.connection.wait(list(sentinels))
+        if self.stopping.is_set():
+            return None
+        # The sentinel closes with the process's files, a moment before it can be waited for
+        # (is_alive() may still say True): take the rank from the sentinel.
+        i = sentinels[ready[0]]  # type: ignore[index]
+        return self.rank_of(i), self._how(i)
 
     def stop(self) -> None:
         self._finalizer()
@@ -277,8 +338,15 @@ class DriverRunner(ModelRunner):
             )
         self.failure: WorkerFailed | None = None
         self._group: Any = None  # the default group this engine made
-        port = _free_port()
-        self.workers = _Workers(config, port)
+        self.workers: Workers
+        if config.parallel_config.distributed_executor_backend == "ray":
+            from compiled_llm.engine.ray_executor import RayWorkers
+
+            ray_workers = RayWorkers(config)
+            config = ray_workers.driver_config  # on CUDA: the GPU Ray reserved for rank 0
+            self.workers = ray_workers
+        else:
+            self.workers = ProcessWorkers(config)
         self._monitor = threading.Thread(
             target=self._watch, args=(config.device,), name="tp-monitor", daemon=True
         )
@@ -287,7 +355,7 @@ class DriverRunner(ModelRunner):
             # A worker that dies before the rendezvous would leave rank 0 waiting there for
             # torch's timeout: it says when it gets there.
             self.workers.expect("joining", _JOIN_TIMEOUT_S, "before joining the process group")
-            _init_process_group(config, port)
+            _init_process_group(config, self.workers.init_method)
             self._group = dist.group.WORLD
             # dropped without shutdown(): leave the group, so that a later engine can start
             weakref.finalize(self, _destroy_group, self._group).atexit = False
@@ -330,11 +398,7 @@ class DriverRunner(ModelRunner):
                 f"tensor-parallel worker failed during start-up: {reported}"
             ) from error
         if dead is not None:
-            rank, proc = dead
-            raise WorkerFailed(
-                f"tensor-parallel worker rank {rank} (pid {proc.pid}) {_describe_exit(proc)} "
-                "during start-up"
-            ) from error
+            raise WorkerFailed(f"tensor-parallel worker {dead[1]} during start-up") from error
         raise error
 
     # steps -------------------------------------------------------------------------------------
@@ -382,26 +446,21 @@ class DriverRunner(ModelRunner):
         assert self.failure is not None
         return self.failure
 
-    def _record(self, rank: int, proc: BaseProcess) -> None:
+    def _record(self, rank: int, how: str) -> None:
         reported = self.workers.reported_error()
         detail = f":\n{reported}" if reported else ""
         self.failure = WorkerFailed(
-            f"tensor-parallel worker rank {rank} (pid {proc.pid}) {_describe_exit(proc)}; the "
-            f"engine cannot continue{detail}"
+            f"tensor-parallel worker {how}; the engine cannot continue{detail}"
         )
 
     def _watch(self, device: torch.device) -> None:
         """Monitor thread: note a worker's death at once. On CUDA a rank-0 collective whose
         peer died would wait for NCCL's timeout, so the communicator is aborted, which makes
         the waiting operation fail and the next step raise the failure."""
-        sentinels = {p.sentinel: (i, p) for i, p in enumerate(self.workers.procs)}
-        ready = multiprocessing.connection.wait(list(sentinels))
-        if self.workers.stopping.is_set():
+        found = self.workers.wait_for_death()
+        if found is None or self.workers.stopping.is_set():
             return
-        # The sentinel closes with the process's files, a moment before it can be waited for
-        # (is_alive() may still say True): take the rank from the sentinel.
-        index, proc = sentinels[ready[0]]  # type: ignore[index]
-        self._record(self.workers.rank_of(index), proc)
+        self._record(*found)
         logger.error("%s", self.failure)
         if device.type == "cuda":
             with contextlib.suppress(Exception):
@@ -458,45 +517,54 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(1)
 
 
-def worker_main(
-    config: EngineConfig, port: int, conn: Connection, parent_pid: int, log_level: int
-) -> None:
-    """Process entry point of rank `config.parallel_config.rank`: the start-up rank 0 does,
-    then one forward per step message until told to stop (None) or the pipe closes."""
+def setup_worker(config: EngineConfig, log_level: int) -> None:
+    """What a worker's process needs before its loop, whichever launcher started it."""
     logging.basicConfig(
         level=logging.WARNING, format="%(levelname)s tp-worker %(name)s: %(message)s"
     )
     logging.getLogger("compiled_llm").setLevel(log_level)
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     # tqdm's first bar (compiling) makes a multiprocessing lock, a named semaphore this
     # process's os._exit never unlinks (then the resource tracker warns); a thread lock will do.
     from tqdm import tqdm
 
     tqdm.set_lock(threading.RLock())
-    pc = config.parallel_config
     if config.device.type == "cpu":  # the ranks share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // pc.tensor_parallel_size))
-    code = 0
+        tp = config.parallel_config.tensor_parallel_size
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
+
+
+def run_worker(config: EngineConfig, init_method: str, link: Link) -> int:
+    """Rank `config.parallel_config.rank`'s life, for both launchers: the start-up rank 0 does,
+    then one forward per step message until told to stop (None) or the link closes. Reports
+    "joining", "ready", or ("error", traceback) to rank 0; returns the exit code."""
     try:
-        conn.send(("joining", None))
-        _init_process_group(config, port)
+        link.send(("joining", None))
+        _init_process_group(config, init_method)
         runner = WorkerRunner(config)
         runner.initialize_kv_cache(runner.determine_num_blocks())
         runner.compile()
-        conn.send(("ready", None))
+        link.send(("ready", None))
         while True:
-            message = pickle.loads(conn.recv_bytes())
+            message = pickle.loads(link.recv_bytes())
             if message is None:
-                break
+                return 0
             runner.execute(message)
     except EOFError:  # the engine core is gone
-        code = 1
+        return 1
     except BaseException:
         with contextlib.suppress(OSError):
-            conn.send(("error", traceback.format_exc()))
-        code = 1
+            link.send(("error", traceback.format_exc()))
+        return 1
     finally:
         if dist.is_initialized():
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
-    os._exit(code)
+
+
+def worker_main(
+    config: EngineConfig, init_method: str, conn: Connection, parent_pid: int, log_level: int
+) -> None:
+    """Process entry point of a worker started by `ProcessWorkers`."""
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    setup_worker(config, log_level)
+    os._exit(run_worker(config, init_method, conn))
