@@ -25,6 +25,7 @@ from compiled_llm.engine import tp_executor
 from compiled_llm.engine.tp_executor import WorkerFailed
 from tests.conftest import assert_greedy_close, make_tiny_model, tokens
 from tests.distributed import tp_engine_worker
+from tests.hf_reference import greedy_tokens, hf_greedy
 
 MAX_TOKENS = 8
 # Prompts of 5, 40 and 40 ids, the last two sharing their first 32 (two 16-token blocks): with
@@ -44,25 +45,6 @@ ENGINE = dict(
     max_num_seqs=4,
 )
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
-
-
-def hf_greedy(path: Path, prompts: list[list[int]]) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    out = []
-    with torch.no_grad():
-        for ids in prompts:
-            got = model.generate(
-                torch.tensor([ids]),
-                max_new_tokens=MAX_TOKENS,
-                min_new_tokens=MAX_TOKENS,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-            out.append(got[0, len(ids) :].tolist())
-    return out
 
 
 def generate(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
@@ -90,7 +72,7 @@ def llama(tmp_path_factory, embedded_tokenizer_dir) -> Path:
 def test_tp2_equals_tp1_and_hf_then_a_killed_worker_ends_it(llama: Path) -> None:
     """One TP=2 engine: greedy tokens equal transformers' and TP=1's (chunked prefill, then a
     prefix-cache hit); each rank holds half the KV heads; then rank 1 is killed mid-run."""
-    expected = hf_greedy(llama, PROMPTS)
+    expected = greedy_tokens(hf_greedy(llama, PROMPTS, MAX_TOKENS))
     single = LLM(str(llama), **ENGINE)
     assert generate(single, PROMPTS) == expected
     single_blocks = single.engine.core.num_blocks
@@ -135,7 +117,7 @@ def test_tp2_moe_equals_hf(tmp_path: Path, embedded_tokenizer_dir: Path) -> None
         num_hidden_layers=3,
         mlp_only_layers=[1],
     )
-    expected = hf_greedy(path, PROMPTS[:2])
+    expected = greedy_tokens(hf_greedy(path, PROMPTS[:2], MAX_TOKENS))
     llm = LLM(str(path), tensor_parallel_size=2, **ENGINE)
     procs = workers_of(llm)
     try:

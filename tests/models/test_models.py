@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from compiled_llm import LLM, SamplingParams
+from tests.hf_reference import greedy_tokens, hf_greedy
 
 PROMPTS = [
     "Hi",
@@ -21,31 +22,10 @@ PROMPTS = [
 ]
 
 
-def hf_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-    results = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            out = model.generate(
-                ids,
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-        results.append(out[0, ids.shape[1] :].tolist())
-    return results
-
-
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_tiny_models_match_hf(kind: str, tiny_models) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = tiny_models(kind)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    expected = hf_greedy(hf, tokenizer, PROMPTS, max_new_tokens=12)
+    expected = greedy_tokens(hf_greedy(path, PROMPTS, max_new_tokens=12))
     llm = LLM(str(path), max_model_len=512, enforce_eager=True)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     free_before = llm.engine.num_free_blocks
@@ -71,7 +51,7 @@ def test_embedded_model_matches_hf() -> None:
     hf.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     prompts = PROMPTS[:4]
-    expected = hf_greedy(hf, tokenizer, prompts, max_new_tokens=16)
+    expected = greedy_tokens(hf_greedy(hf, prompts, max_new_tokens=16, tokenizer=tokenizer))
 
     llm = LLM(enforce_eager=True, max_model_len=1024)
     outputs = llm.generate(

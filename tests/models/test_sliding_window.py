@@ -5,13 +5,12 @@ prefix with decodes, and compiled (-O1) against eager."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from compiled_llm import LLM, SamplingParams
 from tests.conftest import make_tiny_model
+from tests.hf_reference import assert_matches_hf, hf_greedy
 
 WINDOW = 8
 # A window shorter than every prompt; Gemma 2's caps low enough to change the results.
@@ -40,50 +39,12 @@ MODELS = {
 }
 PROMPT_LENS = (20, 23, 27, 31, 36, 40)
 MAX_TOKENS = 10
-TIE = 1e-4  # HF's top-2 logits closer than this: either token is a right answer
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
 
 def prompts(vocab: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(1)
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENS]
-
-
-def hf_greedy_margins(path: Path, prompt_ids: list[list[int]]) -> list[tuple[list[int], list]]:
-    """HF's greedy tokens of each prompt and, per step, its top-1 minus top-2 logit and the
-    chosen token's logprob."""
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    results = []
-    for ids in prompt_ids:
-        with torch.no_grad():
-            out = hf.generate(
-                torch.tensor([ids]),
-                max_new_tokens=MAX_TOKENS,
-                min_new_tokens=MAX_TOKENS,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-        top2 = [step[0].topk(2).values for step in out.logits]
-        lps = [float(step[0].log_softmax(-1).max()) for step in out.logits]
-        tokens = out.sequences[0, len(ids) :].tolist()
-        results.append((tokens, [float(a - b) for a, b in top2], lps))
-    return results
-
-
-def assert_matches_hf(expected: list[tuple[list[int], list, list]], got: list[list[int]]) -> None:
-    """Token for token, except that a sequence may part from HF's where HF's two best logits
-    tie within TIE (after that it follows another prefix and is not compared)."""
-    for (ref, margins, _), ids in zip(expected, got, strict=True):
-        assert len(ids) == len(ref)
-        for pos, (a, b) in enumerate(zip(ref, ids)):
-            if a != b:
-                assert margins[pos] < TIE, f"token {pos}: HF {a}, ours {b} (margin {margins[pos]})"
-                break
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
@@ -95,7 +56,7 @@ def model(request, tmp_path_factory, embedded_tokenizer_dir):
     from transformers import AutoConfig
 
     ids = prompts(int(AutoConfig.from_pretrained(path).vocab_size))
-    return path, ids, hf_greedy_margins(path, ids)
+    return path, ids, hf_greedy(path, ids, MAX_TOKENS)
 
 
 def generate(llm: LLM, prompt_ids: list[list[int]]) -> list[list[int]]:
@@ -133,12 +94,12 @@ def test_logprobs_match_hf(model) -> None:
     llm = LLM(str(path), max_model_len=128, enforce_eager=True)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
     outputs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
-    for (ref, _, ref_lps), out in zip(expected, outputs, strict=True):
+    for ref, out in zip(expected, outputs, strict=True):
         got = out.outputs[0]
-        for pos, (a, b) in enumerate(zip(ref, got.token_ids)):
+        for pos, (a, b) in enumerate(zip(ref.tokens, got.token_ids)):
             if a != b:
                 break
-            assert abs(got.logprobs[pos][b].logprob - ref_lps[pos]) < 1e-3, pos
+            assert abs(got.logprobs[pos][b].logprob - ref.logprobs[pos]) < 1e-3, pos
 
 
 @pytest.mark.slow

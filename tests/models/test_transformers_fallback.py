@@ -15,6 +15,7 @@ from compiled_llm import LLM, SamplingParams
 from compiled_llm.config import EngineArgs
 from compiled_llm.models.transformers_fallback import TransformersForCausalLM
 from tests.conftest import TINY
+from tests.hf_reference import assert_matches_hf, hf_greedy
 
 PROMPTS = [
     "Hi",
@@ -23,7 +24,6 @@ PROMPTS = [
     "Paged attention stores the KV cache in fixed-size blocks so that memory",
 ]
 MAX_TOKENS = 8
-TIE = 1e-4  # HF's top-2 logits closer than this: either token is a right greedy choice
 
 # Tiny configs of architectures only the fallback serves, each with the fields that make it
 # differ from Llama set away from their defaults where a default would hide a difference.
@@ -70,42 +70,6 @@ def hf_models(tmp_path_factory: pytest.TempPathFactory, embedded_tokenizer_dir: 
         return cache[arch]
 
     return get
-
-
-def hf_greedy(path: Path, prompts: list[str], max_tokens: list[int]):
-    """HF's greedy tokens of each prompt and, per step, the gap between its top-2 logits."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    results = []
-    for prompt, n in zip(prompts, max_tokens):
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            out = model.generate(
-                ids,
-                max_new_tokens=n,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-        gaps = [float(step[0].topk(2).values.diff().abs()) for step in out.logits]
-        results.append((out.sequences[0, ids.shape[1] :].tolist(), gaps))
-    return results
-
-
-def assert_matches_hf(expected, got: list[list[int]]) -> None:
-    """Token for token, except that where HF's top-2 logits are within TIE a different token is
-    accepted and the rest of that sequence (a different prefix) is not compared."""
-    assert len(got) == len(expected)
-    for i, ((ref, gaps), ids) in enumerate(zip(expected, got)):
-        assert len(ids) == len(ref), (i, ids, ref)
-        for pos, (a, b) in enumerate(zip(ref, ids)):
-            if a != b:
-                assert gaps[pos] < TIE, f"prompt {i} token {pos}: HF {a}, ours {b} ({ref} vs {ids})"
-                break
 
 
 def generate(llm: LLM, prompts: list[str], max_tokens: list[int]) -> list[list[int]]:
