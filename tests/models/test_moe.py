@@ -15,13 +15,8 @@ from compiled_llm.models.mixtral import MixtralForCausalLM
 from compiled_llm.models.moe import SparseMoeBlock
 from compiled_llm.models.qwen3_moe import Qwen3MoeForCausalLM
 from tests.conftest import make_tiny_model
-from tests.models.test_sliding_window import (
-    WINDOW,
-    assert_matches_hf,
-    generate,
-    hf_greedy_margins,
-    prompts,
-)
+from tests.hf_reference import assert_matches_hf, hf_greedy
+from tests.models.test_sliding_window import MAX_TOKENS, WINDOW, generate, prompts
 
 # Few experts of a small intermediate size; more experts than top_k so routing matters.
 MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
@@ -52,7 +47,7 @@ def model(request, tmp_path_factory, embedded_tokenizer_dir):
     from transformers import AutoConfig
 
     ids = prompts(int(AutoConfig.from_pretrained(path).vocab_size))
-    return request.param, path, ids, hf_greedy_margins(path, ids)
+    return request.param, path, ids, hf_greedy(path, ids, MAX_TOKENS)
 
 
 def test_one_batch_matches_hf(model) -> None:

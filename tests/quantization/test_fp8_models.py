@@ -20,8 +20,8 @@ import torch
 
 from compiled_llm import LLM, SamplingParams
 from tests.conftest import make_tiny_model
+from tests.hf_reference import greedy_tokens, hf_greedy
 from tests.models.test_models import PROMPTS as ALL_PROMPTS
-from tests.models.test_models import hf_greedy
 from tests.quantization import emulation as E
 
 PROMPTS = ALL_PROMPTS[1:6]  # short and long ones; each check decodes them all
@@ -42,7 +42,8 @@ def emulated_greedy(src: Path, weights: dict, act: object) -> list[list[int]]:
     hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     static = {n: v[2] for n, v in weights.items() if v[2] is not None}
     E.emulate(hf, {n: (w, b) for n, (w, b, _) in weights.items()}, act, static)
-    return hf_greedy(hf, AutoTokenizer.from_pretrained(src), PROMPTS, NEW_TOKENS)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    return greedy_tokens(hf_greedy(hf, PROMPTS, NEW_TOKENS, tokenizer=tokenizer))
 
 
 def online_weights(path: Path) -> dict:
