@@ -122,16 +122,26 @@ class StructuredOutputManager:
         allows everything: its token is dropped."""
         rows = [i for i, g in enumerate(grammars) if g is not None]
         # A fresh tensor each step: torch's caching host allocator does not hand pinned memory
-        # back out while a copy from it may still be in flight.
+        # back out while a copy from it may still be in flight (and hands it out cheaply once
+        # the copy is done). Its contents are stale, so every row is written below.
         width = bitmask_width(self.vocab_size)
         mask = torch.empty((len(rows), width), dtype=torch.int32, pin_memory=self.pin_memory)
-        mask.fill_(-1)
         active = []
+        idle = []  # rows whose token is dropped: they allow everything
         for j, i in enumerate(rows):
             g = grammars[i]
             assert g is not None
             if g.matcher is not None and not g.matcher.is_terminated():
                 active.append((j, g.matcher))
+            else:
+                idle.append(j)
+        if idle:
+            # Through numpy, not `mask.fill_(-1)`: a torch fill of the whole buffer is a parallel
+            # op whose OpenMP workers keep spinning after it and slowed xgrammar's fill threads
+            # (docs/structured_output.md, "Measuring the overhead").
+            mask.numpy()[idle] = -1
+        # xgrammar writes every word of each row it fills (tests/structured_output/test_bitmask.py
+        # checks it on a buffer of garbage).
         if len(active) == 1:
             active[0][1].fill_next_token_bitmask(mask, active[0][0])
         elif active:  # xgrammar fills the rows on its own threads

@@ -161,3 +161,50 @@ def test_no_stop_id_in_vocabulary_ends_on_the_tokenizers_eos() -> None:
     g = RequestGrammar(future, [])
     assert g.ready() and g.error is None
     assert g.accept(VOCAB.index("ab")) and g.accept(EOS) and g.is_terminated()
+
+
+def test_bitmask_on_a_stale_buffer_equals_the_plain_fill() -> None:
+    """The manager no longer clears its buffer (torch's allocator may hand back stale memory)
+    and writes only the rows xgrammar does not fill. Oracle: a buffer of -1 filled row by row
+    with each matcher's own fill, at every step of random walks through several grammars, with
+    the manager's buffer full of garbage each time."""
+    import random
+    from unittest import mock
+
+    from compiled_llm.structured_output import manager as manager_module
+    from compiled_llm.structured_output.manager import StructuredOutputManager
+
+    empty = torch.empty
+
+    def garbage(*args, **kwargs):  # what a reused pinned block may hold
+        t = empty(*args, **kwargs)
+        t.copy_(torch.randint(-(2**31), 2**31 - 1, t.shape, dtype=torch.int32))
+        return t
+
+    rng = random.Random(0)
+    grammars = [
+        _grammar(r"[0-9]{2,3}-[a-f]+", []),
+        None,
+        _grammar(r"\{\"a\": [0-9]+(, \"b\": \"[a-z]*\")?\}", []),
+        _grammar("ab", [VOCAB.index("ab"), EOS]),  # terminated
+        _grammar("[a-z]+(_[0-9])*", []),
+        _grammar("(12|ab)+", []),
+    ]
+    manager = StructuredOutputManager("unused", PADDED, pin_memory=False)
+    shifts = torch.arange(32, dtype=torch.int32)
+    for step in range(12):
+        with mock.patch.object(manager_module.torch, "empty", garbage):
+            mask, rows = manager.bitmask(grammars)
+        assert rows == [i for i, g in enumerate(grammars) if g is not None]
+        for j, i in enumerate(rows):
+            g = grammars[i]
+            assert g is not None
+            expected = torch.full((1, bitmask_width(PADDED)), -1, dtype=torch.int32)
+            if not g.is_terminated():
+                g.matcher.fill_next_token_bitmask(expected, 0)
+            assert torch.equal(mask[j], expected[0]), (step, i)
+            if g.is_terminated():
+                continue
+            allowed = ((expected[0, :, None] >> shifts) & 1).bool().flatten()[: len(VOCAB)]
+            token = rng.choice(allowed.nonzero().flatten().tolist())
+            assert g.accept(token)
