@@ -55,14 +55,16 @@ def noise_model(tmp_path_factory: pytest.TempPathFactory, embedded_tokenizer_dir
     )
 
 
-def draft_config(path: Path, k: int = 3) -> dict:
-    return {"method": "draft_model", "model": str(path), "num_speculative_tokens": k}
+def draft_config(path: Path, k: int = 3, acceptance: str | None = None) -> dict:
+    """`acceptance`: speculative_config.acceptance_method (None: the default)."""
+    extra = {"acceptance_method": acceptance} if acceptance else {}
+    return {"method": "draft_model", "model": str(path), "num_speculative_tokens": k, **extra}
 
 
-def engine(path, draft=None, **kwargs) -> LLM:  # noqa: ANN001
+def engine(path, draft=None, acceptance=None, **kwargs) -> LLM:  # noqa: ANN001
     args = dict(max_model_len=256, enforce_eager=True, skip_tokenizer_init=True)
     args.update(kwargs)
-    spec = draft_config(draft) if draft is not None else None
+    spec = draft_config(draft, acceptance=acceptance) if draft is not None else None
     return LLM(str(path), speculative_config=spec, **args)
 
 
@@ -187,7 +189,7 @@ def test_speculation_starting_mid_generation(noise_model) -> None:
     params[2] = SamplingParams(n=2, temperature=0.7, seed=4, max_tokens=30, ignore_eos=True)
     kwargs = dict(max_num_batched_tokens=24, max_num_seqs=4)
     expected = run(engine(noise_model, **kwargs), params, prompts)
-    spec = {**draft_config(noise_model), "disable_by_batch_size": 2}
+    spec = {**draft_config(noise_model, acceptance="coupled"), "disable_by_batch_size": 2}
     llm = LLM(
         str(noise_model),
         speculative_config=spec,
@@ -242,14 +244,31 @@ def seeded_baseline(cycle_model):  # noqa: ANN001
 
 
 @pytest.mark.parametrize("draft", ["self", "small"])
-def test_seeded_sampling_identical(cycle_model, small_draft, seeded_baseline, draft) -> None:
-    """A seeded request emits what it emits without speculation. Drafts are sampled with the
-    noise the target verifies with, so a target drafting for itself has every draft accepted
-    even while sampling."""
-    outs = run(engine(cycle_model, small_draft if draft == "small" else cycle_model), SEEDED)
+def test_coupled_seeded_sampling_identical(
+    cycle_model, small_draft, seeded_baseline, draft
+) -> None:
+    """acceptance_method coupled: a seeded request emits what it emits without speculation.
+    Drafts are sampled with the noise the target verifies with, so a target drafting for itself
+    has every draft accepted even while sampling."""
+    path = small_draft if draft == "small" else cycle_model
+    outs = run(engine(cycle_model, path, "coupled"), SEEDED)
     same_outputs(seeded_baseline, outs)
     drafted, accepted = acceptance(outs)
     assert (accepted == drafted) if draft == "self" else (0 < accepted < drafted)
+
+
+@pytest.mark.parametrize("draft", ["self", "small"])
+def test_rejection_sampling_end_to_end(cycle_model, small_draft, seeded_baseline, draft) -> None:
+    """The default rule (rejection_sampling): the greedy request emits what it emits without
+    speculation, the seeded ones the same tokens on every run (a second engine), and a target
+    drafting for itself (q = p up to float32 noise between the two runners' batch shapes) has
+    its drafts accepted."""
+    path = small_draft if draft == "small" else cycle_model
+    outs = run(engine(cycle_model, path), SEEDED)
+    same_outputs(seeded_baseline[3:], outs[3:])
+    same_outputs(outs, run(engine(cycle_model, path), SEEDED))
+    drafted, accepted = acceptance(outs)
+    assert (accepted >= 0.98 * drafted) if draft == "self" else (0 < accepted < drafted)
 
 
 def test_stop_strings(cycle_model, small_draft) -> None:

@@ -17,7 +17,7 @@ from compiled_llm.sampling.batch import build_sampling_batch
 from compiled_llm.sampling.sampler import Sampler
 from compiled_llm.sampling_params import SamplingParams
 from compiled_llm.spec_decode.state import SpecDecodeState, num_accepted
-from tests.spec_decode.test_verification import ALPHA, LOGITS, N, VOCAB, chi_square_p, requests
+from tests.spec_decode.test_verification import ALPHA, LOGITS, VOCAB, N, chi_square_p, requests
 
 # q at the two draft positions: in the first row zero at token 3 (where p is not) and mass at
 # token 5 (which p's top_k=5 rules out), in the second all its mass on two tokens.
