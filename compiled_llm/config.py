@@ -170,7 +170,15 @@ SPECULATIVE_DEFAULTS: dict[str, Any] = {
     "prompt_lookup_min": None,  # 2, or prompt_lookup_max if that is lower
     "disable_by_batch_size": 32,
     "draft_tensor_parallel_size": None,  # draft_model, eagle3: 1 (the draft runs unsharded)
+    # "rejection_sampling" for draft_model and eagle3, "coupled" for ngram
+    "acceptance_method": None,
 }
+# How sampled drafts are accepted (docs/speculative_decoding.md, "Verification"): the textbook
+# rule, or the draft sampling with the target's own noise and kept iff the target draws it too.
+ACCEPTANCE_METHODS = ("rejection_sampling", "coupled")
+# vLLM V0's spellings: its name of the textbook rule is taken; its other sampler is not built.
+_ACCEPTANCE_ALIASES = {"rejection_sampler": "rejection_sampling"}
+_ACCEPTANCE_METHODS_LATER = ("typical_acceptance_sampler",)
 
 
 @dataclass(frozen=True)
@@ -196,6 +204,13 @@ class SpeculativeConfig:
     # indexing) is handed to the draft head, resolved by EngineArgs.create_config from the head's
     # config or EAGLE-3's default (2, L // 2, L - 3); () before, and for other methods.
     eagle_aux_hidden_state_layer_ids: tuple[int, ...]
+    # How a sampling request's drafts are accepted: "rejection_sampling" (accept draft x with
+    # probability min(1, p(x)/q(x)), resample a rejection from max(0, p - q); the most drafts
+    # accepted) or "coupled" (the draft samples with the noise the target verifies with and is
+    # kept iff the target draws it too: seeded output identical to no speculation). ngram's drafts
+    # have no distribution (q one-hot, both rules accept with p(x)): it always runs the coupled
+    # check. Greedy requests accept on argmax match under either.
+    acceptance_method: str = "rejection_sampling"
 
 
 def speculative_config_from(value: Any) -> SpeculativeConfig | None:
@@ -276,6 +291,21 @@ def speculative_config_from(value: Any) -> SpeculativeConfig | None:
             f"prompt_lookup_max={d['prompt_lookup_max']}"
         )
     integer("disable_by_batch_size", 1, optional=True)
+    acceptance = d["acceptance_method"]
+    if acceptance is None:
+        acceptance = "coupled" if method == "ngram" else "rejection_sampling"
+    if isinstance(acceptance, str):
+        acceptance = _ACCEPTANCE_ALIASES.get(acceptance, acceptance)
+    if isinstance(acceptance, str) and acceptance in _ACCEPTANCE_METHODS_LATER:
+        raise ValueError(
+            f"speculative_config.acceptance_method={acceptance!r} is not supported yet; "
+            "supported: " + ", ".join(ACCEPTANCE_METHODS)
+        )
+    if not isinstance(acceptance, str) or acceptance not in ACCEPTANCE_METHODS:
+        raise ValueError(
+            "speculative_config.acceptance_method must be one of "
+            f"{', '.join(ACCEPTANCE_METHODS)}, got {acceptance!r}"
+        )
     return SpeculativeConfig(
         method=method,
         num_speculative_tokens=d["num_speculative_tokens"],
@@ -285,6 +315,7 @@ def speculative_config_from(value: Any) -> SpeculativeConfig | None:
         prompt_lookup_max=d["prompt_lookup_max"],
         disable_by_batch_size=d["disable_by_batch_size"],
         eagle_aux_hidden_state_layer_ids=(),
+        acceptance_method=acceptance,
     )
 
 

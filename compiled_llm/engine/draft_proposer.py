@@ -12,11 +12,13 @@ it). Rejected drafts need no rollback: the target's `trim` frees the blocks past
 tokens, and a draft slot is only ever read after this request's draft wrote it for the token now
 at that position (`_DraftKV.valid` tracks how far that holds).
 
-Drafts are sampled with the request's own sampling parameters and the counter-based noise of
-the output index they stand at: the noise the target draws that position with when verifying.
-The target keeps a draft iff its own sample equals it, so the emitted tokens are the ones it
-would emit without speculation (docs, "Why this is exact"); a draft whose distribution is close
-to the target's makes the same choice under the same noise, which is what gets accepted.
+Drafts are sampled with the request's own sampling parameters (docs, "Verification"). Under
+`acceptance_method` "rejection_sampling" (the default) they draw from their own noise stream
+(DRAFT_STREAM of the counter-based noise, at the output index they stand at) and the
+distribution q each was drawn from is kept on the device (`SpecDecodeState.draft_probs`, a
+[k, V] float32 row per draft) for the target's rejection sampler. Under "coupled" they draw with
+the noise the target verifies with, and the target keeps a draft iff its own sample equals it,
+so the emitted tokens are the ones it would emit without speculation.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from compiled_llm.engine.model_runner import ModelRunner
 from compiled_llm.kv_cache.kv_cache_manager import KVCacheManager
 from compiled_llm.request import Request
 from compiled_llm.sampling.batch import build_sampling_batch
-from compiled_llm.sampling.sampler import Sampler, SamplingBatch
+from compiled_llm.sampling.sampler import DRAFT_STREAM, Sampler, SamplingBatch
 
 
 def _token_ids(request: Request, start: int, end: int) -> list[int]:
@@ -79,13 +81,19 @@ class DraftModelProposer:
     """Runs the draft model for the requests the speculative decoder picked (spec_decode's
     `Proposer` protocol)."""
 
-    def __init__(self, draft: ModelRunner, kv_cache: KVCacheManager) -> None:
+    def __init__(
+        self, draft: ModelRunner, kv_cache: KVCacheManager, rejection_sampling: bool = True
+    ) -> None:
+        """`rejection_sampling`: speculative_config.acceptance_method is "rejection_sampling"
+        (else "coupled")."""
         self.draft = draft
         self.kv_cache = kv_cache
+        self.rejection_sampling = rejection_sampling
         self.vocab_size = draft.vocab_size
         self.max_tokens_per_forward = draft.config.scheduler_config.max_num_batched_tokens
         self.sampler = Sampler()
         self._batches: dict[int, SamplingBatch] = {}  # one proposal's, by number of rows
+        self._q: list[torch.Tensor] = []  # one proposal's q rows, by draft step
 
     @torch.inference_mode()
     def propose(self, requests: list[Request], max_drafts: list[int]) -> list[list[int]]:
@@ -153,9 +161,9 @@ class DraftModelProposer:
                 ids[:n] = prev[:n]
             hidden = self.draft.run_model(ids, positions, attn)
             logits = self.draft.model.compute_logits(hidden[self._last_rows(q_lens)])
-            prev = self.sampler(logits, self._batch(reqs[:n], j)).token_ids
+            prev = self._draw(logits, reqs[:n], j)
             sampled.append(prev)
-        self._batches.clear()
+        self._keep_q(reqs, room)
         flat: list[int] = torch.cat(sampled).tolist()
         offset = 0
         drafts: list[list[int]] = [[] for _ in reqs]
@@ -170,10 +178,44 @@ class DraftModelProposer:
             out[chosen[i]] = drafts[i]
         return out
 
+    def _draw(self, logits: torch.Tensor, reqs: list[Request], j: int) -> torch.Tensor:
+        """Draft j + 1 of each request (on the device); under rejection_sampling q's rows are
+        kept for `_keep_q` (not for a batch of greedy requests only: they accept on argmax
+        match)."""
+        batch = self._batch(reqs, j)
+        if not self.rejection_sampling or batch.all_greedy:
+            return self.sampler(logits, batch).token_ids
+        out, q = self.sampler.sample_with_probs(logits, batch)
+        self._q.append(q)
+        return out.token_ids
+
+    def _keep_q(self, reqs: list[Request], room: list[int]) -> None:
+        """Hand each request its drafts' q rows (`spec.draft_probs`): one [requests, k, V]
+        buffer, each request a view of its rows. Its memory, 4 bytes x V per draft (k = 4 and
+        a 128k vocabulary: 2 MiB per request), lives until the drafts are verified."""
+        self._batches.clear()
+        if not self._q:
+            for r in reqs:
+                assert r.spec is not None
+                r.spec.draft_probs = None
+            return
+        q = torch.zeros(
+            (len(reqs), max(room), self._q[0].shape[1]),
+            dtype=torch.float32,
+            device=self._q[0].device,
+        )
+        for j, rows in enumerate(self._q):
+            q[: rows.shape[0], j] = rows
+        self._q = []
+        for i, r in enumerate(reqs):
+            assert r.spec is not None
+            r.spec.draft_probs = q[i, : room[i]]
+
     def _batch(self, reqs: list[Request], j: int) -> SamplingBatch:
         """Sampling rows for draft j + 1 of each request: its own parameters, at its output
         index (no token is pending while drafting, so the builder's index is one short), with
-        every random row on the counter-based noise the verification step will use. Penalties
+        every random row on the counter-based noise: the verification step's under "coupled",
+        its own stream under "rejection_sampling". Penalties
         and min_tokens see the request's output without the drafts before: only acceptance
         depends on that."""
         batch = self._batches.get(len(reqs))
@@ -181,7 +223,8 @@ class DraftModelProposer:
             batch = build_sampling_batch(
                 reqs, self.vocab_size, self.draft.device, drafts=[[] for _ in reqs]
             )
-            batch = dataclasses.replace(batch, max_num_logprobs=-1)
+            stream = DRAFT_STREAM if self.rejection_sampling else 0
+            batch = dataclasses.replace(batch, max_num_logprobs=-1, noise_stream=stream)
             self._batches[len(reqs)] = batch
         return dataclasses.replace(batch, steps=batch.steps + 1 + j)
 
@@ -229,4 +272,6 @@ def draft_proposer(runner: ModelRunner, kv_cache: KVCacheManager) -> DraftModelP
         from compiled_llm.engine.eagle_proposer import Eagle3Proposer
 
         return Eagle3Proposer(runner, kv_cache)
-    return DraftModelProposer(runner.draft, kv_cache)
+    spec = runner.config.speculative_config
+    rejection = spec is not None and spec.acceptance_method == "rejection_sampling"
+    return DraftModelProposer(runner.draft, kv_cache, rejection)

@@ -15,8 +15,8 @@ from the head's guesses, not the target's states, so they are never counted vali
 proposal feeds them again with the target's (what vLLM's EAGLE proposer does).
 
 Everything else is the draft model's: one KV cache addressed by the target's block tables, the
-request's own sampling parameters with the verification step's noise, drafts kept on the
-device until one copy at the end, the same verification.
+request's own sampling parameters (and, under rejection_sampling, q kept for the target),
+drafts kept on the device until one copy at the end, the same verification.
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ class _HeadKV:
 class Eagle3Proposer(DraftModelProposer):
     def __init__(self, target: ModelRunner, kv_cache: KVCacheManager) -> None:
         assert target.draft is not None
-        super().__init__(target.draft, kv_cache)
+        spec = target.config.speculative_config
+        rejection = spec is not None and spec.acceptance_method == "rejection_sampling"
+        super().__init__(target.draft, kv_cache, rejection)
         self.target = target
         self.block_size = target.block_size
 
@@ -123,11 +125,11 @@ class Eagle3Proposer(DraftModelProposer):
             hidden = self.draft.run_model(ids, positions, attn)
             last = hidden[self._last_rows(q_lens)]
             logits = self.draft.model.compute_logits(last)
-            prev = self.sampler(logits, self._batch(reqs[:n], j)).token_ids
+            prev = self._draw(logits, reqs[:n], j)
             sampled.append(prev)
             if j + 1 < max(room):
                 self.hidden_in[: last.shape[0]].copy_(last)
-        self._batches.clear()
+        self._keep_q(reqs, room)
         flat: list[int] = torch.cat(sampled).tolist()
         offset = 0
         drafts: list[list[int]] = [[] for _ in reqs]

@@ -106,6 +106,7 @@ def build_sampling_batch(
             banned_rows += [i] * len(stops)
             banned_ids += sorted(stops)
     num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
+    draft_rows, draft_ids, draft_probs = _drafts_from_q(requests, drafts, device)
     return SamplingBatch(
         temperature=col([p.temperature for p in params], torch.float32),
         top_k=col(top_k, torch.int64),
@@ -139,4 +140,35 @@ def build_sampling_batch(
         if banned_rows
         else None,
         max_num_logprobs=max(num_logprobs) if num_logprobs else -1,
+        draft_rows=draft_rows,
+        draft_token_ids=draft_ids,
+        draft_probs=draft_probs,
+    )
+
+
+def _drafts_from_q(
+    requests: list[Request], drafts: list[list[int]], device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The rows verifying drafts that were sampled from a distribution q under
+    rejection_sampling (their request's `spec.draft_probs`, kept on the device by the draft
+    model's proposer: a [>= len(drafts), V] row of q per draft), their drafts and q's rows, all
+    requests' together; None where no request has any (ngram, coupled, greedy-only proposals)."""
+    rows: list[int] = []
+    ids: list[int] = []
+    probs: list[torch.Tensor] = []
+    base = 0
+    for r, d in zip(requests, drafts):
+        q = r.spec.draft_probs if r.spec is not None and d else None
+        if q is not None:
+            assert q.shape[0] >= len(d), "draft probs for fewer drafts than verified"
+            rows += range(base, base + len(d))
+            ids += d
+            probs.append(q[: len(d)])
+        base += 1 + len(d)
+    if not rows:
+        return None, None, None
+    return (
+        _tensor(rows, torch.int64, device),
+        _tensor(ids, torch.int64, device),
+        torch.cat(probs) if len(probs) > 1 else probs[0],
     )

@@ -6,6 +6,11 @@ once per step on the host (`SamplingBatch`); the sampler is a fixed sequence of 
 Random choice uses the exponential race: argmax(p / E) with E ~ Exp(1) draws from p. For a
 seeded request E comes from a counter-based hash of (seed, output index, token id), so its samples
 do not depend on batch composition, preemption or device — a seeded run repeats exactly.
+
+Speculative decoding's textbook acceptance (`rejection_sampling`) needs draws independent of the
+target's own: the draft samples from stream DRAFT_STREAM and the acceptance test draws from
+ACCEPT_STREAM, each a separate function of (seed, output index); the target's draws (the bonus
+token, a rejected draft's replacement) stay on stream 0, the noise of a step without drafts.
 """
 
 from __future__ import annotations
@@ -26,9 +31,20 @@ def _fmix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def seeded_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[B, V] uniforms in (0, 1), a pure function of (seed, step, token id)."""
-    row = _fmix32((_fmix32(seeds & _MASK32) + steps * 0x9E3779B1) & _MASK32)
+# Noise streams (seeded_uniform's `stream`): 0 is the sampler's own.
+DRAFT_STREAM = 1  # a draft model's drafts under rejection_sampling
+ACCEPT_STREAM = 2  # the acceptance test of rejection_sampling
+
+
+def seeded_uniform(
+    seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int, stream: int = 0
+) -> torch.Tensor:
+    """[B, V] uniforms in (0, 1), a pure function of (seed, step, token id); another `stream`
+    gives another function (as if from another seed; stream 0 is the original)."""
+    seed = _fmix32(seeds & _MASK32)
+    if stream:
+        seed = _fmix32(seed ^ ((stream * 0x5BD1E995) & _MASK32))
+    row = _fmix32((seed + steps * 0x9E3779B1) & _MASK32)
     cols = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64) * 0x7FEB352D
     x = _fmix32((row[:, None] + cols[None, :]) & _MASK32)
     return ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))
@@ -62,6 +78,14 @@ class SamplingBatch:
     # after the forward was launched (EngineCore.step)
     token_bitmask: torch.Tensor | None = None  # [G, ceil(V / 32)] int32, bit t allows token t
     bitmask_rows: torch.Tensor | None = None  # [G] int64: the rows it applies to
+    # The seeded noise's stream (DRAFT_STREAM: a draft model sampling under rejection_sampling)
+    noise_stream: int = 0
+    # Speculative decoding with rejection_sampling: the rows that verify a draft sampled from a
+    # distribution q, the draft at each and q's row (the draft sampler's normalized probs).
+    # Rows without (ngram, coupled, bonus rows) keep the ordinary draw.
+    draft_rows: torch.Tensor | None = None  # [D] int64
+    draft_token_ids: torch.Tensor | None = None  # [D] int64
+    draft_probs: torch.Tensor | None = None  # [D, V] float32
 
 
 @dataclass
@@ -124,6 +148,21 @@ def _apply_top_k_top_p(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
+        return self._sample(logits, b)[0]
+
+    def sample_with_probs(
+        self, logits: torch.Tensor, b: SamplingBatch
+    ) -> tuple[SamplerOutput, torch.Tensor]:
+        """The draw and, per row, the normalized distribution it was drawn from (after
+        penalties, temperature, top-k/p and min-p; meaningless for greedy rows): a draft model's
+        q under rejection_sampling. Assumes a batch that is not all greedy."""
+        out, probs = self._sample(logits, b, want_probs=True)
+        assert probs is not None
+        return out, probs / probs.sum(dim=-1, keepdim=True)
+
+    def _sample(
+        self, logits: torch.Tensor, b: SamplingBatch, want_probs: bool = False
+    ) -> tuple[SamplerOutput, torch.Tensor | None]:
         # The grammar mask comes first, as in vLLM: logprobs, penalties, temperature and
         # top-k/p all see the constrained distribution.
         if b.token_bitmask is not None:
@@ -134,13 +173,21 @@ class Sampler:
         if b.banned is not None:
             logits = logits.index_put(b.banned, torch.tensor(float("-inf"), device=logits.device))
         greedy = logits.argmax(dim=-1)
-        if b.all_greedy:
+        probs = None
+        if b.all_greedy and not want_probs:
             token_ids = greedy
         else:
-            token_ids = torch.where(b.temperature == 0, greedy, self._random(logits, b))
-        return self._with_logprobs(token_ids, raw_logprobs, b)
+            probs = self._probs(logits, b)
+            noise = self._noise(probs, b)
+            token_ids = torch.where(b.temperature == 0, greedy, (probs / noise).argmax(dim=-1))
+            if b.draft_rows is not None:
+                token_ids = self._verify_drafts(token_ids, probs, noise, b)
+        return self._with_logprobs(token_ids, raw_logprobs, b), probs
 
-    def _random(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    @staticmethod
+    def _probs(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+        """What a random row draws from: proportional to its distribution after temperature,
+        top-k/p and min-p (min-p's rows not renormalized)."""
         temperature = torch.where(b.temperature == 0, torch.ones_like(b.temperature), b.temperature)
         logits = logits / temperature[:, None]
         if b.any_top_k or b.any_top_p:
@@ -149,16 +196,52 @@ class Sampler:
         if b.any_min_p:
             keep = probs >= b.min_p[:, None] * probs.amax(dim=-1, keepdim=True)
             probs = probs * keep
+        return probs
+
+    @staticmethod
+    def _noise(probs: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+        """E ~ Exp(1) per row and token: counter-based for seeded rows, torch's otherwise."""
         noise = torch.empty_like(probs).exponential_()
         if b.seeded_rows is not None:
             seeds, steps = b.seeds[b.seeded_rows], b.steps[b.seeded_rows]
-            u = seeded_uniform(seeds, steps, probs.shape[1])
+            u = seeded_uniform(seeds, steps, probs.shape[1], b.noise_stream)
             noise[b.seeded_rows] = -torch.log(u)
         # A draw of exactly 0 (u rounding to 1 in float32: about 2**-24 per token) made
         # 0 / 0 = NaN for a token of probability 0, which argmax then picked: a token that
         # top-k/p, min-p or a grammar had ruled out.
-        noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-        return (probs / noise).argmax(dim=-1)
+        return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+
+    @staticmethod
+    def _verify_drafts(
+        token_ids: torch.Tensor, probs: torch.Tensor, noise: torch.Tensor, b: SamplingBatch
+    ) -> torch.Tensor:
+        """Rejection sampling of the drafts in `b.draft_rows` (random rows only; greedy rows
+        keep the argmax, whose match is greedy acceptance): the row's token becomes the draft x
+        with probability min(1, p(x) / q(x)) (a uniform of ACCEPT_STREAM), else a draw from the
+        normalized residual max(0, p - q) with the row's own noise (stream 0). The host keeps
+        drafts while the row tokens equal them (spec_decode.state.num_accepted), so the first
+        rejection ends the step with its resampled token, which is never the draft (the residual
+        is 0 there when p(x) < q(x)), and a step whose drafts are all accepted ends with the
+        bonus row's ordinary draw from p. Rows of a request after its first rejection are
+        computed and ignored. All vectorized, no host sync."""
+        assert b.draft_token_ids is not None and b.draft_probs is not None
+        rows, drafts, q = b.draft_rows, b.draft_token_ids, b.draft_probs
+        assert rows is not None
+        p = probs[rows]
+        p = p / p.sum(dim=-1, keepdim=True)
+        p_x = p.gather(1, drafts[:, None])[:, 0]
+        q_x = q.gather(1, drafts[:, None])[:, 0]
+        u = seeded_uniform(b.seeds[rows], b.steps[rows], 1, ACCEPT_STREAM)[:, 0]
+        # u < p(x) / q(x) without dividing by q(x); a token p rules out is never kept
+        accept = (u * q_x <= p_x) & (p_x > 0)
+        residual = (p - q).clamp_(min=0)
+        # p and q equal up to rounding leave no residual: draw from p (never reached in exact
+        # arithmetic, where p(x) >= q(x) for every x then and the draft is accepted)
+        residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p)
+        resampled = (residual / noise[rows]).argmax(dim=-1)
+        chosen = torch.where(accept, drafts, resampled)
+        chosen = torch.where(b.temperature[rows] == 0, token_ids[rows], chosen)
+        return token_ids.index_put((rows,), chosen)
 
     @staticmethod
     def _with_logprobs(

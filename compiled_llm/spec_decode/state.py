@@ -41,6 +41,9 @@ class SpecDecodeState:
     pause: int = 0  # decode steps left without proposing
     next_pause: int = BACKOFF_START
     proposer_state: Any = None  # the proposer's own per-request data (ngram: a token buffer)
+    # rejection_sampling: the draft's distribution q at each of `drafts` ([k, V] float32 on the
+    # device, set by the proposer), read when the drafts are verified and dropped after
+    draft_probs: Any = None
     # Acceptance: verification steps that carried drafts, drafts checked, drafts accepted, and
     # drafts accepted at each position (index j: the j-th draft of a step).
     num_drafts: int = 0
@@ -60,6 +63,7 @@ class SpecDecodeState:
         self.drafts = drafts
         self.drafts_for = num_tokens
         if not drafts:
+            self.draft_probs = None
             self._miss()
 
     def take_drafts(self, num_tokens: int) -> list[int]:
@@ -72,6 +76,7 @@ class SpecDecodeState:
     def on_verified(self, num_drafts: int, accepted: int) -> None:
         """A step's results: `num_drafts` drafts were checked (0: an ordinary decode step) and
         the first `accepted` of them kept."""
+        self.draft_probs = None
         if num_drafts == 0:
             self.pause = max(0, self.pause - 1)
             return

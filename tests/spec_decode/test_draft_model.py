@@ -11,15 +11,17 @@ from __future__ import annotations
 import dataclasses
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from compiled_llm import LLM, SamplingParams
 from compiled_llm.config import EngineArgs
+from compiled_llm.engine.draft_proposer import DraftModelProposer
 from compiled_llm.sampling.batch import build_sampling_batch
 from compiled_llm.sampling.sampler import Sampler
-from compiled_llm.spec_decode.state import num_accepted
+from compiled_llm.spec_decode.state import SpecDecodeState, num_accepted
 from tests.conftest import make_tiny_model
 from tests.spec_decode.conftest import VOCAB, build_cycle_model, chain
 from tests.spec_decode.test_spec_engine import acceptance, same_outputs
@@ -53,14 +55,16 @@ def noise_model(tmp_path_factory: pytest.TempPathFactory, embedded_tokenizer_dir
     )
 
 
-def draft_config(path: Path, k: int = 3) -> dict:
-    return {"method": "draft_model", "model": str(path), "num_speculative_tokens": k}
+def draft_config(path: Path, k: int = 3, acceptance: str | None = None) -> dict:
+    """`acceptance`: speculative_config.acceptance_method (None: the default)."""
+    extra = {"acceptance_method": acceptance} if acceptance else {}
+    return {"method": "draft_model", "model": str(path), "num_speculative_tokens": k, **extra}
 
 
-def engine(path, draft=None, **kwargs) -> LLM:  # noqa: ANN001
+def engine(path, draft=None, acceptance=None, **kwargs) -> LLM:  # noqa: ANN001
     args = dict(max_model_len=256, enforce_eager=True, skip_tokenizer_init=True)
     args.update(kwargs)
-    spec = draft_config(draft) if draft is not None else None
+    spec = draft_config(draft, acceptance=acceptance) if draft is not None else None
     return LLM(str(path), speculative_config=spec, **args)
 
 
@@ -185,7 +189,7 @@ def test_speculation_starting_mid_generation(noise_model) -> None:
     params[2] = SamplingParams(n=2, temperature=0.7, seed=4, max_tokens=30, ignore_eos=True)
     kwargs = dict(max_num_batched_tokens=24, max_num_seqs=4)
     expected = run(engine(noise_model, **kwargs), params, prompts)
-    spec = {**draft_config(noise_model), "disable_by_batch_size": 2}
+    spec = {**draft_config(noise_model, acceptance="coupled"), "disable_by_batch_size": 2}
     llm = LLM(
         str(noise_model),
         speculative_config=spec,
@@ -240,14 +244,31 @@ def seeded_baseline(cycle_model):  # noqa: ANN001
 
 
 @pytest.mark.parametrize("draft", ["self", "small"])
-def test_seeded_sampling_identical(cycle_model, small_draft, seeded_baseline, draft) -> None:
-    """A seeded request emits what it emits without speculation. Drafts are sampled with the
-    noise the target verifies with, so a target drafting for itself has every draft accepted
-    even while sampling."""
-    outs = run(engine(cycle_model, small_draft if draft == "small" else cycle_model), SEEDED)
+def test_coupled_seeded_sampling_identical(
+    cycle_model, small_draft, seeded_baseline, draft
+) -> None:
+    """acceptance_method coupled: a seeded request emits what it emits without speculation.
+    Drafts are sampled with the noise the target verifies with, so a target drafting for itself
+    has every draft accepted even while sampling."""
+    path = small_draft if draft == "small" else cycle_model
+    outs = run(engine(cycle_model, path, "coupled"), SEEDED)
     same_outputs(seeded_baseline, outs)
     drafted, accepted = acceptance(outs)
     assert (accepted == drafted) if draft == "self" else (0 < accepted < drafted)
+
+
+@pytest.mark.parametrize("draft", ["self", "small"])
+def test_rejection_sampling_end_to_end(cycle_model, small_draft, seeded_baseline, draft) -> None:
+    """The default rule (rejection_sampling): the greedy request emits what it emits without
+    speculation, the seeded ones the same tokens on every run (a second engine), and a target
+    drafting for itself (q = p up to float32 noise between the two runners' batch shapes) has
+    its drafts accepted."""
+    path = small_draft if draft == "small" else cycle_model
+    outs = run(engine(cycle_model, path), SEEDED)
+    same_outputs(seeded_baseline[3:], outs[3:])
+    same_outputs(outs, run(engine(cycle_model, path), SEEDED))
+    drafted, accepted = acceptance(outs)
+    assert (accepted >= 0.98 * drafted) if draft == "self" else (0 < accepted < drafted)
 
 
 def test_stop_strings(cycle_model, small_draft) -> None:
@@ -292,37 +313,57 @@ DRAFT_LOGITS = torch.tensor(
 REDUCED_DRAFT_LOGITS = DRAFT_LOGITS.index_fill(1, torch.tensor([1, 3]), float("-inf"))
 
 
+def draft_with_the_proposer(
+    reqs: list, draft_logits: torch.Tensor, rejection_sampling: bool
+) -> list[list[int]]:
+    """Two drafts per request sampled from q (`draft_logits` rows) by DraftModelProposer's own
+    sampling code (`_draw`, `_keep_q`: its noise stream, and under rejection_sampling q's rows
+    kept in each request's `spec.draft_probs`), without a model."""
+    proposer = DraftModelProposer.__new__(DraftModelProposer)
+    proposer.draft = SimpleNamespace(device=torch.device("cpu"))  # type: ignore[assignment]
+    proposer.vocab_size = SMALL_VOCAB
+    proposer.sampler = Sampler()
+    proposer.rejection_sampling = rejection_sampling
+    proposer._batches, proposer._q = {}, []
+    for r in reqs:
+        r.spec = SpecDecodeState(2)
+        r.num_pending_output_tokens = 0  # drafting happens before the step is scheduled
+    cols = [proposer._draw(draft_logits[j].repeat(N, 1), reqs, j) for j in range(2)]
+    proposer._keep_q(reqs, [2] * len(reqs))
+    for r in reqs:
+        r.num_pending_output_tokens = 1
+    return torch.stack(cols, dim=1).tolist()
+
+
+@pytest.mark.parametrize("rule", ["rejection_sampling", "coupled"])
 @pytest.mark.parametrize("draft_vocab", ["full", "reduced"])
 @pytest.mark.parametrize(
     "params",
     [SamplingParams(temperature=0.9, seed=0), SamplingParams(temperature=1.0)],
     ids=["seeded", "unseeded"],
 )
-def test_drafts_from_q_with_the_verification_noise_keep_the_target_distribution(
-    params: SamplingParams, draft_vocab: str
+def test_drafts_from_q_keep_the_target_distribution(
+    params: SamplingParams, draft_vocab: str, rule: str
 ) -> None:
-    """Drafts are sampled from q by the draft model's sampler with the counter-based noise of
-    the output index they stand at (what DraftModelProposer does), then verified by the target's
-    ordinary step. The target here does not depend on the context (LOGITS rows), so the emitted
-    tokens at positions 0, 1, 2 must follow its three rows; they are also exactly what the
-    target samples at those indices without drafts. "reduced": q of an EAGLE-3 head's smaller
-    draft vocabulary (eagle3), zero where p is not. Coupling the noise is what gets drafts from
-    a q != p accepted more often than independent draws would be (sum p q)."""
+    """Drafts are sampled from q as DraftModelProposer samples them, then verified by the
+    target's ordinary step. The target here does not depend on the context (LOGITS rows), so
+    the emitted tokens at positions 0, 1, 2 must follow its three rows. "reduced": q of an
+    EAGLE-3 head's smaller draft vocabulary (eagle3), zero where p is not. rejection_sampling
+    accepts the first draft with probability 1 - TV(p, q). coupled: the drafts are drawn with
+    the verification's noise, so every emitted token is exactly what the target samples at that
+    index without drafts, and coupling the noise gets drafts from a q != p accepted more often
+    than independent draws would be (sum p q), at least (1 - TV) / (1 + TV)."""
     draft_logits = DRAFT_LOGITS if draft_vocab == "full" else REDUCED_DRAFT_LOGITS
     cpu = torch.device("cpu")
     sampler = Sampler()
     reqs = requests(params)
-    first = build_sampling_batch(reqs, SMALL_VOCAB, cpu, drafts=[[] for _ in reqs])
-    drafts = torch.stack(
-        [
-            sampler(
-                draft_logits[j].repeat(N, 1), dataclasses.replace(first, steps=first.steps + j)
-            ).token_ids
-            for j in range(2)
-        ],
-        dim=1,
-    ).tolist()
+    if params.seed is None:  # the frontend's random sampling_seed (here fixed ones)
+        seeds = random.Random(2)
+        for r in reqs:
+            r.sampling_seed = seeds.getrandbits(63)
+    drafts = draft_with_the_proposer(reqs, draft_logits, rule == "rejection_sampling")
     batch = build_sampling_batch(reqs, SMALL_VOCAB, cpu, drafts=drafts)
+    assert (batch.draft_rows is not None) == (rule == "rejection_sampling")
     sampled = sampler(LOGITS.repeat(N, 1), batch).token_ids.view(N, 3).tolist()
     emitted = [row[: num_accepted(d, row) + 1] for d, row in zip(drafts, sampled)]
 
@@ -333,15 +374,19 @@ def test_drafts_from_q_with_the_verification_noise_keep_the_target_distribution(
         tokens = torch.tensor([e[j] for e in emitted if len(e) > j])
         assert len(tokens) > 300
         assert chi_square_p(torch.bincount(tokens, minlength=SMALL_VOCAB), p[j]) > ALPHA
+    accepted = sum(1 for e in emitted if len(e) > 1) / N
+    overlap = float(torch.minimum(p[0], q[0]).sum())  # 1 - total variation
+    sd = (overlap * (1 - overlap) / N) ** 0.5
+    if rule == "rejection_sampling":
+        assert abs(accepted - overlap) < 4 * sd, (accepted, overlap)
+        return
     # pathwise: each emitted token is the target's own draw at that index
     for j in range(3):
         plain = build_sampling_batch(reqs, SMALL_VOCAB, cpu, drafts=[[] for _ in reqs])
         plain = dataclasses.replace(plain, steps=plain.steps + j)
         alone = sampler(LOGITS[j].repeat(N, 1), plain).token_ids.tolist()
         assert all(e[j] == a for e, a in zip(emitted, alone) if len(e) > j)
-    accepted = sum(1 for e in emitted if len(e) > 1) / N
     independent = float((p[0] * q[0]).sum())
-    overlap = float(torch.minimum(p[0], q[0]).sum())  # 1 - total variation
     sd = (0.25 / N) ** 0.5
     assert accepted > independent + 10 * sd
     assert accepted > overlap / (2 - overlap) - 4 * sd  # the coupling's guarantee

@@ -46,10 +46,14 @@ def spec(head: Path, k: int = 3, **extra: object) -> dict:
     return {"method": "eagle3", "model": str(head), "num_speculative_tokens": k, **extra}
 
 
-def engine(path: Path, head: Path | None = None, **kwargs: object) -> LLM:
+def engine(
+    path: Path, head: Path | None = None, acceptance: str | None = None, **kwargs: object
+) -> LLM:
+    """`acceptance`: speculative_config.acceptance_method (None: the default)."""
     args: dict = dict(max_model_len=256, enforce_eager=True, skip_tokenizer_init=True)
     args.update(kwargs)
-    return LLM(str(path), speculative_config=spec(head) if head else None, **args)
+    extra = {"acceptance_method": acceptance} if acceptance else {}
+    return LLM(str(path), speculative_config=spec(head, **extra) if head else None, **args)
 
 
 def run(llm: LLM, params, prompts=PROMPTS):  # noqa: ANN001
@@ -171,12 +175,29 @@ MIXED = [
 @pytest.mark.parametrize("head", ["random", "follow"])
 def test_mixed_batch_identical(cycle_model, heads, baseline, head) -> None:
     """Greedy and seeded requests beside one that never speculates, chunked prefill: the same
-    tokens and logprobs as without speculation."""
-    llm = engine(cycle_model, heads[head], skip_tokenizer_init=False, max_num_batched_tokens=24)
+    tokens and logprobs as without speculation (acceptance_method coupled)."""
+    llm = engine(
+        cycle_model,
+        heads[head],
+        "coupled",
+        skip_tokenizer_init=False,
+        max_num_batched_tokens=24,
+    )
     outs = run(llm, MIXED)
     same_outputs(baseline, outs)
     drafted, accepted = acceptance(outs)
     assert drafted > 0 and (accepted > 0 if head == "follow" else True)
+
+
+def test_rejection_sampling_keeps_greedy_and_repeats_seeded(cycle_model, heads, baseline) -> None:
+    """The default rule (rejection_sampling): greedy requests emit what they emit without
+    speculation, seeded ones the same tokens on every run (here a second run of the same
+    engine, with prefix hits), and drafts are accepted."""
+    llm = engine(cycle_model, heads["follow"], skip_tokenizer_init=False)
+    outs = run(llm, MIXED)
+    same_outputs([baseline[0], baseline[2]], [outs[0], outs[2]])
+    same_outputs(outs, run(llm, MIXED))
+    assert acceptance(outs)[1] > 0
 
 
 def test_stop_string(cycle_model, heads, baseline) -> None:

@@ -109,6 +109,16 @@ def test_draft_model_at_o2_matches_no_speculation(
     assert m is not None and m.num_accepted_draft_tokens > 0
     assert draft.graphs.full_replays > 0 and draft.graphs.piecewise_replays > 0
     assert llm.engine.num_free_blocks == free
+    # Seeded sampling under the default rejection_sampling (q rows kept on the device, the
+    # rejection sampler in the verification step): the same tokens on a second run, with
+    # drafts accepted.
+    seeded = SamplingParams(temperature=0.8, seed=3, max_tokens=48, ignore_eos=True)
+    first = llm.generate(PROMPTS, seeded, use_tqdm=False)
+    assert tokens(first) == tokens(llm.generate(PROMPTS, seeded, use_tqdm=False))
+    assert (
+        sum(o.metrics.spec_decode.num_accepted_draft_tokens for o in first if o.metrics.spec_decode)
+        > 0
+    )
 
 
 @pytest.fixture(scope="module")

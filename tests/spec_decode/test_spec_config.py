@@ -21,6 +21,7 @@ def test_ngram_with_defaults() -> None:
         prompt_lookup_max=5,
         disable_by_batch_size=32,
         eagle_aux_hidden_state_layer_ids=(),
+        acceptance_method="coupled",  # ngram's drafts have no q: the coupled check
     )
     with pytest.raises(AttributeError):
         config.num_speculative_tokens = 2  # type: ignore[misc]
@@ -89,6 +90,22 @@ def test_given_values_and_vllm_older_spelling() -> None:
             "disable_by_batch_size",
         ),
         ({"method": "ngram", "num_speculative_tokens": 2, "typo": 1}, "unknown key.*'typo'"),
+        (
+            {"model": "m", "num_speculative_tokens": 2, "acceptance_method": "exact"},
+            "speculative_config.acceptance_method must be one of rejection_sampling, coupled",
+        ),
+        (
+            {"model": "m", "num_speculative_tokens": 2, "acceptance_method": ["coupled"]},
+            "speculative_config.acceptance_method must be one of",
+        ),
+        (
+            {
+                "model": "m",
+                "num_speculative_tokens": 2,
+                "acceptance_method": "typical_acceptance_sampler",
+            },
+            "acceptance_method='typical_acceptance_sampler' is not supported yet",
+        ),
         ("ngram", "speculative_config must be a dict"),
     ],
 )
@@ -131,3 +148,20 @@ def test_draft_model_keys() -> None:
         "some/draft",
         None,
     )
+    # the textbook acceptance rule by default for a model's drafts; vLLM V0's name of it
+    assert config.acceptance_method == "rejection_sampling"
+    for given, resolved in [
+        ("coupled", "coupled"),
+        ("rejection_sampling", "rejection_sampling"),
+        ("rejection_sampler", "rejection_sampling"),
+    ]:
+        value = {"method": "eagle3", "model": "h", "num_speculative_tokens": 2}
+        config = speculative_config_from({**value, "acceptance_method": given})
+        assert config is not None and config.acceptance_method == resolved
+
+
+def test_cli_flag_carries_acceptance_method() -> None:
+    spec = '{"model": "d", "num_speculative_tokens": 3, "acceptance_method": "coupled"}'
+    args = build_parser().parse_args(["generate", "hi", "--speculative-config", spec])
+    config = EngineArgs(**engine_kwargs(args)).speculative_config
+    assert speculative_config_from(config).acceptance_method == "coupled"  # type: ignore[union-attr]
