@@ -102,6 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="32",
         help="speculative_config's (the engine default); 'none' speculates at any batch",
     )
+    p.add_argument(
+        "--draft-token-cost",
+        type=float,
+        default=None,
+        help="speculative_config's adaptive-k price of a draft (default: the engine's); 0: off",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point (median)")
     p.add_argument("-O", "--compilation-level", type=int, default=None)
     p.add_argument("--dtype", default="auto")
@@ -179,6 +185,8 @@ def build(args: argparse.Namespace, speculative: bool) -> tuple[Any, list[int], 
             "prompt_lookup_max": args.prompt_lookup_max,
             "disable_by_batch_size": None if limit == "none" else int(limit),
         }
+        if args.draft_token_cost is not None:
+            spec["draft_token_cost"] = args.draft_token_cost
         if args.workload == "draft_model":
             del spec["prompt_lookup_min"], spec["prompt_lookup_max"]
             spec.update(method="draft_model", model=shape_folder(args.draft_shape))

@@ -9,6 +9,7 @@ reads.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,6 +161,10 @@ SPECULATIVE_METHODS = (
 _MODEL_METHODS = ("draft_model", "eagle3")
 # vLLM's other methods: named so that asking for one says "not supported yet", not "unknown".
 _SPECULATIVE_METHODS_LATER = ("eagle", "medusa", "mtp", "suffix")
+# Adaptive k (docs/speculative_decoding.md, "Adaptivity"): the price of one draft token in a
+# verification step, in decode steps without drafts (~0.08 on the H200 for the 8B shape with free
+# drafts); 0 turns adaptive k off.
+DEFAULT_DRAFT_TOKEN_COST = 0.1
 # speculative_config keys and their defaults where the user leaves one out (None: required, or
 # taken from another key; see speculative_config_from).
 SPECULATIVE_DEFAULTS: dict[str, Any] = {
@@ -172,6 +177,7 @@ SPECULATIVE_DEFAULTS: dict[str, Any] = {
     "draft_tensor_parallel_size": None,  # draft_model, eagle3: 1 (the draft runs unsharded)
     # "rejection_sampling" for draft_model and eagle3, "coupled" for ngram
     "acceptance_method": None,
+    "draft_token_cost": DEFAULT_DRAFT_TOKEN_COST,  # ours: vLLM has no adaptive k
 }
 # How sampled drafts are accepted (docs/speculative_decoding.md, "Verification"): the textbook
 # rule, or the draft sampling with the target's own noise and kept iff the target draws it too.
@@ -211,6 +217,10 @@ class SpeculativeConfig:
     # have no distribution (q one-hot, both rules accept with p(x)): it always runs the coupled
     # check. Greedy requests accept on argmax match under either.
     acceptance_method: str = "rejection_sampling"
+    # Adaptive k (ours; vLLM has none): each request proposes the number of drafts, 1 to
+    # num_speculative_tokens, that maximizes its expected tokens per step cost 1 + c * k, given its
+    # recent acceptance (spec_decode/state.py); c is this, 0 always proposes num_speculative_tokens.
+    draft_token_cost: float = DEFAULT_DRAFT_TOKEN_COST
 
 
 def speculative_config_from(value: Any) -> SpeculativeConfig | None:
@@ -306,6 +316,17 @@ def speculative_config_from(value: Any) -> SpeculativeConfig | None:
             "speculative_config.acceptance_method must be one of "
             f"{', '.join(ACCEPTANCE_METHODS)}, got {acceptance!r}"
         )
+    cost = d["draft_token_cost"]
+    if (
+        not isinstance(cost, (int, float))
+        or isinstance(cost, bool)
+        or not math.isfinite(cost)
+        or cost < 0
+    ):
+        raise ValueError(
+            "speculative_config.draft_token_cost must be a finite number >= 0 (0: adaptive k "
+            f"off), got {cost!r}"
+        )
     return SpeculativeConfig(
         method=method,
         num_speculative_tokens=d["num_speculative_tokens"],
@@ -316,6 +337,7 @@ def speculative_config_from(value: Any) -> SpeculativeConfig | None:
         disable_by_batch_size=d["disable_by_batch_size"],
         eagle_aux_hidden_state_layer_ids=(),
         acceptance_method=acceptance,
+        draft_token_cost=float(cost),
     )
 
 

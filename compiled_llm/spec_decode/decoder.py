@@ -26,7 +26,9 @@ class SpeculativeDecoder:
         self.proposer = proposer if proposer is not None else create_proposer(config)
 
     def new_state(self) -> SpecDecodeState:
-        return SpecDecodeState(self.config.num_speculative_tokens)
+        return SpecDecodeState(
+            self.config.num_speculative_tokens, draft_token_cost=self.config.draft_token_cost
+        )
 
     def enabled_for(self, num_running: int) -> bool:
         """Whether a step with this many running requests speculates."""
@@ -47,7 +49,8 @@ class SpeculativeDecoder:
 
     def propose(self, requests: Iterable[Request], num_running: int) -> None:
         """Proposals for the requests that just got tokens: those still running, with no token
-        in flight, not backed off, and room for a draft before max_tokens."""
+        in flight, not backed off, and room for a draft before max_tokens; each asked for the
+        number of drafts its recent acceptance makes worth it (SpecDecodeState.num_drafts_wanted)."""
         if not self.enabled_for(num_running):
             return
         chosen: list[Request] = []
@@ -66,7 +69,7 @@ class SpeculativeDecoder:
             left = r.max_tokens - len(r.output_token_ids) - 1
             if left > 0:
                 chosen.append(r)
-                room.append(min(self.config.num_speculative_tokens, left))
+                room.append(min(state.num_drafts_wanted(), left))
         if not chosen:
             return
         for r, k, drafts in zip(chosen, room, self.proposer.propose(chosen, room)):

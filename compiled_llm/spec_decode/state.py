@@ -1,4 +1,5 @@
-"""What speculative decoding tracks per request: its drafts, its back-off, its acceptance."""
+"""What speculative decoding tracks per request: its drafts, its back-off, its acceptance, and
+how many drafts to propose next (adaptive k)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,32 @@ from typing import Any
 MISSES_BEFORE_BACKOFF = 3
 BACKOFF_START = 8
 BACKOFF_MAX = 64
+
+# Adaptive k: the per-token acceptance a request's drafts have had lately is estimated from
+# exponentially decayed sums over its verification steps (each step's weight is multiplied by
+# ACCEPTANCE_DECAY at every later one: about the last 1 / (1 - 0.7) ~ 3 steps count). A new
+# request starts from one pseudo-accepted draft and no rejection, i.e. an estimate of 1 (full k).
+ACCEPTANCE_DECAY = 0.7
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens a verification step with k drafts emits on average when each draft is accepted
+    with probability `acceptance` given the ones before: 1 + a + ... + a^k."""
+    return sum(acceptance**j for j in range(k + 1))
+
+
+def choose_num_drafts(acceptance: float, max_k: int, draft_token_cost: float) -> int:
+    """The k in 1..max_k that maximizes tokens per cost, expected_tokens(a, k) / (1 + c * k),
+    with c = draft_token_cost the price of one more draft in a step (the verification of one
+    more query token plus proposing it), in units of a decode step without drafts. Ties go to
+    the larger k, so c = 0 always gives max_k (adaptivity off). k = 0 is not chosen here: the
+    back-off turns proposing off for requests that accept nothing."""
+    best, best_value = max_k, -1.0
+    for k in range(max_k, 0, -1):
+        value = expected_tokens(acceptance, k) / (1 + draft_token_cost * k)
+        if value > best_value * (1 + 1e-12):
+            best, best_value = k, value
+    return best
 
 
 def num_accepted(drafts: list[int], sampled: list[int]) -> int:
@@ -34,12 +61,18 @@ class SpecDecodeState:
     """Per-request speculation state (Request.spec; None when speculation is off)."""
 
     num_speculative_tokens: int
+    # adaptive k (choose_num_drafts): the price of one draft; 0 proposes num_speculative_tokens
+    draft_token_cost: float = 0.0
     drafts: list[int] = field(default_factory=list)  # proposed, not scheduled yet
     drafts_for: int = -1  # the request's num_tokens when they were proposed
     in_flight: list[int] = field(default_factory=list)  # scheduled, waiting for verification
     misses: int = 0  # consecutive proposal steps with nothing accepted
     pause: int = 0  # decode steps left without proposing
     next_pause: int = BACKOFF_START
+    # Decayed sums over verification steps of drafts accepted and of rejections (0 or 1 a step):
+    # their ratio estimates the per-token acceptance (accepted / (accepted + rejected)).
+    recent_accepted: float = 1.0
+    recent_rejected: float = 0.0
     proposer_state: Any = None  # the proposer's own per-request data (ngram: a token buffer)
     # rejection_sampling: the draft's distribution q at each of `drafts` ([k, V] float32 on the
     # device, set by the proposer), read when the drafts are verified and dropped after
@@ -58,6 +91,23 @@ class SpecDecodeState:
     def active(self) -> bool:
         """Proposing (not backed off)."""
         return self.pause == 0
+
+    @property
+    def recent_acceptance(self) -> float:
+        """Estimated probability that a draft is accepted given the ones before it. Every draft
+        checked is a trial that ends at the first rejection, so accepted / (accepted +
+        rejections) is the estimate whatever k each step had (a step that accepted all its
+        drafts had no rejection); accepted / drafted would make a step with fewer drafts look
+        better."""
+        return self.recent_accepted / (self.recent_accepted + self.recent_rejected)
+
+    def num_drafts_wanted(self) -> int:
+        """How many drafts to ask the proposer for next (1..num_speculative_tokens)."""
+        if self.draft_token_cost == 0:
+            return self.num_speculative_tokens
+        return choose_num_drafts(
+            self.recent_acceptance, self.num_speculative_tokens, self.draft_token_cost
+        )
 
     def set_drafts(self, drafts: list[int], num_tokens: int) -> None:
         self.drafts = drafts
@@ -85,6 +135,8 @@ class SpecDecodeState:
         self.num_accepted_tokens += accepted
         for j in range(accepted):
             self.accepted_per_pos[j] += 1
+        self.recent_accepted = ACCEPTANCE_DECAY * self.recent_accepted + accepted
+        self.recent_rejected = ACCEPTANCE_DECAY * self.recent_rejected + (accepted < num_drafts)
         if accepted:
             self.misses = 0
             self.next_pause = BACKOFF_START

@@ -46,6 +46,12 @@ def test_given_values_and_vllm_older_spelling() -> None:
     )
     assert low is not None and low.prompt_lookup_min == 1
     assert speculative_config_from(None) is None
+    # adaptive k: on by default (the engine's price of a draft), 0 turns it off
+    assert config.draft_token_cost == 0.1
+    off = speculative_config_from(
+        {"method": "ngram", "num_speculative_tokens": 2, "draft_token_cost": 0}
+    )
+    assert off is not None and off.draft_token_cost == 0.0
 
 
 @pytest.mark.parametrize(
@@ -105,6 +111,13 @@ def test_given_values_and_vllm_older_spelling() -> None:
                 "acceptance_method": "typical_acceptance_sampler",
             },
             "acceptance_method='typical_acceptance_sampler' is not supported yet",
+        ),
+        *(
+            (
+                {"method": "ngram", "num_speculative_tokens": 2, "draft_token_cost": bad},
+                "speculative_config.draft_token_cost must be a finite number >= 0",
+            )
+            for bad in (-0.1, "0.1", True, float("nan"), float("inf"), None)
         ),
         ("ngram", "speculative_config must be a dict"),
     ],
