@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,6 +78,19 @@ class _DraftKV:
         return self.valid
 
 
+@dataclass
+class _Proposal:
+    """The requests one proposal drafts for, those with the most room first."""
+
+    chosen: list[int]  # their indexes in the proposer's request list
+    reqs: list[Request]
+    room: list[int]  # drafts each may get
+    kv: list[Any]  # their proposer_state
+    valid: list[int]  # positions whose draft KV is valid, after catching up
+    ends: list[int]  # where the context each feeds ends
+    block_table: np.ndarray
+
+
 class DraftModelProposer:
     """Runs the draft model for the requests the speculative decoder picked (spec_decode's
     `Proposer` protocol)."""
@@ -100,35 +114,42 @@ class DraftModelProposer:
         with self.draft.profiler.stage("draft model"):
             return self._propose(requests, max_drafts)
 
-    def _propose(self, requests: list[Request], max_drafts: list[int]) -> list[list[int]]:
-        out: list[list[int]] = [[] for _ in requests]
-        # Requests that can draft: decoding (every token but the newest computed by the target)
-        # and with blocks for the draft positions (else no drafts: drafting never preempts).
+    # What an EAGLE-3 head does differently (engine/eagle_proposer.py): its per-request state,
+    # the KV slots a proposal of k drafts needs, and where the context it catches up on ends.
+    def _new_state(self, request: Request) -> Any:
+        return _DraftKV(num_preemptions=request.num_preemptions)
+
+    def _slots_needed(self, k: int) -> int:
+        return k  # the newest token and drafts 1..k-1 (draft k is never fed)
+
+    def _context_end(self, request: Request) -> int:
+        return request.num_tokens  # N: draft 1 is the token at position N
+
+    def _start(self, requests: list[Request], max_drafts: list[int]) -> _Proposal | None:
+        """The requests that can draft, caught up: decoding (every token but the newest
+        computed by the target) and with slots for their draft positions (else no drafts:
+        drafting never preempts); None if there are none."""
         chosen: list[int] = []
         for i, (r, k) in enumerate(zip(requests, max_drafts)):
             state = r.spec
             assert state is not None
             if state.proposer_state is None:
-                state.proposer_state = _DraftKV(num_preemptions=r.num_preemptions)
+                state.proposer_state = self._new_state(r)
             if k < 1 or r.num_computed_tokens != r.num_tokens - 1:
                 continue
-            # slots for the newest token and drafts 1..k-1 (draft k is never fed)
-            if self.kv_cache.allocate_slots(r, k, cache_prefix=False):
+            if self.kv_cache.allocate_slots(r, self._slots_needed(k), cache_prefix=False):
                 chosen.append(i)
         if not chosen:
-            return out
+            return None
         chosen.sort(key=lambda i: -max_drafts[i])  # the requests of step j form a prefix
         reqs = [requests[i] for i in chosen]
-        room = [max_drafts[i] for i in chosen]
-        kv: list[_DraftKV] = [r.spec.proposer_state for r in reqs]  # type: ignore[union-attr]
+        kv = [r.spec.proposer_state for r in reqs]  # type: ignore[union-attr]
         valid = [s.sync(r) for s, r in zip(kv, reqs)]
-        ends = [r.num_tokens for r in reqs]  # N: draft 1 is the token at position N
+        ends = [self._context_end(r) for r in reqs]
         block_ids = [self.kv_cache.block_ids(r) for r in reqs]
-        width = max(len(b) for b in block_ids)
-        block_table = np.zeros((len(reqs), width), dtype=np.int32)
+        block_table = np.zeros((len(reqs), max(len(b) for b in block_ids)), dtype=np.int32)
         for i, row in enumerate(block_ids):
             block_table[i, : len(row)] = row
-
         # Catch up (a new or preempted request's whole context, or tokens accepted last step
         # that the draft has not fed): chunks of at most max_num_batched_tokens until what is
         # left fits the first draft step (or is only the newest tokens).
@@ -136,6 +157,29 @@ class DraftModelProposer:
             e - 1 > v for e, v in zip(ends, valid)
         ):
             self._prefill_chunk(reqs, valid, ends, block_table)
+        room = [max_drafts[i] for i in chosen]
+        return _Proposal(chosen, reqs, room, kv, valid, ends, block_table)
+
+    @staticmethod
+    def _by_request(sampled: list[torch.Tensor], room: list[int]) -> list[list[int]]:
+        """Each request's drafts from the draft steps' draws (step j's rows are the requests
+        with room for draft j + 1), in one host copy."""
+        flat: list[int] = torch.cat(sampled).tolist()
+        offset = 0
+        drafts: list[list[int]] = [[] for _ in room]
+        for j in range(max(room)):
+            n = sum(1 for k in room if k > j)
+            for i in range(n):
+                drafts[i].append(flat[offset + i])
+            offset += n
+        return drafts
+
+    def _propose(self, requests: list[Request], max_drafts: list[int]) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in requests]
+        p = self._start(requests, max_drafts)
+        if p is None:
+            return out
+        reqs, room, valid, ends, block_table = p.reqs, p.room, p.valid, p.ends, p.block_table
 
         # Draft step 1 feeds each request's tokens from `valid` to its newest; step j > 1 feeds
         # draft j - 1 (still on the device) at position N + j - 2, for the requests with room
@@ -164,18 +208,11 @@ class DraftModelProposer:
             prev = self._draw(logits, reqs[:n], j)
             sampled.append(prev)
         self._keep_q(reqs, room)
-        flat: list[int] = torch.cat(sampled).tolist()
-        offset = 0
-        drafts: list[list[int]] = [[] for _ in reqs]
-        for j in range(max(room)):
-            n = sum(1 for k in room if k > j)
-            for i in range(n):
-                drafts[i].append(flat[offset + i])
-            offset += n
-        for i, (written, e) in enumerate(zip(kv, ends)):
+        drafts = self._by_request(sampled, room)
+        for i, (written, e) in enumerate(zip(p.kv, ends)):
             written.valid, written.start = e, e
             written.written = drafts[i][: room[i] - 1]  # drafts 1..k-1 were fed
-            out[chosen[i]] = drafts[i]
+            out[p.chosen[i]] = drafts[i]
         return out
 
     def _draw(self, logits: torch.Tensor, reqs: list[Request], j: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ drafts kept on the device until one copy at the end, the same verification.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,36 +68,21 @@ class Eagle3Proposer(DraftModelProposer):
         buf: torch.Tensor = self.draft.model.hidden_in  # type: ignore[assignment]
         return buf
 
+    def _new_state(self, request: Request) -> Any:
+        return _HeadKV(num_preemptions=request.num_preemptions)
+
+    def _slots_needed(self, k: int) -> int:
+        return k - 1  # up to position N + k - 3, the last draft step's
+
+    def _context_end(self, request: Request) -> int:
+        return request.num_tokens - 1  # positions valid..N-2 have the target's states
+
     def _propose(self, requests: list[Request], max_drafts: list[int]) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in requests]
-        chosen: list[int] = []
-        for i, (r, k) in enumerate(zip(requests, max_drafts)):
-            state = r.spec
-            assert state is not None
-            if state.proposer_state is None:
-                state.proposer_state = _HeadKV(num_preemptions=r.num_preemptions)
-            if k < 1 or r.num_computed_tokens != r.num_tokens - 1:
-                continue
-            # slots up to position N + k - 3, the last draft step's (drafting never preempts)
-            if self.kv_cache.allocate_slots(r, k - 1, cache_prefix=False):
-                chosen.append(i)
-        if not chosen:
+        p = self._start(requests, max_drafts)
+        if p is None:
             return out
-        chosen.sort(key=lambda i: -max_drafts[i])  # the requests of step j form a prefix
-        reqs = [requests[i] for i in chosen]
-        room = [max_drafts[i] for i in chosen]
-        kv: list[_HeadKV] = [r.spec.proposer_state for r in reqs]  # type: ignore[union-attr]
-        valid = [s.sync(r) for s, r in zip(kv, reqs)]
-        ends = [r.num_tokens - 1 for r in reqs]  # positions valid..ends-1 have target states
-        block_ids = [self.kv_cache.block_ids(r) for r in reqs]
-        block_table = np.zeros((len(reqs), max(len(b) for b in block_ids)), dtype=np.int32)
-        for i, row in enumerate(block_ids):
-            block_table[i, : len(row)] = row
-
-        while sum(e - v for e, v in zip(ends, valid)) > self.max_tokens_per_forward and any(
-            e - 1 > v for e, v in zip(ends, valid)
-        ):
-            self._prefill_chunk(reqs, valid, ends, block_table)
+        reqs, room, valid, ends, block_table = p.reqs, p.room, p.valid, p.ends, p.block_table
 
         # Step 1: positions valid..N-2 with the target's states; step j > 1: draft j - 1 at
         # position N + j - 3 with the head's own output at the position before.
@@ -130,17 +116,10 @@ class Eagle3Proposer(DraftModelProposer):
             if j + 1 < max(room):
                 self.hidden_in[: last.shape[0]].copy_(last)
         self._keep_q(reqs, room)
-        flat: list[int] = torch.cat(sampled).tolist()
-        offset = 0
-        drafts: list[list[int]] = [[] for _ in reqs]
-        for j in range(max(room)):
-            n = sum(1 for k in room if k > j)
-            for i in range(n):
-                drafts[i].append(flat[offset + i])
-            offset += n
-        for i, (head_kv, e) in enumerate(zip(kv, ends)):
+        drafts = self._by_request(sampled, room)
+        for i, (head_kv, e) in enumerate(zip(p.kv, ends)):
             head_kv.valid = e
-            out[chosen[i]] = drafts[i]
+            out[p.chosen[i]] = drafts[i]
         return out
 
     def _fill_from_target(
