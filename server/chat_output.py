@@ -8,8 +8,9 @@ from typing import Any
 
 from compiled_llm.outputs import CompletionOutput
 from compiled_llm.server.reasoning_parsers import ReasoningParser
-from compiled_llm.server.tool_parsers import ToolCall, ToolCallStream, ToolParser
-from compiled_llm.server.tools import ToolMode, forced_calls
+from compiled_llm.server.tool_parsers import CallDeltas, ToolCall, ToolCallStream, ToolParser
+from compiled_llm.server.tool_parsers.base import progress_list
+from compiled_llm.server.tools import ToolMode, forced_calls, forced_progress
 
 
 class ChatOutput:
@@ -56,15 +57,17 @@ class ChatOutput:
 
 
 class ChoiceStream:
-    """Deltas of one streamed choice: reasoning and content as they grow; tool calls once each
-    is complete (a forced choice's when it finishes)."""
+    """Deltas of one streamed choice: reasoning and content as they grow; each tool call's
+    header (index, id, type, name) once its name is written, then its arguments text as it
+    grows (a forced choice's too)."""
 
     def __init__(self, output: ChatOutput) -> None:
         self.output = output
         self.reasoning_sent = 0
-        self.tools = ToolCallStream(output.tool_parser) if output.tool_parser else None
+        limit = None if output.mode.parallel else 1
+        self.tools = ToolCallStream(output.tool_parser, limit) if output.tool_parser else None
+        self.forced = CallDeltas()
         self.content_sent = 0
-        self.num_calls = 0
 
     def delta(self, c: CompletionOutput) -> tuple[dict[str, Any], str | None]:
         """(delta, finish_reason) for the choice's output so far."""
@@ -78,26 +81,28 @@ class ChoiceStream:
         if reasoning is not None and len(reasoning) > self.reasoning_sent:
             delta["reasoning_content"] = reasoning[self.reasoning_sent :]
             self.reasoning_sent = len(reasoning)
-        calls: list[ToolCall] = []
+        tool_calls: list[dict[str, Any]] = []
+        called = False
         if out.forced:
-            if finished:
-                message, _ = out.message(c)
-                if "tool_calls" not in message:  # cut short: what was made, as content
+            calls, pending = forced_progress(out.mode, text, finished and c.finish_reason == "stop")
+            if finished and (calls is None or c.finish_reason != "stop"):
+                # cut short (max_tokens): what was made, as content, unless calls were sent
+                if self.forced.num_calls == 0:
                     delta["content"] = text
-                else:
-                    calls = forced_calls(out.mode, text) or []
+                else:  # the rest of the arguments made, as for a call still being written
+                    calls, pending = forced_progress(out.mode, text, False)
+                    tool_calls = self.forced.update(progress_list(calls or [], pending))
+            else:
+                tool_calls = self.forced.update(progress_list(calls or [], pending))
+                called = finished and self.forced.num_calls > 0
         elif self.tools is not None:
-            content, calls = self.tools.feed(text, finished)
+            content, tool_calls = self.tools.feed(text, finished)
             if content:
                 delta["content"] = content
-            if not out.mode.parallel:
-                calls = calls[: max(0, 1 - self.num_calls)]
+            called = finished and self.tools.calls.num_calls > 0
         elif len(text) > self.content_sent:
             delta["content"] = text[self.content_sent :]
             self.content_sent = len(text)
-        if calls:
-            delta["tool_calls"] = [
-                call.to_openai(self.num_calls + i) for i, call in enumerate(calls)
-            ]
-            self.num_calls += len(calls)
-        return delta, out.finish_reason(c, finished and self.num_calls > 0)
+        if tool_calls:
+            delta["tool_calls"] = tool_calls
+        return delta, out.finish_reason(c, called)

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from compiled_llm.sampling_params import StructuredOutputsParams
-from compiled_llm.server.tool_parsers import ToolCall, ToolParser
+from compiled_llm.server.tool_parsers import CallProgress, ToolCall, ToolParser
+from compiled_llm.server.tool_parsers.base import scan_calls, skip_ws
 from compiled_llm.structured_output.validate import validate_structured_outputs
 
 if TYPE_CHECKING:
@@ -110,18 +111,33 @@ def _compact(schema: dict[str, Any]) -> StructuredOutputsParams:
     return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
 
 
-def forced_calls(mode: ToolMode, text: str) -> list[ToolCall] | None:
-    """The calls of a required or named choice (None if the output is cut short)."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
+def forced_progress(
+    mode: ToolMode, text: str, finished: bool
+) -> tuple[list[ToolCall] | None, CallProgress | None]:
+    """A required or named choice's calls so far: (the complete ones, None if the finished
+    output is cut short; the call being written). Arguments are the text as generated (compact
+    JSON: the grammar allows no whitespace), so streamed fragments add up to them."""
+    if finished:
+        try:
+            json.loads(text)
+        except ValueError:
+            return None, None
     if mode.kind == "named":
         assert mode.named is not None
-        return [ToolCall(mode.named, json.dumps(value, ensure_ascii=False))]
-    return [
-        ToolCall(item["name"], json.dumps(item["parameters"], ensure_ascii=False)) for item in value
-    ]
+        if finished:
+            return [ToolCall(mode.named, text)], None
+        return [], CallProgress(mode.named, text)
+    start = skip_ws(text, 0)
+    if start == len(text):
+        return (None if finished else []), None
+    if text[start] != "[":
+        return None, None
+    return scan_calls(text, start + 1, ("parameters",), " \t\r\n,", finished, close="]")
+
+
+def forced_calls(mode: ToolMode, text: str) -> list[ToolCall] | None:
+    """The calls of a finished required or named choice (None if the output is cut short)."""
+    return forced_progress(mode, text, finished=True)[0]
 
 
 def template_tools(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import importlib
 
-from compiled_llm.server.tool_parsers.base import ToolCall, ToolCallStream, ToolParser
+from compiled_llm.server.tool_parsers.base import (
+    CallDeltas,
+    CallProgress,
+    ToolCall,
+    ToolCallStream,
+    ToolParser,
+)
 
 _PARSERS = {  # name -> "module:Class", imported when chosen
     "hermes": "compiled_llm.server.tool_parsers.hermes:HermesToolParser",
@@ -25,4 +31,12 @@ def get_tool_parser(name: str) -> ToolParser:
     return parser
 
 
-__all__ = ["ToolCall", "ToolCallStream", "ToolParser", "get_tool_parser", "tool_parser_names"]
+__all__ = [
+    "CallDeltas",
+    "CallProgress",
+    "ToolCall",
+    "ToolCallStream",
+    "ToolParser",
+    "get_tool_parser",
+    "tool_parser_names",
+]

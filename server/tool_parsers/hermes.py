@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-import json
-import re
-
-from compiled_llm.server.tool_parsers.base import ToolCall, ToolParser, call_from_object
+from compiled_llm.server.tool_parsers.base import (
+    CallProgress,
+    ToolCall,
+    ToolParser,
+    call_from_text,
+    progress_of,
+    scan_object,
+    skip_ws,
+)
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_BLOCK = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)
 
 
 class HermesToolParser(ToolParser):
+    args_keys = ("arguments", "parameters")
+
     def start(self, text: str) -> int:
         return text.find(OPEN)
 
@@ -21,21 +27,29 @@ class HermesToolParser(ToolParser):
                 return n
         return 0
 
-    def calls(self, section: str, finished: bool) -> list[ToolCall] | None:
-        bodies = _BLOCK.findall(section)
-        if finished:  # a model may stop before closing its last call
-            tail = section[section.rfind(CLOSE) + len(CLOSE) :] if CLOSE in section else section
-            if tail.strip().startswith(OPEN):
-                bodies.append(tail.strip()[len(OPEN) :])
-        calls = []
-        for body in bodies:
-            try:
-                call = call_from_object(json.loads(body), ("arguments", "parameters"))
-            except ValueError:
-                call = None
+    def progress(
+        self, section: str, finished: bool
+    ) -> tuple[list[ToolCall] | None, CallProgress | None]:
+        calls: list[ToolCall] = []
+        pos = 0
+        while True:  # text between and after the blocks is left out
+            pos = section.find(OPEN, pos)
+            if pos < 0:
+                return calls, None
+            body = pos + len(OPEN)
+            close = section.find(CLOSE, body)
+            if close < 0 and not finished:  # the call being written
+                start = skip_ws(section, body)
+                return calls, progress_of(section, start, self.args_keys)
+            end = len(section) if close < 0 else close
+            start = skip_ws(section, body)
+            scan = scan_object(section, start)
+            call = None
+            if scan.end is not None and not section[scan.end : end].strip():
+                call = call_from_text(section, start, scan.end, self.args_keys)
             if call is None:
-                if finished:
-                    return None
-                break
+                return (None if finished else calls), None
             calls.append(call)
-        return calls
+            if close < 0:
+                return calls, None
+            pos = close + len(CLOSE)

@@ -12,6 +12,7 @@ from typing import Any
 import jsonschema
 import openai
 import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from tests.server.conftest import API_KEY, Server
 
@@ -433,20 +434,87 @@ def test_required_and_named_tool_choice_always_call(client: openai.OpenAI) -> No
     assert [c.function.name for c in named.choices[0].message.tool_calls] == ["get_time"]
 
 
-def test_required_tool_choice_streamed(client: openai.OpenAI) -> None:
-    stream = tool_request(client, tool_choice="required", stream=True)
-    calls: dict[int, Any] = {}
-    finish = None
-    for chunk in stream:
+def stream_tool_request(client: openai.OpenAI, **kw: Any) -> tuple[Any, list[list[Any]], str]:
+    """A streamed tool request: (the completion the openai client's own stream accumulator
+    builds from the chunks, each call's `delta.tool_calls` entries in order, the content). The
+    entries are checked to have OpenAI's streamed shape on the way."""
+    state: ChatCompletionStreamState[Any] = ChatCompletionStreamState()
+    entries: list[list[Any]] = []
+    content = ""
+    for chunk in tool_request(client, stream=True, **kw):
+        state.handle_chunk(chunk)
         for c in chunk.choices:
+            content += c.delta.content or ""
             for call in c.delta.tool_calls or []:
-                calls[call.index] = call
-            finish = c.finish_reason or finish
-    assert finish == "tool_calls"
-    check_calls([calls[i] for i in sorted(calls)])
+                if call.index == len(entries):  # a call's first entry: its header
+                    assert call.id and call.id.startswith("chatcmpl-tool-")
+                    assert call.type == "function" and call.function.name
+                    assert call.function.arguments == ""
+                    entries.append([])
+                else:  # then only the index and a fragment of the arguments
+                    assert call.id is None and call.type is None and call.function.name is None
+                    assert call.function.arguments
+                entries[call.index].append(call)
+    return state.get_final_completion(), entries, content
+
+
+def same_calls(streamed: Any, whole: Any) -> list[tuple[str, str]]:
+    """The (name, arguments) of both responses' calls, which must be the same, the arguments
+    text exactly; each parses."""
+    got = [(c.function.name, c.function.arguments) for c in streamed.message.tool_calls]
+    want = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    assert got == want
+    assert streamed.finish_reason == whole.finish_reason
+    for _, arguments in got:
+        json.loads(arguments)
+    return got
+
+
+@pytest.mark.parametrize(
+    "choice", ["required", {"type": "function", "function": {"name": "get_weather"}}]
+)
+def test_forced_tool_choice_streamed_like_whole(client: openai.OpenAI, choice: Any) -> None:
+    """required and named choices stream each call's header, then its arguments in fragments;
+    the openai client's accumulated stream equals the non-streamed response (greedy)."""
+    whole = tool_request(client, tool_choice=choice).choices[0]
+    final, entries, content = stream_tool_request(client, tool_choice=choice)
+    streamed = final.choices[0]
+    assert content == "" and not streamed.message.content  # the role chunk carries ""
+    same_calls(streamed, whole)
+    check_calls(streamed.message.tool_calls)
+    assert streamed.finish_reason == ("tool_calls" if choice == "required" else "stop")
+    assert all(len(e) >= 3 for e in entries)  # header + at least two argument fragments
 
 
 HERMES_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
+TWO_CALLS = (
+    "Let me look.\n"
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris",  "unit": "celsius"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
+)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_auto_tool_calls_stream_incrementally(client: openai.OpenAI, parallel: bool) -> None:
+    """tool_choice auto, two hermes calls (forced text, which the small model would not write):
+    content first, then indexes 0 and 1, each a header then argument fragments adding up to
+    the non-streamed arguments (as written, spacing kept); parallel_tool_calls false keeps the
+    first call only."""
+    kw: dict[str, Any] = dict(
+        extra_body={"structured_outputs": {"choice": [TWO_CALLS]}},
+        parallel_tool_calls=parallel,
+        max_completion_tokens=200,
+    )
+    whole = tool_request(client, **kw).choices[0]
+    final, entries, content = stream_tool_request(client, **kw)
+    streamed = final.choices[0]
+    assert content == "Let me look.\n" and whole.message.content == "Let me look."
+    calls = same_calls(streamed, whole)
+    assert [c[0] for c in calls] == (["get_weather", "get_time"] if parallel else ["get_weather"])
+    assert calls[0][1] == '{"city": "Paris",  "unit": "celsius"}'
+    assert [e[0].index for e in entries] == list(range(len(calls)))
+    assert len(entries[0]) >= 3  # header + at least two argument fragments
+    assert streamed.finish_reason == "tool_calls"
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -456,22 +524,13 @@ def test_auto_tool_call_round_trip(client: openai.OpenAI, stream: bool) -> None:
     result then go back as messages and the model answers."""
     forced = {"structured_outputs": {"choice": [HERMES_CALL]}}
     if stream:
-        calls: dict[int, Any] = {}
-        finish = None
-        content = ""
-        for chunk in tool_request(client, stream=True, extra_body=forced):
-            for c in chunk.choices:
-                content += c.delta.content or ""
-                for call in c.delta.tool_calls or []:
-                    calls[call.index] = call
-                finish = c.finish_reason or finish
-        tool_calls = [calls[i] for i in sorted(calls)]
+        final, _, content = stream_tool_request(client, extra_body=forced)
+        choice = final.choices[0]
         assert content == ""
     else:
-        reply = tool_request(client, extra_body=forced)
-        finish = reply.choices[0].finish_reason
-        tool_calls = reply.choices[0].message.tool_calls
-        assert reply.choices[0].message.content is None
+        choice = tool_request(client, extra_body=forced).choices[0]
+        assert choice.message.content is None
+    finish, tool_calls = choice.finish_reason, choice.message.tool_calls
     assert finish == "tool_calls"
     assert [(c.function.name, json.loads(c.function.arguments)) for c in tool_calls] == [
         ("get_weather", {"city": "Paris", "unit": "celsius"})

@@ -25,14 +25,32 @@ HERMES = (
 LLAMA = '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}; {"name": "get_time", "parameters": {}}'
 
 
-def streamed(parser_name: str, text: str, step: int) -> tuple[str, list]:
+def accumulate(calls: list[dict], entries: list[dict]) -> int:
+    """Adds streamed `delta.tool_calls` entries to `calls` (OpenAI's shape: a call's first entry
+    has its index, id, type and name with arguments "", later ones only the index and an
+    arguments fragment); returns how many argument fragments they carried."""
+    fragments = 0
+    for e in entries:
+        if "id" in e:
+            assert e["index"] == len(calls) and e["type"] == "function"
+            assert e["function"]["name"] and e["function"]["arguments"] == ""
+            calls.append({"id": e["id"], **e["function"]})
+        else:
+            assert set(e) == {"index", "function"} and set(e["function"]) == {"arguments"}
+            assert e["function"]["arguments"]
+            calls[e["index"]]["arguments"] += e["function"]["arguments"]
+            fragments += 1
+    return fragments
+
+
+def streamed(parser_name: str, text: str, step: int) -> tuple[str, list[dict], int]:
     stream = ToolCallStream(get_tool_parser(parser_name))
-    content, calls = "", []
+    content, calls, fragments = "", [], 0
     for end in [*range(step, len(text), step), len(text)]:
-        delta, new = stream.feed(text[:end], finished=end == len(text))
+        delta, entries = stream.feed(text[:end], finished=end == len(text))
         content += delta
-        calls += new
-    return content, calls
+        fragments += accumulate(calls, entries)
+    return content, calls, fragments
 
 
 @pytest.mark.parametrize(
@@ -47,9 +65,14 @@ def test_calls_whole_and_streamed(name: str, text: str, content: str | None, ste
         ("get_weather", WEATHER),
         ("get_time", {}),
     ]
-    stream_content, stream_calls = streamed(name, text, step)
+    stream_content, stream_calls, fragments = streamed(name, text, step)
     assert stream_content.strip() == (content or "")
-    assert [(c.name, c.arguments) for c in stream_calls] == [(c.name, c.arguments) for c in calls]
+    # the streamed fragments add up to the whole response's arguments, exactly
+    assert [(c["name"], c["arguments"]) for c in stream_calls] == [
+        (c.name, c.arguments) for c in calls
+    ]
+    if step < 10:  # the weather call's arguments came in several fragments
+        assert fragments >= 3
 
 
 @pytest.mark.parametrize("name", ["hermes", "llama3_json"])
@@ -60,7 +83,7 @@ def test_calls_whole_and_streamed(name: str, text: str, content: str | None, ste
 def test_text_without_valid_calls_is_content(name: str, text: str) -> None:
     content, calls = get_tool_parser(name).extract(text)
     assert (content, calls) == (text, [])
-    assert streamed(name, text, 2) == (text, [])
+    assert streamed(name, text, 2) == (text, [], 0)
 
 
 def test_hermes_unclosed_last_call_at_the_end() -> None:
@@ -202,8 +225,8 @@ def test_parallel_tool_calls_false_keeps_one_call() -> None:
         for end in range(1, len(text) + 1):
             done = end == len(text)
             c = CompletionOutput(0, text[:end], [], None, None, "stop" if done else None)
-            streamed += stream.delta(c)[0].get("tool_calls", [])
-        assert [json.loads(c["function"]["arguments"])["city"] for c in streamed] == cities
+            accumulate(streamed, stream.delta(c)[0].get("tool_calls", []))
+        assert [json.loads(c["arguments"])["city"] for c in streamed] == cities
     named = resolve(
         request(tool_choice={"type": "function", "function": {"name": "get_weather"}}), None
     )
@@ -211,3 +234,98 @@ def test_parallel_tool_calls_false_keeps_one_call() -> None:
         CompletionOutput(0, '{"city": "Rome"}', [], None, None, "stop")
     )
     assert finish == "stop" and message["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+def stream_choice(output: ChatOutput, text: str, step: int, finish: str = "stop") -> tuple:
+    """(content, reasoning, calls, fragments, finish_reason) of `text` streamed `step`
+    characters at a time through a ChoiceStream."""
+    stream = output.stream()
+    content, reasoning, calls, fragments, reason = "", "", [], 0, None
+    for end in [*range(step, len(text), step), len(text)]:
+        done = end == len(text)
+        c = CompletionOutput(0, text[:end], [], None, None, finish if done else None)
+        delta, reason = stream.delta(c)
+        content += delta.get("content", "")
+        reasoning += delta.get("reasoning_content", "")
+        fragments += accumulate(calls, delta.get("tool_calls", []))
+    return content, reasoning, calls, fragments, reason
+
+
+def whole_calls(output: ChatOutput, text: str) -> tuple[dict, str | None]:
+    return output.message(CompletionOutput(0, text, [], None, None, "stop"))
+
+
+@pytest.mark.parametrize("step", [1, 5, 1000])
+def test_forced_choices_stream_arguments_as_they_grow(step: int) -> None:
+    """required and named tool choices (compact JSON, as their grammar writes it): the header
+    first, then argument fragments that add up to the whole response's arguments."""
+    weather = '{"city":"Paris, the capital of France","unit":"celsius"}'
+    cases = [
+        (
+            resolve(request(tool_choice="required"), None),
+            f'[{{"name":"get_weather","parameters":{weather}}},'
+            '{"name":"get_time","parameters":{}}]',
+            "tool_calls",
+        ),
+        (
+            resolve(
+                request(tool_choice={"type": "function", "function": {"name": "get_weather"}}),
+                None,
+            ),
+            weather,
+            "stop",
+        ),
+    ]
+    for mode, text, finish in cases:
+        output = ChatOutput(mode, None, None)
+        message, whole_finish = whole_calls(output, text)
+        assert whole_finish == finish and message["content"] is None
+        want = [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]]
+        assert want[0] == ("get_weather", weather)  # the arguments as generated
+        content, _, calls, fragments, reason = stream_choice(output, text, step)
+        assert content == "" and reason == finish
+        assert [(c["name"], c["arguments"]) for c in calls] == want
+        assert all(json.loads(c["arguments"]) is not None for c in calls)
+        if step == 1:
+            assert fragments >= len(weather) - 1
+
+
+def test_forced_choice_cut_short_while_streaming() -> None:
+    """A named choice cut short by max_tokens: the header and the arguments so far were sent,
+    the choice ends with "length"; a required choice cut before any name is content."""
+    named = resolve(
+        request(tool_choice={"type": "function", "function": {"name": "get_time"}}), None
+    )
+    content, _, calls, _, reason = stream_choice(ChatOutput(named, None, None), '{"zo', 1, "length")
+    assert (content, reason) == ("", "length")
+    assert [(c["name"], c["arguments"]) for c in calls] == [("get_time", '{"zo')]
+    required = resolve(request(tool_choice="required"), None)
+    text = '[{"name":"get_'
+    got = stream_choice(ChatOutput(required, None, None), text, 1, "length")
+    assert got == (text, "", [], 0, "length")
+
+
+@pytest.mark.parametrize("name", ["hermes", "llama3_json"])
+def test_auto_stream_with_reasoning_and_spaced_arguments(name: str) -> None:
+    """A reasoning model's thinking streams as reasoning_content, the text before a call as
+    content, and a call's arguments as written (spacing and key order kept), in fragments that
+    add up to the whole response's arguments."""
+    args = '{ "city" :  "Oslo",\n  "unit": "celsius", "days": [1, 2, {"x": "}"}] }'
+    if name == "hermes":
+        body = (
+            f'Checking.\n<tool_call>\n{{"name": "get_weather", "arguments": {args}}}\n</tool_call>'
+        )
+    else:
+        body = f'{{"name": "get_weather", "parameters": {args}}}'
+    text = "<think>\nhmm\n</think>\n\n" + body
+    parser = get_tool_parser(name)
+    output = ChatOutput(resolve(request(), parser), parser, get_reasoning_parser("qwen3"))
+    message, finish = whole_calls(output, text)
+    assert finish == "tool_calls" and message["reasoning_content"] == "\nhmm\n"
+    assert message["tool_calls"][0]["function"]["arguments"] == args
+    for step in (1, 3, 1000):
+        content, reasoning, calls, fragments, reason = stream_choice(output, text, step)
+        assert (reasoning, reason) == ("\nhmm\n", "tool_calls")
+        assert content.strip() == (message["content"] or "")
+        assert [(c["name"], c["arguments"]) for c in calls] == [("get_weather", args)]
+        assert fragments >= (2 if step < 1000 else 1)
