@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -49,6 +49,9 @@ class StackedExperts(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
+    # Quantization leaves the router in full precision (quantization/base.eligible_linears).
+    full_precision_children: ClassVar[tuple[str, ...]] = ("gate",)
+
     def __init__(
         self,
         hidden_size: int,

@@ -45,11 +45,19 @@ class QuantizationMethod(ABC):
 
 def eligible_linears(model: nn.Module, config: QuantizationConfig) -> list[tuple[str, nn.Linear]]:
     """Every plain `nn.Linear` of the model that the config does not leave in full precision
-    (the output head never is quantized: see config.ALWAYS_IGNORED)."""
+    (the output head never is quantized: see config.ALWAYS_IGNORED) and that no module keeps in
+    full precision: a module lists such children in its `full_precision_children` (an MoE
+    block's router, as vLLM keeps it: a tiny GEMM whose small logit errors change which experts
+    run)."""
+    kept = {
+        f"{name}.{child}" if name else child
+        for name, module in model.named_modules()
+        for child in getattr(module, "full_precision_children", ())
+    }
     return [
         (name, module)
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and not config.ignores(name)
+        if type(module) is nn.Linear and name not in kept and not config.ignores(name)
     ]
 
 

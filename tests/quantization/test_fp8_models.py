@@ -156,3 +156,23 @@ def test_wrong_weight_dtype_is_refused(tiny_models, tmp_path: Path) -> None:
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"_proj\.weight' is torch.float32.*float8_e4m3fn"):
         LLM(str(path), max_model_len=512, enforce_eager=True, device="cpu")
+
+
+def test_moe_router_stays_in_full_precision(tiny_models) -> None:
+    """FP8 quantizes the attention projections of an MoE model but not its routers (as vLLM):
+    each router is the checkpoint's float weight, bit for bit."""
+    from safetensors.torch import load_file
+
+    path = tiny_models("qwen3_moe")
+    _, llm = engine_greedy(path, 0, quantization="fp8")
+    model = llm.engine.core.runner.model
+    saved = {}
+    for f in sorted(path.glob("*.safetensors")):
+        saved.update(load_file(f))
+    routers = {n: m for n, m in model.named_modules() if n.endswith("mlp.gate")}
+    assert routers
+    for name, router in routers.items():
+        assert type(router) is torch.nn.Linear, name
+        assert torch.equal(router.weight, saved[f"{name}.weight"].to(router.weight.dtype)), name
+    kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith("o_proj")}
+    assert kinds == {"Fp8Linear"}
