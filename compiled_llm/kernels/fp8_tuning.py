@@ -60,6 +60,7 @@ def parse_entry(entry: dict, where: str) -> Choice:
         num_warps=int(entry.get("num_warps", 4)),
         num_stages=int(entry.get("num_stages", 3)),
         gemv=kernel == "gemv",
+        split_k=int(entry.get("split_k", 1)),
     )
     return Choice(max_tokens, kernel, tiles)
 
@@ -98,7 +99,8 @@ def choose(n: int, k: int, m: int, device: torch.device) -> Choice | None:
 
 def candidate_tiles(m: int) -> list[Tiles]:
     """The tiles `benchmarks/fp8_gemm.py --tune` tries for M = m tokens: the GEMM's (narrow N
-    tiles give more programs to stream a weight with), and at one token also the GEMV's."""
+    tiles or split K give more programs to stream a weight with; split K adds a zeroing and a
+    cast kernel), and at one token also the GEMV's."""
     block_m = min(64, max(16, 1 << (m - 1).bit_length()))
     out = [
         Tiles(block_m, bn, bk, num_warps=4, num_stages=stages)
@@ -106,6 +108,13 @@ def candidate_tiles(m: int) -> list[Tiles]:
         for bk in (128, 256)
         for stages in (3, 5)
     ]
+    if m <= 16:  # split K: more programs for the narrow projections (q/k/v, o, down)
+        out += [
+            Tiles(block_m, bn, 128, num_warps=4, num_stages=stages, split_k=split)
+            for bn in (32, 64)
+            for split in (2, 4)
+            for stages in (3, 5)
+        ]
     if m == 1:
         out += [
             Tiles(1, bn, bk, num_warps=warps, gemv=True)

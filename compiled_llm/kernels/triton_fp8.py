@@ -136,17 +136,25 @@ def _fp8_gemm_kernel(
     stride_bsn,
     scale_block_n,  # rows of b per b_scale row (1: per channel)
     scale_block_k,  # columns of a and b per scale column (only with BLOCKWISE)
+    k_per_split,  # columns of K each split sums (a multiple of BK; K with SPLIT_K = 1)
     BLOCKWISE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """C [M, N] = dequant(A [M, K]) @ dequant(B [N, K]).T (+ bias), float32 accumulation. With
     BLOCKWISE, the partial product of each BK-wide slice is scaled by its block's scales (BK
-    divides scale_block_k, so a slice lies in one block); else scales apply once at the end."""
+    divides scale_block_k, so a slice lies in one block); else scales apply once at the end.
+    With SPLIT_K > 1, program (m, n, s) sums columns [s * k_per_split, (s + 1) * k_per_split)
+    and adds its scaled partial product into C (float32, zeroed by the caller) atomically;
+    split 0 adds the bias. More programs stream a weight whose N alone gives too few."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
@@ -155,10 +163,10 @@ def _fp8_gemm_kernel(
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
     b_cols = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_start, k_end, BK):
         k = k0 + offs_k
-        a = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & (k[None, :] < K), other=0.0)
-        b = tl.load(b_cols + k[:, None], mask=(k[:, None] < K) & mask_n[None, :], other=0.0)
+        a = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & (k[None, :] < k_end), other=0.0)
+        b = tl.load(b_cols + k[:, None], mask=(k[:, None] < k_end) & mask_n[None, :], other=0.0)
         if BLOCKWISE:
             kb = k0 // scale_block_k
             sa = tl.load(as_ptr + offs_m * stride_asm + kb, mask=mask_m, other=0.0)
@@ -172,10 +180,14 @@ def _fp8_gemm_kernel(
         sa = tl.load(as_ptr + offs_m * stride_asm, mask=mask_m, other=0.0)
         sb = tl.load(bs_ptr + offs_n * stride_bsn, mask=mask_n, other=0.0)
         acc = acc * sa[:, None] * sb[None, :]
-    if HAS_BIAS:
+    if HAS_BIAS and pid_k == 0:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     c = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    mask_c = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+    else:
+        tl.atomic_add(c, acc, mask=mask_c, sem="relaxed")
 
 
 @triton.jit
@@ -228,8 +240,8 @@ def _fp8_gemv_kernel(
 @dataclass(frozen=True)
 class Tiles:
     """Launch parameters of the FP8 GEMM kernel, or of the one-token GEMV with `gemv` (which
-    ignores `block_m` and `num_stages`). `block_k` must divide a block-scaled weight's block
-    width. Chosen per shape by kernels/fp8_tuning.py, or by `default_tiles`."""
+    ignores `block_m`, `num_stages` and `split_k`). `block_k` must divide a block-scaled
+    weight's block width. Chosen per shape by kernels/fp8_tuning.py, or by `default_tiles`."""
 
     block_m: int
     block_n: int
@@ -237,6 +249,7 @@ class Tiles:
     num_warps: int = 4
     num_stages: int = 3
     gemv: bool = False
+    split_k: int = 1  # GEMM only: K split over this many programs per output tile
 
 
 def default_tiles(m: int, scale_block_k: int | None) -> Tiles:
@@ -309,29 +322,35 @@ def scaled_mm(
         )
         return c
     stride_asm = a_scale.stride(0) if a_scale.shape[0] == m and m > 1 else 0
-    _fp8_gemm_kernel[(triton.cdiv(m, t.block_m), triton.cdiv(n, t.block_n))](
+    # Split K: float32 partial sums added atomically into a zeroed buffer, then cast.
+    out = c if t.split_k == 1 else torch.zeros((m, n), dtype=torch.float32, device=a.device)
+    k_per_split = triton.cdiv(triton.cdiv(k, t.split_k), t.block_k) * t.block_k
+    grid = (triton.cdiv(m, t.block_m), triton.cdiv(n, t.block_n), triton.cdiv(k, k_per_split))
+    _fp8_gemm_kernel[grid](
         a,
         a_scale,
         b,
         b_scale,
-        bias if bias is not None else c,
-        c,
+        bias if bias is not None else out,
+        out,
         m,
         n,
         k,
         a.stride(0),
         b.stride(0),
-        c.stride(0),
+        out.stride(0),
         stride_asm,
         b_scale.stride(0),
         bn_scale,
         bk_scale,
+        k_per_split,
         BLOCKWISE=blockwise,
         HAS_BIAS=bias is not None,
         BM=t.block_m,
         BN=t.block_n,
         BK=t.block_k,
+        SPLIT_K=grid[2],
         num_warps=t.num_warps,
         num_stages=t.num_stages,
     )
-    return c
+    return c if out is c else out.to(out_dtype)

@@ -224,15 +224,20 @@ def interpreter_errors() -> None:
                 q, rq, torch.nn.functional.silu(x) * r, expand(rs, group), True
             )
             out[key + "/scale"] = float(((s - rs).abs() / rs).max())
-        for m, gemv in ((1, True), (1, False), (20, True)):
+        split = T.Tiles(16, 32, 64, split_k=3)  # K = 320: splits of 128, 128 and 64 columns
+        for m, kind in ((1, "gemv"), (1, "gemm"), (20, "gemv"), (3, "split")):
             for block in ([], [128, 128]):
                 a, sa, b, sb, _, _ = quantized(x[:m], w, block)
                 # At one token the default is the GEMV; the GEMM's tiles for two tokens run too.
-                tiles = None if gemv else T.default_tiles(2, block[1] if block else None)
+                tiles = {
+                    "gemv": None,
+                    "gemm": T.default_tiles(2, block[1] if block else None),
+                    "split": split,
+                }[kind]
                 got = T.scaled_mm(a, sa, b, sb, block, bias, dtype, tiles).float()
                 want = F8.scaled_mm_reference(a, sa, b, sb, block, bias, dtype).float()
                 rel = (got - want).abs().max() / want.abs().max()
-                out[f"gemm/{dtype}/M={m}/{block}/gemv={gemv}"] = float(rel)
+                out[f"gemm/{dtype}/M={m}/{block}/{kind}"] = float(rel)
     print(json.dumps(out))
 
 
@@ -281,9 +286,22 @@ def _hopper_kernels() -> list[tuple[object, dict[str, str], dict[str, object]]]:
     act = {"gate_ptr": bf16, "up_ptr": bf16, "q_ptr": fp8, "s_ptr": f32}
     quant = {"x_ptr": bf16, "q_ptr": fp8, "s_ptr": f32}
     kernels = [
-        sig(T._fp8_gemm_kernel, gemm, dict(BLOCKWISE=b, HAS_BIAS=True, BM=m, BN=n, BK=128))
+        sig(
+            T._fp8_gemm_kernel,
+            gemm,
+            dict(BLOCKWISE=b, HAS_BIAS=True, BM=m, BN=n, BK=128, SPLIT_K=1),
+        )
         for b in (True, False)
         for m, n in ((16, 64), (128, 128))
+    ]
+    # split K: float32 partial sums added atomically
+    kernels += [
+        sig(
+            T._fp8_gemm_kernel,
+            {**gemm, "c_ptr": f32},
+            dict(BLOCKWISE=b, HAS_BIAS=True, BM=16, BN=32, BK=128, SPLIT_K=4),
+        )
+        for b in (True, False)
     ]
     kernels += [
         sig(T._fp8_gemv_kernel, gemm, dict(BLOCKWISE=b, HAS_BIAS=True, BN=32, BK=128))
