@@ -121,9 +121,44 @@ class _SamplingFields(_Strict):
     priority: Int64 = 0
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsRequest | None = None
+    # vLLM's earlier names of structured_outputs' constraints (deprecated there, still sent by
+    # clients written for it): accepted, so that such a request is constrained rather than
+    # answered unconstrained with the fields ignored as unknown.
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
+
+    def _guided(self) -> tuple[StructuredOutputsParams, str] | None:
+        given: dict[str, Any] = {
+            name: value
+            for name, value in (
+                ("json", self.guided_json),
+                ("regex", self.guided_regex),
+                ("choice", self.guided_choice),
+                ("grammar", self.guided_grammar),
+            )
+            if value is not None
+        }
+        if not given:
+            return None
+        rf = self.response_format
+        if self.structured_outputs is not None or (rf is not None and rf.type != "text"):
+            field = f"guided_{next(iter(given))}"
+            raise RequestError(
+                "give one of response_format, structured_outputs and the guided_* fields", field
+            )
+        try:
+            params = StructuredOutputsParams(**given)
+        except ValueError as e:
+            raise RequestError(str(e), f"guided_{next(iter(given))}") from None
+        return params, f"guided_{params.kind}"
 
     def structured(self) -> tuple[StructuredOutputsParams, str] | None:
         """The request's output constraint and the field it came from (for error messages)."""
+        guided = self._guided()
+        if guided is not None:
+            return guided
         rf = self.response_format
         if rf is not None and rf.type != "text" and self.structured_outputs is not None:
             raise RequestError(

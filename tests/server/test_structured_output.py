@@ -287,6 +287,32 @@ def test_regex_and_choice_hold_on_every_sample(client: openai.OpenAI) -> None:
         assert c.text in choices and c.finish_reason == "stop"
 
 
+def test_vllm_guided_fields_constrain(client: openai.OpenAI) -> None:
+    """vLLM's earlier `guided_*` names constrain like `structured_outputs` (not ignored as unknown
+    fields, which would answer unconstrained)."""
+    choices = ["alpha", "beta", "gamma delta"]
+    regex = r"[0-9]{3}-[a-z]{2,5}"
+    for extra, ok in (
+        ({"guided_choice": choices}, lambda text: text in choices),
+        ({"guided_regex": regex}, lambda text: re.fullmatch(regex, text)),
+        (
+            {"guided_json": {"type": "string", "enum": ["yes", "no"]}},
+            lambda text: json.loads(text) in ("yes", "no"),
+        ),
+    ):
+        out = client.completions.create(
+            model=MODEL,
+            prompt="Answer:",
+            n=4,
+            temperature=1.2,
+            seed=5,
+            max_tokens=24,
+            extra_body=extra,
+        )
+        for c in out.choices:
+            assert ok(c.text), (extra, c.text)
+
+
 SCHEMA_PARAM = "response_format.json_schema.schema"
 BAD = [
     # (case, body additions, param)
@@ -339,6 +365,13 @@ BAD = [
         {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
         "structured_outputs",
     ),
+    ("bad guided regex", {"guided_regex": "[a-"}, "guided_regex"),
+    ("two guided", {"guided_regex": "a", "guided_choice": ["a"]}, "guided_regex"),
+    (
+        "guided and structured_outputs",
+        {"guided_choice": ["a"], "structured_outputs": {"regex": "a"}},
+        "guided_choice",
+    ),
 ]
 
 
@@ -350,7 +383,7 @@ def test_bad_constraints_answer_400(server: Server, case: str, extra: dict, para
     error = r.json()["error"]
     assert error["param"] == param, error
     assert error["message"]
-    if "structured_outputs" in extra and "response_format" not in extra:
+    if "response_format" not in extra:
         r = server.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == param
 
