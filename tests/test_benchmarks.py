@@ -58,7 +58,7 @@ CASES = {
         '{"enforce_eager": true}',
     ],
     "structured_output:host": ["--host-only", "--batch", "3", "--output-len", "4"],
-    "kernels": ["--shape", "tiny", "--steps", "2"],
+    "step_kernels": ["--shape", "tiny", "--steps", "2"],
     "spec_decode": [
         "--shape",
         "tiny",
@@ -140,7 +140,7 @@ def test_benchmark_smoke(script: str) -> None:
     path = re.search(r"results: (\S+\.json)", result.stdout).group(1)
     payload = json.loads(Path(path).read_text())
     assert payload["env"]["torch"] and payload["config"]
-    if "rows" in payload:  # kernels.py: the step's time, grouped by kernel (CPU: by aten op)
+    if "rows" in payload:  # step_kernels.py: the step's time, grouped by kernel (CPU: by aten op)
         assert payload["rows"] and payload["busy_us_per_step"] > 0
         Path(payload["trace"]).unlink()
     if script == "throughput":  # --repeats 2: both timed runs recorded, the median reported

@@ -7,9 +7,9 @@ CUDA-graph replays included). On CPU it groups the top-level aten ops instead (t
 kernels). `--trace FILE` only analyses a trace written earlier (by this script, the latency
 benchmark or `--profile-dir`).
 
-  python benchmarks/kernels.py --shape llama-3.1-8b --batch 1
-  python benchmarks/kernels.py --trace benchmarks/results/kernels-b1-trace.json --steps 20
-  python benchmarks/kernels.py --shape tiny --steps 2   # CPU smoke run
+  python benchmarks/step_kernels.py --shape llama-3.1-8b --batch 1
+  python benchmarks/step_kernels.py --trace benchmarks/results/kernels-b1-trace.json --steps 20
+  python benchmarks/step_kernels.py --shape tiny --steps 2   # CPU smoke run
 """
 
 from __future__ import annotations
