@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -115,7 +115,11 @@ class DraftModelProposer:
             return self._propose(requests, max_drafts)
 
     # What an EAGLE-3 head does differently (engine/eagle_proposer.py): its per-request state,
-    # the KV slots a proposal of k drafts needs, and where the context it catches up on ends.
+    # the KV slots a proposal of k drafts needs, where the context it catches up on ends, which
+    # token each position is fed (the head at position t reads token t + 1), and
+    # `_before_chunk`.
+    token_shift: ClassVar[int] = 0
+
     def _new_state(self, request: Request) -> Any:
         return _DraftKV(num_preemptions=request.num_preemptions)
 
@@ -276,28 +280,40 @@ class DraftModelProposer:
         block_table: np.ndarray,
     ) -> None:
         """One draft forward that writes KV for up to max_num_batched_tokens of the requests'
-        catch-up tokens (never their newest, which the first draft step feeds)."""
+        catch-up positions (never the last before `ends`, which the first draft step feeds).
+        Position t is fed token t + `token_shift`, after `_before_chunk`."""
         budget = self.max_tokens_per_forward
-        rows, pieces, q_lens, seq_lens = [], [], [], []
-        for i, (r, v, e) in enumerate(zip(reqs, valid, ends)):
+        rows, starts, stops = [], [], []
+        for i, (v, e) in enumerate(zip(valid, ends)):
             take = min(e - 1 - v, budget)
             if take <= 0:
                 continue
             rows.append(i)
-            pieces.append(np.asarray(_token_ids(r, v, v + take), dtype=np.int64))
-            q_lens.append(take)
-            seq_lens.append(v + take)
+            starts.append(v)
+            stops.append(v + take)
             valid[i] = v + take
             budget -= take
             if budget == 0:
                 break
+        self._before_chunk(block_table, rows, starts, stops)
+        shift = self.token_shift
+        pieces = [
+            np.asarray(_token_ids(reqs[i], a + shift, b + shift), dtype=np.int64)
+            for i, a, b in zip(rows, starts, stops)
+        ]
         ids, positions, attn = self.draft._device_inputs(
             np.concatenate(pieces),
-            np.array(q_lens, dtype=np.int64),
-            np.array(seq_lens, dtype=np.int64),
+            np.array([b - a for a, b in zip(starts, stops)], dtype=np.int64),
+            np.array(stops, dtype=np.int64),
             block_table[rows],
         )
         self.draft.run_model(ids, positions, attn)
+
+    def _before_chunk(
+        self, block_table: np.ndarray, rows: list[int], starts: list[int], stops: list[int]
+    ) -> None:
+        """What a catch-up forward reads besides the tokens (an EAGLE-3 head: the target's
+        states); a draft model reads nothing else."""
 
 
 def draft_proposer(runner: ModelRunner, kv_cache: KVCacheManager) -> DraftModelProposer | None:

@@ -22,7 +22,7 @@ drafts kept on the device until one copy at the end, the same verification.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -67,6 +67,8 @@ class Eagle3Proposer(DraftModelProposer):
         """The head's hidden-state input (models/llama_eagle3.py)."""
         buf: torch.Tensor = self.draft.model.hidden_in  # type: ignore[assignment]
         return buf
+
+    token_shift: ClassVar[int] = 1  # the head at position t reads token t + 1
 
     def _new_state(self, request: Request) -> Any:
         return _HeadKV(num_preemptions=request.num_preemptions)
@@ -122,6 +124,11 @@ class Eagle3Proposer(DraftModelProposer):
             out[p.chosen[i]] = drafts[i]
         return out
 
+    def _before_chunk(
+        self, block_table: np.ndarray, rows: list[int], starts: list[int], stops: list[int]
+    ) -> None:
+        self._fill_from_target(block_table, rows, starts, stops)
+
     def _fill_from_target(
         self, block_table: np.ndarray, rows: list[int], starts: list[int], ends: list[int]
     ) -> None:
@@ -134,35 +141,3 @@ class Eagle3Proposer(DraftModelProposer):
             pieces[-1] = pieces[-1].astype(np.int64) + pos % self.block_size
         slots = self.draft._to_device(np.concatenate(pieces))
         self.hidden_in[: len(slots)] = self.hidden_cache[slots]
-
-    def _prefill_chunk(
-        self,
-        reqs: list[Request],
-        valid: list[int],
-        ends: list[int],
-        block_table: np.ndarray,
-    ) -> None:
-        """One head forward over up to max_num_batched_tokens of the requests' catch-up
-        positions (never their last, which draft step 1 feeds)."""
-        budget = self.max_tokens_per_forward
-        rows, starts, stops, pieces = [], [], [], []
-        for i, (r, v, e) in enumerate(zip(reqs, valid, ends)):
-            take = min(e - 1 - v, budget)
-            if take <= 0:
-                continue
-            rows.append(i)
-            starts.append(v)
-            stops.append(v + take)
-            pieces.append(np.asarray(_token_ids(r, v + 1, v + take + 1), dtype=np.int64))
-            valid[i] = v + take
-            budget -= take
-            if budget == 0:
-                break
-        self._fill_from_target(block_table, rows, starts, stops)
-        ids, positions, attn = self.draft._device_inputs(
-            np.concatenate(pieces),
-            np.array([b - a for a, b in zip(starts, stops)], dtype=np.int64),
-            np.array(stops, dtype=np.int64),
-            block_table[rows],
-        )
-        self.draft.run_model(ids, positions, attn)
