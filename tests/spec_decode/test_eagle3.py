@@ -10,7 +10,6 @@ smaller than the target's (test_draft_model.py)."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -18,17 +17,11 @@ import pytest
 from compiled_llm import LLM, SamplingParams
 from compiled_llm.config import EngineArgs
 from compiled_llm.engine.eagle_proposer import Eagle3Proposer
-from tests.spec_decode.conftest import VOCAB, chain, permutation
+from tests.spec_decode.conftest import permutation
 from tests.spec_decode.eagle3_head import LAYER_IDS, reference_drafts, write_head
+from tests.spec_decode.test_draft_model import PROMPTS
 from tests.spec_decode.test_spec_engine import acceptance, same_outputs
 
-_rng = random.Random(0)
-PROMPTS = [
-    {"prompt_token_ids": chain(5, 24) + [_rng.randrange(VOCAB) for _ in range(9)] + [5]},
-    {"prompt_token_ids": [_rng.randrange(VOCAB) for _ in range(20)]},
-    {"prompt_token_ids": chain(17, 40) + [17]},
-    {"prompt_token_ids": [9, 9, 9, 9]},
-]
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=2)
 
 

@@ -127,6 +127,16 @@ def test_a_zero_noise_draw_never_picks_a_masked_token() -> None:
     assert out.token_ids.tolist() == [3]
 
 
+def plain_fill(g: RequestGrammar | None) -> torch.Tensor:
+    """The oracle row of a request's grammar: all allowed (-1), then its matcher's own fill
+    unless it has finished."""
+    assert g is not None
+    row = torch.full((1, bitmask_width(PADDED)), -1, dtype=torch.int32)
+    if not g.is_terminated():
+        g.matcher.fill_next_token_bitmask(row, 0)
+    return row[0]
+
+
 def test_batched_fill_equals_row_by_row() -> None:
     """The manager fills several rows on xgrammar's threads; each row equals its matcher's own
     fill, rows without a grammar or with a finished one allow everything."""
@@ -142,12 +152,7 @@ def test_batched_fill_equals_row_by_row() -> None:
     mask, rows = StructuredOutputManager("unused", PADDED, pin_memory=False).bitmask(grammars)
     assert rows == [0, 2, 3, 4]
     for j, i in enumerate(rows):
-        g = grammars[i]
-        assert g is not None
-        expected = torch.full((1, bitmask_width(PADDED)), -1, dtype=torch.int32)
-        if not g.is_terminated():
-            g.matcher.fill_next_token_bitmask(expected, 0)
-        assert torch.equal(mask[j], expected[0]), i
+        assert torch.equal(mask[j], plain_fill(grammars[i])), i
 
 
 def test_no_stop_id_in_vocabulary_ends_on_the_tokenizers_eos() -> None:
@@ -199,12 +204,10 @@ def test_bitmask_on_a_stale_buffer_equals_the_plain_fill() -> None:
         for j, i in enumerate(rows):
             g = grammars[i]
             assert g is not None
-            expected = torch.full((1, bitmask_width(PADDED)), -1, dtype=torch.int32)
-            if not g.is_terminated():
-                g.matcher.fill_next_token_bitmask(expected, 0)
-            assert torch.equal(mask[j], expected[0]), (step, i)
+            expected = plain_fill(g)
+            assert torch.equal(mask[j], expected), (step, i)
             if g.is_terminated():
                 continue
-            allowed = ((expected[0, :, None] >> shifts) & 1).bool().flatten()[: len(VOCAB)]
+            allowed = ((expected[:, None] >> shifts) & 1).bool().flatten()[: len(VOCAB)]
             token = rng.choice(allowed.nonzero().flatten().tolist())
             assert g.accept(token)
