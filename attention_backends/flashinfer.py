@@ -60,7 +60,26 @@ from compiled_llm.envs import Envs  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-WORKSPACE_BYTES = 128 * 1024 * 1024
+WORKSPACE_BYTES = 128 * 1024 * 1024  # the floor; workspace_bytes() grows it per shape
+
+
+def workspace_bytes(num_heads: int, num_kv_heads: int, head_dim: int, num_sms: int) -> int:
+    """FlashInfer's float workspace for this attention shape: at least WORKSPACE_BYTES, and
+    enough for the largest split-KV prefill partials its planner can ask for.
+
+    FlashInfer's prefill plan (include/flashinfer/attention/scheduler.cuh, `PrefillPlan`) splits
+    the KV of a batch into up to `2 * num_sms // num_kv_heads` work items when that fills the
+    GPU better, and keeps float32 partial outputs for each: `num_heads * items * 128 (query tile)
+    * head_dim` values plus one log-sum-exp per row. Fewer KV heads mean more items: the
+    Qwen3-30B-A3B shape (32 heads over 4 KV heads, head_dim 128) needs 132 MiB on 132 SMs, more
+    than the fixed 128 MiB this backend used to allocate, and its first plan failed. The decode
+    plan's partials (one row per item) are far smaller and share the same buffer.
+    """
+    items = 2 * num_sms // num_kv_heads
+    partials = num_heads * items * 128 * (head_dim + 1) * 4
+    return max(WORKSPACE_BYTES, partials + 16 * 1024 * 1024)  # + headroom for alignment
+
+
 _announced = False
 
 
@@ -137,7 +156,9 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.decode_tensor_cores = (
             group >= 4 if decode_tensor_cores is None else decode_tensor_cores
         )
-        self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=spec.device)
+        num_sms = torch.cuda.get_device_properties(spec.device).multi_processor_count
+        size = workspace_bytes(spec.num_heads, spec.num_kv_heads, spec.head_dim, num_sms)
+        self._workspace = torch.zeros(size, dtype=torch.uint8, device=spec.device)
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
             self._workspace, "NHD", backend=self.prefill_backend
         )

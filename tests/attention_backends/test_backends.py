@@ -404,6 +404,17 @@ def test_matches_reference(
 
 @gpu
 @needs_cuda
+def test_flashinfer_split_kv_prefill_fits_workspace() -> None:
+    """One 512-token prefill, 32 query heads over 4 KV heads, head_dim 128 (the Qwen3-30B-A3B
+    shape's piecewise capture batch): FlashInfer splits its KV into 64 work items whose float32
+    partials (128 MiB plus the log-sum-exps) overflowed the fixed 128 MiB workspace at plan."""
+    case = Case("split_kv_prefill", (512,), (512,), num_heads=32, num_kv_heads=4)
+    be = make_backend("flashinfer", spec_of(case, torch.device("cuda")))
+    check(compare(be, case, seed=11), case.dtype)
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_triton_other_dtypes(mode: str, dtype: torch.dtype) -> None:
