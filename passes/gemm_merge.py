@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import fx, nn
+from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
@@ -63,7 +64,12 @@ def _linear_args(node: fx.Node) -> tuple[Any, Any, Any]:
 
 
 def _fake(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """fn on the example values of its node arguments, for the new node's meta (best effort)."""
+    """fn on the example values of its node arguments, for the new node's meta (best effort).
+
+    Under the Python dispatcher, as Dynamo and AOTAutograd run fake ops: without it an op's C++
+    decomposition reads plain sizes, which turns a symbolic size into an int and guards it.
+    On CUDA, `linear` of a 3-D bf16 input (the transformers fallback's [1, T, hidden]) did so and
+    pinned the token count to the compiling call's 16, failing the compile."""
     values = fx.node.map_aggregate(
         args, lambda a: a.meta.get("example_value") if isinstance(a, fx.Node) else a
     )
@@ -71,7 +77,7 @@ def _fake(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     if not fakes:
         return None
     try:
-        with fakes[0].fake_mode:
+        with fakes[0].fake_mode, enable_python_dispatcher():
             return fn(*values, **kwargs)
     except Exception:  # noqa: BLE001 - metadata only; the graph is right without it
         return None

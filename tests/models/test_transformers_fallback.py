@@ -131,6 +131,21 @@ def test_llama_through_fallback_matches_native(tiny_models) -> None:
     assert generate(fallback, PROMPTS, lengths) == ours
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fallback_at_O2_on_cuda(tiny_models) -> None:
+    """Compiled with CUDA graphs on the GPU, Llama through the fallback gives HF's tokens. Its
+    compile used to fail there: gemm_merge's fake run of the merged linear pinned the token
+    count (passes/gemm_merge.py: _fake)."""
+    path = tiny_models("llama")
+    lengths = [MAX_TOKENS] * len(PROMPTS)
+    llm = LLM(
+        str(path), max_model_len=256, model_impl="transformers", compilation_level=2, device="cuda"
+    )
+    assert isinstance(model_of(llm), TransformersForCausalLM)
+    assert_matches_hf(hf_greedy(path, PROMPTS, lengths), generate(llm, PROMPTS, lengths))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", list(FALLBACK_ARCHS))
 def test_compiled_equals_eager(arch: str, hf_models) -> None:
