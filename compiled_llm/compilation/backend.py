@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from tqdm.auto import tqdm
 
@@ -164,7 +165,10 @@ class _PieceCompiler(fx.Interpreter):
         self.fake_outputs: dict[str, Any] = {}  # piece key -> its fake outputs
 
     def run_fake(self, example_inputs: Sequence[Any]) -> None:
-        with self.fake_mode:
+        # Under the Python dispatcher, as Dynamo runs fake ops: without it a C++ decomposition
+        # reads plain sizes and guards the symbolic token count to the compiling call's (on
+        # CUDA, the transformers fallback's batched RoPE matmul pinned it to 16).
+        with self.fake_mode, enable_python_dispatcher():
             args = [
                 self.fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
                 for a in example_inputs
