@@ -1,18 +1,18 @@
 """FP8 with tensor parallelism on CPU (gloo, 2 ranks; rank 0 in this process): online
-`quantization="fp8"`, a per-channel compressed-tensors checkpoint (with an FP8 KV cache too) and
-a 128 x 128 block-scaled HF checkpoint, each at TP=2 against TP=1 of the same checkpoint with
-the same settings. Oracles: rank 0's E4M3 weights and scales equal TP=1's slices of them bit for
-bit (online row-parallel scales included: the channel maximum over the ranks), and greedy
-tokens equal TP=1's exactly (tolerance zero, as TP=2 and TP=1 in test_tp_engine.py: float32,
-only the summation order differs).
+`quantization="fp8"`, a per-channel compressed-tensors checkpoint (with an FP8 KV cache too), a
+per-tensor one with static activation scales and a 128 x 128 block-scaled HF checkpoint, each
+at TP=2 against TP=1 of the same checkpoint with the same settings. Oracles: rank 0's E4M3
+weights and scales equal TP=1's slices of them bit for bit (online row-parallel scales included:
+the channel maximum over the ranks), and greedy tokens equal TP=1's exactly (tolerance zero, as
+TP=2 and TP=1 in test_tp_engine.py: float32, only the summation order differs).
 
 With per-token activation scales (online, per-channel) one difference is by design: a
 row-parallel layer's ranks each quantize their own slice of its input, with that slice's scale
 (as vLLM's do; finer than one scale for the whole row, and no collective). On these tiny models,
 whose top logits lie within FP8's noise of each other, that alone changes most first tokens, so
 there the TP=1 oracle quantizes its o_proj / down_proj inputs per rank slice the same way
-(`quantize_activations_per_rank`). Block checkpoints quantize activations per 128-column group,
-which the ranks' slices hold whole: compared with TP=1 as it is. Block checkpoints whose K/V
+(`quantize_activations_per_rank`). Static scales, and block checkpoints' per-128-column
+groups (which the ranks' slices hold whole), quantize as TP=1 does: compared with TP=1 as it is. Block checkpoints whose K/V
 rows do not split into whole blocks are refused naming the layer. Eager (the FP8 graphs and
 their passes are tested in tests/quantization)."""
 
@@ -112,7 +112,9 @@ def assert_rank0_holds_tp1_slices(whole: dict, shard: dict, block: int = 1) -> N
     for name, full in whole.items():
         proj, leaf = name.rsplit(".", 1)
         part = shard[name]
-        if leaf == "weight_scale" and full.shape[-1] == 1 and proj.endswith("o_proj"):
+        if leaf == "input_scale" or (
+            leaf == "weight_scale" and full.shape[-1] == 1 and proj.endswith("o_proj")
+        ):
             expected = full
         elif proj.endswith("q_proj"):
             expected = full[: full.shape[0] // 2]
@@ -129,12 +131,12 @@ def assert_rank0_holds_tp1_slices(whole: dict, shard: dict, block: int = 1) -> N
 
 def fp8_checkpoint(src: Path, tmp_path: Path, fmt: str) -> Path:
     dst = tmp_path / fmt
-    E.write_checkpoint(src, dst, fmt)
+    E.write_checkpoint(src, dst, fmt, torch.tensor([PROMPTS[1]]))  # static scales' calibration
     return dst
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["online", "ct-dynamic", "hf-block"])
+@pytest.mark.parametrize("case", ["online", "ct-dynamic", "ct-static", "hf-block"])
 def test_tp2_fp8_equals_tp1(case: str, tmp_path: Path, embedded_tokenizer_dir: Path) -> None:
     if case == "online":
         path = make_tiny_model("llama", tmp_path / "float", embedded_tokenizer_dir, **BIASED)
@@ -142,10 +144,13 @@ def test_tp2_fp8_equals_tp1(case: str, tmp_path: Path, embedded_tokenizer_dir: P
     elif case == "ct-dynamic":  # per-channel scales, with an FP8 KV cache as well
         src = make_tiny_model("llama", tmp_path / "float", embedded_tokenizer_dir, **BIASED)
         path, kwargs = fp8_checkpoint(src, tmp_path, case), dict(kv_cache_dtype="fp8")
+    elif case == "ct-static":  # per-tensor weight scales, static activation scales: whole
+        src = make_tiny_model("llama", tmp_path / "float", embedded_tokenizer_dir)
+        path, kwargs = fp8_checkpoint(src, tmp_path, case), {}
     else:
         src = make_tiny_model("llama", tmp_path / "float", embedded_tokenizer_dir, **WIDE)
         path, kwargs = fp8_checkpoint(src, tmp_path, case), {}
-    per_token = case != "hf-block"
+    per_token = case in ("online", "ct-dynamic")
     single, whole = run(path, 1, quantize_activations_per_rank if per_token else None, **kwargs)
     sharded, shard = run(path, 2, **kwargs)
     assert_rank0_holds_tp1_slices(whole, shard, 128 if case == "hf-block" else 1)
