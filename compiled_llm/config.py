@@ -756,7 +756,7 @@ def _check_tensor_parallel(
 ) -> None:
     """Refuse a tensor-parallel size the model or the machine cannot run, before any process
     starts or any weight is read: the heads must split (ShardPlan), the checkpoint must be
-    sliceable (safetensors, a native class, no quantization yet) and, on CUDA, the ranks need
+    sliceable (safetensors, a native class) and, on CUDA, the ranks need
     one GPU each from the chosen one on (on this host; with Ray, `across_hosts`, the placement
     group finds them on the cluster instead)."""
     from compiled_llm.distributed.parallel import TensorParallel

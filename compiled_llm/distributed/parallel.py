@@ -38,3 +38,11 @@ class TensorParallel:
         group = self.group if self.group is not None else dist.group.WORLD
         assert group is not None, "torch.distributed is not initialized"
         return funcol.all_reduce(x, "sum", group)
+
+    def max_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise maximum of `x` over the group, in place, eagerly (a c10d call, not for
+        traced code): for values the ranks must agree on at load, such as the FP8 weight scales
+        of a row-parallel layer, whose rows each rank holds only a part of."""
+        if self.world_size > 1:
+            dist.all_reduce(x, dist.ReduceOp.MAX, group=self.group)
+        return x

@@ -327,7 +327,8 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
 
 
 def check_shardable(model_config: Any) -> None:
-    """Tensor parallelism reads slices of safetensors files into native, unquantized models."""
+    """Tensor parallelism reads slices of safetensors files into native models (quantized or
+    not: the quantization transform runs on the sharded model)."""
     if is_gguf(model_config.model):
         raise ValueError(
             "tensor parallelism (tensor_parallel_size > 1) does not load GGUF files; "
@@ -337,12 +338,6 @@ def check_shardable(model_config: Any) -> None:
         raise ValueError(
             "tensor parallelism (tensor_parallel_size > 1) needs a native model class; "
             "the transformers fallback (model_impl='transformers') is not sharded"
-        )
-    if getattr(model_config, "quantization", None) is not None:
-        raise ValueError(
-            "tensor parallelism (tensor_parallel_size > 1) with quantization is not supported "
-            "yet (FP8 scales shard with their weights, Fp8Linear.shard, but the loader does not "
-            "slice them yet)"
         )
 
 
@@ -360,7 +355,12 @@ def load_model(model_config: Any, device: torch.device, plan: ShardPlan | None =
             names = [n for n, _ in model.named_parameters()]
             weights = gguf_weights(path, model_config.hf_config, names)
         else:
-            weights = iterate_safetensors(path, plan.spec if plan is not None else None)
+            slices: Callable[[str], ShardSpec | None] | None = None
+            if plan is not None:
+                slices = plan.spec
+            if slices is not None and method is not None and _loads_quantized(model_config):
+                slices = method.checkpoint_slices(model, slices)  # scales follow weights
+            weights = iterate_safetensors(path, slices)
         if method is not None and _loads_quantized(model_config):
             weights = method.checkpoint_weights(model, weights)
         model.load_weights(weights)

@@ -8,18 +8,28 @@ The loader (models/loader.py) calls, in order:
   parameters (e.g. `weight_scale_inv` -> `weight_scale`);
 - `quantize(model)` after float weights were loaded (`quantization="fp8"` on a float
   checkpoint, or random weights): quantizes each eligible layer in place.
+
+Under tensor parallelism the model was sharded first (distributed/transform.py), so the layers
+a method replaces already hold one rank's shard; a row-parallel layer's replacement keeps its
+all-reduce (docs/quantization.md, "Tensor parallelism"). Before a pre-quantized checkpoint is
+read, `checkpoint_slices` says which slice of each of the method's tensors (scales) the rank
+reads with its weight slice.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from compiled_llm.distributed.plan import ShardSpec
+from compiled_llm.distributed.transform import RowParallelLinear
 from compiled_llm.quantization.config import QuantizationConfig
+
+SliceRule = Callable[[str], ShardSpec | None]  # checkpoint tensor name -> this rank's slice
 
 
 class QuantizationMethod(ABC):
@@ -42,9 +52,22 @@ class QuantizationMethod(ABC):
     def quantize(self, model: nn.Module) -> int:
         """Quantize the eligible layers of a model holding float weights; how many."""
 
+    def checkpoint_slices(self, model: nn.Module, weight_slices: SliceRule) -> SliceRule:
+        """Which slice of each checkpoint tensor this rank reads, given the tensor-parallel
+        plan's rule (`weight_slices`, which knows weights and biases by name): a method whose
+        layers have other tensors (scales) says here how they follow their weight's slice,
+        and refuses (ValueError naming the layer) a slice they cannot follow."""
+        return weight_slices
+
+
+# Exactly these layer types, not any subclass of nn.Linear: a subclass may compute something
+# else with its weight, which a quantized layer would silently drop.
+QUANTIZABLE = (nn.Linear, RowParallelLinear)
+
 
 def eligible_linears(model: nn.Module, config: QuantizationConfig) -> list[tuple[str, nn.Linear]]:
-    """Every plain `nn.Linear` of the model that the config does not leave in full precision
+    """Every plain `nn.Linear` of the model (or tensor-parallel `RowParallelLinear`, whose
+    all-reduce the quantized layer keeps) that the config does not leave in full precision
     (the output head never is quantized: see config.ALWAYS_IGNORED) and that no module keeps in
     full precision: a module lists such children in its `full_precision_children` (an MoE
     block's router, as vLLM keeps it: a tiny GEMM whose small logit errors change which experts
@@ -57,7 +80,7 @@ def eligible_linears(model: nn.Module, config: QuantizationConfig) -> list[tuple
     return [
         (name, module)
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and name not in kept and not config.ignores(name)
+        if type(module) in QUANTIZABLE and name not in kept and not config.ignores(name)
     ]
 
 

@@ -9,9 +9,13 @@ Parameters, named as checkpoints name them:
   otherwise activations are scaled per token, or per token and block column, at run time);
 - `bias` in the model's dtype.
 
-Every scale has the weight's output dimension first, so a tensor-parallel split of the weight's
-rows (column parallel) splits the scales' rows with it, and a split of its columns (row
-parallel) keeps them, block scales split along K at block boundaries (`shard`).
+Tensor parallelism (the model is sharded before this transform runs): every scale has the
+weight's output dimension first, so a column-parallel layer's scales split by rows with its
+weight; a row-parallel layer (input columns split) keeps whole per-channel scales, which online
+quantization takes as the maximum over the ranks' shards, so they equal the unsharded layer's,
+and its block scales split along K at block boundaries (`Fp8Method.checkpoint_slices`). A
+row-parallel layer's `Fp8Linear` keeps the all-reduce of the `RowParallelLinear` it replaces
+(`tp`).
 """
 
 from __future__ import annotations
@@ -23,13 +27,23 @@ import torch
 from torch import nn
 
 import compiled_llm.kernels  # noqa: F401  (registers the ops)
-from compiled_llm.kernels.fp8 import FP8_DTYPE, fp8_linear, quantize_weight
-from compiled_llm.quantization.base import QuantizationMethod, eligible_linears, replace_module
+from compiled_llm.distributed.parallel import TensorParallel
+from compiled_llm.distributed.plan import ShardSpec
+from compiled_llm.distributed.transform import RowParallelLinear
+from compiled_llm.kernels.fp8 import FP8_DTYPE, amax_scale, fp8_linear, quantize, quantize_weight
+from compiled_llm.quantization.base import (
+    QuantizationMethod,
+    SliceRule,
+    eligible_linears,
+    replace_module,
+)
 
 
 class Fp8Linear(nn.Module):
     """`y = x @ dequant(weight).T + bias` through `kernels.fp8.fp8_linear`: activations are
-    quantized to E4M3 too, and the GEMM multiplies FP8 operands."""
+    quantized to E4M3 too, and the GEMM multiplies FP8 operands. With `tp` (a row-parallel
+    layer: its weight holds this rank's input columns) the product is summed over the group
+    first and the bias added once, after the sum, as in `RowParallelLinear`."""
 
     def __init__(
         self,
@@ -40,9 +54,11 @@ class Fp8Linear(nn.Module):
         static_input_scale: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,  # of the bias (and the outputs: the input's dtype)
+        tp: TensorParallel | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.tp = tp
         self.block_size: list[int] = list(block_size) if block_size else []
         if block_size:
             bn, bk = block_size
@@ -60,8 +76,12 @@ class Fp8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, block_size: tuple[int, int] | None = None) -> Fp8Linear:
-        """`linear`'s float weight quantized (per output channel, or per block)."""
+        """`linear`'s float weight quantized (per output channel, or per block). A
+        `RowParallelLinear` holds part of each output channel: its per-channel scales come from
+        the channel's maximum over all ranks (one all-reduce at load), so every rank quantizes
+        with the unsharded layer's scales."""
         w = linear.weight.detach()
+        tp = linear.tp if isinstance(linear, RowParallelLinear) else None
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -69,66 +89,32 @@ class Fp8Linear(nn.Module):
             block_size,
             device=w.device,
             dtype=linear.bias.dtype if linear.bias is not None else w.dtype,
+            tp=tp,
         )
-        q, scale = quantize_weight(w, block_size)
+        if tp is not None and block_size is None:
+            scale = amax_scale(tp.max_over_ranks(w.abs().amax(dim=1, keepdim=True).float()))
+            q = quantize(w, scale)
+        else:
+            q, scale = quantize_weight(w, block_size)
         layer.weight.data, layer.weight_scale.data = q, scale
         if linear.bias is not None:
             layer.bias.data = linear.bias.detach()  # type: ignore[union-attr]
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(
-            x, self.weight, self.weight_scale, self.bias, self.block_size, self.input_scale
-        )
-
-    def shard(self, dim: int, rank: int, world_size: int) -> Fp8Linear:
-        """This layer's part on `rank` of `world_size` tensor-parallel ranks: output rows
-        (`dim=0`, column parallel: the outputs concatenate) or input columns (`dim=1`, row
-        parallel: the outputs sum; the bias stays on rank 0). Scales go with their rows or
-        columns; a split must fall on block boundaries."""
-        if dim not in (0, 1):
-            raise ValueError(f"dim must be 0 (output rows) or 1 (input columns), got {dim}")
-        size = self.weight.shape[dim]
-        block = self.block_size[dim] if self.block_size else 1
-        if size % world_size or (size // world_size) % block:
-            raise ValueError(
-                f"cannot split {size} {'rows' if dim == 0 else 'columns'} into {world_size} "
-                f"parts{f' of whole {block}-wide blocks' if block > 1 else ''}"
-            )
-        part = size // world_size
-        lo = rank * part
-        scale: torch.Tensor = self.weight_scale.detach()
-        if dim == 0:
-            scale = scale[lo // block : (lo + part) // block]  # block is 1 per channel
-        elif self.block_size:
-            scale = scale[:, lo // block : (lo + part) // block]
-        out_features = part if dim == 0 else self.out_features
-        in_features = part if dim == 1 else self.in_features
-        bias = self.bias is not None and (dim == 0 or rank == 0)
-        shard = Fp8Linear(
-            in_features,
-            out_features,
-            bias,
-            tuple(self.block_size) if self.block_size else None,  # type: ignore[arg-type]
-            self.input_scale is not None,
-            device=self.weight.device,
-            dtype=self.bias.dtype if self.bias is not None else None,
-        )
-        shard.weight.data = self.weight.narrow(dim, lo, part).contiguous()
-        shard.weight_scale.data = scale.contiguous()
-        if shard.input_scale is not None and self.input_scale is not None:
-            shard.input_scale.data = self.input_scale.data.clone()
-        if shard.bias is not None and self.bias is not None:
-            b = self.bias.narrow(0, lo, part) if dim == 0 else self.bias
-            shard.bias.data = b.contiguous()
-        return shard
+        w, scale, block, x_scale = self.weight, self.weight_scale, self.block_size, self.input_scale
+        if self.tp is None:
+            return fp8_linear(x, w, scale, self.bias, block, x_scale)
+        y = self.tp.all_reduce(fp8_linear(x, w, scale, None, block, x_scale))
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         scales = f"block={self.block_size}" if self.block_size else "per_channel"
         static = ", static_input_scale" if self.input_scale is not None else ""
+        rank = f", rank={self.tp.rank}/{self.tp.world_size}" if self.tp is not None else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, {scales}{static}"
+            f"bias={self.bias is not None}, {scales}{static}{rank}"
         )
 
 
@@ -147,9 +133,45 @@ class Fp8Method(QuantizationMethod):
                 c.activation_strategy == "static",
                 device=linear.weight.device,
                 dtype=linear.weight.dtype,
+                tp=linear.tp if isinstance(linear, RowParallelLinear) else None,
             )
             replace_module(model, name, layer)
         return len(linears)
+
+    def checkpoint_slices(self, model: nn.Module, weight_slices: SliceRule) -> SliceRule:
+        """Scales follow their weight's slice: per-channel scales split with a column-parallel
+        weight's rows and stay whole for a row-parallel one (each output channel is on every
+        rank); block scales split with the weight along either dim, which must then hold a
+        whole number of blocks per rank (ValueError naming the layer, before anything is
+        read); per-tensor scales are read whole."""
+        scale_slices: dict[str, ShardSpec] = {}
+        for name, layer in model.named_modules():
+            if not isinstance(layer, Fp8Linear):
+                continue
+            spec = weight_slices(f"{name}.weight")
+            if spec is None:
+                continue
+            if layer.block_size:
+                local, block = layer.weight.shape[spec.dim], layer.block_size[spec.dim]
+                if local % block:
+                    what = "output rows" if spec.dim == 0 else "input columns"
+                    raise ValueError(
+                        f"tensor parallelism cannot split the FP8 block scales of {name!r}: "
+                        f"each rank holds {local} of its {what}, not a whole number of "
+                        f"{block}-wide blocks (weight_block_size={list(layer.block_size)}); "
+                        "choose a tensor_parallel_size that splits it into whole blocks"
+                    )
+                scale_slices[name] = spec
+            elif self.config.weight_strategy == "channel" and spec.dim == 0:
+                scale_slices[name] = spec
+
+        def rule(name: str) -> ShardSpec | None:
+            owner, _, leaf = name.rpartition(".")
+            if leaf in ("weight_scale", "weight_scale_inv"):
+                return scale_slices.get(owner)
+            return weight_slices(name)
+
+        return rule
 
     def checkpoint_weights(
         self, model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]

@@ -152,7 +152,6 @@ def test_worker_dying_before_the_rendezvous_ends_the_start(llama: Path, monkeypa
     [
         (dict(tensor_parallel_size=0), "tensor_parallel_size must be an integer >= 1"),
         (dict(tensor_parallel_size=3), "tensor_parallel_size=3 does not divide"),
-        (dict(tensor_parallel_size=2, quantization="fp8"), "tensor_parallel_size > 1"),
     ],
 )
 def test_bad_sizes_are_refused_before_anything_starts(llama: Path, kwargs, match) -> None:
