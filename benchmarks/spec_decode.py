@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import time
 from typing import Any
@@ -253,21 +254,26 @@ def decode_run(
     steps = tokens = drafted = accepted = spec_steps = 0
     follows: list[float] = []
     token_ids: list[list[int]] = []
+    step_ms: list[float] = []  # host time of each timed engine.step() call
     for g, indices in enumerate(groups):
         ids = [f"{label}-{g}-{i}" for i in indices]
         for i, rid in zip(indices, ids):
             engine.add_request(rid, prompts[i % len(prompts)], params)
         latest: dict[str, Any] = {}
         t0 = n0 = None
+        last = 0.0
         while engine.has_unfinished_requests():
             for out in engine.step():
                 latest[out.request_id] = out
             if t0 is not None:
                 steps += 1
+                now = time.perf_counter()
+                step_ms.append(1e3 * (now - last))
+                last = now
             elif len(latest) == len(ids) and all(o.outputs[0].token_ids for o in latest.values()):
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                t0 = time.perf_counter()
+                t0 = last = time.perf_counter()
                 n0 = sum(len(o.outputs[0].token_ids) for o in latest.values())
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -287,12 +293,20 @@ def decode_run(
     return {
         "tok_s": tokens / seconds,
         "ms_per_step": 1e3 * seconds / max(steps, 1),
+        # the mean above hides whether every step is dearer or a few stall (a GC pause, a
+        # recompile, an allocation): the median and the slowest call tell them apart
+        "ms_per_step_p50": statistics.median(step_ms) if step_ms else None,
+        "ms_per_step_max": max(step_ms) if step_ms else None,
         "decode_tokens": tokens,
         "acceptance": accepted / drafted if drafted else None,
         "mean_acceptance_length": 1 + accepted / spec_steps if spec_steps else None,
         "target_follows_f": min(follows) if follows else None,
         "token_ids": None if oracle else token_ids,
     }
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -397,6 +411,8 @@ def main() -> None:
                 f"{r['tok_s'] / ref['tok_s']:.2f}x",
                 ref["ms_per_step"],
                 r["ms_per_step"],
+                _ms(r.get("ms_per_step_p50")),
+                _ms(r.get("ms_per_step_max")),
             ]
         )
     name = args.shape if args.workload != "ngram" else os.path.basename(args.model.rstrip("/"))
@@ -407,7 +423,7 @@ def main() -> None:
     )
     print(f"\nresults: {path}\n")
     headers = ["batch", "p", "accepted", "tokens/verify", "base tok/s", "spec tok/s", "speedup"]
-    print_table([*headers, "base ms/step", "spec ms/step"], rows)
+    print_table([*headers, "base ms/step", "spec ms/step", "spec p50 ms", "spec max ms"], rows)
     if args.workload == "ngram":
         print(f"\noutputs token-for-token identical to no speculation: {same}")
     else:
