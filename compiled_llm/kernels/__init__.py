@@ -8,6 +8,6 @@ its numerics equal eager), and a CUDA one in Triton. Importing this package regi
 the Triton modules are imported only when a CUDA op first runs.
 """
 
-from compiled_llm.kernels import activation, fp8, fp8_fused, moe, norm, rotary
+from compiled_llm.kernels import activation, cpu_linear, fp8, fp8_fused, moe, norm, rotary
 
-__all__ = ["activation", "fp8", "fp8_fused", "moe", "norm", "rotary"]
+__all__ = ["activation", "cpu_linear", "fp8", "fp8_fused", "moe", "norm", "rotary"]
