@@ -45,6 +45,9 @@ class CompilerPass(ABC):
     # A pass that rewrites the ops of quantized layers is in the default pipeline exactly for
     # models quantized with one of these methods (and `enabled_by_default` is then ignored).
     default_for_quantization: ClassVar[tuple[str, ...]] = ()
+    # A pass that only pays on some devices and dtypes is in the default pipeline exactly for
+    # these (device type, dtype) pairs (and `enabled_by_default` is then ignored).
+    default_for_device_dtypes: ClassVar[tuple[tuple[str, torch.dtype], ...]] = ()
 
     def __init__(self, ctx: PassContext) -> None:
         self.ctx = ctx
@@ -56,6 +59,9 @@ class CompilerPass(ABC):
         """Whether the default pipeline for `ctx` holds this pass (None: an unquantized model)."""
         if cls.default_for_quantization:
             return ctx is not None and ctx.quantization in cls.default_for_quantization
+        if cls.default_for_device_dtypes:
+            pairs = cls.default_for_device_dtypes
+            return ctx is not None and (ctx.device_type, ctx.dtype) in pairs
         return cls.enabled_by_default
 
     @abstractmethod

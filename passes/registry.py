@@ -28,6 +28,7 @@ _BUILTIN: dict[str, str] = {
     "rope": "compiled_llm.passes.rope:RopePass",
     "fuse_add_rmsnorm": "compiled_llm.passes.fuse_add_rmsnorm:FuseAddRMSNormPass",
     "silu_and_mul": "compiled_llm.passes.silu_and_mul:SiluAndMulPass",
+    "onednn_linear": "compiled_llm.passes.onednn_linear:OneDNNLinearPass",
 }
 REQUIRED = frozenset({"attention_lowering"})
 

@@ -20,6 +20,10 @@ def _list(args: argparse.Namespace) -> int:
             default = "required"
         elif cls.default_for_quantization:
             default = "+".join(cls.default_for_quantization)  # on for models quantized so
+        elif cls.default_for_device_dtypes:  # on for these devices and dtypes, e.g. cpu:float32
+            default = "+".join(
+                f"{d}:{str(t).removeprefix('torch.')}" for d, t in cls.default_for_device_dtypes
+            )
         else:
             default = "on" if cls.enabled_by_default else "off"
         print(f"{name:<20} {cls.stage:<10} {default:<8} {cls.description}")

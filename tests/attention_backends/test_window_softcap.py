@@ -41,6 +41,7 @@ CASES = [
     Case("mixed", (40, 17, 33, 9, 25), (9, 1, 33, 1, 1), 6, 2, 24, 8, F32, pad_tokens=3),
 ]
 LAYERS = {
+    "plain": LayerAttention(),  # the reference's own paths (causal SDPA, batched decode) checked too
     "window8": LayerAttention(sliding_window=8),
     "window1": LayerAttention(sliding_window=1),
     "window_past_every_seq": LayerAttention(sliding_window=100),

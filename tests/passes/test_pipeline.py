@@ -83,7 +83,8 @@ def test_passes_report_with_a_user_pass(
     report_json = tmp_path / "report.json"
     argv = ["passes", "report", str(tiny_models("llama")), "--max-model-len", "256"]
     # Only the example on top of the required lowering: two compiles (with and without it).
-    argv += [f"--passes=-gemm_merge,-noop_elimination,+{EXAMPLE}", "--num-tokens", "16"]
+    argv += [f"--passes=-gemm_merge,-noop_elimination,-onednn_linear,+{EXAMPLE}"]
+    argv += ["--num-tokens", "16"]
     argv += ["--steps", "2"]
     assert main(argv + ["--json", str(report_json)]) == 0
     out = capsys.readouterr().out
