@@ -71,9 +71,10 @@ def workspace_bytes(num_heads: int, num_kv_heads: int, head_dim: int, num_sms: i
     the KV of a batch into up to `2 * num_sms // num_kv_heads` work items when that fills the
     GPU better, and keeps float32 partial outputs for each: `num_heads * items * 128 (query tile)
     * head_dim` values plus one log-sum-exp per row. Fewer KV heads mean more items: the
-    Qwen3-30B-A3B shape (32 heads over 4 KV heads, head_dim 128) needs 132 MiB on 132 SMs, more
+    Qwen3-30B-A3B shape (32 heads over 4 KV heads, head_dim 128) may need 133 MiB on 132 SMs, more
     than the fixed 128 MiB this backend used to allocate, and its first plan failed. The decode
-    plan's partials (one row per item) are far smaller and share the same buffer.
+    plan's partials (one row per item) are far smaller; the two plans run one after the other
+    on one stream, so they share the buffer.
     """
     items = 2 * num_sms // num_kv_heads
     partials = num_heads * items * 128 * (head_dim + 1) * 4
