@@ -111,8 +111,13 @@ class DraftModelProposer:
 
     @torch.inference_mode()
     def propose(self, requests: list[Request], max_drafts: list[int]) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in requests]
         with self.draft.profiler.stage("draft model"):
-            return self._propose(requests, max_drafts)
+            p = self._start(requests, max_drafts)
+            if p is not None:
+                for i, drafts in zip(p.chosen, self._draft(p), strict=True):
+                    out[i] = drafts
+        return out
 
     # What an EAGLE-3 head does differently (engine/eagle_proposer.py): its per-request state,
     # the KV slots a proposal of k drafts needs, where the context it catches up on ends, which
@@ -178,11 +183,8 @@ class DraftModelProposer:
             offset += n
         return drafts
 
-    def _propose(self, requests: list[Request], max_drafts: list[int]) -> list[list[int]]:
-        out: list[list[int]] = [[] for _ in requests]
-        p = self._start(requests, max_drafts)
-        if p is None:
-            return out
+    def _draft(self, p: _Proposal) -> list[list[int]]:
+        """The drafts of `p`'s requests, in its order."""
         reqs, room, valid, ends, block_table = p.reqs, p.room, p.valid, p.ends, p.block_table
 
         # Draft step 1 feeds each request's tokens from `valid` to its newest; step j > 1 feeds
@@ -216,8 +218,7 @@ class DraftModelProposer:
         for i, (written, e) in enumerate(zip(p.kv, ends)):
             written.valid, written.start = e, e
             written.written = drafts[i][: room[i] - 1]  # drafts 1..k-1 were fed
-            out[p.chosen[i]] = drafts[i]
-        return out
+        return drafts
 
     def _draw(self, logits: torch.Tensor, reqs: list[Request], j: int) -> torch.Tensor:
         """Draft j + 1 of each request (on the device); under rejection_sampling q's rows are

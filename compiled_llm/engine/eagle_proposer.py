@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from compiled_llm.engine.draft_proposer import DraftModelProposer, _token_ids
+from compiled_llm.engine.draft_proposer import DraftModelProposer, _Proposal, _token_ids
 from compiled_llm.engine.model_runner import ModelRunner
 from compiled_llm.kv_cache.kv_cache_manager import KVCacheManager
 from compiled_llm.request import Request
@@ -79,11 +79,7 @@ class Eagle3Proposer(DraftModelProposer):
     def _context_end(self, request: Request) -> int:
         return request.num_tokens - 1  # positions valid..N-2 have the target's states
 
-    def _propose(self, requests: list[Request], max_drafts: list[int]) -> list[list[int]]:
-        out: list[list[int]] = [[] for _ in requests]
-        p = self._start(requests, max_drafts)
-        if p is None:
-            return out
+    def _draft(self, p: _Proposal) -> list[list[int]]:
         reqs, room, valid, ends, block_table = p.reqs, p.room, p.valid, p.ends, p.block_table
 
         # Step 1: positions valid..N-2 with the target's states; step j > 1: draft j - 1 at
@@ -119,10 +115,9 @@ class Eagle3Proposer(DraftModelProposer):
                 self.hidden_in[: last.shape[0]].copy_(last)
         self._keep_q(reqs, room)
         drafts = self._by_request(sampled, room)
-        for i, (head_kv, e) in enumerate(zip(p.kv, ends)):
+        for head_kv, e in zip(p.kv, ends, strict=True):
             head_kv.valid = e
-            out[p.chosen[i]] = drafts[i]
-        return out
+        return drafts
 
     def _before_chunk(
         self, block_table: np.ndarray, rows: list[int], starts: list[int], stops: list[int]

@@ -122,7 +122,7 @@ def test_drafts_match_reference(cycle_model, heads, head, monkeypatch) -> None:
     preemption (a small KV cache), a prefix hit, and drafts accepted (the following head) and
     rejected."""
     proposals: list[tuple[list[int], list[int]]] = []
-    original = Eagle3Proposer._propose
+    original = Eagle3Proposer.propose
 
     def recording(self, requests, max_drafts):  # noqa: ANN001, ANN202
         out = original(self, requests, max_drafts)
@@ -131,7 +131,7 @@ def test_drafts_match_reference(cycle_model, heads, head, monkeypatch) -> None:
                 proposals.append((list(r.all_token_ids), drafts))
         return out
 
-    monkeypatch.setattr(Eagle3Proposer, "_propose", recording)
+    monkeypatch.setattr(Eagle3Proposer, "propose", recording)
     kwargs = dict(
         num_gpu_blocks_override=24, block_size=4, max_num_batched_tokens=16, max_model_len=96
     )
