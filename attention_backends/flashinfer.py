@@ -124,6 +124,12 @@ class FlashInferAttentionBackend(AttentionBackend):
 
     @classmethod
     def refusal(cls, spec: AttentionSpec) -> str | None:
+        # The prefill kernels tile head_dim in 16-wide MMAs and have no valid tile below four of
+        # them (prefill.cuh: KernelTraits::IsInvalid); smaller heads fail at the first prefill.
+        if spec.head_dim < 64 or spec.head_dim % 16:
+            return (
+                f"needs head_dim a multiple of 16 and at least 64; this model's is {spec.head_dim}"
+            )
         if len(set(spec.layers)) > 1:
             return (
                 "plans one attention variant per step, and this model's layers differ in "

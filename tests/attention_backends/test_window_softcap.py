@@ -30,6 +30,7 @@ from tests.attention_backends.test_backends import (
     needs_cuda,
     spec_of,
 )
+from tests.conftest import backend_available
 
 F32 = torch.float32
 # (seq_lens, query_lens): whole prompts, chunks over a cached prefix, decode rows (several: the
@@ -159,6 +160,21 @@ def test_auto_passes_over_a_backend_that_refuses(monkeypatch: pytest.MonkeyPatch
     assert (
         registry.resolve_backend_name("flashinfer", windowed) == "flashinfer"
     )  # refused when built
+
+
+@pytest.mark.skipif(not backend_available("flashinfer"), reason="flashinfer not installed")
+@pytest.mark.parametrize("head_dim", [16, 32, 72])
+def test_flashinfer_refuses_heads_its_prefill_cannot_tile(head_dim: int) -> None:
+    """FlashInfer's prefill has no valid tile for heads under 64 (or not a multiple of 16): it
+    refuses them by name, so `auto` takes Triton instead of failing at the first prefill."""
+    from compiled_llm.attention_backends import registry
+
+    spec = AttentionSpec(4, 2, head_dim, 8, F32, torch.device("cuda"), 0.25)
+    refusal = registry.get_backend_class("flashinfer").refusal(spec)
+    assert refusal is not None and f"this model's is {head_dim}" in refusal
+    assert registry.get_backend_class("flashinfer").refusal(replace(spec, head_dim=64)) is None
+    if backend_available("triton"):
+        assert registry.resolve_backend_name("auto", spec) == "triton"
 
 
 @pytest.mark.parametrize("bad", [dict(sliding_window=0), dict(logits_soft_cap=0.0)])

@@ -133,11 +133,12 @@ def test_llama_through_fallback_matches_native(tiny_models) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fallback_at_O2_on_cuda(tiny_models) -> None:
-    """Compiled with CUDA graphs on the GPU, Llama through the fallback gives HF's tokens. Its
-    compile used to fail there: gemm_merge's fake run of the merged linear pinned the token
-    count (passes/gemm_merge.py: _fake)."""
-    path = tiny_models("llama")
+def test_fallback_at_O2_on_cuda(gpu_models) -> None:
+    """Compiled with CUDA graphs on the GPU (auto's backend, FlashInfer where installed), Llama
+    through the fallback gives HF's tokens. Its compile used to fail there: fake runs without
+    the Python dispatcher pinned the token count (passes/gemm_merge.py: _fake,
+    compilation/backend.py: run_fake)."""
+    path = gpu_models["llama"]
     lengths = [MAX_TOKENS] * len(PROMPTS)
     llm = LLM(
         str(path), max_model_len=256, model_impl="transformers", compilation_level=2, device="cuda"
