@@ -162,6 +162,7 @@ def test_auto_passes_over_a_backend_that_refuses(monkeypatch: pytest.MonkeyPatch
     )  # refused when built
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not backend_available("flashinfer"), reason="flashinfer not installed")
 @pytest.mark.parametrize("head_dim", [16, 32, 72])
 def test_flashinfer_refuses_heads_its_prefill_cannot_tile(head_dim: int) -> None:
