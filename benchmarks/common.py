@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -99,16 +100,35 @@ def kernel_spans(events: list[dict[str, Any]], category: str = "kernel") -> list
     )
 
 
-def idle_fraction(spans: list[tuple]) -> float:
-    """Share of the window from the first span's start to the last span's end covered by none."""
-    if not spans:
-        return float("nan")
-    busy, end = 0.0, spans[0][0]
+def profiled_kernel_spans(run: Callable[[], None]) -> list[tuple]:
+    """Kernel spans of the CUDA work `run` launches (it ends by synchronizing), from a
+    torch-profiler trace; kernels inside CUDA-graph replays included."""
+    import tempfile
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            return kernel_spans(json.load(f)["traceEvents"])
+
+
+def busy_us(spans: list[tuple]) -> float:
+    """Microseconds in which at least one span runs (overlapping spans counted once)."""
+    busy, end = 0.0, float("-inf")
     for s, e, *_ in spans:
         if e > end:
             busy += e - max(s, end)
             end = e
-    return 1.0 - busy / (max(e for _, e, *_ in spans) - spans[0][0])
+    return busy
+
+
+def idle_fraction(spans: list[tuple]) -> float:
+    """Share of the window from the first span's start to the last span's end covered by none."""
+    if not spans:
+        return float("nan")
+    return 1.0 - busy_us(spans) / (max(e for _, e, *_ in spans) - spans[0][0])
 
 
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:

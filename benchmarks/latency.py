@@ -40,8 +40,8 @@ from common import (  # noqa: E402
     copy_bandwidth,
     environment,
     idle_fraction,
-    kernel_spans,
     print_table,
+    profiled_kernel_spans,
     run_worker,
     write_result,
 )
@@ -106,21 +106,15 @@ def _ints(text: str) -> list[int]:
 
 def gpu_idle_fraction(engine, steps: int) -> float:  # noqa: ANN001
     """Share of the window from the first to the last kernel of `steps` decode steps in which no
-    kernel runs, from a torch-profiler trace (kernels inside CUDA-graph replays included)."""
-    import tempfile
-
+    kernel runs (kernels inside CUDA-graph replays included)."""
     import torch
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    def run() -> None:
         for _ in range(steps):
             engine.step()
         torch.cuda.synchronize()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    return idle_fraction(kernel_spans(events))
+
+    return idle_fraction(profiled_kernel_spans(run))
 
 
 def worker(args: argparse.Namespace) -> dict:

@@ -47,7 +47,15 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import environment, print_table, run_worker, write_result  # noqa: E402
+from common import (  # noqa: E402
+    busy_us,
+    environment,
+    idle_fraction,
+    print_table,
+    profiled_kernel_spans,
+    run_worker,
+    write_result,
+)
 from shapes import SHAPES, eagle3_head_folder, shape_folder  # noqa: E402
 
 # Chat prompts whose answers quote their own context (the n-gram proposer's case).
@@ -110,6 +118,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="speculative_config's adaptive-k price of a draft (default: the engine's); 0: off",
     )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point (median)")
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=16,
+        help="CUDA: decode steps of one more (untimed) run per point under the torch profiler, "
+        "for the GPU busy ms/step and idle columns (0: skip)",
+    )
     p.add_argument("-O", "--compilation-level", type=int, default=None)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--no-async-scheduling", action="store_true")
@@ -234,10 +249,18 @@ def build(args: argparse.Namespace, speculative: bool) -> tuple[Any, list[int], 
 
 
 def decode_run(
-    args: argparse.Namespace, llm: Any, f: list[int], prompts: list[Any], b: int, label: str
+    args: argparse.Namespace,
+    llm: Any,
+    f: list[int],
+    prompts: list[Any],
+    b: int,
+    label: str,
+    profile_steps: int = 0,
 ) -> dict[str, Any]:
     """Decode b requests at a time (oracle: b requests; ngram: every prompt, b at a time),
-    timed from every request's first token to the last."""
+    timed from every request's first token to the last. With `profile_steps` (CUDA), the first
+    that many decode steps run under the torch profiler instead (a run to read the profile of,
+    not to time): the GPU's busy time per step and its idle share of the window."""
     import torch
 
     from compiled_llm import SamplingParams
@@ -255,6 +278,7 @@ def decode_run(
     follows: list[float] = []
     token_ids: list[list[int]] = []
     step_ms: list[float] = []  # host time of each timed engine.step() call
+    profile: dict[str, float] = {}
     for g, indices in enumerate(groups):
         ids = [f"{label}-{g}-{i}" for i in indices]
         for i, rid in zip(indices, ids):
@@ -275,6 +299,8 @@ def decode_run(
                     torch.cuda.synchronize()
                 t0 = last = time.perf_counter()
                 n0 = sum(len(o.outputs[0].token_ids) for o in latest.values())
+                if profile_steps and not profile:
+                    profile = profile_decode(engine, latest, profile_steps)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds += time.perf_counter() - (t0 or 0.0)
@@ -302,7 +328,29 @@ def decode_run(
         "mean_acceptance_length": 1 + accepted / spec_steps if spec_steps else None,
         "target_follows_f": min(follows) if follows else None,
         "token_ids": None if oracle else token_ids,
+        **profile,
     }
+
+
+def profile_decode(engine: Any, latest: dict[str, Any], steps: int) -> dict[str, float]:
+    """Run up to `steps` engine steps under the profiler: GPU busy ms per step (kernels of
+    CUDA-graph replays included, overlaps once) and the idle share from first to last kernel.
+    A verify step that is slower with async scheduling than without is dearer on the GPU (busy
+    ms) or waits on the host (idle)."""
+    import torch
+
+    done = 0
+
+    def run() -> None:
+        nonlocal done
+        while done < steps and engine.has_unfinished_requests():
+            for out in engine.step():
+                latest[out.request_id] = out
+            done += 1
+        torch.cuda.synchronize()
+
+    spans = profiled_kernel_spans(run)
+    return {"gpu_busy_ms": busy_us(spans) / 1e3 / max(done, 1), "gpu_idle": idle_fraction(spans)}
 
 
 def _ms(value: float | None) -> str:
@@ -344,7 +392,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
                     decode_run(args, llm, f, prompts, b, f"b{b}p{p}r{r}")
                     for r in range(args.repeats)
                 ]
-                results["spec"][f"{b}:{p}"] = median_run(timed)
+                results["spec"][f"{b}:{p}"] = {
+                    **median_run(timed),
+                    **profiled(args, llm, f, prompts, b, f"prof{b}p{p}"),
+                }
             continue
         for llm, f, prompts in engines.values():
             decode_run(args, llm, f, prompts, b, f"warm{b}")  # warms every shape it meets
@@ -353,8 +404,24 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             for kind, (llm, f, prompts) in engines.items():
                 runs[kind].append(decode_run(args, llm, f, prompts, b, f"b{b}r{r}"))
         for kind in kinds:
-            results[kind][f"{b}:-"] = median_run(runs[kind])
+            llm, f, prompts = engines[kind]
+            results[kind][f"{b}:-"] = {
+                **median_run(runs[kind]),
+                **profiled(args, llm, f, prompts, b, f"prof{b}"),
+            }
     return {"startup_s": startup_s, **results}
+
+
+def profiled(
+    args: argparse.Namespace, llm: Any, f: list[int], prompts: list[Any], b: int, label: str
+) -> dict[str, float]:
+    """The profile columns of one point, from an extra untimed run (none without CUDA)."""
+    import torch
+
+    if not (args.profile_steps and torch.cuda.is_available()):
+        return {}
+    run = decode_run(args, llm, f, prompts, b, label, profile_steps=args.profile_steps)
+    return {k: run[k] for k in ("gpu_busy_ms", "gpu_idle") if k in run}
 
 
 def main() -> None:
@@ -413,6 +480,9 @@ def main() -> None:
                 r["ms_per_step"],
                 _ms(r.get("ms_per_step_p50")),
                 _ms(r.get("ms_per_step_max")),
+                _ms(ref.get("gpu_busy_ms")),
+                _ms(r.get("gpu_busy_ms")),
+                "-" if r.get("gpu_idle") is None else f"{100 * r['gpu_idle']:.1f}%",
             ]
         )
     name = args.shape if args.workload != "ngram" else os.path.basename(args.model.rstrip("/"))
@@ -423,7 +493,9 @@ def main() -> None:
     )
     print(f"\nresults: {path}\n")
     headers = ["batch", "p", "accepted", "tokens/verify", "base tok/s", "spec tok/s", "speedup"]
-    print_table([*headers, "base ms/step", "spec ms/step", "spec p50 ms", "spec max ms"], rows)
+    timing = ["base ms/step", "spec ms/step", "spec p50 ms", "spec max ms"]
+    gpu = ["base GPU ms/step", "spec GPU ms/step", "spec GPU idle"]
+    print_table([*headers, *timing, *gpu], rows)
     if args.workload == "ngram":
         print(f"\noutputs token-for-token identical to no speculation: {same}")
     else:
