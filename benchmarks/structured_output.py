@@ -197,7 +197,8 @@ def host_only(args: argparse.Namespace) -> None:
     fills, accepts = [], []
     for _ in range(args.output_len):
         t = time.perf_counter()
-        mask, _rows = manager.bitmask(grammars)  # type: ignore[arg-type]
+        mask = manager.bitmask(grammars)  # type: ignore[arg-type]
+        assert mask is not None
         fills.append(time.perf_counter() - t)
         # The allowed tokens through numpy: torch ops here would leave OpenMP workers spinning
         # into the next step's fill and time them instead of the fill.

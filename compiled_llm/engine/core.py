@@ -75,6 +75,7 @@ class EngineCore:
             int(mc.hf_config.vocab_size),
             pin_memory=config.device.type == "cuda",
             trust_remote_code=mc.trust_remote_code,
+            fill_threads="auto" if config.device.type == "cuda" else 1,
         )
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %s)",

@@ -634,20 +634,16 @@ class ModelRunner:
         return LaunchedStep(inputs.sampling_requests, logits, batch, num_rows)
 
     @torch.inference_mode()
-    def sample(
-        self, step: LaunchedStep, bitmask: tuple[torch.Tensor, list[int]] | None = None
-    ) -> StepHandle:
-        """Launch the sampling of a launched step. `bitmask`: the allowed-token bitmask of the
-        rows that have a grammar (host tensor) and those rows."""
+    def sample(self, step: LaunchedStep, bitmask: torch.Tensor | None = None) -> StepHandle:
+        """Launch the sampling of a launched step. `bitmask`: the allowed-token bitmask of its
+        rows (host tensor, StructuredOutputManager.bitmask), if any row has a grammar."""
         if step.logits is None or step.batch is None:
             return StepHandle([], None)
         with self.profiler.stage("sample"):
             batch = step.batch
-            if bitmask is not None and bitmask[1]:
+            if bitmask is not None:
                 assert all(n == 1 for n in step.num_rows), "grammar rows with drafts"
-                mask, rows = bitmask
-                batch.token_bitmask = mask.to(self.device, non_blocking=True)
-                batch.bitmask_rows = self._to_device(np.asarray(rows, dtype=np.int64))
+                batch.token_bitmask = bitmask.to(self.device, non_blocking=True)
             out = self.sampler(step.logits, batch)
             return self.step_handle(step.requests, out, step.num_rows)
 

@@ -76,8 +76,8 @@ class SamplingBatch:
     max_num_logprobs: int = -1  # -1: no row asked for logprobs
     # Structured outputs: allowed next tokens of the rows that have a grammar, filled on the host
     # after the forward was launched (EngineCore.step)
-    token_bitmask: torch.Tensor | None = None  # [G, ceil(V / 32)] int32, bit t allows token t
-    bitmask_rows: torch.Tensor | None = None  # [G] int64: the rows it applies to
+    # [B, ceil(V / 32)] int32, bit t of row i allows token t; all ones in rows without a grammar
+    token_bitmask: torch.Tensor | None = None
     # The seeded noise's stream (DRAFT_STREAM: a draft model sampling under rejection_sampling)
     noise_stream: int = 0
     # Speculative decoding with rejection_sampling: the rows that verify a draft sampled from a
@@ -118,16 +118,15 @@ def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return logits - b.presence_penalty[:, None] * (out_counts > 0).float()
 
 
-def apply_token_bitmask(
-    logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor
-) -> torch.Tensor:
-    """Logits with every token the bitmask disallows set to -inf, in the given rows only. Plain
-    tensor ops (unpack the bits, masked_fill), the same on CPU and CUDA, without a host sync."""
-    vocab = logits.shape[1]
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """`logits` with every token the bitmask disallows set to -inf, in place (rows without a
+    grammar come as all ones). Plain tensor ops, the same on CPU and CUDA, with no host sync and
+    no kernel to build at the first structured request. In place, over every row: on the CPU
+    3.9 ms for 64 rows of 49k tokens, against 9.5 ms for xgrammar's C++ kernel and 23 ms for a
+    gather / masked_fill / index_put of the grammar rows (docs/structured_output.md)."""
     bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, :vocab]
-    masked = logits[rows].masked_fill(~allowed, float("-inf"))
-    return logits.index_put((rows,), masked)
+    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, : logits.shape[1]]
+    return logits.masked_fill_(~allowed, float("-inf"))
 
 
 def _apply_top_k_top_p(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
@@ -166,8 +165,7 @@ class Sampler:
         # The grammar mask comes first, as in vLLM: logprobs, penalties, temperature and
         # top-k/p all see the constrained distribution.
         if b.token_bitmask is not None:
-            assert b.bitmask_rows is not None
-            logits = apply_token_bitmask(logits, b.token_bitmask, b.bitmask_rows)
+            logits = apply_token_bitmask(logits, b.token_bitmask)
         raw_logprobs = logits.log_softmax(dim=-1) if b.max_num_logprobs >= 0 else None
         logits = apply_penalties(logits, b)
         if b.banned is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -74,12 +74,22 @@ class RequestGrammar:
 
 class StructuredOutputManager:
     def __init__(
-        self, tokenizer: str, vocab_size: int, pin_memory: bool, trust_remote_code: bool = False
+        self,
+        tokenizer: str,
+        vocab_size: int,
+        pin_memory: bool,
+        trust_remote_code: bool = False,
+        fill_threads: int | Literal["auto"] = "auto",
     ) -> None:
+        """`fill_threads`: xgrammar's threads for a batch's bitmask. On a CPU model, 1: the
+        cores belong to torch's OpenMP pool, and xgrammar's idle workers spin long enough after
+        a fill to slow the next forward's GEMMs (4x for the LM head on 2 cores) while adding
+        nothing to a fill of 64 rows (about 1 ms either way; docs/structured_output.md)."""
         self.tokenizer_path = tokenizer
         self.trust_remote_code = trust_remote_code
         self.vocab_size = vocab_size
         self.pin_memory = pin_memory
+        self.fill_threads = fill_threads
         self._executor: ThreadPoolExecutor | None = None
         self._compiler: Any = None
         self._lock = threading.Lock()
@@ -116,30 +126,30 @@ class StructuredOutputManager:
                 self._compiler = xgr.GrammarCompiler(info, cache_enabled=True)
             return self._compiler
 
-    def bitmask(self, grammars: list[RequestGrammar | None]) -> tuple[torch.Tensor, list[int]]:
-        """The next-token bitmask of the rows that have a grammar, as a [G, W] int32 host tensor
-        (pinned on CUDA), and those rows. A finished row (its step was launched before it ended)
-        allows everything: its token is dropped."""
-        rows = [i for i, g in enumerate(grammars) if g is not None]
+    def bitmask(self, grammars: list[RequestGrammar | None]) -> torch.Tensor | None:
+        """The next-token bitmask of a step's sampling rows, row i for grammars[i], as a
+        [B, W] int32 host tensor (pinned on CUDA); None when no row has a grammar. Rows without
+        a grammar allow everything, and so does a finished one (its step was launched before it
+        ended; its token is dropped)."""
+        if all(g is None for g in grammars):
+            return None
         # A fresh tensor each step: torch's caching host allocator does not hand pinned memory
         # back out while a copy from it may still be in flight (and hands it out cheaply once
         # the copy is done). Its contents are stale, so every row is written below.
         width = bitmask_width(self.vocab_size)
-        mask = torch.empty((len(rows), width), dtype=torch.int32, pin_memory=self.pin_memory)
+        mask = torch.empty((len(grammars), width), dtype=torch.int32, pin_memory=self.pin_memory)
         active = []
-        idle = []  # rows whose token is dropped: they allow everything
-        for j, i in enumerate(rows):
-            g = grammars[i]
-            assert g is not None
-            if g.matcher is not None and not g.matcher.is_terminated():
-                active.append((j, g.matcher))
+        free = []  # rows that allow everything
+        for i, g in enumerate(grammars):
+            if g is not None and g.matcher is not None and not g.matcher.is_terminated():
+                active.append((i, g.matcher))
             else:
-                idle.append(j)
-        if idle:
+                free.append(i)
+        if free:
             # Through numpy, not `mask.fill_(-1)`: a torch fill of the whole buffer is a parallel
             # op whose OpenMP workers keep spinning after it and slowed xgrammar's fill threads
             # (docs/structured_output.md, "Measuring the overhead").
-            mask.numpy()[idle] = -1
+            mask.numpy()[free] = -1
         # xgrammar writes every word of each row it fills (tests/structured_output/test_bitmask.py
         # checks it on a buffer of garbage).
         if len(active) == 1:
@@ -148,8 +158,8 @@ class StructuredOutputManager:
             if self._batch is None:
                 import xgrammar as xgr
 
-                self._batch = xgr.BatchGrammarMatcher()
+                self._batch = xgr.BatchGrammarMatcher(self.fill_threads)
             self._batch.batch_fill_next_token_bitmask(
-                [m for _, m in active], mask, indices=[j for j, _ in active]
+                [m for _, m in active], mask, indices=[i for i, _ in active]
             )
-        return mask, rows
+        return mask

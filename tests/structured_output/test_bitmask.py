@@ -1,5 +1,6 @@
-"""The token bitmask: filled from xgrammar's matcher, applied to logits in the sampler. Oracles:
-xgrammar's own `apply_token_bitmask_inplace` and the matcher's verdict on each token."""
+"""The token bitmask: filled from xgrammar's matcher, applied to logits in the sampler (with
+xgrammar's kernel). Oracles: the matcher's verdict on each token, and xgrammar's plain-torch
+backend of the same kernel."""
 
 from __future__ import annotations
 
@@ -39,16 +40,15 @@ def test_masked_logits_match_the_matcher_and_xgrammar(prefix: list[int]) -> None
     matcher = xgr.GrammarMatcher(compiled(r"[0-9]{2,3}-[a-f]+"), override_stop_tokens=[EOS])
     for t in prefix:
         assert matcher.accept_token(t)
-    mask = torch.full((1, bitmask_width(PADDED)), -1, dtype=torch.int32)
-    matcher.fill_next_token_bitmask(mask, 0)
+    # rows 0 and 2 have no grammar: all ones
+    mask = torch.full((3, bitmask_width(PADDED)), -1, dtype=torch.int32)
+    matcher.fill_next_token_bitmask(mask, 1)
     logits = torch.randn(3, PADDED)
-    rows = torch.tensor([1])
-    ours = apply_token_bitmask(logits.clone(), mask, rows)
-    # rows without a grammar are untouched
+    ours = apply_token_bitmask(logits.clone(), mask)
     assert torch.equal(ours[0], logits[0]) and torch.equal(ours[2], logits[2])
-    reference = logits[1:2].clone()
-    xgr.apply_token_bitmask_inplace(reference, mask, backend="torch_native")
-    assert torch.equal(ours[1:2], reference)
+    reference = logits.clone()
+    xgr.apply_token_bitmask_inplace(reference, mask, indices=[1])
+    assert torch.equal(ours, reference)
     finite = {int(t) for t in torch.nonzero(ours[1].isfinite()).flatten()}
     assert finite == allowed_by_matcher(matcher)
     assert finite  # the grammar can always continue here
@@ -82,12 +82,13 @@ def test_sampler_masks_only_grammar_rows() -> None:
         r.num_pending_output_tokens = 1
     grammars = [None, _grammar("[0-9]+", []), _grammar("[0-9]+", [])]
     manager = StructuredOutputManager("unused", PADDED, pin_memory=False)
-    mask, rows = manager.bitmask(grammars)
-    assert rows == [1, 2]
+    mask = manager.bitmask(grammars)
+    assert mask is not None and mask.shape[0] == 3
+    assert torch.equal(mask[0], torch.full_like(mask[0], -1))  # no grammar: all allowed
     digits = set(range(10)) | {VOCAB.index("12")}
     for _ in range(20):
         batch = build_sampling_batch(reqs, PADDED, torch.device("cpu"))
-        batch.token_bitmask, batch.bitmask_rows = mask, torch.tensor(rows)
+        batch.token_bitmask = mask
         out = Sampler()(logits.expand(3, -1).clone(), batch)
         first, constrained, drawn = out.token_ids.tolist()
         assert first == VOCAB.index("x")
@@ -120,7 +121,7 @@ def test_a_zero_noise_draw_never_picks_a_masked_token() -> None:
     batch = build_sampling_batch(reqs, PADDED, torch.device("cpu"))
     mask = torch.zeros((1, bitmask_width(PADDED)), dtype=torch.int32)
     mask[0, 0] = 1 << 3  # only token 3
-    batch.token_bitmask, batch.bitmask_rows = mask, torch.tensor([0])
+    batch.token_bitmask = mask
     zeros = torch.zeros(1, PADDED)
     with mock.patch.object(torch.Tensor, "exponential_", lambda self: zeros.clone()):
         out = Sampler()(torch.randn(1, PADDED), batch)
@@ -129,10 +130,9 @@ def test_a_zero_noise_draw_never_picks_a_masked_token() -> None:
 
 def plain_fill(g: RequestGrammar | None) -> torch.Tensor:
     """The oracle row of a request's grammar: all allowed (-1), then its matcher's own fill
-    unless it has finished."""
-    assert g is not None
+    unless it has finished (or there is none)."""
     row = torch.full((1, bitmask_width(PADDED)), -1, dtype=torch.int32)
-    if not g.is_terminated():
+    if g is not None and not g.is_terminated():
         g.matcher.fill_next_token_bitmask(row, 0)
     return row[0]
 
@@ -149,10 +149,10 @@ def test_batched_fill_equals_row_by_row() -> None:
         _grammar("ab", [VOCAB.index("ab"), EOS]),  # terminated
         _grammar("[a-z]+", []),
     ]
-    mask, rows = StructuredOutputManager("unused", PADDED, pin_memory=False).bitmask(grammars)
-    assert rows == [0, 2, 3, 4]
-    for j, i in enumerate(rows):
-        assert torch.equal(mask[j], plain_fill(grammars[i])), i
+    mask = StructuredOutputManager("unused", PADDED, pin_memory=False).bitmask(grammars)
+    assert mask is not None and mask.shape[0] == len(grammars)
+    for i, g in enumerate(grammars):
+        assert torch.equal(mask[i], plain_fill(g)), i
 
 
 def test_no_stop_id_in_vocabulary_ends_on_the_tokenizers_eos() -> None:
@@ -199,13 +199,13 @@ def test_bitmask_on_a_stale_buffer_equals_the_plain_fill() -> None:
     shifts = torch.arange(32, dtype=torch.int32)
     for step in range(12):
         with mock.patch.object(manager_module.torch, "empty", garbage):
-            mask, rows = manager.bitmask(grammars)
-        assert rows == [i for i, g in enumerate(grammars) if g is not None]
-        for j, i in enumerate(rows):
-            g = grammars[i]
-            assert g is not None
+            mask = manager.bitmask(grammars)
+        assert mask is not None and mask.shape[0] == len(grammars)
+        for i, g in enumerate(grammars):
             expected = plain_fill(g)
-            assert torch.equal(mask[j], expected), (step, i)
+            assert torch.equal(mask[i], expected), (step, i)
+            if g is None:
+                continue
             if g.is_terminated():
                 continue
             allowed = ((expected[:, None] >> shifts) & 1).bool().flatten()[: len(VOCAB)]
