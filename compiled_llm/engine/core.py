@@ -147,12 +147,12 @@ class EngineCore:
         it, each step's results are read in the call that launched it.
 
         Structured outputs: a step's grammar rows need a bitmask built from every token before
-        it, so its sampling waits for the previous step's tokens. With async scheduling the
-        step's forward is launched and its sampling left to the next call, which reads the
-        previous step's tokens (the matchers accept them), fills the bitmask on the host and
-        launches the sampling, then schedules and launches the following forward: all of that
-        runs while the device runs the first forward, and the device never waits for the
-        host's scheduling (as it would if the sampling were launched last)."""
+        it, so its sampling waits for the previous step's tokens. With async scheduling step N's
+        forward is launched and its sampling left to the next call, which reads step N-1's
+        tokens (the matchers accept them), starts N's bitmask fill on the fill thread, schedules
+        step N+1 and builds its host inputs meanwhile, then launches N's sampling and N+1's
+        forward back to back: all of that runs while the device runs forward N, and the device
+        does not wait between N's sampling and N+1's forward for the host's scheduling."""
         outputs = self._finished_unscheduled()
         if (
             self._inflight is not None
@@ -164,16 +164,27 @@ class EngineCore:
             # spec_decode/decoder.py).
             outputs += self._process(self._inflight.result())
             self._inflight = None
+        to_sample, fill = None, None
         if self._unsampled is not None:
-            launched, self._unsampled = self._unsampled, None
+            to_sample, self._unsampled = self._unsampled, None
             if self._inflight is not None:
                 outputs += self._process(self._inflight.result())
-            self._inflight = self._sample(launched)
+                self._inflight = None
+            fill = self.structured.submit_bitmask([r.grammar for r in to_sample.requests])
         with self.profiler.stage("schedule"):
             sched = self.scheduler.schedule()
+        block_ids = [] if sched.is_empty else self._block_ids(sched)
+        planned = None
+        if to_sample is not None and fill is not None:
+            if not sched.is_empty:  # while the fill thread works
+                with self.profiler.stage("prepare inputs"):
+                    planned = self.runner.host_inputs(sched.scheduled, block_ids, to_sample)
+            with self.profiler.stage("grammar bitmask"):
+                bitmask = fill.result()
+            self._inflight = self.runner.sample(to_sample, bitmask)
         previous, self._inflight = self._inflight, None
         if not sched.is_empty:
-            launched = self.runner.launch(sched, self._block_ids(sched), previous)
+            launched = self.runner.launch(sched, block_ids, previous, planned)
             if not any(r.grammar is not None for r in launched.requests):
                 self._inflight = self.runner.sample(launched)
             elif self.async_scheduling:

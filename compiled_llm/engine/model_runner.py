@@ -133,6 +133,20 @@ class LaunchedStep:
     batch: SamplingBatch | None
     num_rows: list[int]  # rows per request
 
+    @property
+    def row(self) -> dict[str, int]:
+        """Each request's first row in the sampled output (StepHandle.row, known before the
+        sampling is launched)."""
+        return first_rows(self.requests, self.num_rows)
+
+
+def first_rows(requests: list[Request], num_rows: list[int]) -> dict[str, int]:
+    """Each request's first row of a step's sampled output: the token the next step splices in
+    for one not yet on the host (a request with drafts is never scheduled before its tokens
+    are)."""
+    first = np.cumsum([0, *num_rows[:-1]]).tolist()
+    return {r.request_id: first[i] for i, r in enumerate(requests)}
+
 
 @dataclass
 class ModelRunnerOutput:
@@ -153,10 +167,7 @@ class StepHandle:
     ) -> None:
         self.requests = requests
         self.num_rows = num_rows or [1] * len(requests)
-        first = np.cumsum([0, *self.num_rows[:-1]]).tolist()
-        # Each request's first row: the token the next step splices in for one not yet on the
-        # host (a request with drafts is never scheduled before its tokens are).
-        self.row = {r.request_id: first[i] for i, r in enumerate(requests)}
+        self.row = first_rows(requests, self.num_rows)
         self.device_tokens = out.token_ids if out is not None else None
         self._out = out
         self._host: list[torch.Tensor] = []
@@ -474,11 +485,13 @@ class ModelRunner:
         scheduled: list[ScheduledRequest],
         block_ids: list[list[int]],
         previous: StepHandle | None = None,
+        planned: tuple[HostInputs, np.ndarray] | None = None,
     ) -> StepInputs:
         """Tensors for one step. Tokens the host does not know yet (sampled by `previous`, still
         in flight) are taken from `previous`'s device output. A request with drafts feeds them
-        after its newest token and gets logits at each of them (1 + len(drafts) rows)."""
-        host, logits_indices = self.host_inputs(scheduled, block_ids, previous)
+        after its newest token and gets logits at each of them (1 + len(drafts) rows).
+        `planned`: the step's `host_inputs`, made earlier (before `previous` was sampled)."""
+        host, logits_indices = planned or self.host_inputs(scheduled, block_ids, previous)
         ids_t, pos_t, attn = self.device_inputs(host, previous)
         return StepInputs(
             input_ids=ids_t,
@@ -493,9 +506,10 @@ class ModelRunner:
         self,
         scheduled: list[ScheduledRequest],
         block_ids: list[list[int]],
-        previous: StepHandle | None = None,
+        previous: StepHandle | LaunchedStep | None = None,
     ) -> tuple[HostInputs, np.ndarray]:
-        """A step's host arrays, and the rows of its tokens that get logits."""
+        """A step's host arrays, and the rows of its tokens that get logits. `previous`, the
+        step in flight, only gives the rows its sampling writes (it may not be sampled yet)."""
         q_lens = np.array([s.num_tokens for s in scheduled], dtype=np.int64)
         starts = np.array([s.start for s in scheduled], dtype=np.int64)
         cu = np.cumsum(q_lens)
@@ -605,13 +619,14 @@ class ModelRunner:
         sched: SchedulerOutput,
         block_ids: list[list[int]],
         previous: StepHandle | None = None,
+        planned: tuple[HostInputs, np.ndarray] | None = None,
     ) -> LaunchedStep:
         """Launch a step's forward and logits (and build its sampling batch); `sample` launches
         the sampling. Between the two the host may fill the grammar bitmask while the device
-        runs the forward."""
+        runs the forward. `planned`: the step's `host_inputs`, if made already."""
         stage = self.profiler.stage
         with stage("prepare inputs"):
-            inputs = self.prepare_inputs(sched.scheduled, block_ids, previous)
+            inputs = self.prepare_inputs(sched.scheduled, block_ids, previous, planned)
         with stage("forward"):
             hidden, aux = self._run(inputs.input_ids, inputs.positions, inputs.attn)
             if aux is not None and self.hidden_cache is not None:

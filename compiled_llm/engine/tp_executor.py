@@ -44,6 +44,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, NoReturn, Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -421,11 +422,12 @@ class DriverRunner(ModelRunner):
         sched: SchedulerOutput,
         block_ids: list[list[int]],
         previous: StepHandle | None = None,
+        planned: tuple[HostInputs, np.ndarray] | None = None,
     ) -> LaunchedStep:
         if self.failure is not None:
             raise self.failure
         try:
-            return super().launch(sched, block_ids, previous)
+            return super().launch(sched, block_ids, previous, planned)
         except WorkerFailed:
             raise
         except Exception as e:  # a collective that lost a peer, most likely

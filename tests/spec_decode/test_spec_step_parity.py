@@ -84,11 +84,11 @@ def run(path: str, async_scheduling: bool, monkeypatch: pytest.MonkeyPatch) -> d
     ops = Counter[str]()
     launch = core.runner.launch
 
-    def counted_launch(sched, block_ids, previous=None):  # noqa: ANN001, ANN202
+    def counted_launch(sched, block_ids, previous=None, planned=None):  # noqa: ANN001, ANN202
         drafts = sum(len(s.draft_token_ids) for s in sched.scheduled)
         tokens = sum(s.num_tokens for s in sched.scheduled)
         launches.append((tokens, drafts, previous is not None))
-        return launch(sched, block_ids, previous)
+        return launch(sched, block_ids, previous, planned)
 
     result = model_runner.StepHandle.result
 

@@ -126,6 +126,46 @@ def test_sync_scheduling_gives_the_same_tokens(llm: LLM, async_scheduling: bool)
         llm.engine.core.async_scheduling = True
 
 
+def test_async_step_order_with_grammar_rows(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under async scheduling a call fills step N's bitmask on the fill thread while it
+    schedules step N+1 and builds N+1's host inputs, then launches N's sampling and N+1's
+    forward back to back (nothing scheduled between them), N+1 from the inputs built early."""
+    import threading
+
+    core = llm.engine.core
+    runner, scheduler, manager = core.runner, core.scheduler, core.structured
+    events: list[tuple[str, object]] = []
+
+    def record(name, fn, detail=lambda *a, **k: None):  # noqa: ANN001, ANN202
+        def wrapped(*args, **kwargs):  # noqa: ANN202
+            events.append((name, detail(*args, **kwargs)))
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(scheduler, "schedule", record("schedule", scheduler.schedule))
+    monkeypatch.setattr(runner, "sample", record("sample", runner.sample))
+    monkeypatch.setattr(
+        runner,
+        "launch",
+        record("launch", runner.launch, lambda s, b, p=None, planned=None: planned is not None),
+    )
+    monkeypatch.setattr(
+        manager,
+        "bitmask",
+        record("fill", manager.bitmask, lambda g: threading.current_thread().name),
+    )
+    params = SamplingParams(temperature=0, max_tokens=24, structured_outputs=SO(json=PERSON))
+    plain = SamplingParams(temperature=0, max_tokens=24)
+    llm.generate(["A person:", "Hello"], [params, plain], use_tqdm=False)
+    fills = [d for e, d in events if e == "fill"]
+    assert fills and all(str(name).startswith("grammar-fill") for name in fills)
+    pairs = [(events[i], events[i + 1]) for i in range(len(events) - 1)]
+    back_to_back = [b for a, b in pairs if a[0] == "sample" and b[0] == "launch"]
+    assert len(back_to_back) >= 10  # every constrained decode step
+    assert all(planned for _, planned in back_to_back)
+
+
 def test_finish_reasons_length_stop_string_and_error(llm: LLM) -> None:
     free = llm.engine.num_free_blocks
     long = SamplingParams(temperature=0, max_tokens=5, structured_outputs=SO(json=PERSON))
