@@ -35,7 +35,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import environment, print_table, write_result  # noqa: E402
+from common import (  # noqa: E402
+    busy_us,
+    environment,
+    idle_fraction,
+    print_table,
+    profiled_kernel_spans,
+    write_result,
+)
 from shapes import SHAPES, shape_folder  # noqa: E402
 
 # Never finishes on its own early: 40 objects of bounded fields, as a long tool-call argument or
@@ -72,6 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--large-schema-fields", type=int, default=200)
     p.add_argument("--engine-args", default="{}", help="JSON dict of extra LLM(...) arguments")
+    p.add_argument(
+        "--profile-tokens",
+        type=int,
+        default=32,
+        help="CUDA: output tokens of one more run per kind under the torch profiler, for the "
+        "GPU ms/step and idle columns (0: skip)",
+    )
     p.add_argument("--host-only", action="store_true", help="time fill and accept, no model")
     return p.parse_args(argv)
 
@@ -138,7 +152,20 @@ def main(argv: list[str] | None = None) -> None:
         reasons = sorted({str((c.finish_reason, c.stop_reason)) for o in outs for c in o.outputs})
         print(f"{name}: finish reasons {reasons}")
         results[name] = {"seconds": seconds, "output_tokens": tokens, "tok_s": tokens / seconds}
-        rows.append([name, args.batch, tokens, seconds, tokens / seconds])
+        results[name].update(gpu_profile(llm, prompts(seed + 10), params, args.profile_tokens))
+        idle = results[name].get("gpu_idle")
+        busy = results[name].get("gpu_busy_ms_per_step")
+        rows.append(
+            [
+                name,
+                args.batch,
+                tokens,
+                seconds,
+                tokens / seconds,
+                "-" if busy is None else f"{busy:.2f}",
+                "-" if idle is None else f"{100 * idle:.1f}%",
+            ]
+        )
     overhead = 1 - results["json_schema"]["tok_s"] / results["unconstrained"]["tok_s"]
 
     import xgrammar as xgr
@@ -150,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     compiler.compile_json_schema(big, any_whitespace=True, max_whitespace_cnt=20)
     compile_s = time.perf_counter() - t
     print(f"\ntokenizer vocabulary {tokenizer_vocab}, model vocabulary {vocab}")
-    print_table(["requests", "batch", "output tokens", "seconds", "output tok/s"], rows)
+    headers = ["requests", "batch", "output tokens", "seconds", "output tok/s"]
+    print_table([*headers, "GPU ms/step", "GPU idle"], rows)
     print(f"json_schema overhead: {100 * overhead:.1f}% of output tok/s")
     print(
         f"compile of a {len(big)}-byte schema ({args.large_schema_fields} fields): {compile_s:.3f} s"
@@ -168,6 +196,25 @@ def main(argv: list[str] | None = None) -> None:
         },
     )
     print(f"\nresults: {path}")
+
+
+def gpu_profile(llm, prompts, params, tokens: int) -> dict:  # noqa: ANN001
+    """CUDA: one more (untimed) run of the batch with `tokens` output tokens under the torch
+    profiler: the GPU's busy ms per decode-sized step and its idle share from first to last
+    kernel (prefill included). A constrained step that is slower but no busier on the GPU is
+    waiting on the host."""
+    import torch
+
+    if not (tokens and torch.cuda.is_available()):
+        return {}
+    short = params.clone(max_tokens=tokens)
+
+    def run() -> None:
+        llm.generate(prompts, short, use_tqdm=False)
+        torch.cuda.synchronize()
+
+    spans = profiled_kernel_spans(run)
+    return {"gpu_busy_ms_per_step": busy_us(spans) / 1e3 / tokens, "gpu_idle": idle_fraction(spans)}
 
 
 def host_only(args: argparse.Namespace) -> None:
