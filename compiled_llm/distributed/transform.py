@@ -43,6 +43,13 @@ class RowParallelLinear(nn.Linear):
         return f"{super().extra_repr()}, rank={self.tp.rank}/{self.tp.world_size}"
 
 
+def output_reduced_over(linear: nn.Module) -> TensorParallel | None:
+    """The group whose ranks' partial outputs `linear`'s output is the sum of (a row-parallel
+    layer's); None for a layer whose output is whole on this rank. A transform that replaces the
+    layer (quantization) keeps that sum."""
+    return linear.tp if isinstance(linear, RowParallelLinear) else None
+
+
 def _all_reduce_hook(tp: TensorParallel) -> Any:
     def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
         return tp.all_reduce(output)

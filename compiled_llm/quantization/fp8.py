@@ -29,7 +29,7 @@ from torch import nn
 import compiled_llm.kernels  # noqa: F401  (registers the ops)
 from compiled_llm.distributed.parallel import TensorParallel
 from compiled_llm.distributed.plan import ShardSpec
-from compiled_llm.distributed.transform import RowParallelLinear
+from compiled_llm.distributed.transform import output_reduced_over
 from compiled_llm.kernels.fp8 import FP8_DTYPE, amax_scale, fp8_linear, quantize, quantize_weight
 from compiled_llm.quantization.base import (
     QuantizationMethod,
@@ -81,7 +81,7 @@ class Fp8Linear(nn.Module):
         the channel's maximum over all ranks (one all-reduce at load), so every rank quantizes
         with the unsharded layer's scales."""
         w = linear.weight.detach()
-        tp = linear.tp if isinstance(linear, RowParallelLinear) else None
+        tp = output_reduced_over(linear)
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -133,7 +133,7 @@ class Fp8Method(QuantizationMethod):
                 c.activation_strategy == "static",
                 device=linear.weight.device,
                 dtype=linear.weight.dtype,
-                tp=linear.tp if isinstance(linear, RowParallelLinear) else None,
+                tp=output_reduced_over(linear),
             )
             replace_module(model, name, layer)
         return len(linears)
