@@ -164,18 +164,20 @@ class EngineCore:
             # spec_decode/decoder.py).
             outputs += self._process(self._inflight.result())
             self._inflight = None
-        to_sample, fill = None, None
+        pending = None  # step N, launched by the last call, and its bitmask fill
         if self._unsampled is not None:
             to_sample, self._unsampled = self._unsampled, None
             if self._inflight is not None:
                 outputs += self._process(self._inflight.result())
                 self._inflight = None
-            fill = self.structured.submit_bitmask([r.grammar for r in to_sample.requests])
+            grammars = [r.grammar for r in to_sample.requests]
+            pending = to_sample, self.structured.submit_bitmask(grammars)
         with self.profiler.stage("schedule"):
             sched = self.scheduler.schedule()
         block_ids = [] if sched.is_empty else self._block_ids(sched)
         planned = None
-        if to_sample is not None and fill is not None:
+        if pending is not None:
+            to_sample, fill = pending
             if not sched.is_empty:  # while the fill thread works
                 with self.profiler.stage("prepare inputs"):
                     planned = self.runner.host_inputs(sched.scheduled, block_ids, to_sample)
@@ -209,11 +211,8 @@ class EngineCore:
     def _sample(self, launched: LaunchedStep) -> StepHandle:
         """Launch a step's sampling with the bitmask of its grammar rows; every earlier step's
         tokens have been processed."""
-        bitmask = None
-        grammars = [r.grammar for r in launched.requests]
-        if any(g is not None for g in grammars):
-            with self.profiler.stage("grammar bitmask"):
-                bitmask = self.structured.bitmask(grammars)
+        with self.profiler.stage("grammar bitmask"):
+            bitmask = self.structured.bitmask([r.grammar for r in launched.requests])
         return self.runner.sample(launched, bitmask)
 
     def _finished_unscheduled(self) -> list[EngineCoreOutput]:
