@@ -15,6 +15,8 @@ the tokenizer's own vocabulary size (printed).
   python benchmarks/structured_output.py --shape tiny --tokenizer bench_tokenizer --batch 8 \\
       --output-len 32 --engine-args '{"enforce_eager": true}'            # CPU smoke run
   python benchmarks/structured_output.py --host-only --batch 64 --output-len 256  # no model
+  python benchmarks/structured_output.py --shape tiny --tokenizer bench_tokenizer --batch 64 \\
+      --output-len 128 --cprofile 12                 # CPU: where a step's time goes
 
 --host-only times the host's share alone, with no model: --batch matchers of the schema advance
 --output-len steps on random allowed tokens; per step, the engine's bitmask fill for all rows
@@ -86,6 +88,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CUDA: output tokens of one more run per kind under the torch profiler, for the "
         "GPU ms/step and idle columns (0: skip)",
     )
+    p.add_argument(
+        "--cprofile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="one more (untimed) run per kind under cProfile; print its N costliest functions "
+        "by own time (where a CPU step's time goes)",
+    )
+    p.add_argument(
+        "--fill-threads",
+        default=None,
+        help="xgrammar's bitmask fill threads, overriding the engine's choice ('auto' or a "
+        "number; the engine takes 1 on CPU, auto on CUDA)",
+    )
     p.add_argument("--host-only", action="store_true", help="time fill and accept, no model")
     return p.parse_args(argv)
 
@@ -127,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
         max_model_len=max(2048, args.input_len + args.output_len),
         **json.loads(args.engine_args),
     )
+    if args.fill_threads is not None:
+        threads = args.fill_threads
+        llm.engine.core.structured.fill_threads = threads if threads == "auto" else int(threads)
     rng = random.Random(0)
     limit = min(vocab, tokenizer_vocab)
 
@@ -153,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: finish reasons {reasons}")
         results[name] = {"seconds": seconds, "output_tokens": tokens, "tok_s": tokens / seconds}
         results[name].update(gpu_profile(llm, prompts(seed + 10), params, args.profile_tokens))
+        if args.cprofile:
+            print(f"\n{name}: cProfile of one more run, {args.cprofile} costliest by own time")
+            cprofile(llm, prompts(seed + 20), params, args.cprofile)
         idle = results[name].get("gpu_idle")
         busy = results[name].get("gpu_busy_ms_per_step")
         rows.append(
@@ -217,6 +239,17 @@ def gpu_profile(llm, prompts, params, tokens: int) -> dict:  # noqa: ANN001
     return {"gpu_busy_ms_per_step": busy_us(spans) / 1e3 / tokens, "gpu_idle": idle_fraction(spans)}
 
 
+def cprofile(llm, prompts, params, n: int) -> None:  # noqa: ANN001
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.enable()
+    llm.generate(prompts, params, use_tqdm=False)
+    profile.disable()
+    pstats.Stats(profile).sort_stats("tottime").print_stats(n)
+
+
 def host_only(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
@@ -232,7 +265,13 @@ def host_only(args: argparse.Namespace) -> None:
     tokenizer_path = args.tokenizer or default_model_path()
     tokenizer = load_tokenizer(tokenizer_path)
     vocab = max(int(SHAPES[args.shape]["vocab_size"]), len(tokenizer))
-    manager = StructuredOutputManager(tokenizer_path, vocab, pin_memory=False)
+    threads = args.fill_threads or "auto"  # as the engine on CUDA, whose host this stands for
+    manager = StructuredOutputManager(
+        tokenizer_path,
+        vocab,
+        pin_memory=False,
+        fill_threads=threads if threads == "auto" else int(threads),
+    )
     params = SamplingParams(
         max_tokens=args.output_len, structured_outputs=StructuredOutputsParams(json=SCHEMA)
     ).clone(all_stop_token_ids={tokenizer.eos_token_id})
@@ -265,6 +304,16 @@ def host_only(args: argparse.Namespace) -> None:
     print(f"bitmask fill: {fill_ms:.2f} ms/step (median {fill_med:.2f}); ", end="")
     print(f"accept: {accept_ms:.2f} ms/step (median {accept_med:.2f}, ", end="")
     print(f"{1000 * accept_med / args.batch:.1f} us per token)")
+    apply_ms = time_mask_application(mask, vocab)
+    print(
+        "mask on float32 logits (CPU), ms: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in apply_ms.items())
+    )
+    overlap = fill_beside_python(manager, grammars)  # type: ignore[arg-type]
+    print(
+        "fill on a thread beside Python work, ms: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in overlap.items())
+    )
     path = write_result(
         "structured_output-host",
         {
@@ -274,10 +323,77 @@ def host_only(args: argparse.Namespace) -> None:
             "accept_ms_per_step": accept_ms,
             "fill_ms_median": fill_med,
             "accept_ms_median": accept_med,
+            "mask_application_ms": apply_ms,
+            "fill_overlap_ms": overlap,
         },
         folder="" if torch.cuda.is_available() else "cpu",
     )
     print(f"results: {path}")
+
+
+def time_mask_application(mask, vocab: int, reps: int = 20) -> dict[str, float]:  # noqa: ANN001
+    """Median ms to mask [rows, vocab] float32 CPU logits with `mask`, three ways: the sampler's
+    (in place over every row), xgrammar's own kernel, and the sampler's former form (gather the
+    rows, mask, index_put them back)."""
+    import torch
+    import xgrammar as xgr
+
+    from compiled_llm.sampling.sampler import apply_token_bitmask
+
+    logits = torch.randn(mask.shape[0], vocab)
+    rows = torch.arange(mask.shape[0])
+    bits = torch.arange(32, dtype=torch.int32)
+
+    def former() -> None:
+        allowed = ((mask[:, :, None] >> bits) & 1).bool().flatten(1)[:, :vocab]
+        logits.index_put((rows,), logits[rows].masked_fill(~allowed, float("-inf")))
+
+    ways = {
+        "in place": lambda: apply_token_bitmask(logits, mask),
+        "xgrammar cpu kernel": lambda: xgr.apply_token_bitmask_inplace(logits, mask),
+        "gather/index_put": former,
+    }
+    out = {}
+    for name, fn in ways.items():
+        fn()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        out[name] = 1000 * statistics.median(times)
+    return out
+
+
+def fill_beside_python(manager, grammars, reps: int = 20) -> dict[str, float]:  # noqa: ANN001
+    """Whether the engine's bitmask fill releases the GIL: median ms of the fill alone, of a
+    fixed pure-Python loop alone, and of both at once (the fill on a thread, as the engine runs
+    it). Both at once near the longer of the two: released; near their sum: held."""
+    import threading
+
+    def python_work() -> None:
+        x = 0
+        for i in range(200_000):
+            x += i
+
+    def fill() -> None:
+        manager.bitmask(grammars)
+
+    def both() -> None:
+        thread = threading.Thread(target=fill)
+        thread.start()
+        python_work()
+        thread.join()
+
+    out = {}
+    for name, fn in (("fill", fill), ("python", python_work), ("both", both)):
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        out[name] = 1000 * statistics.median(times)
+    return out
 
 
 if __name__ == "__main__":
