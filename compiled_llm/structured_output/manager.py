@@ -83,9 +83,9 @@ class StructuredOutputManager:
     ) -> None:
         """`fill_threads`: xgrammar's threads for a batch's bitmask. On a CPU model, 1: the
         cores belong to torch's OpenMP pool, and xgrammar's idle workers spin long enough after
-        a fill to slow the next forward's GEMMs (on 2 cores the LM head took 12 ms a step with
-        `auto`, 5.2 ms with one thread) while adding nothing to a fill of 64 rows (about 1 ms
-        either way; docs/structured_output.md)."""
+        a fill to slow the next forward's GEMMs, while a fill of 64 rows takes about a
+        millisecond either way (docs/structured_output.md; `benchmarks/structured_output.py
+        --cprofile N --fill-threads auto|1`)."""
         self.tokenizer_path = tokenizer
         self.trust_remote_code = trust_remote_code
         self.vocab_size = vocab_size
@@ -129,8 +129,10 @@ class StructuredOutputManager:
             return self._compiler
 
     def submit_bitmask(self, grammars: list[RequestGrammar | None]) -> Future[torch.Tensor | None]:
-        """`bitmask` on the fill thread, so the step loop can schedule meanwhile (xgrammar's fill
-        releases the GIL). The caller joins it before the matchers change again."""
+        """`bitmask` on the fill thread, so the step loop can schedule meanwhile insofar as the
+        fill does not hold the GIL (`benchmarks/structured_output.py --host-only` measures it;
+        on 2 cores it did not pay, docs/structured_output.md). The caller joins it before the
+        matchers change again."""
         if self._filler is None:
             self._filler = ThreadPoolExecutor(1, thread_name_prefix="grammar-fill")
         return self._filler.submit(self.bitmask, grammars)
