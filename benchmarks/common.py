@@ -114,6 +114,22 @@ def profiled_kernel_spans(run: Callable[[], None]) -> list[tuple]:
             return kernel_spans(json.load(f)["traceEvents"])
 
 
+def cprofile_text(run: Callable[[], object], n: int) -> str:
+    """Run `run` under cProfile; its `n` costliest functions by own time, as pstats prints
+    them (where the host's time goes)."""
+    import cProfile
+    import io
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.enable()
+    run()
+    profile.disable()
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(n)
+    return out.getvalue()
+
+
 def busy_us(spans: list[tuple]) -> float:
     """Microseconds in which at least one span runs (overlapping spans counted once)."""
     busy, end = 0.0, float("-inf")

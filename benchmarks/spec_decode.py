@@ -49,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
     busy_us,
+    cprofile_text,
     environment,
     idle_fraction,
     print_table,
@@ -118,6 +119,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="speculative_config's adaptive-k price of a draft (default: the engine's); 0: off",
     )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point (median)")
+    p.add_argument(
+        "--cprofile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="one more (untimed) decode run per point under cProfile; print its N costliest "
+        "functions by own time (where a step's host time goes)",
+    )
     p.add_argument(
         "--profile-steps",
         type=int,
@@ -414,14 +423,19 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 def profiled(
     args: argparse.Namespace, llm: Any, f: list[int], prompts: list[Any], b: int, label: str
-) -> dict[str, float]:
-    """The profile columns of one point, from an extra untimed run (none without CUDA)."""
+) -> dict[str, Any]:
+    """The profile columns of one point, from an extra untimed run (none without CUDA); with
+    --cprofile, first the host profile of another."""
     import torch
 
-    if not (args.profile_steps and torch.cuda.is_available()):
-        return {}
-    run = decode_run(args, llm, f, prompts, b, label, profile_steps=args.profile_steps)
-    return {k: run[k] for k in ("gpu_busy_ms", "gpu_idle") if k in run}
+    columns: dict[str, Any] = {}
+    if args.cprofile:
+        run = lambda: decode_run(args, llm, f, prompts, b, f"c{label}")  # noqa: E731
+        columns["cprofile"] = cprofile_text(run, args.cprofile)
+    if args.profile_steps and torch.cuda.is_available():
+        run = decode_run(args, llm, f, prompts, b, label, profile_steps=args.profile_steps)
+        columns.update({k: run[k] for k in ("gpu_busy_ms", "gpu_idle") if k in run})
+    return columns
 
 
 def main() -> None:
@@ -496,6 +510,10 @@ def main() -> None:
     timing = ["base ms/step", "spec ms/step", "spec p50 ms", "spec max ms"]
     gpu = ["base GPU ms/step", "spec GPU ms/step", "spec GPU idle"]
     print_table([*headers, *timing, *gpu], rows)
+    for kind, per_point in [("base", base), ("spec", spec)]:
+        for key, r in per_point.items():
+            if "cprofile" in r:
+                print(f"\n{kind} {key}: cProfile of one more decode run\n{r['cprofile']}")
     if args.workload == "ngram":
         print(f"\noutputs token-for-token identical to no speculation: {same}")
     else:

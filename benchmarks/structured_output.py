@@ -27,6 +27,7 @@ With async scheduling both must fit inside one forward for the grammar to cost n
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -39,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
     busy_us,
+    cprofile_text,
     environment,
     idle_fraction,
     print_table,
@@ -82,10 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--large-schema-fields", type=int, default=200)
     p.add_argument("--engine-args", default="{}", help="JSON dict of extra LLM(...) arguments")
     p.add_argument(
-        "--profile-tokens",
+        "--profile-steps",
         type=int,
         default=32,
-        help="CUDA: output tokens of one more run per kind under the torch profiler, for the "
+        help="CUDA: decode steps of one more run per kind under the torch profiler, for the "
         "GPU ms/step and idle columns (0: skip)",
     )
     p.add_argument(
@@ -171,10 +173,12 @@ def main(argv: list[str] | None = None) -> None:
         reasons = sorted({str((c.finish_reason, c.stop_reason)) for o in outs for c in o.outputs})
         print(f"{name}: finish reasons {reasons}")
         results[name] = {"seconds": seconds, "output_tokens": tokens, "tok_s": tokens / seconds}
-        results[name].update(gpu_profile(llm, prompts(seed + 10), params, args.profile_tokens))
+        results[name].update(gpu_profile(llm, prompts(seed + 10), params, args.profile_steps))
         if args.cprofile:
             print(f"\n{name}: cProfile of one more run, {args.cprofile} costliest by own time")
-            cprofile(llm, prompts(seed + 20), params, args.cprofile)
+            batch = prompts(seed + 20)
+            run = functools.partial(llm.generate, batch, params, use_tqdm=False)
+            print(cprofile_text(run, args.cprofile))
         idle = results[name].get("gpu_idle")
         busy = results[name].get("gpu_busy_ms_per_step")
         rows.append(
@@ -220,34 +224,40 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nresults: {path}")
 
 
-def gpu_profile(llm, prompts, params, tokens: int) -> dict:  # noqa: ANN001
-    """CUDA: one more (untimed) run of the batch with `tokens` output tokens under the torch
-    profiler: the GPU's busy ms per decode-sized step and its idle share from first to last
-    kernel (prefill included). A constrained step that is slower but no busier on the GPU is
-    waiting on the host."""
+def gpu_profile(llm, prompts, params, steps: int) -> dict:  # noqa: ANN001
+    """CUDA: one more (untimed) run of the batch whose first `steps` decode steps, from the
+    step after every request has its first token, run under the torch profiler: the GPU's busy
+    ms per step and its idle share from first to last kernel. A constrained step that is slower
+    but no busier on the GPU is waiting on the host."""
     import torch
 
-    if not (tokens and torch.cuda.is_available()):
+    if not (steps and torch.cuda.is_available()):
         return {}
-    short = params.clone(max_tokens=tokens)
+    engine = llm.engine
+    short = params.clone(max_tokens=steps + 4)
+    ids = [f"profile-{i}" for i in range(len(prompts))]
+    for rid, prompt in zip(ids, prompts):
+        engine.add_request(rid, prompt, short)
+    started: set[str] = set()
+    while len(started) < len(ids) and engine.has_unfinished_requests():
+        started.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
+    torch.cuda.synchronize()
+    done = 0
 
     def run() -> None:
-        llm.generate(prompts, short, use_tqdm=False)
+        nonlocal done
+        while done < steps and engine.has_unfinished_requests():
+            engine.step()
+            done += 1
         torch.cuda.synchronize()
 
     spans = profiled_kernel_spans(run)
-    return {"gpu_busy_ms_per_step": busy_us(spans) / 1e3 / tokens, "gpu_idle": idle_fraction(spans)}
-
-
-def cprofile(llm, prompts, params, n: int) -> None:  # noqa: ANN001
-    import cProfile
-    import pstats
-
-    profile = cProfile.Profile()
-    profile.enable()
-    llm.generate(prompts, params, use_tqdm=False)
-    profile.disable()
-    pstats.Stats(profile).sort_stats("tottime").print_stats(n)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {
+        "gpu_busy_ms_per_step": busy_us(spans) / 1e3 / max(done, 1),
+        "gpu_idle": idle_fraction(spans),
+    }
 
 
 def host_only(args: argparse.Namespace) -> None:

@@ -149,10 +149,10 @@ class EngineCore:
         Structured outputs: a step's grammar rows need a bitmask built from every token before
         it, so its sampling waits for the previous step's tokens. With async scheduling step N's
         forward is launched and its sampling left to the next call, which reads step N-1's
-        tokens (the matchers accept them), starts N's bitmask fill on the fill thread, schedules
-        step N+1 and builds its host inputs meanwhile, then launches N's sampling and N+1's
-        forward back to back: all of that runs while the device runs forward N, and the device
-        does not wait between N's sampling and N+1's forward for the host's scheduling."""
+        tokens (the matchers accept them), schedules step N+1 and builds its host inputs, fills
+        N's bitmask, then launches N's sampling and N+1's forward back to back: all of that runs
+        while the device runs forward N, and the device does not wait between N's sampling and
+        N+1's forward for the host's scheduling."""
         outputs = self._finished_unscheduled()
         if (
             self._inflight is not None
@@ -164,26 +164,21 @@ class EngineCore:
             # spec_decode/decoder.py).
             outputs += self._process(self._inflight.result())
             self._inflight = None
-        pending = None  # step N, launched by the last call, and its bitmask fill
+        to_sample = None  # step N, launched by the last call without its sampling
         if self._unsampled is not None:
             to_sample, self._unsampled = self._unsampled, None
             if self._inflight is not None:
                 outputs += self._process(self._inflight.result())
                 self._inflight = None
-            grammars = [r.grammar for r in to_sample.requests]
-            pending = to_sample, self.structured.submit_bitmask(grammars)
         with self.profiler.stage("schedule"):
             sched = self.scheduler.schedule()
         block_ids = [] if sched.is_empty else self._block_ids(sched)
         planned = None
-        if pending is not None:
-            to_sample, fill = pending
-            if not sched.is_empty:  # while the fill thread works
+        if to_sample is not None:
+            if not sched.is_empty:
                 with self.profiler.stage("prepare inputs"):
                     planned = self.runner.host_inputs(sched.scheduled, block_ids, to_sample)
-            with self.profiler.stage("grammar bitmask"):
-                bitmask = fill.result()
-            self._inflight = self.runner.sample(to_sample, bitmask)
+            self._inflight = self._sample(to_sample)
         previous, self._inflight = self._inflight, None
         if not sched.is_empty:
             launched = self.runner.launch(sched, block_ids, previous, planned)

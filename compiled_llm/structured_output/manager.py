@@ -92,7 +92,6 @@ class StructuredOutputManager:
         self.pin_memory = pin_memory
         self.fill_threads = fill_threads
         self._executor: ThreadPoolExecutor | None = None  # compiles grammars
-        self._filler: ThreadPoolExecutor | None = None  # fills bitmasks (never behind a compile)
         self._compiler: Any = None
         self._lock = threading.Lock()
         self._batch: Any = None  # xgrammar's BatchGrammarMatcher, made on first use
@@ -127,15 +126,6 @@ class StructuredOutputManager:
                 info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
                 self._compiler = xgr.GrammarCompiler(info, cache_enabled=True)
             return self._compiler
-
-    def submit_bitmask(self, grammars: list[RequestGrammar | None]) -> Future[torch.Tensor | None]:
-        """`bitmask` on the fill thread, so the step loop can schedule meanwhile insofar as the
-        fill does not hold the GIL (`benchmarks/structured_output.py --host-only` measures it;
-        on 2 cores it did not pay, docs/structured_output.md). The caller joins it before the
-        matchers change again."""
-        if self._filler is None:
-            self._filler = ThreadPoolExecutor(1, thread_name_prefix="grammar-fill")
-        return self._filler.submit(self.bitmask, grammars)
 
     def bitmask(self, grammars: list[RequestGrammar | None]) -> torch.Tensor | None:
         """The next-token bitmask of a step's sampling rows, row i for grammars[i], as a
