@@ -23,7 +23,9 @@ class CudaGraphSupport(enum.Enum):
     """How much of a forward a backend's ops can have captured in a CUDA graph."""
 
     NEVER = "never"  # attention must run eagerly between graph pieces
-    UNIFORM_DECODE = "uniform_decode"  # full graphs for batches where every query has 1 token
+    # full graphs for batches padded to a captured request count: decode (1 query token per
+    # request) and speculative verification (at most 1 + k per request); `num_padded_reqs`
+    PADDED_BATCH = "padded_batch"
     ALWAYS = "always"  # full graphs for any batch
 
 
@@ -121,10 +123,14 @@ class AttentionInputs:
     seq_lens_cpu: torch.Tensor  # [num_reqs] int32, host
     max_query_len: int
     max_seq_len: int
+    # The request count of the full CUDA graph the step replays (requests past num_reqs are
+    # padding: no query tokens), or None when it replays none.
+    num_padded_reqs: int | None
 
     @property
-    def is_uniform_decode(self) -> bool:
-        return self.max_query_len == 1
+    def is_decode(self) -> bool:
+        """Every request has exactly one query token."""
+        return self.max_query_len == 1 and self.num_tokens == self.num_reqs
 
     @classmethod
     def from_batch(
@@ -136,13 +142,14 @@ class AttentionInputs:
         device: torch.device,
         *,
         num_padded_tokens: int | None = None,
+        num_padded_reqs: int | None = None,
         write_kv: bool = True,
     ) -> tuple[AttentionInputs, np.ndarray]:
         """The one way a step's inputs are made (engine, pass report, benchmarks, tests), with
         each query token's position (int64, host). Request i's `query_lens[i]` tokens are the
         last of its `seq_lens[i]`; they are written to the slots its `block_table` row names, or
         nowhere with `write_kv=False` (profiling and capture batches). Tokens past the real
-        ones, up to `num_padded_tokens`, get slot -1."""
+        ones, up to `num_padded_tokens`, get slot -1; `num_padded_reqs` is passed on."""
         q_lens = np.asarray(query_lens, dtype=np.int64)
         lens = np.asarray(seq_lens, dtype=np.int64)
         num_reqs, num_tokens = len(q_lens), int(q_lens.sum())
@@ -173,6 +180,7 @@ class AttentionInputs:
             seq_lens_cpu=torch.from_numpy(seq_lens_i32),
             max_query_len=int(q_lens.max()),
             max_seq_len=int(lens.max()),
+            num_padded_reqs=num_padded_reqs,
         )
         return inputs, positions
 

@@ -169,7 +169,7 @@ class TritonAttentionBackend(AttentionBackend):
             batch = self._buffers.stage(inputs)
         else:
             batch = unstaged(inputs)
-        is_decode = inputs.max_query_len == 1 and inputs.num_tokens == inputs.num_reqs
+        is_decode = inputs.is_decode
         if is_decode and batch.persistent and batch.num_req_slots < inputs.slot_mapping.shape[0]:
             batch = unstaged(inputs)  # padded decode rows exceed the request slots
         splits, scratch = 1, None

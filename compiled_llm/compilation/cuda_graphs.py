@@ -185,6 +185,7 @@ class CudaGraphWrapper(nn.Module):
         self.mode = mode
         self.check_addresses = Envs.read().debug_cuda_graphs
         self.entries: dict[int, _Entry] = {}
+        self.replays = 0  # of this wrapper's graphs (the pool counts all of a mode's)
 
     def forward(self, *args: Any) -> Any:
         d = _DISPATCH.get()
@@ -199,6 +200,7 @@ class CudaGraphWrapper(nn.Module):
             if buf is not None:
                 buf.copy_(a, non_blocking=True)
         entry.graph.replay()
+        self.replays += 1
         self.pool.replays[self.mode] += 1
         return entry.outputs
 

@@ -471,12 +471,15 @@ class ModelRunner:
         if self.device.type == "cuda":  # hand back the weights GEMM merging copied and freed
             torch.cuda.empty_cache()
         if self.compiled.graph_pool is not None:
+            spec = self.config.speculative_config  # None for a draft model's own runner
             self.graphs = CudaGraphRunner(
                 self,
                 self.compiled,
                 self.compiled.graph_pool,
                 self.config.compilation_config,
                 self.config.scheduler_config,
+                verify_len=1 + (spec.num_speculative_tokens if spec else 0),
+                max_verify_reqs=spec.disable_by_batch_size if spec else None,
             )
 
     # --- one step -------------------------------------------------------------------------------
@@ -582,12 +585,18 @@ class ModelRunner:
         seq_lens: np.ndarray,
         block_table: np.ndarray,
         write_kv: bool = True,
+        padding: tuple[int | None, int | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionInputs]:
-        """Device tensors for one step, padded to the CUDA-graph size the step will run at
-        (padding tokens: id 0, position 0, slot -1 so nothing is written)."""
+        """Device tensors for one step, padded to the CUDA graph the step will run as
+        (`CudaGraphRunner.padding`, unless `padding` gives the (tokens, requests)): padding
+        tokens get id 0, position 0 and slot -1, so nothing is written."""
         num_tokens = len(input_ids)
-        uniform_decode = num_tokens == len(q_lens)  # every request has one query token
-        padded = self.graphs.padded_size(num_tokens, uniform_decode) if self.graphs else None
+        if padding is None:
+            max_q = int(q_lens.max()) if len(q_lens) else 0
+            padding = (
+                self.graphs.padding(num_tokens, len(q_lens), max_q) if self.graphs else (None, None)
+            )
+        padded, padded_reqs = padding
         attn, positions = AttentionInputs.from_batch(
             q_lens,
             seq_lens,
@@ -595,6 +604,7 @@ class ModelRunner:
             self.block_size,
             self.device,
             num_padded_tokens=padded,
+            num_padded_reqs=padded_reqs,
             write_kv=write_kv,
         )
         extra = max(0, (padded or 0) - num_tokens)
@@ -687,12 +697,13 @@ class ModelRunner:
         return ForwardContext(self.backend, self.kv_caches, metadata)
 
     def dummy_inputs(
-        self, num_tokens: int, num_reqs: int
+        self, num_tokens: int, num_reqs: int, num_padded_reqs: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionInputs]:
         """A synthetic batch: `num_reqs` fresh requests sharing `num_tokens` (profiling,
-        compilation, graph capture). No request is longer than max_model_len (positions past it
-        are outside the RoPE table: a device-side assert at capture), so a size above it is split
-        across more requests. Nothing is written to the KV cache."""
+        compilation, graph capture), not padded further; `num_padded_reqs` marks it as a full
+        graph's batch. No request is longer than max_model_len (positions past it are outside
+        the RoPE table: a device-side assert at capture), so a size above it is split across
+        more requests. Nothing is written to the KV cache."""
         max_len = self.config.scheduler_config.max_model_len
         num_reqs = max(1, min(max(num_reqs, -(-num_tokens // max_len)), num_tokens))
         q_lens = np.full(num_reqs, num_tokens // num_reqs, dtype=np.int64)
@@ -701,7 +712,8 @@ class ModelRunner:
         num_blocks = self.kv_caches[0].shape[0]
         block_table = (np.arange(num_reqs * width) % num_blocks).reshape(num_reqs, width)
         ids = np.zeros(num_tokens, dtype=np.int64)
-        return self._device_inputs(ids, q_lens, q_lens, block_table, write_kv=False)
+        padding = (num_tokens, num_padded_reqs)
+        return self._device_inputs(ids, q_lens, q_lens, block_table, False, padding)
 
     @torch.inference_mode()
     def dummy_run(self, num_tokens: int, num_reqs: int, sample_rows: int = 0) -> None:

@@ -25,7 +25,7 @@ def test_from_batch_packs_requests_and_pads() -> None:
     assert (inputs.num_reqs, inputs.num_tokens) == (3, 6)
     assert (inputs.max_query_len, inputs.max_seq_len) == (3, 18)
     assert inputs.block_table.dtype == torch.int32 and inputs.slot_mapping.dtype == torch.int64
-    assert not inputs.is_uniform_decode
+    assert not inputs.is_decode
 
 
 def test_from_batch_without_kv_writes() -> None:
@@ -35,4 +35,4 @@ def test_from_batch_without_kv_writes() -> None:
     )  # fmt: skip
     assert positions.tolist() == [0, 0]
     assert inputs.slot_mapping.tolist() == [-1, -1]
-    assert inputs.is_uniform_decode
+    assert inputs.is_decode

@@ -71,7 +71,7 @@ def test_o2_equals_o0_same_backend(gpu_models):
     compiled = LLM(path, dtype="float16", attention_backend=backend, max_num_seqs=24)
     assert compiled.engine.config.compilation_config.level == 2  # the CUDA default
     graphs = compiled.engine.core.runner.graphs
-    assert graphs.padded_size(24, uniform_decode=True) == 24 and 24 not in graphs.piecewise_sizes
+    assert graphs.padding(24, 24, 1) == (24, 24) and 24 not in graphs.piecewise_sizes
     assert_greedy_close(expected, tokens(compiled.generate(prompts, GREEDY, use_tqdm=False)))
     assert graphs.full_replays > 0 and graphs.piecewise_replays > 0
 

@@ -69,15 +69,22 @@ def test_smallest_positive_budget() -> None:
     assert kv_cache_budget(m, 0.5) == 1
 
 
-def graphs_measured(readings: list[tuple[int, int]], decode_sizes: list[int]) -> int:
+def graphs_measured(
+    readings: list[tuple[int, int]],
+    decode_sizes: list[int],
+    verify_sizes: tuple[int, ...] = (),
+    verify_len: int = 1,
+) -> int:
     """`CudaGraphRunner.measure_memory` on stand-ins: the largest decode graph's output is 8
     bytes."""
     output = torch.empty(8, dtype=torch.uint8)
     graphs = SimpleNamespace(
         decode_sizes=decode_sizes,
+        verify_sizes=list(verify_sizes),
+        verify_len=verify_len,
         capture_piecewise=lambda: None,
         prepare_full_graphs=lambda: None,
-        capture_full_graph=lambda b: output,
+        capture_full_graph=lambda b, verify=False: output,
         drop_full_graphs=lambda: None,
     )
     read = iter(readings)
@@ -98,6 +105,18 @@ def test_graph_estimate_extrapolates_from_the_second_decode_graph() -> None:
     assert graphs_measured([(0, 0), (100, 120), (130, 121)], [1, 2, 4]) == 120 + 2 * (30 + mib)
     assert graphs_measured([(0, 0), (100, 120)], [16]) == 120  # one decode graph: measured
     assert graphs_measured([(0, 0), (40, 30)], []) == 40  # piecewise graphs only
+
+
+def test_graph_estimate_counts_verification_graphs() -> None:
+    """Speculative verification graphs (1 + k rows per request) are counted like later decode
+    graphs, with an output up to 1 + k times the largest decode graph's."""
+    mib = 2 << 20
+    readings = [(0, 0), (150, 140), (150, 148)]
+    decode_only = graphs_measured(readings, [1, 2, 4, 8, 16])
+    with_verify = graphs_measured(readings, [1, 2, 4, 8, 16], verify_sizes=(1, 2, 4), verify_len=5)
+    assert with_verify == decode_only + 3 * (max(8, 8 * 5) + mib)
+    # one decode graph: its cost measured, each verification graph still counted
+    assert graphs_measured([(0, 0), (100, 120)], [16], (1, 2), 3) == 120 + 2 * (24 + mib)
 
 
 def test_cpu_sizing_is_unchanged(tiny_models) -> None:

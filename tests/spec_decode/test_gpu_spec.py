@@ -1,7 +1,7 @@
 """On CUDA at -O2: n-gram, draft-model and EAGLE-3 speculation give the greedy tokens of the same engine
 without it (up to fp16 near-ties, `assert_greedy_close`), with drafts accepted; verification
-steps (k + 1 query tokens a request) run the piecewise graphs and steps without drafts still
-replay the full decode graphs."""
+steps (up to k + 1 query tokens a request) replay the full verification graphs and steps without
+drafts the full decode graphs."""
 
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ def test_ngram_at_o2_matches_no_speculation(gpu_cycle_model, backend) -> None:
     assert_greedy_close(expected, tokens(outs))
     m = outs[0].metrics.spec_decode
     assert m is not None and m.num_accepted_draft_tokens > 0
-    assert graphs.piecewise_replays > 0  # prefill and verification steps
+    assert graphs.piecewise_replays > 0  # prefill
+    assert graphs.verify_replays > 0  # verification steps, drafting and non-drafting rows mixed
     # alone, a request that finds no drafts decodes with the full decode graphs
     full_before = graphs.full_replays
     assert_greedy_close(alone, tokens(llm.generate(PROMPTS[2:], GREEDY, use_tqdm=False)))
@@ -108,6 +109,7 @@ def test_draft_model_at_o2_matches_no_speculation(
     m = outs[0].metrics.spec_decode
     assert m is not None and m.num_accepted_draft_tokens > 0
     assert draft.graphs.full_replays > 0 and draft.graphs.piecewise_replays > 0
+    assert runner.graphs is not None and runner.graphs.verify_replays > 0
     assert llm.engine.num_free_blocks == free
     # Seeded sampling under the default rejection_sampling (q rows kept on the device, the
     # rejection sampler in the verification step): the same tokens on a second run, with
@@ -155,5 +157,5 @@ def test_eagle3_at_o2_matches_no_speculation(gpu_cycle_model, gpu_eagle3_head, b
     m = outs[0].metrics.spec_decode
     assert m is not None and m.num_accepted_draft_tokens > 0
     assert head.graphs.full_replays > 0 and head.graphs.piecewise_replays > 0
-    assert runner.graphs.piecewise_replays > 0
+    assert runner.graphs.piecewise_replays > 0 and runner.graphs.verify_replays > 0
     assert llm.engine.num_free_blocks == free
