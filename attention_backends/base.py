@@ -23,8 +23,9 @@ class CudaGraphSupport(enum.Enum):
     """How much of a forward a backend's ops can have captured in a CUDA graph."""
 
     NEVER = "never"  # attention must run eagerly between graph pieces
-    # full graphs for batches padded to a captured request count: decode (1 query token per
-    # request) and speculative verification (at most 1 + k per request); `num_padded_reqs`
+    DECODE = "decode"  # full graphs for decode batches (1 query token per request) only
+    # full graphs for batches padded to a captured request count: decode, and speculative
+    # verification (at most 1 + k query tokens per request); `num_padded_reqs`
     PADDED_BATCH = "padded_batch"
     ALWAYS = "always"  # full graphs for any batch
 

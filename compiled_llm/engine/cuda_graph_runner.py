@@ -1,9 +1,9 @@
 """-O2: run steps as CUDA-graph replays.
 
-Steps are padded up to a capture size. Where the attention backend allows it, two kinds of
-batch replay one full-model graph, padded to a captured request count: decode batches (one
-query token per request), and, with speculative decoding verified on this model, verification
-batches (at most 1 + k query tokens per request: drafting and non-drafting requests mixed, any
+Steps are padded up to a capture size. Where the attention backend allows it
+(`CudaGraphSupport`), two kinds of batch replay one full-model graph, padded to a captured
+request count: decode batches (one query token per request), and, with speculative decoding
+verified on this model, verification batches (at most 1 + k query tokens per request: drafting and non-drafting requests mixed, any
 k up to the configured one), padded to (1 + k) tokens per request. Other batches run the
 compiled pieces as piecewise graphs with attention eager between them; batches above the
 largest size run eagerly. Full and piecewise graphs have their own sizes
@@ -89,8 +89,11 @@ class CudaGraphRunner:
             for s in set(given or default_piecewise_sizes())
             if s <= min(scheduler.max_num_batched_tokens, pool.max_tokens)
         )
-        full_ok = host.backend.cudagraph_support is not CudaGraphSupport.NEVER
+        support = host.backend.cudagraph_support
+        full_ok = support is not CudaGraphSupport.NEVER
         full_sizes = sorted(set(given or default_capture_sizes())) if full_ok else []
+        if support not in (CudaGraphSupport.PADDED_BATCH, CudaGraphSupport.ALWAYS):
+            verify_len = 1  # the backend's attention cannot replay verification batches
         max_tokens = min(scheduler.max_num_batched_tokens, pool.max_tokens)
         self.decode_sizes = [s for s in full_sizes if s <= min(scheduler.max_num_seqs, max_tokens)]
         self.verify_len = verify_len
