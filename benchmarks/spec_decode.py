@@ -136,6 +136,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("-O", "--compilation-level", type=int, default=None)
     p.add_argument("--dtype", default="auto")
+    p.add_argument(
+        "--attention-backend",
+        default="auto",
+        help="attention backend of both engines (auto, flashinfer, triton, torch)",
+    )
     p.add_argument("--no-async-scheduling", action="store_true")
     p.add_argument("--worker", choices=("base", "spec", "both"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -223,6 +228,7 @@ def build(args: argparse.Namespace, speculative: bool) -> tuple[Any, list[int], 
         enable_prefix_caching=False,
         compilation_level=args.compilation_level,
         dtype=args.dtype,
+        attention_backend=args.attention_backend,
         async_scheduling=not args.no_async_scheduling,
         speculative_config=spec,
         kv_cache_memory_bytes=None if cuda else 1 << 28,
