@@ -24,10 +24,9 @@ class CudaGraphSupport(enum.Enum):
 
     NEVER = "never"  # attention must run eagerly between graph pieces
     DECODE = "decode"  # full graphs for decode batches (1 query token per request) only
-    # full graphs for batches padded to a captured request count: decode, and speculative
-    # verification (at most 1 + k query tokens per request); `num_padded_reqs`
-    PADDED_BATCH = "padded_batch"
-    ALWAYS = "always"  # full graphs for any batch
+    # full graphs for any batch: the runner uses them for decode and for speculative
+    # verification batches (at most 1 + k query tokens per request; `num_padded_reqs`)
+    ALWAYS = "always"
 
 
 @dataclass(frozen=True)

@@ -118,8 +118,9 @@ class _GraphIndexBuffers:
 
 class FlashInferAttentionBackend(AttentionBackend):
     name = "flashinfer"
-    # Verification batches (PADDED_BATCH) would need graph-mode prefill wrappers, one per padded
-    # request count; not built yet (docs/speculative_decoding.md), so they run piecewise.
+    # Full graphs of speculative verification batches would need graph-mode prefill wrappers,
+    # one per padded request count; not in yet (docs/speculative_decoding.md), so those batches
+    # run piecewise.
     cudagraph_support = CudaGraphSupport.DECODE
     accepts_fused_rope_kv_write = True
     features = frozenset({"sliding_window", "logits_soft_cap"})

@@ -3,8 +3,9 @@
 Steps are padded up to a capture size. Where the attention backend allows it
 (`CudaGraphSupport`), two kinds of batch replay one full-model graph, padded to a captured
 request count: decode batches (one query token per request), and, with speculative decoding
-verified on this model, verification batches (at most 1 + k query tokens per request: drafting and non-drafting requests mixed, any
-k up to the configured one), padded to (1 + k) tokens per request. Other batches run the
+verified on this model, verification batches (at most 1 + k query tokens per request: drafting
+and non-drafting requests mixed, any k up to the configured one), padded to 1 + k tokens per
+request. Other batches run the
 compiled pieces as piecewise graphs with attention eager between them; batches above the
 largest size run eagerly. Full and piecewise graphs have their own sizes
 (`default_capture_sizes`, `default_piecewise_sizes`) unless `cudagraph_capture_sizes` is given,
@@ -92,7 +93,7 @@ class CudaGraphRunner:
         support = host.backend.cudagraph_support
         full_ok = support is not CudaGraphSupport.NEVER
         full_sizes = sorted(set(given or default_capture_sizes())) if full_ok else []
-        if support not in (CudaGraphSupport.PADDED_BATCH, CudaGraphSupport.ALWAYS):
+        if support is not CudaGraphSupport.ALWAYS:
             verify_len = 1  # the backend's attention cannot replay verification batches
         max_tokens = min(scheduler.max_num_batched_tokens, pool.max_tokens)
         self.decode_sizes = [s for s in full_sizes if s <= min(scheduler.max_num_seqs, max_tokens)]
