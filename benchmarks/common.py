@@ -114,6 +114,28 @@ def profiled_kernel_spans(run: Callable[[], None]) -> list[tuple]:
             return kernel_spans(json.load(f)["traceEvents"])
 
 
+def profile_engine_steps(
+    engine: Any, steps: int, on_outputs: Callable[[list[Any]], None] | None = None
+) -> tuple[float, float]:
+    """Run up to `steps` engine steps (fewer once no request is left) under the torch profiler;
+    the GPU's busy ms per step (kernels inside CUDA-graph replays included, overlaps counted
+    once) and its idle share from the first kernel to the last. `on_outputs` sees each step's
+    outputs."""
+    done = 0
+
+    def run() -> None:
+        nonlocal done
+        while done < steps and engine.has_unfinished_requests():
+            outputs = engine.step()
+            if on_outputs is not None:
+                on_outputs(outputs)
+            done += 1
+        torch.cuda.synchronize()
+
+    spans = profiled_kernel_spans(run)
+    return busy_us(spans) / 1e3 / max(done, 1), idle_fraction(spans)
+
+
 def cprofile_text(run: Callable[[], object], n: int) -> str:
     """Run `run` under cProfile; its `n` costliest functions by own time, as pstats prints
     them (where the host's time goes)."""

@@ -39,9 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     copy_bandwidth,
     environment,
-    idle_fraction,
     print_table,
-    profiled_kernel_spans,
+    profile_engine_steps,
     run_worker,
     write_result,
 )
@@ -102,19 +101,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
-
-
-def gpu_idle_fraction(engine, steps: int) -> float:  # noqa: ANN001
-    """Share of the window from the first to the last kernel of `steps` decode steps in which no
-    kernel runs (kernels inside CUDA-graph replays included)."""
-    import torch
-
-    def run() -> None:
-        for _ in range(steps):
-            engine.step()
-        torch.cuda.synchronize()
-
-    return idle_fraction(profiled_kernel_spans(run))
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -181,7 +167,7 @@ def worker(args: argparse.Namespace) -> dict:
         sync()
         decode[b] = (time.perf_counter() - t) / args.decode_steps
         if cuda and args.idle_steps:
-            idle[b] = gpu_idle_fraction(engine, args.idle_steps)
+            idle[b] = profile_engine_steps(engine, args.idle_steps)[1]
         for rid in ids:
             engine.abort_request(rid)
     prefill = {}

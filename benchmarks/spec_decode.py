@@ -48,12 +48,10 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
-    busy_us,
     cprofile_text,
     environment,
-    idle_fraction,
     print_table,
-    profiled_kernel_spans,
+    profile_engine_steps,
     run_worker,
     write_result,
 )
@@ -348,24 +346,16 @@ def decode_run(
 
 
 def profile_decode(engine: Any, latest: dict[str, Any], steps: int) -> dict[str, float]:
-    """Run up to `steps` engine steps under the profiler: GPU busy ms per step (kernels of
-    CUDA-graph replays included, overlaps once) and the idle share from first to last kernel.
-    A verify step that is slower with async scheduling than without is dearer on the GPU (busy
-    ms) or waits on the host (idle)."""
-    import torch
+    """Up to `steps` engine steps under the profiler (`profile_engine_steps`). A verify step
+    that is slower with async scheduling than without is dearer on the GPU (busy ms) or waits
+    on the host (idle)."""
 
-    done = 0
+    def record(outputs: list[Any]) -> None:
+        for out in outputs:
+            latest[out.request_id] = out
 
-    def run() -> None:
-        nonlocal done
-        while done < steps and engine.has_unfinished_requests():
-            for out in engine.step():
-                latest[out.request_id] = out
-            done += 1
-        torch.cuda.synchronize()
-
-    spans = profiled_kernel_spans(run)
-    return {"gpu_busy_ms": busy_us(spans) / 1e3 / max(done, 1), "gpu_idle": idle_fraction(spans)}
+    busy, idle = profile_engine_steps(engine, steps, record)
+    return {"gpu_busy_ms": busy, "gpu_idle": idle}
 
 
 def _ms(value: float | None) -> str:

@@ -35,16 +35,15 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
-    busy_us,
     cprofile_text,
     environment,
-    idle_fraction,
     print_table,
-    profiled_kernel_spans,
+    profile_engine_steps,
     write_result,
 )
 from shapes import SHAPES, shape_folder  # noqa: E402
@@ -242,22 +241,10 @@ def gpu_profile(llm, prompts, params, steps: int) -> dict:  # noqa: ANN001
     while len(started) < len(ids) and engine.has_unfinished_requests():
         started.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
     torch.cuda.synchronize()
-    done = 0
-
-    def run() -> None:
-        nonlocal done
-        while done < steps and engine.has_unfinished_requests():
-            engine.step()
-            done += 1
-        torch.cuda.synchronize()
-
-    spans = profiled_kernel_spans(run)
+    busy, idle = profile_engine_steps(engine, steps)
     while engine.has_unfinished_requests():
         engine.step()
-    return {
-        "gpu_busy_ms_per_step": busy_us(spans) / 1e3 / max(done, 1),
-        "gpu_idle": idle_fraction(spans),
-    }
+    return {"gpu_busy_ms_per_step": busy, "gpu_idle": idle}
 
 
 def host_only(args: argparse.Namespace) -> None:
@@ -366,12 +353,7 @@ def time_mask_application(mask, vocab: int, reps: int = 20) -> dict[str, float]:
     out = {}
     for name, fn in ways.items():
         fn()
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        out[name] = 1000 * statistics.median(times)
+        out[name] = median_ms(fn, reps)
     return out
 
 
@@ -395,15 +377,20 @@ def fill_beside_python(manager, grammars, reps: int = 20) -> dict[str, float]:  
         python_work()
         thread.join()
 
-    out = {}
-    for name, fn in (("fill", fill), ("python", python_work), ("both", both)):
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        out[name] = 1000 * statistics.median(times)
-    return out
+    return {
+        name: median_ms(fn, reps)
+        for name, fn in (("fill", fill), ("python", python_work), ("both", both))
+    }
+
+
+def median_ms(fn: Callable[[], object], reps: int) -> float:
+    """Median wall milliseconds of `reps` calls of `fn`."""
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
 
 
 if __name__ == "__main__":
