@@ -2,9 +2,12 @@
 
 Per step, outside the graph, `build_metadata` turns the batch into FlashInfer's CSR page lists and
 calls `plan()` on a decode wrapper (every query has one token) or on the prefill wrapper (any other
-batch, mixed decode + prefill included); `attend` only calls `run()`. Decode batches that fit the
-sizes given to `prepare_for_capture` use one CUDA-graph wrapper per padded batch size, whose index
-buffers we own and `plan()` refills each step, so captured graphs are uniform-decode only.
+batch, mixed decode + prefill included); `attend` only calls `run()`. Batches the runner pads to a
+full CUDA graph's request count (`AttentionInputs.num_padded_reqs`: decode batches, and speculative
+verification batches of at most 1 + k query tokens per request) use one CUDA-graph wrapper per
+padded request count, a decode wrapper or a prefill one, whose index buffers we own and `plan()`
+refills each step (FlashInfer's graph mode fixes a wrapper's batch size; padding requests get no
+query tokens).
 
 The KV write uses our Triton slot-mapping kernel, not `flashinfer.page.append_paged_kv_cache`:
 the slot mapping is what the scheduler produces (append would need batch indices and positions
@@ -109,8 +112,9 @@ class FlashInferMetadata:
 
 @dataclass(frozen=True)
 class _GraphIndexBuffers:
-    """Caller-owned plan buffers shared by all CUDA-graph decode wrappers (run one at a time)."""
+    """Caller-owned plan buffers shared by all CUDA-graph wrappers (run one at a time)."""
 
+    qo_indptr: torch.Tensor  # [max_num_reqs + 1], prefill (verification) wrappers only
     indptr: torch.Tensor  # [max_num_reqs + 1]
     indices: torch.Tensor  # [max_num_reqs * max_pages_per_req]
     last_page_len: torch.Tensor  # [max_num_reqs]
@@ -118,10 +122,7 @@ class _GraphIndexBuffers:
 
 class FlashInferAttentionBackend(AttentionBackend):
     name = "flashinfer"
-    # Full graphs of speculative verification batches would need graph-mode prefill wrappers,
-    # one per padded request count; not in yet (docs/speculative_decoding.md), so those batches
-    # run piecewise.
-    cudagraph_support = CudaGraphSupport.DECODE
+    cudagraph_support = CudaGraphSupport.ALWAYS
     accepts_fused_rope_kv_write = True
     features = frozenset({"sliding_window", "logits_soft_cap"})
 
@@ -176,6 +177,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         self._buffers: StepBuffers | None = None
         self._graph_index: _GraphIndexBuffers | None = None
         self._graph_decode: dict[int, Any] = {}
+        self._graph_prefill: dict[int, Any] = {}
         self._num_blocks: int | None = None  # pool size, bounds a request's pages
         self._planned: dict[int, torch.cuda.Event] = {}  # id(wrapper) -> after its last plan
 
@@ -204,14 +206,17 @@ class FlashInferAttentionBackend(AttentionBackend):
         self._buffers = StepBuffers(max_num_reqs, max_num_tokens, dev, self._num_blocks)
         self._graph_index = None  # graphs captured before this are invalid from now on
         self._graph_decode = {}
+        self._graph_prefill = {}
 
-    def _graph_wrapper(self, batch_size: int, width: int) -> Any:
-        """The CUDA-graph decode wrapper for this padded batch size (created on first use)."""
+    def _graph_wrapper(self, batch_size: int, width: int, decode: bool) -> Any:
+        """The CUDA-graph wrapper for this padded request count, a decode one or (verification
+        batches) a prefill one (created on first use)."""
         assert self._buffers is not None
         if self._graph_index is None:
             n, dev = self._buffers.max_num_reqs, self.spec.device
             pages = self._buffers.max_blocks_per_req or width
             self._graph_index = _GraphIndexBuffers(
+                qo_indptr=torch.zeros(n + 1, dtype=torch.int32, device=dev),
                 indptr=torch.zeros(n + 1, dtype=torch.int32, device=dev),
                 indices=torch.zeros(n * pages, dtype=torch.int32, device=dev),
                 last_page_len=torch.zeros(n, dtype=torch.int32, device=dev),
@@ -221,9 +226,23 @@ class FlashInferAttentionBackend(AttentionBackend):
                 "more pages than staged for CUDA graphs: allocate the KV cache through the "
                 "backend (allocate_kv_caches) before prepare_for_capture"
             )
-        if batch_size not in self._graph_decode:
-            self._graph_decode[batch_size] = self._decode_wrapper(batch_size)
-        return self._graph_decode[batch_size]
+        if decode:
+            if batch_size not in self._graph_decode:
+                self._graph_decode[batch_size] = self._decode_wrapper(batch_size)
+            return self._graph_decode[batch_size]
+        if batch_size not in self._graph_prefill:
+            gi = self._graph_index
+            self._graph_prefill[batch_size] = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                self._workspace,
+                "NHD",
+                backend=self.prefill_backend,
+                use_cuda_graph=True,
+                qo_indptr_buf=gi.qo_indptr[: batch_size + 1],
+                paged_kv_indptr_buf=gi.indptr[: batch_size + 1],
+                paged_kv_indices_buf=gi.indices,
+                paged_kv_last_page_len_buf=gi.last_page_len[:batch_size],
+            )
+        return self._graph_prefill[batch_size]
 
     def build_metadata(self, inputs: AttentionInputs) -> FlashInferMetadata:
         _announce_jit()
@@ -236,8 +255,17 @@ class FlashInferAttentionBackend(AttentionBackend):
         if self._buffers is not None and self._buffers.fits(inputs):
             slot_mapping = self._buffers.slot_mapping[:n_pad]
             slot_mapping.copy_(inputs.slot_mapping, non_blocking=True)
-            graph = is_decode and n_pad <= self._buffers.max_num_reqs
-        batch = n_pad if graph else r
+            if is_decode:
+                graph = n_pad <= self._buffers.max_num_reqs
+            else:
+                graph = inputs.num_padded_reqs is not None
+        if not graph:
+            batch = r
+        elif is_decode:
+            batch = n_pad
+        else:
+            assert inputs.num_padded_reqs is not None
+            batch = inputs.num_padded_reqs
 
         # Host-side CSR description; padded requests get one page (page 0, length 1).
         seq_lens = inputs.seq_lens_cpu[:r].to(torch.int32)
@@ -262,7 +290,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         }
         if is_decode:
             if graph:
-                wrapper = self._graph_wrapper(batch, inputs.block_table.shape[1])
+                wrapper = self._graph_wrapper(batch, inputs.block_table.shape[1], decode=True)
             else:
                 wrapper = self._decode
             with self._planning(wrapper):
@@ -270,9 +298,16 @@ class FlashInferAttentionBackend(AttentionBackend):
                     indptr, indices, last, s.num_heads, s.num_kv_heads, s.head_dim, bs, **common
                 )
             return FlashInferMetadata(wrapper, batch, slot_mapping)
-        qo_indptr = inputs.query_start_loc_cpu[: r + 1].to(torch.int32)
-        with self._planning(self._prefill):
-            self._prefill.plan(
+        # Padding requests (a verification graph's) have no query tokens.
+        qo_indptr = torch.full((batch + 1,), inputs.num_tokens, dtype=torch.int32)
+        qo_indptr[: r + 1] = inputs.query_start_loc_cpu[: r + 1]
+        if graph:
+            wrapper = self._graph_wrapper(batch, inputs.block_table.shape[1], decode=False)
+            rows = n_pad
+        else:
+            wrapper, rows = self._prefill, inputs.num_tokens
+        with self._planning(wrapper):
+            wrapper.plan(
                 qo_indptr,
                 indptr,
                 indices,
@@ -284,7 +319,7 @@ class FlashInferAttentionBackend(AttentionBackend):
                 causal=True,
                 **common,
             )
-        return FlashInferMetadata(self._prefill, inputs.num_tokens, slot_mapping)
+        return FlashInferMetadata(wrapper, rows, slot_mapping)
 
     @contextlib.contextmanager
     def _planning(self, wrapper: Any) -> Iterator[None]:
