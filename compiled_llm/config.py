@@ -162,9 +162,12 @@ _MODEL_METHODS = ("draft_model", "eagle3")
 # vLLM's other methods: named so that asking for one says "not supported yet", not "unknown".
 _SPECULATIVE_METHODS_LATER = ("eagle", "medusa", "mtp", "suffix")
 # Adaptive k (docs/speculative_decoding.md, "Adaptivity"): the price of one draft token in a
-# verification step, in decode steps without drafts (~0.08 on the H200 for the 8B shape with free
-# drafts); 0 turns adaptive k off.
-DEFAULT_DRAFT_TOKEN_COST = 0.1
+# verification step, in decode steps without drafts, per method; 0 turns adaptive k off. Fitted
+# to the H200 runs of 2026-12-03 (8B target, batch 1 and 8): a verification step costs ~1.22 decode
+# steps whatever k (the synchronous step and the acceptance), plus ~0.01 per n-gram draft, ~0.45
+# per draft of a 1B draft model (its own decode step); EAGLE-3's head (one layer and a head)
+# in between.
+DEFAULT_DRAFT_TOKEN_COSTS = {"ngram": 0.02, "draft_model": 0.5, "eagle3": 0.1}
 # speculative_config keys and their defaults where the user leaves one out (None: required, or
 # taken from another key; see speculative_config_from).
 SPECULATIVE_DEFAULTS: dict[str, Any] = {
@@ -177,7 +180,7 @@ SPECULATIVE_DEFAULTS: dict[str, Any] = {
     "draft_tensor_parallel_size": None,  # draft_model, eagle3: 1 (the draft runs unsharded)
     # "rejection_sampling" for draft_model and eagle3, "coupled" for ngram
     "acceptance_method": None,
-    "draft_token_cost": DEFAULT_DRAFT_TOKEN_COST,  # ours: vLLM has no adaptive k
+    "draft_token_cost": None,  # ours (vLLM has no adaptive k): DEFAULT_DRAFT_TOKEN_COSTS
 }
 # How sampled drafts are accepted (docs/speculative_decoding.md, "Verification"): the textbook
 # rule, or the draft sampling with the target's own noise and kept iff the target draws it too.
@@ -210,6 +213,10 @@ class SpeculativeConfig:
     # indexing) is handed to the draft head, resolved by EngineArgs.create_config from the head's
     # config or EAGLE-3's default (2, L // 2, L - 3); () before, and for other methods.
     eagle_aux_hidden_state_layer_ids: tuple[int, ...]
+    # Adaptive k (ours; vLLM has none): each request proposes the number of drafts, 1 to
+    # num_speculative_tokens, that maximizes its expected tokens per step cost 1 + c * k, given its
+    # recent acceptance (spec_decode/state.py); c is this, 0 always proposes num_speculative_tokens.
+    draft_token_cost: float
     # How a sampling request's drafts are accepted: "rejection_sampling" (accept draft x with
     # probability min(1, p(x)/q(x)), resample a rejection from max(0, p - q); the most drafts
     # accepted) or "coupled" (the draft samples with the noise the target verifies with and is
@@ -217,10 +224,6 @@ class SpeculativeConfig:
     # have no distribution (q one-hot, both rules accept with p(x)): it always runs the coupled
     # check. Greedy requests accept on argmax match under either.
     acceptance_method: str = "rejection_sampling"
-    # Adaptive k (ours; vLLM has none): each request proposes the number of drafts, 1 to
-    # num_speculative_tokens, that maximizes its expected tokens per step cost 1 + c * k, given its
-    # recent acceptance (spec_decode/state.py); c is this, 0 always proposes num_speculative_tokens.
-    draft_token_cost: float = DEFAULT_DRAFT_TOKEN_COST
 
 
 def speculative_config_from(value: Any) -> SpeculativeConfig | None:
@@ -317,6 +320,8 @@ def speculative_config_from(value: Any) -> SpeculativeConfig | None:
             f"{', '.join(ACCEPTANCE_METHODS)}, got {acceptance!r}"
         )
     cost = d["draft_token_cost"]
+    if cost is None:
+        cost = DEFAULT_DRAFT_TOKEN_COSTS[method]
     if (
         not isinstance(cost, (int, float))
         or isinstance(cost, bool)

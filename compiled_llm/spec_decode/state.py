@@ -7,10 +7,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Back-off: after this many consecutive proposal steps in which nothing was accepted (no draft
-# found, or every draft rejected), a request stops proposing for a pause of decode steps. The
-# pause starts at BACKOFF_START and doubles each time it is taken again without an accepted
-# token in between, up to BACKOFF_MAX; one accepted token ends the back-off.
+# found, or every draft rejected), and only while the request's acceptance estimate is below
+# BACKOFF_BELOW_ACCEPTANCE, a request stops proposing for a pause of decode steps. The pause
+# starts at BACKOFF_START and doubles each time it is taken again without an accepted token in
+# between, up to BACKOFF_MAX; one accepted token ends the back-off. The estimate's part: at a
+# per-token acceptance of 0.5 three misses in a row come by chance every ~14 steps, and pausing
+# on them alone lost most of the gain (benchmarks/spec_decode_policy.py).
 MISSES_BEFORE_BACKOFF = 3
+BACKOFF_BELOW_ACCEPTANCE = 0.1
 BACKOFF_START = 8
 BACKOFF_MAX = 64
 
@@ -112,8 +116,9 @@ class SpecDecodeState:
     def set_drafts(self, drafts: list[int], num_tokens: int) -> None:
         self.drafts = drafts
         self.drafts_for = num_tokens
-        if not drafts:
+        if not drafts:  # the proposer found nothing: for the estimate, a first draft rejected
             self.draft_probs = None
+            self._record(accepted=0, rejected=True)
             self._miss()
 
     def take_drafts(self, num_tokens: int) -> list[int]:
@@ -135,16 +140,22 @@ class SpecDecodeState:
         self.num_accepted_tokens += accepted
         for j in range(accepted):
             self.accepted_per_pos[j] += 1
-        self.recent_accepted = ACCEPTANCE_DECAY * self.recent_accepted + accepted
-        self.recent_rejected = ACCEPTANCE_DECAY * self.recent_rejected + (accepted < num_drafts)
+        self._record(accepted, rejected=accepted < num_drafts)
         if accepted:
             self.misses = 0
             self.next_pause = BACKOFF_START
         else:
             self._miss()
 
+    def _record(self, accepted: int, rejected: bool) -> None:
+        self.recent_accepted = ACCEPTANCE_DECAY * self.recent_accepted + accepted
+        self.recent_rejected = ACCEPTANCE_DECAY * self.recent_rejected + rejected
+
     def _miss(self) -> None:
         self.misses += 1
-        if self.misses >= MISSES_BEFORE_BACKOFF:
+        if (
+            self.misses >= MISSES_BEFORE_BACKOFF
+            and self.recent_acceptance < BACKOFF_BELOW_ACCEPTANCE
+        ):
             self.pause = self.next_pause
             self.next_pause = min(2 * self.next_pause, BACKOFF_MAX)

@@ -11,6 +11,7 @@ import pytest
 from compiled_llm import LLM, SamplingParams
 from compiled_llm.request import Request
 from compiled_llm.spec_decode.state import (
+    BACKOFF_BELOW_ACCEPTANCE,
     BACKOFF_START,
     MISSES_BEFORE_BACKOFF,
     SpecDecodeState,
@@ -85,9 +86,14 @@ def test_zero_acceptance_backs_off_then_recovers() -> None:
     assert s.num_drafts_wanted() == 2  # the start (a pseudo-accepted draft) still counts
     s.on_verified(2, 0)
     assert s.num_drafts_wanted() == 1
+    # the off/on back-off still applies, once the misses have taken the estimate below
+    # BACKOFF_BELOW_ACCEPTANCE too: from the start's estimate of 1, at the fourth miss (0.087)
     for _ in range(MISSES_BEFORE_BACKOFF - 2):
         s.on_verified(1, 0)
-    assert not s.active and s.pause == BACKOFF_START  # the off/on back-off still applies
+    assert s.active and s.recent_acceptance >= BACKOFF_BELOW_ACCEPTANCE
+    s.on_verified(1, 0)
+    assert s.recent_acceptance < BACKOFF_BELOW_ACCEPTANCE
+    assert not s.active and s.pause == BACKOFF_START
     for _ in range(BACKOFF_START):
         s.on_verified(0, 0)
     assert s.active and s.num_drafts_wanted() == 1  # the probe asks for one draft
@@ -98,6 +104,18 @@ def test_zero_acceptance_backs_off_then_recovers() -> None:
         wanted.append(s.num_drafts_wanted())
     assert wanted == sorted(wanted) and wanted[-1] == K
     assert wanted.index(K) <= 5
+
+
+def test_a_run_of_misses_at_fair_acceptance_does_not_pause() -> None:
+    """At a per-token acceptance of 1/2, three misses in a row are chance (one step in ~14):
+    the request keeps speculating."""
+    s = state()
+    for _ in range(20):
+        s.on_verified(K, 1)
+    for _ in range(MISSES_BEFORE_BACKOFF):
+        s.on_verified(s.num_drafts_wanted(), 0)
+    assert s.misses == MISSES_BEFORE_BACKOFF
+    assert s.active and s.recent_acceptance > BACKOFF_BELOW_ACCEPTANCE
 
 
 def test_zero_cost_is_off() -> None:
@@ -179,9 +197,11 @@ def test_always_wrong_drafts_shrink_to_one_outputs_unchanged(cycle_model, params
         assert wrong.num_accepted_draft_tokens == 0 and wrong.num_spec_steps >= 2
         asked[cost] = proposer.asked
         if cost is None:
-            # the wrong request: the full k, 2, then one draft a step; the right one keeps k
-            assert proposer.asked[1][:2] == [K, 2] and set(proposer.asked[1][2:]) == {1}
-            assert wrong.num_draft_tokens / wrong.num_spec_steps < K / 2
+            # the wrong request: from the full k down to one draft a step; the right one keeps k
+            wrong_asked = proposer.asked[1]
+            assert wrong_asked[0] == K and wrong_asked == sorted(wrong_asked, reverse=True)
+            assert wrong_asked[-1] == 1
+            assert wrong.num_draft_tokens / wrong.num_spec_steps <= K / 2
         else:
             assert set(proposer.asked[1]) == {K}
             assert wrong.num_draft_tokens == K * wrong.num_spec_steps

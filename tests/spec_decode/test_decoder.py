@@ -7,7 +7,11 @@ from compiled_llm.config import speculative_config_from
 from compiled_llm.request import Request, RequestStatus
 from compiled_llm.sampling_params import SamplingParams
 from compiled_llm.spec_decode.decoder import SpeculativeDecoder
-from compiled_llm.spec_decode.state import BACKOFF_START, MISSES_BEFORE_BACKOFF
+from compiled_llm.spec_decode.state import (
+    BACKOFF_BELOW_ACCEPTANCE,
+    BACKOFF_START,
+    MISSES_BEFORE_BACKOFF,
+)
 
 
 def decoder(limit: int | None = 2) -> SpeculativeDecoder:
@@ -57,8 +61,12 @@ def test_a_request_that_finds_nothing_backs_off() -> None:
     d = decoder()
     r = request(d, [9])  # 9 never occurred before
     assert r.spec is not None
-    for _ in range(MISSES_BEFORE_BACKOFF):
+    # finding nothing counts as a rejected first draft: from the start's estimate of 1, the
+    # fourth miss takes it below BACKOFF_BELOW_ACCEPTANCE
+    for _ in range(MISSES_BEFORE_BACKOFF + 1):
+        assert r.spec.active
         d.propose([r], num_running=1)
+    assert r.spec.recent_acceptance < BACKOFF_BELOW_ACCEPTANCE
     assert not r.spec.active and r.spec.pause == BACKOFF_START
 
 

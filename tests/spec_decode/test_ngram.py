@@ -11,6 +11,7 @@ from compiled_llm.request import Request
 from compiled_llm.sampling_params import SamplingParams
 from compiled_llm.spec_decode.ngram import NgramProposer, ngram_lookup
 from compiled_llm.spec_decode.state import (
+    BACKOFF_BELOW_ACCEPTANCE,
     BACKOFF_MAX,
     BACKOFF_START,
     MISSES_BEFORE_BACKOFF,
@@ -100,10 +101,12 @@ def test_num_accepted() -> None:
 
 def test_backoff_pauses_and_doubles_until_a_token_is_accepted() -> None:
     s = SpecDecodeState(4)
-    for _ in range(MISSES_BEFORE_BACKOFF - 1):
+    # from the start's estimate of 1, misses take it below BACKOFF_BELOW_ACCEPTANCE at the fourth
+    for _ in range(MISSES_BEFORE_BACKOFF):
         s.on_verified(4, 0)
     assert s.active
     s.set_drafts([], num_tokens=10)  # no proposal counts as a miss too
+    assert s.recent_acceptance < BACKOFF_BELOW_ACCEPTANCE
     assert not s.active and s.pause == BACKOFF_START
     for _ in range(BACKOFF_START):
         assert not s.active
@@ -119,8 +122,8 @@ def test_backoff_pauses_and_doubles_until_a_token_is_accepted() -> None:
     s.on_verified(3, 2)  # accepted: back to normal
     assert s.active and s.misses == 0 and s.next_pause == BACKOFF_START
     assert (s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens) == (
-        MISSES_BEFORE_BACKOFF - 1 + 12,
-        4 * (MISSES_BEFORE_BACKOFF - 1) + 4 + 20 + 3,
+        MISSES_BEFORE_BACKOFF + 12,
+        4 * MISSES_BEFORE_BACKOFF + 4 + 20 + 3,
         2,
     )
     assert s.accepted_per_pos == [1, 1, 0, 0]

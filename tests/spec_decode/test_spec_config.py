@@ -7,7 +7,12 @@ import pytest
 
 from compiled_llm.cli import build_parser
 from compiled_llm.cli.args import engine_kwargs
-from compiled_llm.config import EngineArgs, SpeculativeConfig, speculative_config_from
+from compiled_llm.config import (
+    DEFAULT_DRAFT_TOKEN_COSTS,
+    EngineArgs,
+    SpeculativeConfig,
+    speculative_config_from,
+)
 
 
 def test_ngram_with_defaults() -> None:
@@ -21,6 +26,7 @@ def test_ngram_with_defaults() -> None:
         prompt_lookup_max=5,
         disable_by_batch_size=32,
         eagle_aux_hidden_state_layer_ids=(),
+        draft_token_cost=0.02,  # ngram's default price of a draft
         acceptance_method="coupled",  # ngram's drafts have no q: the coupled check
     )
     with pytest.raises(AttributeError):
@@ -46,8 +52,14 @@ def test_given_values_and_vllm_older_spelling() -> None:
     )
     assert low is not None and low.prompt_lookup_min == 1
     assert speculative_config_from(None) is None
-    # adaptive k: on by default (the engine's price of a draft), 0 turns it off
-    assert config.draft_token_cost == 0.1
+    # adaptive k: on by default (the method's price of a draft), 0 turns it off
+    assert config.draft_token_cost == DEFAULT_DRAFT_TOKEN_COSTS["ngram"]
+    for method in ("draft_model", "eagle3"):
+        given = speculative_config_from(
+            {"method": method, "model": "/m", "num_speculative_tokens": 2}
+        )
+        assert given is not None
+        assert given.draft_token_cost == DEFAULT_DRAFT_TOKEN_COSTS[method]
     off = speculative_config_from(
         {"method": "ngram", "num_speculative_tokens": 2, "draft_token_cost": 0}
     )
@@ -117,7 +129,7 @@ def test_given_values_and_vllm_older_spelling() -> None:
                 {"method": "ngram", "num_speculative_tokens": 2, "draft_token_cost": bad},
                 "speculative_config.draft_token_cost must be a finite number >= 0",
             )
-            for bad in (-0.1, "0.1", True, float("nan"), float("inf"), None)
+            for bad in (-0.1, "0.1", True, float("nan"), float("inf"))
         ),
         ("ngram", "speculative_config must be a dict"),
     ],
