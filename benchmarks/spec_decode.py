@@ -118,6 +118,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point (median)")
     p.add_argument(
+        "--oracle-seed",
+        type=int,
+        default=0,
+        help="oracle: the seed of which drafts are kept (middling p's vary with it)",
+    )
+    p.add_argument(
         "--cprofile",
         type=int,
         default=0,
@@ -337,6 +343,7 @@ def decode_run(
         "ms_per_step_p50": statistics.median(step_ms) if step_ms else None,
         "ms_per_step_max": max(step_ms) if step_ms else None,
         "decode_tokens": tokens,
+        "decode_steps": steps,
         "acceptance": accepted / drafted if drafted else None,
         "mean_acceptance_length": 1 + accepted / spec_steps if spec_steps else None,
         "target_follows_f": min(follows) if follows else None,
@@ -383,7 +390,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             llm, f, prompts = engines["spec"]
             for p in [float(x) for x in args.accept_probs.split(",") if x]:
                 if args.workload == "oracle":
-                    llm.engine.core.spec.proposer = OracleProposer(f, p)
+                    llm.engine.core.spec.proposer = OracleProposer(f, p, args.oracle_seed)
                 elif args.workload == "eagle3":
                     if p != 0.0:
                         raise SystemExit("eagle3: --accept-probs takes 0 only (a random head)")
