@@ -1,18 +1,19 @@
-"""Speculative decoding's adaptivity, simulated: the engine's own per-request state machine
-(compiled_llm/spec_decode/state.py: back-off, acceptance estimate, adaptive k) driven by drafts
-accepted with a set per-token probability, and a step-cost model fitted to the H200, instead of
-a model. What it answers in a second on any machine: how the back-off and k rules turn a
-per-token acceptance into a speedup, at each batch size, before a GPU run confirms it.
+"""Speculative decoding's adaptivity, simulated: the engine's own decisions
+(compiled_llm/spec_decode: SpeculativeDecoder.propose with its step gate, each request's
+acceptance estimates and adaptive k) on requests whose drafts are accepted with a set per-token
+probability, under a step-cost model fitted to the H200, instead of a model. What it answers in
+a second on any machine: how the rules turn a per-token acceptance into a speedup, at each batch
+size, before a GPU run confirms it.
 
-Cost model, in decode steps without drafts (the H200 runs of 2026-12-03, Llama-3.1-8B shape,
-batch 1 and 8: benchmarks/results/h200/spec_decode-*-20261203-2354*.json, -20261204-0011*.json):
+Cost model, in decode steps without drafts (the H200 runs of 2026-12-03/04, Llama-3.1-8B shape,
+batch 1 and 8: benchmarks/results/h200/spec_decode-*-20261203-2354*.json, -20261204-00*.json):
 a step in which any request verifies drafts costs 1 + --step-overhead (the synchronous step and
-the acceptance: ~0.22), plus --draft-cost per draft. n-gram and the oracle verify drafts in the
-target's forward (~0.01 per draft per request at batch <= 8: --draft-cost-per token, the mean
-over the batch); a draft model runs as many of its own steps as the most drafts any request
-asked for (~0.45 each for a 1B draft: --draft-cost-per step, the batch's maximum). Every request
-generates --tokens tokens; the batch runs until the last one ends, as in
-benchmarks/spec_decode.py's oracle workload, whose measured speedups it should reproduce.
+the acceptance: ~0.22 on Triton, ~0.35 on FlashInfer), plus --draft-cost per draft. n-gram and
+the oracle verify drafts in the target's forward (~0.01 per draft per request at batch <= 8:
+--draft-cost-per token, the mean over the batch); a draft model runs as many of its own steps as
+the most drafts any request asked for (~0.45 each for a 1B draft: --draft-cost-per step, the
+batch's maximum). Every request generates --tokens tokens; the batch runs until the last one
+ends, as in benchmarks/spec_decode.py's oracle workload, whose speedups it reproduces.
 
   python benchmarks/spec_decode_policy.py
   python benchmarks/spec_decode_policy.py --method draft_model --draft-cost 0.45 \\
@@ -26,11 +27,21 @@ import os
 import random
 import statistics
 import sys
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from compiled_llm.config import DEFAULT_DRAFT_TOKEN_COSTS  # noqa: E402
-from compiled_llm.spec_decode.state import SpecDecodeState  # noqa: E402
+from compiled_llm.config import DEFAULT_DRAFT_TOKEN_COSTS, speculative_config_from  # noqa: E402
+from compiled_llm.request import Request, RequestStatus  # noqa: E402
+from compiled_llm.sampling_params import SamplingParams  # noqa: E402
+from compiled_llm.spec_decode.decoder import SpeculativeDecoder  # noqa: E402
+
+
+class _Drafts:
+    """A proposer whose drafts are placeholders: whether each is accepted is drawn later."""
+
+    def propose(self, requests: list[Any], max_drafts: list[int]) -> list[list[int]]:
+        return [[0] * k for k in max_drafts]
 
 
 def simulate(
@@ -46,30 +57,43 @@ def simulate(
 ) -> float:
     """Speedup of one batch over plain decoding (which takes `tokens` steps of cost 1)."""
     rng = random.Random(seed)
-    states = [SpecDecodeState(k, draft_token_cost=token_cost) for _ in range(batch)]
-    left = [tokens] * batch
-    cost = 0.0
-    while any(n > 0 for n in left):
-        live = [i for i in range(batch) if left[i] > 0]
-        # as SpeculativeDecoder.propose: active requests ask for their k, capped by their room
-        wanted = {
-            i: min(states[i].num_drafts_wanted(), left[i] - 1) if states[i].active else 0
-            for i in live
+    config = speculative_config_from(
+        {
+            "method": "ngram",
+            "num_speculative_tokens": k,
+            "draft_token_cost": token_cost,
+            "disable_by_batch_size": None,
         }
-        drafts = [n for n in wanted.values() if n > 0]
-        if drafts:
-            extra = max(drafts) if per_step else sum(drafts) / len(live)
+    )
+    assert config is not None
+    decoder = SpeculativeDecoder(config, proposer=_Drafts())
+    requests = []
+    for i in range(batch):
+        r = Request(str(i), [1], SamplingParams(max_tokens=tokens), tokens, 0)
+        r.status, r.spec, r.output_token_ids = RequestStatus.RUNNING, decoder.new_state(), [0]
+        requests.append(r)
+    decoder.propose(requests, num_running=batch)  # after the prefill's first token
+    cost = 0.0
+    while requests:
+        drafts = []
+        for r in requests:
+            assert r.spec is not None
+            drafts.append(len(r.spec.take_drafts(r.num_tokens)))
+        if any(drafts):
+            extra = max(drafts) if per_step else sum(drafts) / len(requests)
             cost += 1 + overhead + draft_cost * extra
         else:
             cost += 1
-        for i in live:
-            n = wanted[i]
+        for r, n in zip(requests, drafts):
             accepted = 0
             while accepted < n and rng.random() < accept:
                 accepted += 1
-            states[i].on_verified(n, accepted)
-            left[i] -= 1 + accepted
-    return tokens / cost
+            assert r.spec is not None
+            r.spec.on_verified(n, accepted)
+            r.output_token_ids += [0] * (1 + accepted)
+        requests = [r for r in requests if len(r.output_token_ids) < tokens]
+        decoder.propose(requests, num_running=len(requests))
+    return (tokens - 1) / cost
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,10 +2,10 @@
 after each step's results, and whether the next step must wait for those results.
 
 Proposals need a request's newest token on the host. Under async scheduling the engine
-schedules step N+1 before step N's tokens are read, so a request that is proposing makes the
-core read the step in flight first (`wants_host_tokens`): the engine runs synchronously while any
-running request speculates, and asynchronously while none does (backed off, or the batch too
-large), which is when the overlap pays.
+schedules step N+1 before step N's tokens are read, so while the step gate is open the core reads
+the step in flight first (`wants_host_tokens`): the engine runs synchronously while requests
+speculate, and asynchronously while the gate is closed (speculation does not pay) or the batch is
+too large, which is when the overlap pays.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from compiled_llm.config import SpeculativeConfig
 from compiled_llm.request import Request, RequestStatus
 from compiled_llm.spec_decode.proposer import Proposer, create_proposer
-from compiled_llm.spec_decode.state import SpecDecodeState
+from compiled_llm.spec_decode.state import SpecDecodeState, StepGate, step_cost
 
 
 class SpeculativeDecoder:
@@ -24,6 +24,7 @@ class SpeculativeDecoder:
         cache); by default the registry's for `config.method`."""
         self.config = config
         self.proposer = proposer if proposer is not None else create_proposer(config)
+        self.gate = StepGate()
 
     def new_state(self) -> SpecDecodeState:
         return SpecDecodeState(
@@ -36,23 +37,30 @@ class SpeculativeDecoder:
         return limit is None or num_running <= limit
 
     def wants_host_tokens(self, running: list[Request]) -> bool:
-        """Some running request would propose (or has drafts being verified) once the step in
-        flight is read: read it before scheduling the next."""
+        """Some running request would propose (the gate is open) or has drafts being verified
+        once the step in flight is read: read it before scheduling the next."""
         if not self.enabled_for(len(running)):
             return False
         return any(
             r.spec is not None
             and r.num_pending_output_tokens > 0
-            and (r.spec.active or r.spec.in_flight)
+            and (self.gate.open or r.spec.in_flight)
             for r in running
         )
 
     def propose(self, requests: Iterable[Request], num_running: int) -> None:
-        """Proposals for the requests that just got tokens: those still running, with no token
-        in flight, not backed off, and room for a draft before max_tokens; each asked for the
-        number of drafts its recent acceptance makes worth it (SpecDecodeState.num_drafts_wanted)."""
+        """Called once per step with the requests that just got tokens. Proposals go to those
+        still running, with no token in flight and room for a draft before max_tokens, each asked
+        for the number of drafts its recent acceptance makes worth it
+        (SpecDecodeState.num_drafts_wanted), when the step gate finds that their expected extra
+        tokens pay for a verifying step (StepGate)."""
         if not self.enabled_for(num_running):
             return
+        requests = list(requests)
+        if not self.gate.open:
+            self.gate.tick(any(r.spec is not None and r.spec.untried for r in requests))
+            if not self.gate.open:
+                return
         chosen: list[Request] = []
         room: list[int] = []
         for r in requests:
@@ -61,7 +69,6 @@ class SpeculativeDecoder:
                 state is None
                 or r.status is not RequestStatus.RUNNING
                 or r.num_pending_output_tokens
-                or not state.active
             ):
                 continue
             # The step emits up to drafts + 1 tokens: keep them within max_tokens (which also
@@ -71,6 +78,10 @@ class SpeculativeDecoder:
                 chosen.append(r)
                 room.append(min(state.num_drafts_wanted(), left))
         if not chosen:
+            return
+        gain = sum(r.spec.expected_gain(k) for r, k in zip(chosen, room) if r.spec is not None)
+        cost = step_cost(num_running, max(room), self.config.draft_token_cost)
+        if not self.gate.decide(gain, cost):
             return
         for r, k, drafts in zip(chosen, room, self.proposer.propose(chosen, room)):
             assert r.spec is not None

@@ -11,12 +11,13 @@ import pytest
 from compiled_llm import LLM, SamplingParams
 from compiled_llm.request import Request
 from compiled_llm.spec_decode.state import (
-    BACKOFF_BELOW_ACCEPTANCE,
+    BACKOFF_MAX,
     BACKOFF_START,
-    MISSES_BEFORE_BACKOFF,
     SpecDecodeState,
+    StepGate,
     choose_num_drafts,
     expected_tokens,
+    step_cost,
 )
 from tests.spec_decode.conftest import VOCAB, chain
 from tests.spec_decode.test_spec_engine import run, same_outputs
@@ -77,26 +78,17 @@ def test_low_acceptance_lowers_k_and_the_estimate_ignores_k() -> None:
     for _ in range(20):
         t.on_verified(2, 1)
     assert t.recent_acceptance == pytest.approx(0.5, abs=1e-3)
-    assert s.active and s.misses == 0
 
 
-def test_zero_acceptance_backs_off_then_recovers() -> None:
+def test_zero_acceptance_lowers_k_then_recovers() -> None:
     s = state()
     s.on_verified(K, 0)
     assert s.num_drafts_wanted() == 2  # the start (a pseudo-accepted draft) still counts
     s.on_verified(2, 0)
     assert s.num_drafts_wanted() == 1
-    # the off/on back-off still applies, once the misses have taken the estimate below
-    # BACKOFF_BELOW_ACCEPTANCE too: from the start's estimate of 1, at the fourth miss (0.087)
-    for _ in range(MISSES_BEFORE_BACKOFF - 2):
+    for _ in range(5):
         s.on_verified(1, 0)
-    assert s.active and s.recent_acceptance >= BACKOFF_BELOW_ACCEPTANCE
-    s.on_verified(1, 0)
-    assert s.recent_acceptance < BACKOFF_BELOW_ACCEPTANCE
-    assert not s.active and s.pause == BACKOFF_START
-    for _ in range(BACKOFF_START):
-        s.on_verified(0, 0)
-    assert s.active and s.num_drafts_wanted() == 1  # the probe asks for one draft
+    assert s.num_drafts_wanted() == 1  # the probe after a pause asks for one draft
     wanted = []
     for _ in range(8):  # acceptance returns: k climbs back to the full k within a few steps
         k = s.num_drafts_wanted()
@@ -106,21 +98,50 @@ def test_zero_acceptance_backs_off_then_recovers() -> None:
     assert wanted.index(K) <= 5
 
 
-def test_a_run_of_misses_at_fair_acceptance_does_not_pause() -> None:
-    """At a per-token acceptance of 1/2, three misses in a row are chance (one step in ~14):
-    the request keeps speculating."""
+def pays(s: SpecDecodeState, num_running: int = 1) -> bool:
+    """The step gate's test for a batch of requests like `s`."""
+    k = s.num_drafts_wanted()
+    return num_running * s.expected_gain(k) >= step_cost(num_running, k, s.draft_token_cost)
+
+
+def test_the_gate_pays_at_fair_acceptance_despite_a_run_of_misses() -> None:
+    """At a per-token acceptance of 1/2, three misses in a row are chance (one step in ~14): the
+    gate's longer estimate still finds speculating worth it."""
     s = state()
     for _ in range(20):
         s.on_verified(K, 1)
-    for _ in range(MISSES_BEFORE_BACKOFF):
+    for _ in range(3):
         s.on_verified(s.num_drafts_wanted(), 0)
-    assert s.misses == MISSES_BEFORE_BACKOFF
-    assert s.active and s.recent_acceptance > BACKOFF_BELOW_ACCEPTANCE
+    assert s.num_drafts_wanted() == 1 and pays(s) and pays(s, num_running=8)
+    z = state()
+    for _ in range(6):  # at zero acceptance it closes
+        z.on_verified(z.num_drafts_wanted(), 0)
+    assert not pays(z) and not pays(z, num_running=8)
+
+
+def test_gate_pauses_double_probe_and_reset() -> None:
+    g = StepGate()
+    assert g.open and g.decide(gain=1.0, cost=1.0)
+    pauses = []
+    for _ in range(5):
+        assert not g.decide(gain=0.1, cost=1.0)  # does not pay: a pause, doubling
+        pauses.append(g.pause)
+        for _ in range(g.pause - 1):
+            g.tick(new_request=False)
+            assert not g.open
+        g.tick(new_request=False)
+        assert g.open and g.probe
+        assert g.decide(gain=0.1, cost=1.0)  # the probe proposes whatever the estimates
+    assert pauses == [BACKOFF_START, 2 * BACKOFF_START, 4 * BACKOFF_START, BACKOFF_MAX, BACKOFF_MAX]
+    assert not g.decide(gain=0.1, cost=1.0)
+    g.tick(new_request=True)  # a request with nothing proposed yet ends the pause
+    assert g.open and g.decide(gain=2.0, cost=1.0)  # and paying resets the doubling
+    assert g.next_pause == BACKOFF_START
 
 
 def test_zero_cost_is_off() -> None:
     s = state(0.0)
-    for _ in range(MISSES_BEFORE_BACKOFF - 1):
+    for _ in range(5):
         s.on_verified(K, 0)
         assert s.num_drafts_wanted() == K
 
@@ -203,8 +224,9 @@ def test_always_wrong_drafts_shrink_to_one_outputs_unchanged(cycle_model, params
             assert wrong_asked[-1] == 1
             assert wrong.num_draft_tokens / wrong.num_spec_steps <= K / 2
         else:
-            assert set(proposer.asked[1]) == {K}
-            assert wrong.num_draft_tokens == K * wrong.num_spec_steps
+            # the full k, but for the last steps' room before max_tokens
+            assert set(proposer.asked[1][:-K]) == {K}
+            assert wrong.num_draft_tokens > (K - 1) * wrong.num_spec_steps
         # the right request is asked for k until max_tokens leaves less room
         assert proposer.asked[0][: len(proposer.asked[0]) - 2] == [K] * (len(proposer.asked[0]) - 2)
     assert len(asked[None][1]) == len(asked[0.0][1])  # the same back-off either way

@@ -7,11 +7,7 @@ from compiled_llm.config import speculative_config_from
 from compiled_llm.request import Request, RequestStatus
 from compiled_llm.sampling_params import SamplingParams
 from compiled_llm.spec_decode.decoder import SpeculativeDecoder
-from compiled_llm.spec_decode.state import (
-    BACKOFF_BELOW_ACCEPTANCE,
-    BACKOFF_START,
-    MISSES_BEFORE_BACKOFF,
-)
+from compiled_llm.spec_decode.state import BACKOFF_START
 
 
 def decoder(limit: int | None = 2) -> SpeculativeDecoder:
@@ -44,30 +40,43 @@ def test_proposals_go_to_running_requests_with_their_newest_token_and_room() -> 
     r = request(d, [2, 3], max_tokens=4)
     d.propose([r], num_running=1)
     assert r.spec is not None and r.spec.take_drafts(r.num_tokens) == [1]
-    # none for a token in flight, a finished request, a batch over the limit, a paused one
+    # none for a token in flight, a finished request, a batch over the limit, a paused gate
     for change in ("pending", "finished", "batch", "paused"):
+        d = decoder()
         r = request(d, [2])
         assert r.spec is not None
         r.num_pending_output_tokens = int(change == "pending")
         if change == "finished":
             r.status = RequestStatus.FINISHED_STOPPED
         if change == "paused":
-            r.spec.pause = 1
+            d.gate.pause = 2
+            r.spec.drafts_for = 0  # proposed for before: not a new request
         d.propose([r], num_running=3 if change == "batch" else 1)
         assert r.spec.take_drafts(r.num_tokens) == [], change
+    # a new request (nothing proposed for it yet) ends a pause
+    d = decoder()
+    d.gate.pause = 5
+    r = request(d, [2])
+    d.propose([r], num_running=1)
+    assert d.gate.open and r.spec is not None and r.spec.take_drafts(r.num_tokens) == [3, 1, 2]
 
 
-def test_a_request_that_finds_nothing_backs_off() -> None:
+def test_a_request_that_finds_nothing_closes_the_gate_until_a_probe() -> None:
     d = decoder()
     r = request(d, [9])  # 9 never occurred before
     assert r.spec is not None
-    # finding nothing counts as a rejected first draft: from the start's estimate of 1, the
-    # fourth miss takes it below BACKOFF_BELOW_ACCEPTANCE
-    for _ in range(MISSES_BEFORE_BACKOFF + 1):
-        assert r.spec.active
+    calls = 0
+    while d.gate.open:  # finding nothing counts as a rejected first draft in the estimates
         d.propose([r], num_running=1)
-    assert r.spec.recent_acceptance < BACKOFF_BELOW_ACCEPTANCE
-    assert not r.spec.active and r.spec.pause == BACKOFF_START
+        calls += 1
+        assert calls < 10
+    assert d.gate.pause == BACKOFF_START
+    for _ in range(BACKOFF_START - 1):
+        d.propose([r], num_running=1)
+        assert not d.gate.open
+    d.propose([r], num_running=1)  # the pause is over: this step is a probe (finds nothing)
+    d.propose([r], num_running=1)  # still not worth it: a pause twice as long
+    assert d.gate.pause == 2 * BACKOFF_START
 
 
 def test_the_step_in_flight_is_read_first_only_while_someone_speculates() -> None:
@@ -77,7 +86,7 @@ def test_the_step_in_flight_is_read_first_only_while_someone_speculates() -> Non
     assert d.wants_host_tokens([a, b])
     assert not d.wants_host_tokens([a, b, request(d, [2])])  # over disable_by_batch_size
     assert a.spec is not None and b.spec is not None
-    a.spec.pause = b.spec.pause = 5  # both backed off: the engine stays asynchronous
+    d.gate.pause = 5  # speculation does not pay: the engine stays asynchronous
     assert not d.wants_host_tokens([a, b])
     b.spec.in_flight = [4]  # drafts being verified are read before b is scheduled again
     assert d.wants_host_tokens([a, b])

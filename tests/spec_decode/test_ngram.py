@@ -10,14 +10,7 @@ from compiled_llm.config import speculative_config_from
 from compiled_llm.request import Request
 from compiled_llm.sampling_params import SamplingParams
 from compiled_llm.spec_decode.ngram import NgramProposer, ngram_lookup
-from compiled_llm.spec_decode.state import (
-    BACKOFF_BELOW_ACCEPTANCE,
-    BACKOFF_MAX,
-    BACKOFF_START,
-    MISSES_BEFORE_BACKOFF,
-    SpecDecodeState,
-    num_accepted,
-)
+from compiled_llm.spec_decode.state import SpecDecodeState, num_accepted
 
 
 def reference(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
@@ -99,33 +92,18 @@ def test_num_accepted() -> None:
     assert num_accepted([1, 2, 3], [0, 2, 3, 9]) == 0
 
 
-def test_backoff_pauses_and_doubles_until_a_token_is_accepted() -> None:
+def test_acceptance_counts_and_estimates() -> None:
     s = SpecDecodeState(4)
-    # from the start's estimate of 1, misses take it below BACKOFF_BELOW_ACCEPTANCE at the fourth
-    for _ in range(MISSES_BEFORE_BACKOFF):
+    assert s.untried and s.recent_acceptance == s.gate_acceptance == 1.0
+    for _ in range(3):
         s.on_verified(4, 0)
-    assert s.active
-    s.set_drafts([], num_tokens=10)  # no proposal counts as a miss too
-    assert s.recent_acceptance < BACKOFF_BELOW_ACCEPTANCE
-    assert not s.active and s.pause == BACKOFF_START
-    for _ in range(BACKOFF_START):
-        assert not s.active
-        s.on_verified(0, 0)  # an ordinary decode step
-    assert s.active
-    s.on_verified(4, 0)  # the probe misses: a longer pause at once
-    assert s.pause == 2 * BACKOFF_START
-    for _ in range(10):
-        s.pause = 0
-        s.on_verified(2, 0)
-    assert s.pause == BACKOFF_MAX
-    s.pause = 0
-    s.on_verified(3, 2)  # accepted: back to normal
-    assert s.active and s.misses == 0 and s.next_pause == BACKOFF_START
-    assert (s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens) == (
-        MISSES_BEFORE_BACKOFF + 12,
-        4 * MISSES_BEFORE_BACKOFF + 4 + 20 + 3,
-        2,
-    )
+    s.set_drafts([], num_tokens=10)  # no proposal counts as a rejected first draft
+    assert not s.untried
+    assert s.recent_acceptance == pytest.approx(0.7**4 / (0.7**4 + (1 - 0.7**4) / 0.3))
+    assert s.gate_acceptance == pytest.approx(0.9**4 / (0.9**4 + (1 - 0.9**4) / 0.1))
+    s.on_verified(0, 0)  # an ordinary decode step: nothing changes
+    s.on_verified(3, 2)
+    assert (s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens) == (4, 15, 2)
     assert s.accepted_per_pos == [1, 1, 0, 0]
 
 
