@@ -170,10 +170,11 @@ def step_cost(num_running: int, max_drafts: int, draft_token_cost: float) -> flo
 class StepGate:
     """Whether the next step carries drafts (one per engine). A verifying step costs every
     running request more (`step_cost`), while only the requests with drafts gain: it pays when
-    their expected extra tokens exceed that cost. When they do not, no request proposes for `pause` steps (doubling each time the gate closes
-    again without having opened, up to BACKOFF_MAX); the step after a pause is a probe, proposed
-    whatever the estimates, so that they can recover. A request with nothing proposed for it yet
-    (its estimates are the optimistic start) ends a pause."""
+    their expected extra tokens exceed that cost. When they do not, no request proposes for
+    `pause` steps (doubling each time the gate closes again without having opened, up to
+    BACKOFF_MAX); the step after a pause is a probe, proposed whatever the estimates, so that
+    they can recover. A request with nothing proposed for it yet (its estimates are the
+    optimistic start) ends a pause."""
 
     pause: int = 0  # steps left without proposals
     next_pause: int = BACKOFF_START
