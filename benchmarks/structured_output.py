@@ -104,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "number; the engine takes 1 on CPU, auto on CUDA)",
     )
     p.add_argument("--host-only", action="store_true", help="time fill and accept, no model")
+    p.add_argument(
+        "--json-whitespace",
+        default=None,
+        help="--host-only: the JSON grammar's whitespace bound instead of the engine's "
+        "(MAX_JSON_WHITESPACE): a number, or 'none' for unbounded; what the bound costs the fill",
+    )
     return p.parse_args(argv)
 
 
@@ -116,7 +122,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote the embedded model's tokenizer to {args.export_tokenizer}")
         return
     if args.host_only:
-        host_only(args)
+        from compiled_llm.structured_output import validate
+
+        bound = validate.MAX_JSON_WHITESPACE
+        if args.json_whitespace is not None:
+            given = args.json_whitespace
+            validate.MAX_JSON_WHITESPACE = None if given == "none" else int(given)
+        try:
+            host_only(args)
+        finally:
+            validate.MAX_JSON_WHITESPACE = bound
         return
     from compiled_llm import LLM, SamplingParams
     from compiled_llm.sampling_params import StructuredOutputsParams

@@ -213,7 +213,9 @@ def ask(client: openai.OpenAI, schema: dict[str, Any], **kw: Any) -> Any:
         model=MODEL,
         messages=[{"role": "user", "content": prompt}],
         response_format={"type": "json_schema", "json_schema": {"name": "out", "schema": schema}},
-        max_completion_tokens=160,
+        # room for the longest valid answers: e.g. three 16-character strings of emoji, each
+        # character several tokens
+        max_completion_tokens=320,
         temperature=0,
     )
     return client.chat.completions.create(**{**args, **kw})

@@ -7,9 +7,11 @@ import pytest
 
 from compiled_llm.sampling_params import SamplingParams, StructuredOutputsParams
 from compiled_llm.structured_output.validate import (
+    MAX_JSON_WHITESPACE,
     StructuredOutputsError,
     choice_grammar,
     grammar_spec,
+    json_options,
     validate_structured_outputs,
 )
 
@@ -132,3 +134,22 @@ def test_choice_grammar_matches_exactly_the_choices() -> None:
         matcher = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
         ok = matcher.accept_string(text) and matcher.is_terminated()
         assert ok == (text in choices), text
+
+
+def test_json_whitespace_runs_are_bounded() -> None:
+    """Free whitespace in JSON is one character between two tokens (MAX_JSON_WHITESPACE): a
+    newline or a space, never a run a small model could loop on; with disable_any_whitespace,
+    xgrammar's fixed separators (", " and ": ")."""
+    import xgrammar as xgr
+
+    schema = '{"type":"object","properties":{"a":{"type":"integer"}},"required":["a"]}'
+    accepts = xgr.testing._is_grammar_accept_string
+    free = xgr.Grammar.from_json_schema(schema, **json_options("json", any_whitespace=True))
+    assert MAX_JSON_WHITESPACE == 1
+    for text in ('{"a":1}', '{"a": 1}', '{\n"a":1\n}'):
+        assert accepts(free, text), text
+    for text in ('{"a":  1}', '{\n  "a": 1}', '{"a":1\n\n}'):
+        assert not accepts(free, text), text
+    compact = xgr.Grammar.from_json_schema(schema, **json_options("json", any_whitespace=False))
+    assert accepts(compact, '{"a": 1}') and not accepts(compact, '{"a":1}')
+    assert not accepts(compact, '{\n"a": 1}')
