@@ -55,7 +55,7 @@ class Request:
     num_pending_output_tokens: int = 0
     # Structured outputs: this sample's grammar and matcher (None: unconstrained).
     grammar: RequestGrammar | None = None
-    # Speculative decoding: drafts, back-off and acceptance (None: speculation is off).
+    # Speculative decoding: drafts and acceptance (None: speculation is off).
     spec: SpecDecodeState | None = None
 
     @property

@@ -229,4 +229,4 @@ def test_always_wrong_drafts_shrink_to_one_outputs_unchanged(cycle_model, params
             assert wrong.num_draft_tokens > (K - 1) * wrong.num_spec_steps
         # the right request is asked for k until max_tokens leaves less room
         assert proposer.asked[0][: len(proposer.asked[0]) - 2] == [K] * (len(proposer.asked[0]) - 2)
-    assert len(asked[None][1]) == len(asked[0.0][1])  # the same back-off either way
+    assert len(asked[None][1]) == len(asked[0.0][1])  # the same gate decisions either way

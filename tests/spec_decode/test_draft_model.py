@@ -208,8 +208,8 @@ def test_speculation_starting_mid_generation(noise_model) -> None:
 def test_mixed_batch_with_stops_preemption_and_chunked_prefill(
     cycle_model, small_draft, baseline
 ) -> None:
-    """Speculating requests beside requests that do not (still prefilling in chunks, backed off
-    after misses, or left one token), stop ids and max_tokens among accepted drafts, and a KV
+    """Speculating requests beside requests that do not (still prefilling in chunks, or left one
+    token), stop ids and max_tokens among accepted drafts, and a KV
     cache small enough to preempt."""
     stop_at = baseline[2].outputs[0].token_ids[20]  # inside the chain: an accepted draft
     params = [

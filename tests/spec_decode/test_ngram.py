@@ -1,5 +1,5 @@
 """The n-gram proposer against a brute-force reference, its incremental context buffer, and the
-per-request back-off."""
+per-request acceptance counts and estimates."""
 
 from __future__ import annotations
 
