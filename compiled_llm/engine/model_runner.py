@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import logging
 import math
@@ -133,10 +134,10 @@ class LaunchedStep:
     batch: SamplingBatch | None
     num_rows: list[int]  # rows per request
 
-    @property
+    @functools.cached_property
     def row(self) -> dict[str, int]:
         """Each request's first row in the sampled output (StepHandle.row, known before the
-        sampling is launched)."""
+        sampling is launched). Computed once: the next step's inputs look up every request."""
         return first_rows(self.requests, self.num_rows)
 
 
