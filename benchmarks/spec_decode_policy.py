@@ -23,18 +23,14 @@ ends, as in benchmarks/spec_decode.py's oracle workload, whose speedups it repro
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
-import sys
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from compiled_llm.config import DEFAULT_DRAFT_TOKEN_COSTS, speculative_config_from  # noqa: E402
-from compiled_llm.request import Request, RequestStatus  # noqa: E402
-from compiled_llm.sampling_params import SamplingParams  # noqa: E402
-from compiled_llm.spec_decode.decoder import SpeculativeDecoder  # noqa: E402
+from compiled_llm.config import DEFAULT_DRAFT_TOKEN_COSTS, speculative_config_from
+from compiled_llm.request import Request, RequestStatus
+from compiled_llm.sampling_params import SamplingParams
+from compiled_llm.spec_decode.decoder import SpeculativeDecoder
 
 
 class _Drafts:
@@ -100,7 +96,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--method", default="ngram", choices=sorted(DEFAULT_DRAFT_TOKEN_COSTS))
+    p.add_argument(
+        "--method",
+        default="ngram",
+        choices=sorted(DEFAULT_DRAFT_TOKEN_COSTS),
+        help="whose default draft_token_cost the engine's rules use (they are the same otherwise)",
+    )
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--accept-probs", default="0,0.1,0.3,0.5,0.8,1")
     p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
@@ -110,9 +111,20 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="speculative_config's price of a draft (default: the method's engine default)",
     )
-    p.add_argument("--step-overhead", type=float, default=0.22)
+    p.add_argument(
+        "--step-overhead",
+        type=float,
+        default=0.22,
+        help="true extra cost of a verifying step, in decode steps (FlashInfer: ~0.35)",
+    )
     p.add_argument("--draft-cost", type=float, default=0.01, help="true cost of a draft")
-    p.add_argument("--draft-cost-per", choices=("token", "step"), default="token")
+    p.add_argument(
+        "--draft-cost-per",
+        choices=("token", "step"),
+        default="token",
+        help="token: drafts cost their mean per request (n-gram); step: the batch's longest "
+        "proposal (a draft model)",
+    )
     p.add_argument("--tokens", type=int, default=256, help="generated per request")
     p.add_argument("--seeds", type=int, default=5, help="runs per point (mean)")
     args = p.parse_args(argv)
