@@ -13,7 +13,7 @@ import torch
 
 from compiled_llm import LLM, SamplingParams
 from tests.conftest import GPU_SHAPE, assert_greedy_close, backend_available, tokens
-from tests.spec_decode.conftest import VOCAB, build_cycle_model, chain
+from tests.spec_decode.conftest import GPU_LAYER_SCALE, VOCAB, build_cycle_model, chain
 
 pytestmark = pytest.mark.gpu
 
@@ -30,7 +30,10 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1}
 @pytest.fixture(scope="module")
 def gpu_cycle_model(tmp_path_factory: pytest.TempPathFactory, embedded_tokenizer_dir: Path):
     return build_cycle_model(
-        tmp_path_factory.mktemp("gpu-cycle"), embedded_tokenizer_dir, **GPU_SHAPE
+        tmp_path_factory.mktemp("gpu-cycle"),
+        embedded_tokenizer_dir,
+        layer_scale=GPU_LAYER_SCALE,
+        **GPU_SHAPE,
     )
 
 
@@ -86,6 +89,7 @@ def gpu_small_draft(tmp_path_factory: pytest.TempPathFactory, embedded_tokenizer
     return build_cycle_model(
         tmp_path_factory.mktemp("gpu-cycle-draft"),
         embedded_tokenizer_dir,
+        layer_scale=GPU_LAYER_SCALE,
         **{**GPU_SHAPE, "num_hidden_layers": 1},
     )
 
