@@ -53,7 +53,13 @@ class SpeculativeDecoder:
         still running, with no token in flight and room for a draft before max_tokens, each asked
         for the number of drafts its recent acceptance makes worth it
         (SpecDecodeState.num_drafts_wanted), when the step gate finds that their expected extra
-        tokens pay for a verifying step (StepGate)."""
+        tokens pay for a verifying step (StepGate). When no request is left running, the gate
+        starts over: its estimates describe the batch that ran, and a fresh one keeps a seeded
+        batch reproducible on an idle engine (under rejection sampling a draft changes the token
+        drawn at its position, so which steps carry drafts must not depend on earlier batches)."""
+        if num_running == 0:
+            self.gate = StepGate()
+            return
         if not self.enabled_for(num_running):
             return
         requests = list(requests)

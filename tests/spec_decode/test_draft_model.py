@@ -271,6 +271,20 @@ def test_rejection_sampling_end_to_end(cycle_model, small_draft, seeded_baseline
     assert (accepted >= 0.98 * drafted) if draft == "self" else (0 < accepted < drafted)
 
 
+def test_seeded_batch_reproducible_after_another_on_the_same_engine(
+    cycle_model, noise_model
+) -> None:
+    """Under rejection sampling a draft changes the token drawn at its position, so a seeded
+    batch's tokens depend on which steps carried drafts: the step gate starts over when the engine
+    goes idle, and a batch after one that closed it (a draft that knows nothing, every draft
+    rejected) emits what it emits on a fresh engine."""
+    fresh = run(engine(cycle_model, noise_model), SEEDED)
+    llm = engine(cycle_model, noise_model)
+    run(llm, GREEDY)
+    same_outputs(fresh, run(llm, SEEDED))
+    assert acceptance(fresh)[0] > 0
+
+
 def test_stop_strings(cycle_model, small_draft) -> None:
     """A stop string the frontend finds in the text of accepted drafts ends the request where it
     ends without speculation (the same text, tokens and finish)."""
