@@ -9,6 +9,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,13 @@ def environment() -> dict[str, Any]:
         else platform.processor() or "cpu",
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
+    # The host: the engine's step loop is Python, so host-bound figures (speculation's draft
+    # steps, structured output's grammar work) follow its speed, which differs several-fold
+    # between the machines we are lent; a plain loop's time makes runs comparable.
+    env["cpus"] = os.cpu_count()
+    env["cpu_model"] = cpu_model()
+    env["load"] = list(os.getloadavg())
+    env["python_loop_ms"] = python_loop_ms()
     # The installed distributions' versions (without importing them): a result depends on them,
     # e.g. xgrammar 0.2.8's bitmask fill was 40x slower than 0.2.9's.
     for key, dist in (
@@ -39,6 +47,31 @@ def environment() -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             env[key] = None
     return env
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def python_loop_ms(n: int = 1_000_000) -> float:
+    """Milliseconds for n additions in a plain Python loop (best of 3): the host's speed at the
+    kind of work the engine's step loop does."""
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        total = 0
+        for i in range(n):
+            total += i
+        best = min(best, time.perf_counter() - start)
+    return 1000 * best
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:

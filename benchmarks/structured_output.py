@@ -271,8 +271,6 @@ def host_only(args: argparse.Namespace) -> None:
     from compiled_llm.structured_output.manager import StructuredOutputManager
 
     env = environment()
-    env["cpus"] = os.cpu_count()
-    env["load"] = list(os.getloadavg())
     print(f"config: {json.dumps(vars(args))}\nenv: {json.dumps(env)}")
     tokenizer_path = args.tokenizer or default_model_path()
     tokenizer = load_tokenizer(tokenizer_path)
