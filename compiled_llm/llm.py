@@ -119,32 +119,32 @@ class LLM:
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         wanted = set(request_ids)
-        latest: dict[str, RequestOutput] = {}  # each request's output so far
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm)
         start = time.perf_counter()
         in_tokens = out_tokens = 0
         try:
             while len(finished) < len(wanted) and self.engine.has_unfinished_requests():
-                for out in self.engine.step():
+                # Finished requests' outputs only: building every running request's output
+                # each step (a copy of all its tokens and text) was host time on the step
+                # loop's thread.
+                for out in self.engine.step(final_only=True):
                     if out.request_id not in wanted:
                         continue
-                    latest[out.request_id] = out
-                    if out.finished:
-                        finished[out.request_id] = out
-                        in_tokens += len(out.prompt_token_ids)
-                        out_tokens += sum(len(c.token_ids) for c in out.outputs)
-                        elapsed = max(time.perf_counter() - start, 1e-9)
-                        bar.set_postfix_str(
-                            f"in {in_tokens / elapsed:.1f} tok/s, "
-                            f"out {out_tokens / elapsed:.1f} tok/s"
-                        )
-                        bar.update(1)
+                    finished[out.request_id] = out
+                    in_tokens += len(out.prompt_token_ids)
+                    out_tokens += sum(len(c.token_ids) for c in out.outputs)
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix_str(
+                        f"in {in_tokens / elapsed:.1f} tok/s, out {out_tokens / elapsed:.1f} tok/s"
+                    )
+                    bar.update(1)
         except KeyboardInterrupt as e:
+            partial = [finished.get(i) or self.engine.current_output(i) for i in request_ids]
             for request_id in request_ids:
                 if request_id not in finished:
                     self.engine.abort_request(request_id)
-            raise GenerationInterrupted([latest.get(i) for i in request_ids]) from e
+            raise GenerationInterrupted(partial) from e
         finally:
             bar.close()
         return [finished[i] for i in request_ids]

@@ -92,16 +92,24 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests() or self.output_processor.has_unfinished()
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """One engine step: the outputs of the requests it updated (`final_only`: of those it
+        finished; `current_output` gives a running request's output on demand)."""
         core_out = self.core.step()
         self.last_stats = core_out.stats
         if core_out.stats is not None:
             self.num_prompt_tokens_computed += core_out.stats.num_prompt_tokens_computed
         with self.core.profiler.stage("detokenize"):
-            outputs, to_stop = self.output_processor.process_outputs(core_out.outputs)
+            outputs, to_stop = self.output_processor.process_outputs(
+                core_out.outputs, final_only=final_only
+            )
         if to_stop:
             self.core.abort_requests(to_stop, reason="stop")
         return outputs
+
+    def current_output(self, request_id: str) -> RequestOutput | None:
+        """A running request's output so far (None if none of its tokens has come back)."""
+        return self.output_processor.current_output(request_id)
 
     @property
     def num_free_blocks(self) -> int:

@@ -94,10 +94,20 @@ class OutputProcessor:
         for child in state.samples if state else ():
             self._child_to_parent.pop(child, None)
 
+    def current_output(self, request_id: str) -> RequestOutput | None:
+        """A running request's output so far (None if unknown or no token has come back)."""
+        state = self._parents.get(request_id)
+        if state is None or not any(s.token_ids for s in state.samples.values()):
+            return None
+        return self._make_output(state)
+
     def process_outputs(
-        self, outputs: list[EngineCoreOutput]
+        self, outputs: list[EngineCoreOutput], final_only: bool = False
     ) -> tuple[list[RequestOutput], list[str]]:
-        """Returns the updated requests' outputs and the core requests to stop (stop strings)."""
+        """Returns the updated requests' outputs and the core requests to stop (stop strings).
+        `final_only`: outputs of finished requests only (vLLM's RequestOutputKind.FINAL_ONLY,
+        what the offline `LLM` wants): a running request's output copies all its tokens and
+        text so far, every step (`current_output` gives one on demand)."""
         touched: dict[str, _ParentState] = {}
         to_stop: list[str] = []
         now = time.monotonic()
@@ -128,6 +138,8 @@ class OutputProcessor:
             if state.finished:
                 state.metrics.finished_time = now
                 self.abort(parent_id)
+            elif final_only:
+                continue
             results.append(self._make_output(state))
         return results, to_stop
 

@@ -159,3 +159,44 @@ def test_synthetic_batches_stay_within_max_model_len(roomy: LLM) -> None:
         assert int(attn.query_start_loc[-1]) == num_tokens
     _, positions, _ = runner.dummy_inputs(256, 1)
     assert positions.tolist() == list(range(256))  # fits: still one request
+
+
+def test_final_only_steps_give_the_cumulative_final_outputs(roomy: LLM) -> None:
+    """`step(final_only=True)` (what `LLM.generate` runs) returns finished requests only, each
+    as the step-by-step outputs end; `current_output` gives a running request's output so far,
+    a prefix of its final one (what Ctrl-C returns)."""
+    engine = roomy.engine
+    stop = SamplingParams(temperature=0, max_tokens=24, stop=["weather"], n=2, seed=1)
+    params = [GREEDY, SEEDED, stop]
+
+    def run(final_only: bool) -> tuple[dict, list]:
+        for i, p in enumerate(params):
+            engine.add_request(f"{final_only}-{i}", PROMPTS[i], p)
+        finals, partial, steps = {}, [], 0
+        while engine.has_unfinished_requests():
+            outs = engine.step(final_only=final_only)
+            steps += 1
+            if final_only:
+                assert all(o.finished for o in outs)
+                if steps == 6:
+                    partial = [engine.current_output(f"True-{i}") for i in range(len(params))]
+            finals.update({o.request_id.split("-")[1]: o for o in outs if o.finished})
+        return finals, partial
+
+    cumulative, _ = run(False)
+    final, partial = run(True)
+    assert final.keys() == cumulative.keys() == {"0", "1", "2"}
+    for key, out in final.items():
+        want = cumulative[key]
+        assert [(c.text, c.token_ids, c.finish_reason) for c in out.outputs] == [
+            (c.text, c.token_ids, c.finish_reason) for c in want.outputs
+        ]
+    running = [p for p in partial if p is not None]
+    assert running  # some request was still running at step 6
+    for p in running:
+        whole = final[p.request_id.split("-")[1]]
+        for got, end in zip(p.outputs, whole.outputs):
+            assert not got.finish_reason or got.finish_reason == end.finish_reason
+            assert end.token_ids[: len(got.token_ids)] == got.token_ids
+            assert end.text.startswith(got.text)
+    assert engine.current_output("True-0") is None  # finished: no longer known
