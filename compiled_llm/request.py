@@ -62,6 +62,17 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """all_token_ids[start:end] without building the whole list (the step loop asks for a
+        few tokens of every running request, every step)."""
+        prompt = self.prompt_token_ids
+        if end <= len(prompt):
+            return prompt[start:end]
+        output = self.output_token_ids
+        if start >= len(prompt):
+            return output[start - len(prompt) : end - len(prompt)]
+        return prompt[start:] + output[: end - len(prompt)]
+
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)

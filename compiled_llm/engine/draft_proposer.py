@@ -37,17 +37,6 @@ from compiled_llm.sampling.batch import build_sampling_batch
 from compiled_llm.sampling.sampler import DRAFT_STREAM, Sampler, SamplingBatch
 
 
-def _token_ids(request: Request, start: int, end: int) -> list[int]:
-    """request.all_token_ids[start:end] without building the whole list."""
-    prompt = request.prompt_token_ids
-    if end <= len(prompt):
-        return prompt[start:end]
-    output = request.output_token_ids
-    if start >= len(prompt):
-        return output[start - len(prompt) : end - len(prompt)]
-    return prompt[start:] + output[: end - len(prompt)]
-
-
 @dataclass
 class _DraftKV:
     """What of a request the draft's KV cache holds (Request.spec.proposer_state)."""
@@ -66,7 +55,7 @@ class _DraftKV:
             self.num_preemptions = request.num_preemptions
             self.valid, self.written = 0, []
         if self.written:
-            tokens = _token_ids(request, self.start, self.start + len(self.written))
+            tokens = request.token_ids(self.start, self.start + len(self.written))
             same = 0
             for a, b in zip(tokens, self.written):
                 if a != b:
@@ -192,7 +181,7 @@ class DraftModelProposer:
         # for draft j. One host copy at the end.
         q_lens = np.array([e - v for e, v in zip(ends, valid)], dtype=np.int64)
         tokens = np.concatenate(
-            [np.asarray(_token_ids(r, v, e), dtype=np.int64) for r, v, e in zip(reqs, valid, ends)]
+            [np.asarray(r.token_ids(v, e), dtype=np.int64) for r, v, e in zip(reqs, valid, ends)]
         )
         seq_lens = np.array(ends, dtype=np.int64)
         sampled: list[torch.Tensor] = []
@@ -299,7 +288,7 @@ class DraftModelProposer:
         self._before_chunk(block_table, rows, starts, stops)
         shift = self.token_shift
         pieces = [
-            np.asarray(_token_ids(reqs[i], a + shift, b + shift), dtype=np.int64)
+            np.asarray(reqs[i].token_ids(a + shift, b + shift), dtype=np.int64)
             for i, a, b in zip(rows, starts, stops)
         ]
         ids, positions, attn = self.draft._device_inputs(

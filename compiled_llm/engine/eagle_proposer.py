@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from compiled_llm.engine.draft_proposer import DraftModelProposer, _Proposal, _token_ids
+from compiled_llm.engine.draft_proposer import DraftModelProposer, _Proposal
 from compiled_llm.engine.model_runner import ModelRunner
 from compiled_llm.kv_cache.kv_cache_manager import KVCacheManager
 from compiled_llm.request import Request
@@ -88,7 +88,7 @@ class Eagle3Proposer(DraftModelProposer):
         q_lens = np.array([e - v for e, v in zip(ends, valid)], dtype=np.int64)
         tokens = np.concatenate(
             [
-                np.asarray(_token_ids(r, v + 1, e + 1), dtype=np.int64)
+                np.asarray(r.token_ids(v + 1, e + 1), dtype=np.int64)
                 for r, v, e in zip(reqs, valid, ends)
             ]
         )

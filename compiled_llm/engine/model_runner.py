@@ -520,7 +520,7 @@ class ModelRunner:
         pieces, pending_dst, pending_src = [], [], []
         for i, s in enumerate(scheduled):
             num_known = s.num_tokens - len(s.draft_token_ids)
-            known = s.request.all_token_ids[s.start : s.start + num_known]
+            known = s.request.token_ids(s.start, s.start + num_known)
             if len(known) < num_known:  # the last one is being sampled by `previous`
                 assert previous is not None and len(known) == num_known - 1
                 assert not s.draft_token_ids

@@ -34,14 +34,11 @@ class KVCacheManager:
     # --- lookup ---------------------------------------------------------------------------------
     def _full_block_hashes(self, request: Request, num_tokens: int) -> list[bytes]:
         hashes = self._hashes.setdefault(request.request_id, [])
-        tokens = None
         bs = self.block_size
         while (len(hashes) + 1) * bs <= num_tokens:
-            if tokens is None:
-                tokens = request.all_token_ids
             i = len(hashes)
             parent = hashes[-1] if hashes else _ROOT_HASH
-            hashes.append(block_hash(parent, tokens[i * bs : (i + 1) * bs]))
+            hashes.append(block_hash(parent, request.token_ids(i * bs, (i + 1) * bs)))
         return hashes
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:

@@ -64,3 +64,14 @@ def test_hash_chain_depends_on_parent() -> None:
     tokens = [1, 2, 3, 4]
     assert block_hash(b"x", tokens) != block_hash(b"y", tokens)
     assert block_hash(b"x", tokens) == block_hash(b"x", list(tokens))
+
+
+def test_request_token_ids_slices_prompt_and_output() -> None:
+    """Request.token_ids(start, end), which the step loop and the block hashes use instead of
+    building all_token_ids, is that list's slice for every range."""
+    request = make_request("r", [10, 11, 12, 13])
+    request.output_token_ids.extend([20, 21, 22])
+    whole = request.all_token_ids
+    for start in range(len(whole) + 1):
+        for end in range(start, len(whole) + 2):
+            assert request.token_ids(start, end) == whole[start:end], (start, end)
