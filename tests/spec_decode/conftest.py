@@ -1,11 +1,11 @@
 """A tiny model whose greedy text repeats, so that n-gram drafts are really accepted (a random
 model's text does not repeat): embeddings are orthonormal rows, the output head maps the row of
 token x to token f(x) for a fixed permutation f of the 64-token vocabulary, and the layers'
-outputs are scaled down (`layer_scale`: 0.15 at the default 64-wide shape, 0.035 at the GPU tests'
-256-wide one, where the same 0.15 lets the layers win). The next token is then f(current) about
-95% of the time (`test_cycle_model_follows_f`): the layers, through attention over the whole
-context, change the rest and every logprob, so a wrong KV entry would show. Drafts looked up in a prompt that is f's own chain are accepted; drafts
-from noise are rejected."""
+outputs are scaled down (`layer_scale`: 0.15 at the default 64-wide shape, 0.035 at the GPU
+tests' 256-wide one, where the same 0.15 lets the layers win). The next token is then f(current)
+about 95% of the time (`test_cycle_model_follows_f`): the layers, through attention over the
+whole context, change the rest and every logprob, so a wrong KV entry would show. Drafts looked
+up in a prompt that is f's own chain are accepted; drafts from noise are rejected."""
 
 from __future__ import annotations
 
