@@ -38,9 +38,6 @@ class RequestGrammar:
         self._stop_token_ids = stop_token_ids
         self.matcher: Any = None
         self.error: str | None = None  # why the grammar failed to compile or was broken
-        # The matcher's end state, read once per accepted token (it only moves forward: no
-        # rollback without speculation) instead of asking xgrammar at every use.
-        self._terminated = False
 
     def ready(self) -> bool:
         """True once compiled (or failed: `error` says why)."""
@@ -64,16 +61,15 @@ class RequestGrammar:
     def accept(self, token: int) -> bool:
         """Advance by a sampled token; False (and `error` set) when the grammar refuses it,
         which happens only when the mask allowed no token at all."""
-        if self._terminated:
+        if self.matcher.is_terminated():
             return True
         if self.matcher.accept_token(token):
-            self._terminated = bool(self.matcher.is_terminated())
             return True
         self.error = "structured_outputs: no token could continue the grammar"
         return False
 
     def is_terminated(self) -> bool:
-        return self._terminated
+        return self.matcher is not None and bool(self.matcher.is_terminated())
 
 
 class StructuredOutputManager:
@@ -146,7 +142,7 @@ class StructuredOutputManager:
         active = []
         free = []  # rows that allow everything
         for i, g in enumerate(grammars):
-            if g is not None and g.matcher is not None and not g.is_terminated():
+            if g is not None and g.matcher is not None and not g.matcher.is_terminated():
                 active.append((i, g.matcher))
             else:
                 free.append(i)
