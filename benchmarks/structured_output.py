@@ -18,10 +18,12 @@ the tokenizer's own vocabulary size (printed).
   python benchmarks/structured_output.py --shape tiny --tokenizer bench_tokenizer --batch 64 \\
       --output-len 128 --cprofile 12                 # CPU: where a step's time goes
 
---host-only times the host's share alone, with no model: --batch matchers of the schema advance
---output-len steps on random allowed tokens; per step, the engine's bitmask fill for all rows
-(StructuredOutputManager.bitmask) and each matcher accepting its token (what the scheduler does).
-With async scheduling both must fit inside one forward for the grammar to cost no throughput.
+--host-only times the grammar's host work alone, with no model: --batch matchers of the schema
+advance --output-len steps on random allowed tokens; per step, the bitmask fill for all rows and
+each matcher accepting its token, as the engine's matchers do them (matchers.Matchers.step).
+With the matchers in the step loop (`structured_outputs_matchers="inline"`) both must fit inside
+one forward with the rest of the step's host work for the grammar to cost no throughput; in
+their own process (the default on CUDA), beside that host work.
 """
 
 from __future__ import annotations
@@ -159,9 +161,21 @@ def main(argv: list[str] | None = None) -> None:
         max_model_len=max(2048, args.input_len + args.output_len),
         **json.loads(args.engine_args),
     )
-    if args.fill_threads is not None:
+    if args.fill_threads is not None:  # the engine's manager again, with these fill threads
+        from compiled_llm.structured_output.manager import StructuredOutputManager
+
+        core = llm.engine.core
         threads = args.fill_threads
-        llm.engine.core.structured.fill_threads = threads if threads == "auto" else int(threads)
+        core.structured.shutdown()
+        core.structured = StructuredOutputManager(
+            tokenizer,
+            vocab,
+            max_rows=core.config.scheduler_config.max_num_seqs,
+            pin_memory=core.config.device.type == "cuda",
+            fill_threads=threads if threads == "auto" else int(threads),
+            matchers=core.config.structured_outputs_config.matchers,
+        )
+    print(f"grammar matchers: {llm.engine.core.config.structured_outputs_config.matchers}")
     rng = random.Random(0)
     limit = min(vocab, tokenizer_vocab)
 
@@ -263,12 +277,16 @@ def gpu_profile(llm, prompts, params, steps: int) -> dict:  # noqa: ANN001
 
 
 def host_only(args: argparse.Namespace) -> None:
+    import queue
+
     import numpy as np
     import torch
 
     from compiled_llm.models.loader import default_model_path, load_tokenizer
-    from compiled_llm.sampling_params import SamplingParams, StructuredOutputsParams
-    from compiled_llm.structured_output.manager import StructuredOutputManager
+    from compiled_llm.sampling_params import StructuredOutputsParams
+    from compiled_llm.structured_output.manager import bitmask_width
+    from compiled_llm.structured_output.matchers import Matchers
+    from compiled_llm.structured_output.validate import grammar_spec
 
     env = environment()
     print(f"config: {json.dumps(vars(args))}\nenv: {json.dumps(env)}")
@@ -276,25 +294,31 @@ def host_only(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(tokenizer_path)
     vocab = max(int(SHAPES[args.shape]["vocab_size"]), len(tokenizer))
     threads = args.fill_threads or "auto"  # as the engine on CUDA, whose host this stands for
-    manager = StructuredOutputManager(
+    # The matchers as the engine drives them (in its step loop, or in their own process), here
+    # called directly: a step of accepts alone, then a step of fills alone.
+    buffers = torch.empty((1, args.batch, bitmask_width(vocab)), dtype=torch.int32)
+    notices: queue.Queue = queue.Queue()
+    matchers = Matchers(
         tokenizer_path,
         vocab,
-        pin_memory=False,
+        trust_remote_code=False,
         fill_threads=threads if threads == "auto" else int(threads),
+        buffers=buffers,
+        notify=notices.put,
     )
-    params = SamplingParams(
-        max_tokens=args.output_len, structured_outputs=StructuredOutputsParams(json=SCHEMA)
-    ).clone(all_stop_token_ids={tokenizer.eos_token_id})
-    grammars = [manager.grammar_for(params) for _ in range(args.batch)]
-    for g in grammars:
-        g.future.result()
-        g.ready()
+    spec = grammar_spec(StructuredOutputsParams(json=SCHEMA))
+    for key in range(args.batch):
+        matchers.handle(("add", key, spec, [tokenizer.eos_token_id]))
+    for _ in range(args.batch):
+        notice = notices.get()
+        assert notice[0] == "compiled" and notice[2] is None, notice
+    keys: list[int | None] = list(range(args.batch))
+    mask = buffers[0]
     rng = random.Random(0)
     fills, accepts = [], []
     for _ in range(args.output_len):
         t = time.perf_counter()
-        mask = manager.bitmask(grammars)  # type: ignore[arg-type]
-        assert mask is not None
+        matchers.step([], keys, mask)
         fills.append(time.perf_counter() - t)
         # The allowed tokens through numpy: torch ops here would leave OpenMP workers spinning
         # into the next step's fill and time them instead of the fill.
@@ -304,9 +328,9 @@ def host_only(args: argparse.Namespace) -> None:
             ids = np.flatnonzero(row)
             tokens.append(int(ids[rng.randrange(len(ids))]))
         t = time.perf_counter()
-        for g, token in zip(grammars, tokens):
-            g.accept(token)
+        errors = matchers.step([(k, [tok]) for k, tok in enumerate(tokens)], [], mask[:0])
         accepts.append(time.perf_counter() - t)
+        assert not errors, errors
     steps = args.output_len
     fill_ms, accept_ms = 1000 * sum(fills) / steps, 1000 * sum(accepts) / steps
     fill_med, accept_med = 1000 * statistics.median(fills), 1000 * statistics.median(accepts)
@@ -319,7 +343,7 @@ def host_only(args: argparse.Namespace) -> None:
         "mask on float32 logits (CPU), ms: "
         + ", ".join(f"{k} {v:.2f}" for k, v in apply_ms.items())
     )
-    overlap = fill_beside_python(manager, grammars)  # type: ignore[arg-type]
+    overlap = fill_beside_python(lambda: matchers.step([], keys, mask))
     print(
         "fill on a thread beside Python work, ms: "
         + ", ".join(f"{k} {v:.2f}" for k, v in overlap.items())
@@ -370,19 +394,17 @@ def time_mask_application(mask, vocab: int, reps: int = 20) -> dict[str, float]:
     return out
 
 
-def fill_beside_python(manager, grammars, reps: int = 20) -> dict[str, float]:  # noqa: ANN001
-    """Whether the engine's bitmask fill releases the GIL: median ms of the fill alone, of a
-    fixed pure-Python loop alone, and of both at once (the fill on a thread, as the engine runs
-    it). Both at once near the longer of the two: released; near their sum: held."""
+def fill_beside_python(fill: Callable[[], object], reps: int = 20) -> dict[str, float]:
+    """Whether the bitmask fill releases the GIL: median ms of the fill alone, of a fixed
+    pure-Python loop alone, and of both at once (the fill on a thread). Both at once near the
+    longer of the two: released; near their sum: held (so the matchers run in a process of
+    their own on CUDA)."""
     import threading
 
     def python_work() -> None:
         x = 0
         for i in range(200_000):
             x += i
-
-    def fill() -> None:
-        manager.bitmask(grammars)
 
     def both() -> None:
         thread = threading.Thread(target=fill)

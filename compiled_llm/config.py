@@ -146,6 +146,24 @@ class ParallelConfig:
             raise ValueError(f"rank={self.rank} must be in 0..{self.tensor_parallel_size - 1}")
 
 
+_MATCHER_PLACES = ("auto", "process", "inline")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsConfig:
+    """Where the grammar matchers (docs/structured_output.md) accept sampled tokens and fill the
+    next bitmask: "process", a process of their own beside the engine core, or "inline", the
+    engine core's step loop ("auto" is resolved before this is built)."""
+
+    matchers: str
+
+    def __post_init__(self) -> None:
+        if self.matchers not in _MATCHER_PLACES[1:]:
+            raise ValueError(
+                f"structured_outputs_matchers={self.matchers!r} is not one of {_MATCHER_PLACES}"
+            )
+
+
 @dataclass(frozen=True)
 class ObservabilityConfig:
     profile_dir: str | None
@@ -357,6 +375,7 @@ class EngineConfig:
     attention_backend: str
     speculative_config: SpeculativeConfig | None  # None: no speculative decoding
     parallel_config: ParallelConfig
+    structured_outputs_config: StructuredOutputsConfig
 
 
 _LOAD_FORMATS = ("auto", "dummy")
@@ -489,6 +508,13 @@ class EngineArgs:
         True, "split long prompts over several steps, beside running decodes"
     )
     async_scheduling: bool = _arg(True, "schedule step N+1 while step N runs on the device")
+    structured_outputs_matchers: str = _arg(
+        "auto",
+        "where structured outputs' grammar matchers accept tokens and fill the next token "
+        "bitmask: process (a process of their own, beside the step loop), inline (the engine "
+        "core's step loop); auto: process on CUDA, inline on CPU (docs/structured_output.md)",
+        choices=_MATCHER_PLACES,
+    )
     device: str = _arg(
         "auto",
         "auto (cuda when available, else cpu), cpu, cuda or cuda:N (with tensor parallelism, "
@@ -752,6 +778,13 @@ class EngineArgs:
                 tensor_parallel_size=self.tensor_parallel_size,
                 rank=0,
                 distributed_executor_backend=self.distributed_executor_backend,
+            ),
+            structured_outputs_config=StructuredOutputsConfig(
+                matchers=(
+                    ("process" if device.type == "cuda" else "inline")
+                    if self.structured_outputs_matchers == "auto"
+                    else self.structured_outputs_matchers
+                )
             ),
         )
 

@@ -6,7 +6,6 @@ The same class runs in-process (`LLM`) and in its own process behind ZeroMQ (the
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import time
 
@@ -73,9 +72,11 @@ class EngineCore:
         self.structured = StructuredOutputManager(
             mc.tokenizer,
             int(mc.hf_config.vocab_size),
+            max_rows=config.scheduler_config.max_num_seqs,
             pin_memory=config.device.type == "cuda",
             trust_remote_code=mc.trust_remote_code,
             fill_threads="auto" if config.device.type == "cuda" else 1,
+            matchers=config.structured_outputs_config.matchers,
         )
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %s)",
@@ -170,6 +171,9 @@ class EngineCore:
             if self._inflight is not None:
                 outputs += self._process(self._inflight.result())
                 self._inflight = None
+            # N's rows have every earlier token now: the matchers take the new ones and fill
+            # N's bitmask (in their own process, while this one schedules N+1).
+            self.structured.prefetch([r.grammar for r in to_sample.requests])
         with self.profiler.stage("schedule"):
             sched = self.scheduler.schedule()
         block_ids = [] if sched.is_empty else self._block_ids(sched)
@@ -199,15 +203,21 @@ class EngineCore:
             outputs += self._process(previous.result())
         elif sched.is_empty and self.scheduler.compiling:
             # Nothing runs but grammars compile: wait for one rather than spin.
-            futures = [g.future for g in self.scheduler.compiling]
-            concurrent.futures.wait(futures, timeout=0.05, return_when="FIRST_COMPLETED")
+            self.structured.wait_compiled(timeout=0.05)
         return self._outputs(outputs, sched)
 
     def _sample(self, launched: LaunchedStep) -> StepHandle:
         """Launch a step's sampling with the bitmask of its grammar rows; every earlier step's
-        tokens have been processed."""
+        tokens have been processed. A sample whose matcher refused its last token ends here
+        with "error" (reported with the next outputs); its row's token is dropped."""
         with self.profiler.stage("grammar bitmask"):
             bitmask = self.structured.bitmask([r.grammar for r in launched.requests])
+        for request in launched.requests:
+            grammar = request.grammar
+            if grammar is not None and grammar.error is not None and not request.is_finished:
+                request.stop_reason = grammar.error
+                self.scheduler.finish(request.request_id, RequestStatus.FINISHED_ERROR)
+                self.scheduler.finished_unscheduled.append(request)
         return self.runner.sample(launched, bitmask)
 
     def _finished_unscheduled(self) -> list[EngineCoreOutput]:
@@ -301,5 +311,6 @@ class EngineCore:
         self.runner.check_health()
 
     def shutdown(self) -> None:
-        """Stop what outlives this object: tensor-parallel workers (none otherwise)."""
+        """Stop what outlives this object: tensor-parallel workers and the grammar process."""
+        self.structured.shutdown()
         self.runner.shutdown()

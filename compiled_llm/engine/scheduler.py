@@ -90,8 +90,8 @@ class Scheduler:
         self._counter = itertools.count()
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
-        # Requests that ended without being scheduled (their grammar failed to compile); the
-        # core reports them and clears the list.
+        # Requests that ended outside a step's results (a grammar that failed to compile, or
+        # whose matcher refused a token); the core reports them and clears the list.
         self.finished_unscheduled: list[Request] = []
         # Grammars the last schedule found still compiling (their requests wait).
         self.compiling: list[RequestGrammar] = []
@@ -121,6 +121,8 @@ class Scheduler:
         if request in self.running:
             self.running.remove(request)
         self.kv_cache.forget(request)
+        if request.grammar is not None:
+            request.grammar.release()
         return request  # a finished request left in the waiting heap is skipped when popped
 
     # --- one step -------------------------------------------------------------------------------

@@ -1,26 +1,42 @@
-"""The engine core's side of structured outputs: grammars compiled off the step loop, one
-matcher per sample, and the step's token bitmask filled on the host.
+"""The engine core's side of structured outputs: a handle per sample (`RequestGrammar`) and
+the manager that drives the grammar matchers (matchers.py) with messages.
 
-Compilation runs on one worker thread (xgrammar releases the GIL while it compiles), so a slow
-grammar never stalls the step loop: the request waits in the queue until its grammar is ready
-(`RequestGrammar.ready`), while others run. One `GrammarCompiler` per engine (one tokenizer),
-built on first use; its cache keys compiled grammars by their spec, so a schema seen before
-(or the `n` samples of one request) compiles once.
+Compilation runs on the matchers' worker thread, so a slow grammar never stalls the step loop:
+the request waits in the queue until its grammar is ready (`RequestGrammar.ready`), while
+others run. The step loop records each sample's new tokens on its handle; `prefetch` sends them
+with the rows of the next step's bitmask, and `bitmask` waits for it. With the matchers in a
+process of their own (`matchers="process"`, the default on CUDA), accepting and filling, which
+hold the GIL, run while the step loop schedules the next step and builds its inputs; inline they
+run in `prefetch`, on the step loop's thread.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import itertools
 import logging
+import mmap
+import multiprocessing
+import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+import weakref
+from multiprocessing import reduction
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from compiled_llm.sampling_params import SamplingParams
-from compiled_llm.structured_output.validate import grammar_spec, json_options
+from compiled_llm.structured_output.matchers import Matchers, Message, serve
+from compiled_llm.structured_output.validate import grammar_spec
 
 logger = logging.getLogger(__name__)
+
+
+# What Matchers is made with besides its buffers: tokenizer, vocabulary size, trust_remote_code,
+# fill threads.
+MatcherArgs = tuple[str, int, bool, int | Literal["auto"]]
 
 
 def bitmask_width(vocab_size: int) -> int:
@@ -29,47 +45,46 @@ def bitmask_width(vocab_size: int) -> int:
 
 
 class RequestGrammar:
-    """One sample's grammar: the compile future, then its matcher. The matcher has accepted
-    exactly the sample's output tokens, so it stays right across preemption (recompute keeps the
-    tokens) and prefix-cache hits (which only concern the prompt)."""
+    """One sample's grammar as the step loop sees it: compiling, ready or failed (`error`), and
+    the sampled tokens its matcher has not been sent yet. The matcher accepts exactly the
+    sample's output tokens, so it stays right across preemption (recompute keeps the tokens) and
+    prefix-cache hits (which only concern the prompt)."""
 
-    def __init__(self, future: Future[Any], stop_token_ids: list[int]) -> None:
-        self.future = future
-        self._stop_token_ids = stop_token_ids
-        self.matcher: Any = None
+    def __init__(self, manager: StructuredOutputManager, key: int) -> None:
+        self._manager = manager
+        self.key = key
+        self.compiled = False
         self.error: str | None = None  # why the grammar failed to compile or was broken
+        self.stop_token_ids: frozenset[int] = frozenset()  # the matcher's, once compiled
+        self.pending: list[int] = []  # accepted here, not yet by the matcher
+        self._ended = False
 
     def ready(self) -> bool:
         """True once compiled (or failed: `error` says why)."""
-        if self.matcher is not None or self.error is not None:
-            return True
-        if not self.future.done():
-            return False
-        try:
-            import xgrammar as xgr
-
-            # No stop id inside the vocabulary (xgrammar refuses an empty list): the
-            # tokenizer's own end-of-sequence tokens end the grammar.
-            self.matcher = xgr.GrammarMatcher(
-                self.future.result(), override_stop_tokens=self._stop_token_ids or None
-            )
-        except Exception as e:
-            logger.warning("structured outputs: grammar compilation failed: %s", e)
-            self.error = f"structured_outputs: the grammar failed to compile: {e}"
-        return True
+        if not self.compiled and self.error is None:
+            self._manager.poll()
+        return self.compiled or self.error is not None
 
     def accept(self, token: int) -> bool:
-        """Advance by a sampled token; False (and `error` set) when the grammar refuses it,
-        which happens only when the mask allowed no token at all."""
-        if self.matcher.is_terminated():
+        """Take a sampled token; False if the matcher has refused one (`error` says so). The
+        mask allows a stop token only where the grammar may end, so one ends it here at once;
+        the matcher checks every token when it gets them, with the next bitmask."""
+        if self.error is not None:
+            return False
+        if self._ended:
             return True
-        if self.matcher.accept_token(token):
-            return True
-        self.error = "structured_outputs: no token could continue the grammar"
-        return False
+        if not self.pending:
+            self._manager.dirty.append(self)
+        self.pending.append(token)
+        self._ended = token in self.stop_token_ids
+        return True
 
     def is_terminated(self) -> bool:
-        return self.matcher is not None and bool(self.matcher.is_terminated())
+        return self._ended
+
+    def release(self) -> None:
+        """The sample has finished: its matcher goes."""
+        self._manager.release(self)
 
 
 class StructuredOutputManager:
@@ -77,90 +92,244 @@ class StructuredOutputManager:
         self,
         tokenizer: str,
         vocab_size: int,
+        max_rows: int,
         pin_memory: bool,
         trust_remote_code: bool = False,
         fill_threads: int | Literal["auto"] = "auto",
+        matchers: str = "inline",
     ) -> None:
-        """`fill_threads`: xgrammar's threads for a batch's bitmask. On a CPU model, 1: the
-        cores belong to torch's OpenMP pool, and xgrammar's idle workers spin long enough after
-        a fill to slow the next forward's GEMMs, while a fill of 64 rows takes about a
-        millisecond either way (docs/structured_output.md; `benchmarks/structured_output.py
-        --cprofile N --fill-threads auto|1`)."""
-        self.tokenizer_path = tokenizer
-        self.trust_remote_code = trust_remote_code
-        self.vocab_size = vocab_size
-        self.pin_memory = pin_memory
-        self.fill_threads = fill_threads
-        self._executor: ThreadPoolExecutor | None = None  # compiles grammars
-        self._compiler: Any = None
+        """`max_rows`: the most sampling rows a step has. `fill_threads`: xgrammar's threads for
+        a batch's bitmask. On a CPU model, 1: the cores belong to torch's OpenMP pool, and
+        xgrammar's idle workers spin long enough after a fill to slow the next forward's GEMMs,
+        while a fill of 64 rows takes about a millisecond either way
+        (docs/structured_output.md; `benchmarks/structured_output.py --cprofile N --fill-threads
+        auto|1`). `matchers`: "inline" or "process" (StructuredOutputsConfig); the process
+        starts with the manager, so the first request does not wait for it."""
+        self.max_rows = max_rows
+        width = bitmask_width(vocab_size)
+        self._args: MatcherArgs = (
+            tokenizer,
+            vocab_size,
+            trust_remote_code,
+            fill_threads,
+        )
+        self._grammars: dict[int, RequestGrammar] = {}  # compiling or running
+        self._keys = itertools.count()
+        self.dirty: list[RequestGrammar] = []  # with pending tokens
+        self._seq = itertools.count(1)
+        # The step whose bitmask was asked for: (seq, rows, buffer); its reply's errors by seq.
+        self._in_flight: tuple[int, list[int | None], int] | None = None
+        self._replies: dict[int, dict[int, str]] = {}
+        self._channel: _Inline | _Process
+        if matchers == "process":
+            self._channel = _Process(self._args, (2, max_rows, width))
+        else:
+            shape = (2, max_rows, width)
+            buffers = torch.empty(shape, dtype=torch.int32, pin_memory=pin_memory)
+            self._channel = _Inline(self._args, buffers)
+        self.buffers = self._channel.buffers
         self._lock = threading.Lock()
-        self._batch: Any = None  # xgrammar's BatchGrammarMatcher, made on first use
+
+    @property
+    def fill_threads(self) -> int | Literal["auto"]:
+        return self._args[3]
 
     def grammar_for(self, params: SamplingParams) -> RequestGrammar:
-        """Start compiling the request's grammar (returns at once)."""
+        """Start compiling a sample's grammar (returns at once)."""
         so = params.structured_outputs
         assert so is not None
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="grammar")
-        future = self._executor.submit(self._compile, grammar_spec(so))
-        stops = sorted(t for t in params.all_stop_token_ids if t < self.vocab_size)
-        return RequestGrammar(future, stops)
+        key = next(self._keys)
+        grammar = RequestGrammar(self, key)
+        self._grammars[key] = grammar
+        stops = sorted(t for t in params.all_stop_token_ids if t < self._args[1])
+        self._channel.send(("add", key, grammar_spec(so), stops))
+        return grammar
 
-    def _compile(self, spec: tuple[str, str, bool]) -> Any:
-        kind, text, any_whitespace = spec
-        compiler = self._get_compiler()
-        if kind in ("json", "json_object"):
-            return compiler.compile_json_schema(text, **json_options(kind, any_whitespace))
-        if kind == "regex":
-            return compiler.compile_regex(text)
-        return compiler.compile_grammar(text)
+    def release(self, grammar: RequestGrammar) -> None:
+        if self._grammars.pop(grammar.key, None) is not None:
+            grammar.pending.clear()
+            self._channel.send(("remove", [grammar.key]))
 
-    def _get_compiler(self) -> Any:
-        with self._lock:
-            if self._compiler is None:
-                import xgrammar as xgr
+    # --- messages -------------------------------------------------------------------------------
+    def _dispatch(self, message: Message) -> None:
+        if message[0] == "compiled":
+            _, key, error, stop_token_ids = message
+            grammar = self._grammars.get(key)
+            if grammar is not None:
+                grammar.error = error
+                grammar.stop_token_ids = frozenset(stop_token_ids)
+                grammar.compiled = error is None
+        else:
+            _, seq, errors = message
+            self._replies[seq] = errors
 
-                from compiled_llm.models.loader import load_tokenizer
+    def poll(self) -> None:
+        """Take the messages that have arrived (compiled grammars), without waiting."""
+        while (message := self._channel.recv(0)) is not None:
+            self._dispatch(message)
 
-                tokenizer = load_tokenizer(self.tokenizer_path, self.trust_remote_code)
-                info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
-                self._compiler = xgr.GrammarCompiler(info, cache_enabled=True)
-            return self._compiler
+    def wait_compiled(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for a message (a grammar compiled), then poll."""
+        message = self._channel.recv(timeout)
+        if message is not None:
+            self._dispatch(message)
+            self.poll()
+
+    # --- steps ----------------------------------------------------------------------------------
+    def prefetch(self, grammars: list[RequestGrammar | None]) -> None:
+        """Send the samples' new tokens and ask for the bitmask of a step's sampling rows,
+        row i for grammars[i]; `bitmask` waits for it. Nothing for a step without grammar rows."""
+        if self._in_flight is not None or all(g is None for g in grammars):
+            return
+        if len(grammars) > self.max_rows:
+            raise ValueError(f"{len(grammars)} sampling rows exceed max_rows={self.max_rows}")
+        accepts = []
+        for g in self.dirty:
+            if g.pending:
+                accepts.append((g.key, g.pending))
+                g.pending = []
+        self.dirty.clear()
+        rows = [None if g is None or g.error is not None else g.key for g in grammars]
+        seq = next(self._seq)
+        buffer = seq % 2
+        self._in_flight = (seq, rows, buffer)
+        self._channel.send(("step", seq, accepts, rows, buffer))
 
     def bitmask(self, grammars: list[RequestGrammar | None]) -> torch.Tensor | None:
-        """The next-token bitmask of a step's sampling rows, row i for grammars[i], as a
-        [B, W] int32 host tensor (pinned on CUDA); None when no row has a grammar. Rows without
-        a grammar allow everything, and so does a finished one (its step was launched before it
-        ended; its token is dropped)."""
+        """The next-token bitmask of a step's sampling rows as a [B, W] int32 host tensor (a
+        view of one of two buffers, which steps alternate: the step's sampling has copied it
+        before the step after next refills it); None when no row has a grammar. Rows without a
+        grammar allow everything, and so does a finished one (its step was launched before it
+        ended; its token is dropped). A sample whose matcher refused a token gets `error` set;
+        the caller ends its request."""
         if all(g is None for g in grammars):
             return None
-        # A fresh tensor each step: torch's caching host allocator does not hand pinned memory
-        # back out while a copy from it may still be in flight (and hands it out cheaply once
-        # the copy is done). Its contents are stale, so every row is written below.
-        width = bitmask_width(self.vocab_size)
-        mask = torch.empty((len(grammars), width), dtype=torch.int32, pin_memory=self.pin_memory)
-        active = []
-        free = []  # rows that allow everything
-        for i, g in enumerate(grammars):
-            if g is not None and g.matcher is not None and not g.matcher.is_terminated():
-                active.append((i, g.matcher))
-            else:
-                free.append(i)
-        if free:
-            # Through numpy, not `mask.fill_(-1)`: a torch fill of the whole buffer is a parallel
-            # op whose OpenMP workers keep spinning after it and slowed xgrammar's fill threads
-            # (docs/structured_output.md, "Measuring the overhead").
-            mask.numpy()[free] = -1
-        # xgrammar writes every word of each row it fills (tests/structured_output/test_bitmask.py
-        # checks it on a buffer of garbage).
-        if len(active) == 1:
-            active[0][1].fill_next_token_bitmask(mask, active[0][0])
-        elif active:  # xgrammar fills the rows on its own threads
-            if self._batch is None:
-                import xgrammar as xgr
+        rows = [None if g is None or g.error is not None else g.key for g in grammars]
+        if self._in_flight is not None and self._in_flight[1] != rows:
+            self._wait(self._in_flight[0])  # asked for other rows: drop it, ask again
+            self._in_flight = None
+        self.prefetch(grammars)
+        assert self._in_flight is not None
+        seq, _, buffer = self._in_flight
+        self._in_flight = None
+        for key, why in self._wait(seq).items():
+            grammar = self._grammars.get(key)
+            if grammar is not None:
+                grammar.error = why
+        return self.buffers[buffer, : len(grammars)]
 
-                self._batch = xgr.BatchGrammarMatcher(self.fill_threads)
-            self._batch.batch_fill_next_token_bitmask(
-                [m for _, m in active], mask, indices=[i for i, _ in active]
-            )
-        return mask
+    def _wait(self, seq: int) -> dict[int, str]:
+        while seq not in self._replies:
+            message = self._channel.recv(None)
+            assert message is not None
+            self._dispatch(message)
+        return self._replies.pop(seq)
+
+    def shutdown(self) -> None:
+        self._channel.close()
+
+
+class _Inline:
+    """The matchers in this process: a message is handled when it is sent; replies and the
+    compile thread's notices queue up for `recv`."""
+
+    def __init__(self, args: MatcherArgs, buffers: torch.Tensor) -> None:
+        self.buffers = buffers
+        self._inbox: collections.deque[Message] = collections.deque()
+        self._arrived = threading.Condition()
+        self.matchers = Matchers(*args, buffers, self._put)
+
+    def _put(self, message: Message) -> None:
+        with self._arrived:
+            self._inbox.append(message)
+            self._arrived.notify()
+
+    def send(self, message: Message) -> None:
+        self.matchers.handle(message)
+
+    def recv(self, timeout: float | None) -> Message | None:
+        with self._arrived:
+            if not self._inbox and timeout != 0:
+                self._arrived.wait(timeout)
+            return self._inbox.popleft() if self._inbox else None
+
+    def close(self) -> None:
+        self.matchers.close()
+
+
+class _Process:
+    """The matchers in a process of their own (matchers.serve), over a pipe; bitmasks come back
+    in memory both map (an anonymous file whose descriptor the process inherits: no name to
+    clean up, gone when both have closed it). The process exits when the engine's is gone."""
+
+    def __init__(self, args: MatcherArgs, shape: tuple[int, int, int]) -> None:
+        from compiled_llm.engine.tp_executor import _may_have_children
+
+        size = int(np.prod(shape)) * 4
+        fd = os.memfd_create("compiled-llm-bitmask")
+        try:
+            os.ftruncate(fd, size)
+            self._mmap = mmap.mmap(fd, size)
+            ctx = multiprocessing.get_context("spawn")
+            self._conn, child = ctx.Pipe()
+            with _may_have_children():
+                self._proc = ctx.Process(
+                    target=serve,
+                    args=(child, _InheritedFd(fd), shape, *args, os.getpid()),
+                    name="grammar",
+                    daemon=True,
+                )
+                self._proc.start()
+        finally:
+            os.close(fd)
+        child.close()
+        self.buffers = torch.from_numpy(np.frombuffer(self._mmap, dtype=np.int32).reshape(shape))
+        self._finalizer = weakref.finalize(self, _stop, self._proc, self._conn)
+
+    def send(self, message: Message) -> None:
+        try:
+            self._conn.send(message)
+        except OSError as e:
+            raise self._gone() from e
+
+    def recv(self, timeout: float | None) -> Message | None:
+        try:
+            if not self._conn.poll(timeout):
+                return None
+            return self._conn.recv()
+        except (EOFError, OSError) as e:
+            raise self._gone() from e
+
+    def _gone(self) -> RuntimeError:
+        self._proc.join(1)
+        return RuntimeError(
+            f"the structured outputs' grammar process exited (exit code {self._proc.exitcode})"
+        )
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+class _InheritedFd:
+    """A file descriptor given to a spawned process: pickled as a duplicate the child
+    receives (how multiprocessing passes a Connection), unpickled there as the int."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return _detach, (reduction.DupFd(self.fd),)
+
+
+def _detach(dup: Any) -> int:
+    return dup.detach()
+
+
+def _stop(proc: Any, conn: Any) -> None:
+    with contextlib.suppress(OSError):
+        conn.send(("stop",))
+    proc.join(2)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(1)
+    conn.close()

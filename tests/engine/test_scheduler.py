@@ -212,17 +212,26 @@ def test_async_steps_schedule_placeholders_up_to_max_tokens(max_tokens: int) -> 
 
 def test_a_compiling_grammar_waits_in_place_and_a_failed_one_finishes() -> None:
     """A request whose grammar still compiles keeps its place while later ones run; once
-    compiled it is admitted; one whose grammar failed ends with "error" and is reported once."""
-    from concurrent.futures import Future
-
+    compiled it is admitted; one whose grammar failed ends with "error" and is reported once,
+    and its matcher is released."""
     from compiled_llm.structured_output.manager import RequestGrammar
 
+    class Manager:  # compile results arrive by setting the handles' fields below
+        def __init__(self) -> None:
+            self.released: list[int] = []
+
+        def poll(self) -> None:
+            pass
+
+        def release(self, grammar: RequestGrammar) -> None:
+            self.released.append(grammar.key)
+
     s, kv = scheduler(max_num_batched_tokens=64)
-    pending: Future = Future()
-    failed: Future = Future()
-    failed.set_exception(RuntimeError("bad grammar"))
+    manager = Manager()
     slow, other, broken = request("slow", 4), request("other", 4), request("broken", 4)
-    slow.grammar, broken.grammar = RequestGrammar(pending, [2]), RequestGrammar(failed, [2])
+    slow.grammar = RequestGrammar(manager, 1)  # type: ignore[arg-type]
+    broken.grammar = RequestGrammar(manager, 2)  # type: ignore[arg-type]
+    broken.grammar.error = "structured_outputs: the grammar failed to compile: bad grammar"
     for r in (slow, other, broken):
         s.add_request(r)
     out = s.schedule()
@@ -230,9 +239,7 @@ def test_a_compiling_grammar_waits_in_place_and_a_failed_one_finishes() -> None:
     assert s.compiling == [slow.grammar]
     assert s.finished_unscheduled == [broken] and broken.status is RequestStatus.FINISHED_ERROR
     assert "compile" in str(broken.stop_reason) and "broken" not in kv.held
-    pending.set_result(object())  # "compiled": the matcher is made from it when admitted
-    import unittest.mock as mock
-
-    with mock.patch("xgrammar.GrammarMatcher"):
-        out = s.schedule()
+    assert manager.released == [2]
+    slow.grammar.compiled = True
+    out = s.schedule()
     assert ("slow", 0, 4, True) in plan(out) and s.compiling == []

@@ -12,7 +12,12 @@ from compiled_llm.request import Request
 from compiled_llm.sampling.batch import build_sampling_batch
 from compiled_llm.sampling.sampler import Sampler, apply_token_bitmask
 from compiled_llm.sampling_params import SamplingParams
-from compiled_llm.structured_output.manager import RequestGrammar, bitmask_width
+from compiled_llm.sampling_params import StructuredOutputsParams as SO
+from compiled_llm.structured_output.manager import (
+    RequestGrammar,
+    StructuredOutputManager,
+    bitmask_width,
+)
 
 # A toy vocabulary: digits, letters, punctuation, a few multi-character tokens, EOS last.
 VOCAB = [*"0123456789", *"abcdefxyz", *'-_ {}":,', "12", "ab", "-a", "</s>"]
@@ -54,24 +59,35 @@ def test_masked_logits_match_the_matcher_and_xgrammar(prefix: list[int]) -> None
     assert finite  # the grammar can always continue here
 
 
-def _grammar(regex: str, accepted: list[int]) -> RequestGrammar:
-    from concurrent.futures import Future
+def inline_manager(max_rows: int = 8) -> StructuredOutputManager:
+    """A manager with the matchers in this process, compiling for the toy vocabulary."""
+    manager = StructuredOutputManager("unused", PADDED, max_rows=max_rows, pin_memory=False)
+    info = xgr.TokenizerInfo(VOCAB, vocab_size=PADDED, stop_token_ids=[EOS])
+    manager._channel.matchers._compiler = xgr.GrammarCompiler(info)  # type: ignore[union-attr]
+    return manager
 
-    future: Future = Future()
-    future.set_result(compiled(regex))
-    g = RequestGrammar(future, [EOS])
-    assert g.ready()
+
+def _grammar(
+    manager: StructuredOutputManager, regex: str, accepted: list[int], stops: set[int] | None = None
+) -> RequestGrammar:
+    params = SamplingParams(structured_outputs=SO(regex=regex))
+    g = manager.grammar_for(params.clone(all_stop_token_ids={EOS} if stops is None else stops))
+    while not g.ready():
+        manager.wait_compiled(1.0)
+    assert g.error is None
     for t in accepted:
         assert g.accept(t)
     return g
+
+
+def matcher_of(manager: StructuredOutputManager, g: RequestGrammar) -> xgr.GrammarMatcher:
+    return manager._channel.matchers._matchers[g.key]  # type: ignore[union-attr]
 
 
 def test_sampler_masks_only_grammar_rows() -> None:
     """Greedy: the unconstrained row keeps its argmax, the constrained row takes the best
     allowed token; random sampling only ever draws allowed tokens; logprobs are of the
     constrained distribution."""
-    from compiled_llm.structured_output.manager import StructuredOutputManager
-
     torch.manual_seed(0)
     logits = torch.randn(PADDED)
     logits[VOCAB.index("x")] = 10.0  # the favourite, which the grammar forbids
@@ -80,8 +96,8 @@ def test_sampler_masks_only_grammar_rows() -> None:
     reqs = [Request(f"r{i}", [1], p, 8, 7) for i, p in enumerate([greedy, greedy, random])]
     for r in reqs:
         r.num_pending_output_tokens = 1
-    grammars = [None, _grammar("[0-9]+", []), _grammar("[0-9]+", [])]
-    manager = StructuredOutputManager("unused", PADDED, pin_memory=False)
+    manager = inline_manager()
+    grammars = [None, _grammar(manager, "[0-9]+", []), _grammar(manager, "[0-9]+", [])]
     mask = manager.bitmask(grammars)
     assert mask is not None and mask.shape[0] == 3
     assert torch.equal(mask[0], torch.full_like(mask[0], -1))  # no grammar: all allowed
@@ -103,12 +119,20 @@ def test_sampler_masks_only_grammar_rows() -> None:
 
 
 def test_grammar_end_and_refusal() -> None:
-    g = _grammar("ab", [VOCAB.index("ab")])
+    """A stop token ends the grammar at once (the mask allows one only where it may end); a
+    token the matcher refuses is reported with the next bitmask, whose row then allows
+    everything, and the handle refuses tokens from then on."""
+    manager = inline_manager()
+    g = _grammar(manager, "ab", [VOCAB.index("ab")])
     assert not g.is_terminated()
     assert g.accept(EOS) and g.is_terminated()
-    bad = _grammar("ab", [])
-    assert not bad.accept(VOCAB.index("x"))
+    bad = _grammar(manager, "ab", [])
+    assert bad.accept(VOCAB.index("x"))  # not checked yet
+    mask = manager.bitmask([g, bad])
+    assert mask is not None and torch.equal(mask[1], torch.full_like(mask[1], -1))
     assert bad.error is not None and "no token" in bad.error
+    assert not bad.accept(VOCAB.index("a"))
+    assert g.error is None and matcher_of(manager, g).is_terminated()
 
 
 def test_a_zero_noise_draw_never_picks_a_masked_token() -> None:
@@ -128,81 +152,69 @@ def test_a_zero_noise_draw_never_picks_a_masked_token() -> None:
     assert out.token_ids.tolist() == [3]
 
 
-def plain_fill(g: RequestGrammar | None) -> torch.Tensor:
+def plain_fill(manager: StructuredOutputManager, g: RequestGrammar | None) -> torch.Tensor:
     """The oracle row of a request's grammar: all allowed (-1), then its matcher's own fill
     unless it has finished (or there is none)."""
     row = torch.full((1, bitmask_width(PADDED)), -1, dtype=torch.int32)
     if g is not None and not g.is_terminated():
-        g.matcher.fill_next_token_bitmask(row, 0)
+        matcher_of(manager, g).fill_next_token_bitmask(row, 0)
     return row[0]
 
 
 def test_batched_fill_equals_row_by_row() -> None:
     """The manager fills several rows on xgrammar's threads; each row equals its matcher's own
     fill, rows without a grammar or with a finished one allow everything."""
-    from compiled_llm.structured_output.manager import StructuredOutputManager
-
+    manager = inline_manager()
     grammars = [
-        _grammar(r"[0-9]{2,3}-[a-f]+", [1]),
+        _grammar(manager, r"[0-9]{2,3}-[a-f]+", [1]),
         None,
-        _grammar(r"[0-9]{2,3}-[a-f]+", [1, 2, 3, VOCAB.index("-")]),
-        _grammar("ab", [VOCAB.index("ab"), EOS]),  # terminated
-        _grammar("[a-z]+", []),
+        _grammar(manager, r"[0-9]{2,3}-[a-f]+", [1, 2, 3, VOCAB.index("-")]),
+        _grammar(manager, "ab", [VOCAB.index("ab"), EOS]),  # terminated
+        _grammar(manager, "[a-z]+", []),
     ]
-    mask = StructuredOutputManager("unused", PADDED, pin_memory=False).bitmask(grammars)
+    mask = manager.bitmask(grammars)
     assert mask is not None and mask.shape[0] == len(grammars)
     for i, g in enumerate(grammars):
-        assert torch.equal(mask[i], plain_fill(g)), i
+        assert torch.equal(mask[i], plain_fill(manager, g)), i
 
 
 def test_no_stop_id_in_vocabulary_ends_on_the_tokenizers_eos() -> None:
     """A request whose stop ids all lie outside the vocabulary (a model whose vocabulary is
     narrower than its tokenizer's eos id) gets a matcher ending on the tokenizer's EOS, not a
     failed grammar (xgrammar refuses an empty stop list)."""
-    from concurrent.futures import Future
-
-    future: Future = Future()
-    future.set_result(compiled("ab"))
-    g = RequestGrammar(future, [])
-    assert g.ready() and g.error is None
+    manager = inline_manager()
+    g = _grammar(manager, "ab", [], stops={PADDED + 5})
+    assert g.stop_token_ids == {EOS}
     assert g.accept(VOCAB.index("ab")) and g.accept(EOS) and g.is_terminated()
+    manager.bitmask([g])
+    assert g.error is None and matcher_of(manager, g).is_terminated()
 
 
 def test_bitmask_on_a_stale_buffer_equals_the_plain_fill() -> None:
-    """The manager no longer clears its buffer (torch's allocator may hand back stale memory)
-    and writes only the rows xgrammar does not fill. Oracle: a buffer of -1 filled row by row
-    with each matcher's own fill, at every step of random walks through several grammars, with
-    the manager's buffer full of garbage each time."""
+    """The manager does not clear its buffers (they are reused every other step) and writes
+    only the rows xgrammar does not fill. Oracle: a buffer of -1 filled row by row with each
+    matcher's own fill, at every step of random walks through several grammars, with the
+    manager's buffers full of garbage each time."""
     import random
-    from unittest import mock
-
-    from compiled_llm.structured_output import manager as manager_module
-    from compiled_llm.structured_output.manager import StructuredOutputManager
-
-    empty = torch.empty
-
-    def garbage(*args, **kwargs):  # what a reused pinned block may hold
-        t = empty(*args, **kwargs)
-        t.copy_(torch.randint(-(2**31), 2**31 - 1, t.shape, dtype=torch.int32))
-        return t
 
     rng = random.Random(0)
+    manager = inline_manager()
     grammars = [
-        _grammar(r"[0-9]{2,3}-[a-f]+", []),
+        _grammar(manager, r"[0-9]{2,3}-[a-f]+", []),
         None,
-        _grammar(r"\{\"a\": [0-9]+(, \"b\": \"[a-z]*\")?\}", []),
-        _grammar("ab", [VOCAB.index("ab"), EOS]),  # terminated
-        _grammar("[a-z]+(_[0-9])*", []),
-        _grammar("(12|ab)+", []),
+        _grammar(manager, r"\{\"a\": [0-9]+(, \"b\": \"[a-z]*\")?\}", []),
+        _grammar(manager, "ab", [VOCAB.index("ab"), EOS]),  # terminated
+        _grammar(manager, "[a-z]+(_[0-9])*", []),
+        _grammar(manager, "(12|ab)+", []),
     ]
-    manager = StructuredOutputManager("unused", PADDED, pin_memory=False)
     shifts = torch.arange(32, dtype=torch.int32)
     for step in range(12):
-        with mock.patch.object(manager_module.torch, "empty", garbage):
-            mask = manager.bitmask(grammars)
+        garbage = torch.randint(-(2**31), 2**31 - 1, manager.buffers.shape, dtype=torch.int32)
+        manager.buffers.copy_(garbage)
+        mask = manager.bitmask(grammars)
         assert mask is not None and mask.shape[0] == len(grammars)
         for i, g in enumerate(grammars):
-            expected = plain_fill(g)
+            expected = plain_fill(manager, g)
             assert torch.equal(mask[i], expected), (step, i)
             if g is None:
                 continue

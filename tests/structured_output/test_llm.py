@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 
 import jsonschema
 import pytest
@@ -28,10 +29,20 @@ PERSON = {
 ASK = [{"role": "user", "content": "Describe a person as JSON with a name, an age and pets."}]
 
 
-@pytest.fixture(scope="module")
-def llm() -> LLM:
+@pytest.fixture(scope="module", params=["inline", "process"])
+def llm(request: pytest.FixtureRequest) -> Iterator[LLM]:
+    """The engine with the grammar matchers in its step loop, then in their own process (the
+    default on CUDA): every test here runs with both."""
     # 20 blocks of 16 tokens: a few long samples at once run out and are preempted.
-    return LLM(enforce_eager=True, max_model_len=256, seed=0, num_gpu_blocks_override=20)
+    llm = LLM(
+        enforce_eager=True,
+        max_model_len=256,
+        seed=0,
+        num_gpu_blocks_override=20,
+        structured_outputs_matchers=request.param,
+    )
+    yield llm
+    llm.engine.core.shutdown()
 
 
 def texts(out) -> list[str]:
