@@ -90,9 +90,7 @@ class AsyncLLM:
                 self.tokenizer = await asyncio.to_thread(
                     load_tokenizer, mc.tokenizer, mc.trust_remote_code
                 )
-            self.processor = InputProcessor(
-                mc, self.tokenizer, speculative=self.config.speculative_config is not None
-            )
+            self.processor = InputProcessor(mc, self.tokenizer)
             self.output_processor = OutputProcessor(self.tokenizer)
             self.ready = await self.client.wait_ready()
         except BaseException:

@@ -24,7 +24,6 @@ from compiled_llm.engine.model_runner import (
     ModelRunnerOutput,
     StepHandle,
 )
-from compiled_llm.engine.processor import STRUCTURED_WITH_SPECULATION
 from compiled_llm.engine.scheduler import Scheduler, SchedulerOutput
 from compiled_llm.engine.tp_executor import create_model_runner
 from compiled_llm.kv_cache.kv_cache_manager import KVCacheManager
@@ -72,7 +71,8 @@ class EngineCore:
         self.structured = StructuredOutputManager(
             mc.tokenizer,
             int(mc.hf_config.vocab_size),
-            max_rows=config.scheduler_config.max_num_seqs,
+            max_rows=config.scheduler_config.max_num_seqs
+            * (1 + (spec.num_speculative_tokens if spec else 0)),
             pin_memory=config.device.type == "cuda",
             trust_remote_code=mc.trust_remote_code,
             fill_threads="auto" if config.device.type == "cuda" else 1,
@@ -125,8 +125,6 @@ class EngineCore:
             raise ValueError(f"priority={req.priority} does not fit 64 bits")
         if req.sampling_params.structured_outputs is not None and mc.skip_tokenizer_init:
             raise ValueError("structured_outputs needs a tokenizer (skip_tokenizer_init is set)")
-        if req.sampling_params.structured_outputs is not None and self.spec is not None:
-            raise ValueError(STRUCTURED_WITH_SPECULATION)
 
     def abort_requests(self, request_ids: list[str], reason: str = "abort") -> None:
         """Finish requests now (client gone, stop string seen) and free their KV blocks. The
@@ -155,12 +153,7 @@ class EngineCore:
         while the device runs forward N, and the device does not wait between N's sampling and
         N+1's forward for the host's scheduling."""
         outputs = self._finished_unscheduled()
-        if (
-            self._inflight is not None
-            and self._unsampled is None
-            and self.spec is not None
-            and self.spec.wants_host_tokens(self.scheduler.running)
-        ):
+        if self._inflight is not None and self._unsampled is None and self._proposing():
             # Speculating requests propose from their newest token: read it first (see
             # spec_decode/decoder.py).
             outputs += self._process(self._inflight.result())
@@ -173,7 +166,7 @@ class EngineCore:
                 self._inflight = None
             # N's rows have every earlier token now: the matchers take the new ones and fill
             # N's bitmask (in their own process, while this one schedules N+1).
-            self.structured.prefetch([r.grammar for r in to_sample.requests])
+            self.structured.prefetch([r.grammar for r in to_sample.requests], to_sample.drafts)
         with self.profiler.stage("schedule"):
             sched = self.scheduler.schedule()
         block_ids = [] if sched.is_empty else self._block_ids(sched)
@@ -188,9 +181,9 @@ class EngineCore:
             launched = self.runner.launch(sched, block_ids, previous, planned)
             if not any(r.grammar is not None for r in launched.requests):
                 self._inflight = self.runner.sample(launched)
-            elif self.async_scheduling:
+            elif self.async_scheduling and not self._proposing():
                 self._unsampled, self._inflight, previous = launched, previous, None
-            else:
+            else:  # sampled now: the next call reads its tokens before scheduling, to propose
                 if previous is not None:
                     outputs += self._process(previous.result())
                     previous = None
@@ -206,12 +199,19 @@ class EngineCore:
             self.structured.wait_compiled(timeout=0.05)
         return self._outputs(outputs, sched)
 
+    def _proposing(self) -> bool:
+        """Speculation wants this step's tokens before the next is scheduled (to propose from
+        them, or to finish verifying): a step with grammar rows is then sampled in the call
+        that launched it, not left for the next."""
+        return self.spec is not None and self.spec.wants_host_tokens(self.scheduler.running)
+
     def _sample(self, launched: LaunchedStep) -> StepHandle:
         """Launch a step's sampling with the bitmask of its grammar rows; every earlier step's
         tokens have been processed. A sample whose matcher refused its last token ends here
         with "error" (reported with the next outputs); its row's token is dropped."""
         with self.profiler.stage("grammar bitmask"):
-            bitmask = self.structured.bitmask([r.grammar for r in launched.requests])
+            grammars = [r.grammar for r in launched.requests]
+            bitmask = self.structured.bitmask(grammars, launched.drafts)
         for request in launched.requests:
             grammar = request.grammar
             if grammar is not None and grammar.error is not None and not request.is_finished:

@@ -30,11 +30,7 @@ class LLMEngine:
         )
         tokenizer_seconds = time.perf_counter() - start
         self._tokenizer: Any = None
-        self.processor = InputProcessor(
-            config.model_config,
-            self.engine_tokenizer,
-            speculative=config.speculative_config is not None,
-        )
+        self.processor = InputProcessor(config.model_config, self.engine_tokenizer)
         self.output_processor = OutputProcessor(self.engine_tokenizer)
         self.core = EngineCore(config)
         # Seconds per start stage: the tokenizer's, then the model runner's.

@@ -133,6 +133,7 @@ class LaunchedStep:
     logits: torch.Tensor | None  # their rows: 1 + len(drafts) each
     batch: SamplingBatch | None
     num_rows: list[int]  # rows per request
+    drafts: list[list[int]]  # per request, the drafts its rows after the first verify
 
     @functools.cached_property
     def row(self) -> dict[str, int]:
@@ -645,7 +646,7 @@ class ModelRunner:
                 slots = inputs.attn.slot_mapping[: inputs.attn.num_tokens]
                 self.hidden_cache[slots] = self.draft.model.combine(aux)  # type: ignore[union-attr,operator]
         if not inputs.sampling_requests:
-            return LaunchedStep([], None, None, [])
+            return LaunchedStep([], None, None, [], [])
         drafts = inputs.sampling_drafts
         with stage("sample"):
             logits = self.model.compute_logits(hidden[inputs.logits_indices])
@@ -657,18 +658,19 @@ class ModelRunner:
                 drafts if any(drafts) else None,
             )
         num_rows = [1 + len(d) for d in drafts]
-        return LaunchedStep(inputs.sampling_requests, logits, batch, num_rows)
+        return LaunchedStep(inputs.sampling_requests, logits, batch, num_rows, drafts)
 
     @torch.inference_mode()
     def sample(self, step: LaunchedStep, bitmask: torch.Tensor | None = None) -> StepHandle:
         """Launch the sampling of a launched step. `bitmask`: the allowed-token bitmask of its
-        rows (host tensor, StructuredOutputManager.bitmask), if any row has a grammar."""
+        rows (host tensor, StructuredOutputManager.bitmask; a request's draft rows included), if
+        any row has a grammar."""
         if step.logits is None or step.batch is None:
             return StepHandle([], None)
         with self.profiler.stage("sample"):
             batch = step.batch
             if bitmask is not None:
-                assert all(n == 1 for n in step.num_rows), "grammar rows with drafts"
+                assert bitmask.shape[0] == step.logits.shape[0], "a bitmask row per logits row"
                 batch.token_bitmask = bitmask.to(self.device, non_blocking=True)
             out = self.sampler(step.logits, batch)
             return self.step_handle(step.requests, out, step.num_rows)

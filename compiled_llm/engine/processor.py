@@ -45,20 +45,10 @@ def stop_token_ids_of(model_config: ModelConfig, tokenizer: Any) -> set[int]:
     return ids
 
 
-# Why a request with structured_outputs is refused while speculative decoding is on.
-STRUCTURED_WITH_SPECULATION = (
-    "structured_outputs cannot be combined with speculative decoding yet (the engine was started "
-    "with speculative_config): a grammar would have to check every draft token"
-)
-
-
 class InputProcessor:
-    def __init__(
-        self, model_config: ModelConfig, tokenizer: Any, speculative: bool = False
-    ) -> None:
+    def __init__(self, model_config: ModelConfig, tokenizer: Any) -> None:
         self.model_config = model_config
         self.tokenizer = tokenizer
-        self.speculative = speculative  # the engine runs speculative decoding
         self.vocab_size = int(model_config.hf_config.vocab_size)
         self.eos_ids = stop_token_ids_of(model_config, tokenizer)
         self._rng = random.Random(model_config.seed)
@@ -129,8 +119,6 @@ class InputProcessor:
                 f"generate within max_model_len={max_len}"
             )
         if params.structured_outputs is not None:
-            if self.speculative:
-                raise ValueError(STRUCTURED_WITH_SPECULATION)
             if self.tokenizer is None:
                 raise ValueError(
                     "structured_outputs needs a tokenizer (skip_tokenizer_init is set)"

@@ -98,7 +98,7 @@ class StructuredOutputManager:
         fill_threads: int | Literal["auto"] = "auto",
         matchers: str = "inline",
     ) -> None:
-        """`max_rows`: the most sampling rows a step has. `fill_threads`: xgrammar's threads for
+        """`max_rows`: the most sampling rows a step has (drafts' rows included). `fill_threads`: xgrammar's threads for
         a batch's bitmask. On a CPU model, 1: the cores belong to torch's OpenMP pool, and
         xgrammar's idle workers spin long enough after a fill to slow the next forward's GEMMs,
         while a fill of 64 rows takes about a millisecond either way
@@ -117,8 +117,11 @@ class StructuredOutputManager:
         self._keys = itertools.count()
         self.dirty: list[RequestGrammar] = []  # with pending tokens
         self._seq = itertools.count(1)
-        # The step whose bitmask was asked for: (seq, rows, buffer); its reply's errors by seq.
-        self._in_flight: tuple[int, list[int | None], int] | None = None
+        # The step whose bitmask was asked for: (seq, rows, drafts, buffer, number of mask
+        # rows); replies' errors by seq.
+        self._in_flight: tuple[int, list[int | None], list[list[int]] | None, int, int] | None = (
+            None
+        )
         self._replies: dict[int, dict[int, str]] = {}
         self._channel: _Inline | _Process
         if matchers == "process":
@@ -176,47 +179,57 @@ class StructuredOutputManager:
             self.poll()
 
     # --- steps ----------------------------------------------------------------------------------
-    def prefetch(self, grammars: list[RequestGrammar | None]) -> None:
-        """Send the samples' new tokens and ask for the bitmask of a step's sampling rows,
-        row i for grammars[i]; `bitmask` waits for it. Nothing for a step without grammar rows."""
+    def prefetch(
+        self, grammars: list[RequestGrammar | None], drafts: list[list[int]] | None = None
+    ) -> None:
+        """Send the samples' new tokens and ask for the bitmask of a step's sampling rows:
+        for grammars[i], one row, or 1 + len(drafts[i]) when the step verifies drafts; `bitmask`
+        waits for it. Nothing for a step without grammar rows."""
         if self._in_flight is not None or all(g is None for g in grammars):
             return
-        if len(grammars) > self.max_rows:
-            raise ValueError(f"{len(grammars)} sampling rows exceed max_rows={self.max_rows}")
+        rows = [None if g is None or g.error is not None else g.key for g in grammars]
+        if drafts is not None and not any(drafts):
+            drafts = None
+        num_rows = len(rows) + (sum(map(len, drafts)) if drafts is not None else 0)
+        if num_rows > self.max_rows:
+            raise ValueError(f"{num_rows} sampling rows exceed max_rows={self.max_rows}")
         accepts = []
         for g in self.dirty:
             if g.pending:
                 accepts.append((g.key, g.pending))
                 g.pending = []
         self.dirty.clear()
-        rows = [None if g is None or g.error is not None else g.key for g in grammars]
         seq = next(self._seq)
         buffer = seq % 2
-        self._in_flight = (seq, rows, buffer)
-        self._channel.send(("step", seq, accepts, rows, buffer))
+        self._in_flight = (seq, rows, drafts, buffer, num_rows)
+        self._channel.send(("step", seq, accepts, rows, buffer, drafts))
 
-    def bitmask(self, grammars: list[RequestGrammar | None]) -> torch.Tensor | None:
-        """The next-token bitmask of a step's sampling rows as a [B, W] int32 host tensor (a
-        view of one of two buffers, which steps alternate: the step's sampling has copied it
-        before the step after next refills it); None when no row has a grammar. Rows without a
-        grammar allow everything, and so does a finished one (its step was launched before it
-        ended; its token is dropped). A sample whose matcher refused a token gets `error` set;
-        the caller ends its request."""
+    def bitmask(
+        self, grammars: list[RequestGrammar | None], drafts: list[list[int]] | None = None
+    ) -> torch.Tensor | None:
+        """The next-token bitmask of a step's sampling rows (as `prefetch` lays them out) as a
+        [rows, W] int32 host tensor (a view of one of two buffers, which steps alternate: the
+        step's sampling has copied it before the step after next refills it); None when no row
+        has a grammar. Rows without a grammar allow everything, and so does a finished one (its
+        step was launched before it ended; its token is dropped). A sample whose matcher
+        refused a token gets `error` set; the caller ends its request."""
         if all(g is None for g in grammars):
             return None
         rows = [None if g is None or g.error is not None else g.key for g in grammars]
-        if self._in_flight is not None and self._in_flight[1] != rows:
+        if drafts is not None and not any(drafts):
+            drafts = None
+        if self._in_flight is not None and self._in_flight[1:3] != (rows, drafts):
             self._wait(self._in_flight[0])  # asked for other rows: drop it, ask again
             self._in_flight = None
-        self.prefetch(grammars)
+        self.prefetch(grammars, drafts)
         assert self._in_flight is not None
-        seq, _, buffer = self._in_flight
+        seq, _, _, buffer, num_rows = self._in_flight
         self._in_flight = None
         for key, why in self._wait(seq).items():
             grammar = self._grammars.get(key)
             if grammar is not None:
                 grammar.error = why
-        return self.buffers[buffer, : len(grammars)]
+        return self.buffers[buffer, :num_rows]
 
     def _wait(self, seq: int) -> dict[int, str]:
         while seq not in self._replies:

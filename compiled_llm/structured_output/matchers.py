@@ -8,9 +8,11 @@ messages, tuples whose first item names them:
 
   to it:   ("add", key, spec, stop_token_ids)   compile on a worker thread, then make the matcher
            ("remove", keys)                     forget finished samples
-           ("step", seq, accepts, rows, buffer) accept each (key, tokens), then fill one bitmask
-                                                row per entry of `rows` (a key, or None: all
-                                                allowed) into bitmask buffer `buffer`
+           ("step", seq, accepts, rows, buffer, drafts)
+                                                accept each (key, tokens), then fill bitmask rows
+                                                for `rows` (a key, or None: all allowed) into
+                                                buffer `buffer`: one per entry, or with `drafts`
+                                                1 + len(drafts[i]) for entry i
   from it: ("compiled", key, error, stop_token_ids)  error is None when the matcher is ready
            ("step", seq, errors)                     {key: why} for samples it refused a token of
 """
@@ -72,8 +74,9 @@ class Matchers:
                     if self._matchers.pop(key, None) is None:
                         self._removed.add(key)
         elif op == "step":
-            _, seq, accepts, rows, buffer = message
-            errors = self.step(accepts, rows, self.buffers[buffer, : len(rows)])
+            _, seq, accepts, rows, buffer, drafts = message
+            num_rows = len(rows) + (sum(map(len, drafts)) if drafts is not None else 0)
+            errors = self.step(accepts, rows, self.buffers[buffer, :num_rows], drafts)
             self.notify(("step", seq, errors))
         else:
             raise ValueError(f"unknown grammar message {op!r}")
@@ -124,12 +127,18 @@ class Matchers:
         return self._compiler
 
     def step(
-        self, accepts: list[tuple[int, list[int]]], rows: list[int | None], mask: torch.Tensor
+        self,
+        accepts: list[tuple[int, list[int]]],
+        rows: list[int | None],
+        mask: torch.Tensor,
+        drafts: list[list[int]] | None = None,
     ) -> dict[int, str]:
-        """Advance each sample by its new tokens, then fill `mask` row i for rows[i]. A sample
-        whose grammar has ended ignores further tokens (its request is finishing); one whose
-        grammar refuses a token (possible only when its mask allowed none) is reported and
-        allows everything from then on, until it is removed."""
+        """Advance each sample by its new tokens, then fill `mask`: row i for rows[i], or with
+        `drafts` (speculative decoding), 1 + len(drafts[i]) rows for rows[i], one per position
+        its step verifies (after 0, 1, ... of its drafts). A sample whose grammar has ended
+        ignores further tokens (its request is finishing); one whose grammar refuses a token
+        (possible only when its mask allowed none) is reported and allows everything from then
+        on, until it is removed."""
         errors: dict[int, str] = {}
         matchers = self._matchers
         for key, tokens in accepts:
@@ -150,6 +159,9 @@ class Matchers:
                 active.append((i, matcher))
             else:
                 free.append(i)
+        if drafts is not None:
+            self._fill_with_drafts(active, free, drafts, mask)
+            return errors
         if free:
             # Through numpy, not `mask[free] = -1`: a torch write of a large part of the buffer
             # runs on torch's OpenMP workers, whose spinning after it slowed xgrammar's fill
@@ -168,6 +180,40 @@ class Matchers:
                 [m for _, m in active], mask, indices=[i for i, _ in active]
             )
         return errors
+
+    @staticmethod
+    def _fill_with_drafts(
+        active: list[tuple[int, Any]], free: list[int], drafts: list[list[int]], mask: torch.Tensor
+    ) -> None:
+        """Rows of a step that verifies drafts: each active sample's matcher fills its first
+        row, accepts its first draft, fills the next row, and so on, then rolls the drafts
+        back (they are only kept once verified, and come back as accepted tokens). Rows after a
+        draft the grammar refuses, or after one that ends it, allow everything: the target's
+        token at the refused position is masked, so it never equals that draft, and the
+        verification stops there (or at the end)."""
+        first = [0]
+        for d in drafts:
+            first.append(first[-1] + 1 + len(d))
+        words = mask.numpy()
+        for i in free:
+            words[first[i] : first[i + 1]] = -1
+        for i, matcher in active:
+            row, end = first[i], first[i + 1]
+            matcher.fill_next_token_bitmask(mask, row)
+            accepted = 0
+            for token in drafts[i]:
+                row += 1
+                if not matcher.accept_token(token):
+                    break
+                accepted += 1
+                if matcher.is_terminated():
+                    break
+                matcher.fill_next_token_bitmask(mask, row)
+            else:
+                row += 1
+            words[row:end] = -1
+            if accepted:
+                matcher.rollback(accepted)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

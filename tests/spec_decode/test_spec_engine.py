@@ -163,8 +163,28 @@ def test_stop_strings(cycle_model) -> None:
     assert acceptance(outs)[1] > 0
 
 
-def test_structured_outputs_refused(cycle_model) -> None:
-    llm = engine(cycle_model, True, skip_tokenizer_init=False)
-    params = SamplingParams(structured_outputs=StructuredOutputsParams(regex="[ab]+"))
-    with pytest.raises(ValueError, match="structured_outputs cannot be combined"):
-        llm.generate("hi", params, use_tqdm=False)
+@pytest.mark.parametrize("matchers", ["inline", "process"])
+def test_structured_outputs_verify_drafts(cycle_model, matchers: str) -> None:
+    """Grammar rows verify drafts: each draft row's mask is the grammar's after the drafts before
+    it. The regex allows the printable tokens (17-63) and not the special ones (0-16) that the
+    model's chain runs into, and at most 30 of them: drafts are accepted along the chain,
+    rejected where it reaches a special token and at the grammar's end. Greedy and seeded
+    outputs equal those of the same engine without speculation, and end where they do."""
+    regex = "[!-O]{0,30}"
+    greedy = SamplingParams(temperature=0, max_tokens=48, logprobs=1)
+    seeded = SamplingParams(temperature=0.8, seed=7, max_tokens=48, n=2)
+    params = [
+        p.clone(structured_outputs=StructuredOutputsParams(regex=regex)) for p in (greedy, seeded)
+    ]
+    both = [params[0]] * len(PROMPTS) + [params[1]] * len(PROMPTS)
+    prompts = PROMPTS * 2
+    kwargs = dict(skip_tokenizer_init=False, structured_outputs_matchers=matchers)
+    expected = run(engine(cycle_model, False, **kwargs), both, prompts)
+    outs = run(engine(cycle_model, True, **kwargs), both, prompts)
+    same_outputs(expected, outs)
+    drafted, accepted = acceptance(outs)
+    assert 0 < accepted < drafted
+    for out in outs:
+        for c in out.outputs:
+            assert all(17 <= t < 64 for t in c.token_ids[:-1])
+            assert c.finish_reason == "stop" or len(c.token_ids) == 48

@@ -164,7 +164,7 @@ def test_async_step_order_with_grammar_rows(llm: LLM, monkeypatch: pytest.Monkey
     monkeypatch.setattr(
         manager,
         "bitmask",
-        record("fill", manager.bitmask, lambda g: threading.current_thread().name),
+        record("fill", manager.bitmask, lambda g, d=None: threading.current_thread().name),
     )
     params = SamplingParams(temperature=0, max_tokens=24, structured_outputs=SO(json=PERSON))
     plain = SamplingParams(temperature=0, max_tokens=24)
