@@ -223,3 +223,42 @@ def test_bitmask_on_a_stale_buffer_equals_the_plain_fill() -> None:
             allowed = ((expected[:, None] >> shifts) & 1).bool().flatten()[: len(VOCAB)]
             token = rng.choice(allowed.nonzero().flatten().tolist())
             assert g.accept(token)
+
+
+def test_draft_rows_are_the_grammar_after_each_draft() -> None:
+    """A verifying step's rows for a grammar sample: row j is the mask after its first j drafts
+    (oracle: a fresh matcher fed that prefix); rows after a refused draft, or after one that
+    ends the grammar, allow everything; the drafts are rolled back afterwards."""
+    manager = inline_manager(max_rows=16)
+    code = r"[0-9]{2,3}-[a-f]+"
+    g, h = _grammar(manager, code, []), _grammar(manager, "ab", [])
+    dash, x, ab = VOCAB.index("-"), VOCAB.index("x"), VOCAB.index("ab")
+    drafts = [[1, 2, dash, x, 3], [5], [ab, EOS, 1]]
+    mask = manager.bitmask([g, None, h], drafts)
+    assert mask is not None and mask.shape[0] == 6 + 2 + 4
+
+    def after(regex: str, prefix: list[int]) -> torch.Tensor:
+        matcher = xgr.GrammarMatcher(compiled(regex), override_stop_tokens=[EOS])
+        assert all(matcher.accept_token(t) for t in prefix)
+        row = torch.full((1, bitmask_width(PADDED)), -1, dtype=torch.int32)
+        matcher.fill_next_token_bitmask(row, 0)
+        return row[0]
+
+    everything = torch.full_like(mask[0], -1)
+    expected = [
+        *(after(code, drafts[0][:j]) for j in range(4)),  # "x" after "12-" is refused
+        everything,
+        everything,
+        everything,  # no grammar: 1 + 1 rows
+        everything,
+        after("ab", []),
+        after("ab", [ab]),
+        everything,  # EOS ended the grammar
+        everything,
+    ]
+    for i, row in enumerate(expected):
+        assert torch.equal(mask[i], row), i
+    again = manager.bitmask([g, h])  # rolled back: the masks of the empty prefix
+    assert again is not None
+    assert torch.equal(again[0], after(code, [])) and torch.equal(again[1], after("ab", []))
+    assert g.error is None and h.error is None
