@@ -15,20 +15,23 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import json
 import logging
 import mmap
-import multiprocessing
 import os
+import socket
+import subprocess
+import sys
 import threading
 import weakref
-from multiprocessing import reduction
-from typing import Any, Literal
+from multiprocessing.connection import Connection
+from typing import Literal
 
 import numpy as np
 import torch
 
 from compiled_llm.sampling_params import SamplingParams
-from compiled_llm.structured_output.matchers import Matchers, Message, serve
+from compiled_llm.structured_output.matchers import Matchers, Message
 from compiled_llm.structured_output.validate import grammar_spec
 
 logger = logging.getLogger(__name__)
@@ -271,31 +274,40 @@ class _Inline:
 
 
 class _Process:
-    """The matchers in a process of their own (matchers.serve), over a pipe; bitmasks come back
-    in memory both map (an anonymous file whose descriptor the process inherits: no name to
-    clean up, gone when both have closed it). The process exits when the engine's is gone."""
+    """The matchers in a process of their own (`python -m compiled_llm.structured_output.matchers`),
+    over a socket; bitmasks come back in memory both map (an anonymous file: no name to clean
+    up, gone when both have closed it). Started as a fresh interpreter with the two descriptors
+    passed down, not through multiprocessing, whose spawn would re-run the user's main module
+    (a script that makes an `LLM` at top level would make another in the child). The process
+    exits when the engine's is gone."""
 
     def __init__(self, args: MatcherArgs, shape: tuple[int, int, int]) -> None:
-        from compiled_llm.engine.tp_executor import _may_have_children
-
         size = int(np.prod(shape)) * 4
-        fd = os.memfd_create("compiled-llm-bitmask")
+        memory = os.memfd_create("compiled-llm-bitmask")
+        ours, theirs = socket.socketpair()
+        child = theirs.detach()
         try:
-            os.ftruncate(fd, size)
-            self._mmap = mmap.mmap(fd, size)
-            ctx = multiprocessing.get_context("spawn")
-            self._conn, child = ctx.Pipe()
-            with _may_have_children():
-                self._proc = ctx.Process(
-                    target=serve,
-                    args=(child, _InheritedFd(fd), shape, *args, os.getpid()),
-                    name="grammar",
-                    daemon=True,
-                )
-                self._proc.start()
+            os.ftruncate(memory, size)
+            self._mmap = mmap.mmap(memory, size)
+            tokenizer, vocab_size, trust_remote_code, fill_threads = args
+            spec = {
+                "conn": child,
+                "memory": memory,
+                "shape": shape,
+                "tokenizer": tokenizer,
+                "vocab_size": vocab_size,
+                "trust_remote_code": trust_remote_code,
+                "fill_threads": fill_threads,
+                "parent_pid": os.getpid(),
+            }
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "compiled_llm.structured_output.matchers", json.dumps(spec)],
+                pass_fds=(child, memory),
+            )
         finally:
-            os.close(fd)
-        child.close()
+            os.close(child)
+            os.close(memory)
+        self._conn = Connection(ours.detach())
         self.buffers = torch.from_numpy(np.frombuffer(self._mmap, dtype=np.int32).reshape(shape))
         self._finalizer = weakref.finalize(self, _stop, self._proc, self._conn)
 
@@ -314,35 +326,22 @@ class _Process:
             raise self._gone() from e
 
     def _gone(self) -> RuntimeError:
-        self._proc.join(1)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(1)
         return RuntimeError(
-            f"the structured outputs' grammar process exited (exit code {self._proc.exitcode})"
+            f"the structured outputs' grammar process exited (exit code {self._proc.returncode})"
         )
 
     def close(self) -> None:
         self._finalizer()
 
 
-class _InheritedFd:
-    """A file descriptor given to a spawned process: pickled as a duplicate the child
-    receives (how multiprocessing passes a Connection), unpickled there as the int."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return _detach, (reduction.DupFd(self.fd),)
-
-
-def _detach(dup: Any) -> int:
-    return dup.detach()
-
-
-def _stop(proc: Any, conn: Any) -> None:
+def _stop(proc: subprocess.Popen[bytes], conn: Connection) -> None:
     with contextlib.suppress(OSError):
         conn.send(("stop",))
-    proc.join(2)
-    if proc.is_alive():
+    try:
+        proc.wait(2)
+    except subprocess.TimeoutExpired:
         proc.kill()
-        proc.join(1)
+        proc.wait(1)
     conn.close()

@@ -19,9 +19,11 @@ messages, tuples whose first item names them:
 
 from __future__ import annotations
 
+import json
 import logging
 import mmap
 import os
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -219,32 +221,33 @@ class Matchers:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def serve(
-    conn: Connection,
-    fd: int,
-    shape: tuple[int, int, int],
-    tokenizer: str,
-    vocab_size: int,
-    trust_remote_code: bool,
-    fill_threads: int | Literal["auto"],
-    parent_pid: int,
-) -> None:
-    """The grammar process: handle messages until told to stop or the engine is gone."""
+def serve(spec: dict[str, Any]) -> None:
+    """The grammar process (manager._Process starts it with `spec`): handle messages until told
+    to stop or the engine is gone."""
     from compiled_llm.engine.tp_executor import _watch_parent
 
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(spec["parent_pid"],), daemon=True).start()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s grammar %(name)s: %(message)s")
     torch.set_num_threads(1)  # nothing here is a torch op worth threads
-    shared = mmap.mmap(fd, int(np.prod(shape)) * 4)
-    os.close(fd)
+    conn = Connection(spec["conn"])
+    shape = tuple(spec["shape"])
+    shared = mmap.mmap(spec["memory"], int(np.prod(shape)) * 4)
+    os.close(spec["memory"])
     buffers = torch.from_numpy(np.frombuffer(shared, dtype=np.int32).reshape(shape))
-    sending = threading.Lock()  # replies and the compile thread's notices share the pipe
+    sending = threading.Lock()  # replies and the compile thread's notices share the socket
 
     def send(message: Message) -> None:
         with sending:
             conn.send(message)
 
-    matchers = Matchers(tokenizer, vocab_size, trust_remote_code, fill_threads, buffers, send)
+    matchers = Matchers(
+        spec["tokenizer"],
+        spec["vocab_size"],
+        spec["trust_remote_code"],
+        spec["fill_threads"],
+        buffers,
+        send,
+    )
     code = 0
     try:
         while True:
@@ -253,8 +256,12 @@ def serve(
                 break
             matchers.handle(message)
     except (EOFError, OSError):
-        pass  # the engine closed the pipe
+        pass  # the engine closed its end
     except BaseException:
         logger.exception("the grammar process failed")
         code = 1
     os._exit(code)  # no teardown: the mapping and xgrammar's threads end with the process
+
+
+if __name__ == "__main__":
+    serve(json.loads(sys.argv[1]))
