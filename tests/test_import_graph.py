@@ -22,7 +22,7 @@ FOLDERS = {  # import name -> folder (pyproject.toml's package-dir mapping)
 # Lowest first. A part may import its own layer's other parts only where listed together in
 # one tuple and no cycle results; anything above is off limits.
 LAYERS: list[tuple[str, ...]] = [
-    ("envs", "sampling_params", "outputs", "profiler", "layers"),
+    ("envs", "sampling_params", "outputs", "profiler", "layers", "child_process"),
     ("request", "kernels", "forward_context"),
     ("attention_backends", "quantization", "distributed"),
     ("models", "passes"),

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from compiled_llm.child_process import exit_with_parent
 from compiled_llm.config import EngineConfig
 from compiled_llm.engine.model_runner import (
     HostInputs,
@@ -61,7 +62,6 @@ from compiled_llm.profiler import Profiler
 
 logger = logging.getLogger(__name__)
 
-_PARENT_CHECK_S = 1.0  # how often a worker checks that the engine core's process still exists
 _STOP_TIMEOUT_S = 10.0  # how long a worker gets to exit after being asked
 _READY_TIMEOUT_S = 300.0  # how long rank 0, started, waits for the workers' start-up to end
 _JOIN_TIMEOUT_S = 120.0  # how long a worker may take to import torch and reach the rendezvous
@@ -155,7 +155,7 @@ def _init_process_group(config: EngineConfig, init_method: str) -> None:
 def _may_have_children() -> Iterator[None]:
     """Let a daemonic process (the server's engine core) start the workers. multiprocessing
     refuses because a daemon's children would be orphaned when it is terminated; ours are not:
-    each exits once its parent is gone (`_watch_parent`), and the driver stops them."""
+    each exits once its parent is gone (`exit_with_parent`), and the driver stops them."""
     proc_config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
     daemon = proc_config.get("daemon")
     proc_config["daemon"] = False
@@ -511,14 +511,6 @@ class WorkerRunner(ModelRunner):
         self.run_model(input_ids, positions, attn)
 
 
-def _watch_parent(parent_pid: int) -> None:
-    """Exit as soon as the engine core's process is gone (killed, or ended with os._exit)."""
-    while True:
-        time.sleep(_PARENT_CHECK_S)
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-
 def setup_worker(config: EngineConfig, log_level: int) -> None:
     """What a worker's process needs before its loop, whichever launcher started it."""
     logging.basicConfig(
@@ -567,6 +559,6 @@ def worker_main(
     config: EngineConfig, init_method: str, conn: Connection, parent_pid: int, log_level: int
 ) -> None:
     """Process entry point of a worker started by `ProcessWorkers`."""
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    exit_with_parent(parent_pid)
     setup_worker(config, log_level)
     os._exit(run_worker(config, init_method, conn))

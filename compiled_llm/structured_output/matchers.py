@@ -224,9 +224,9 @@ class Matchers:
 def serve(spec: dict[str, Any]) -> None:
     """The grammar process (manager._Process starts it with `spec`): handle messages until told
     to stop or the engine is gone."""
-    from compiled_llm.engine.tp_executor import _watch_parent
+    from compiled_llm.child_process import exit_with_parent
 
-    threading.Thread(target=_watch_parent, args=(spec["parent_pid"],), daemon=True).start()
+    exit_with_parent(spec["parent_pid"])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s grammar %(name)s: %(message)s")
     torch.set_num_threads(1)  # nothing here is a torch op worth threads
     conn = Connection(spec["conn"])
