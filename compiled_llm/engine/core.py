@@ -148,10 +148,11 @@ class EngineCore:
         Structured outputs: a step's grammar rows need a bitmask built from every token before
         it, so its sampling waits for the previous step's tokens. With async scheduling step N's
         forward is launched and its sampling left to the next call, which reads step N-1's
-        tokens (the matchers accept them), schedules step N+1 and builds its host inputs, fills
-        N's bitmask, then launches N's sampling and N+1's forward back to back: all of that runs
-        while the device runs forward N, and the device does not wait between N's sampling and
-        N+1's forward for the host's scheduling."""
+        tokens, sends them to the grammar matchers with the request for N's bitmask, schedules
+        step N+1 and builds its host inputs (while the matchers, in their own process on CUDA,
+        accept and fill), waits for the bitmask, then launches N's sampling and N+1's forward
+        back to back: all of that runs while the device runs forward N, and the device does not
+        wait between N's sampling and N+1's forward for the host's scheduling."""
         outputs = self._finished_unscheduled()
         if self._inflight is not None and self._unsampled is None and self._proposing():
             # Speculating requests propose from their newest token: read it first (see
@@ -221,7 +222,8 @@ class EngineCore:
         return self.runner.sample(launched, bitmask)
 
     def _finished_unscheduled(self) -> list[EngineCoreOutput]:
-        """Outputs for requests that ended in the queue (a grammar that failed to compile)."""
+        """Outputs for requests that ended outside a step's results (a grammar that failed to
+        compile, or whose matcher refused a token)."""
         ended, self.scheduler.finished_unscheduled = self.scheduler.finished_unscheduled, []
         return [
             EngineCoreOutput(

@@ -101,13 +101,13 @@ class StructuredOutputManager:
         fill_threads: int | Literal["auto"] = "auto",
         matchers: str = "inline",
     ) -> None:
-        """`max_rows`: the most sampling rows a step has (drafts' rows included). `fill_threads`: xgrammar's threads for
-        a batch's bitmask. On a CPU model, 1: the cores belong to torch's OpenMP pool, and
-        xgrammar's idle workers spin long enough after a fill to slow the next forward's GEMMs,
-        while a fill of 64 rows takes about a millisecond either way
-        (docs/structured_output.md; `benchmarks/structured_output.py --cprofile N --fill-threads
-        auto|1`). `matchers`: "inline" or "process" (StructuredOutputsConfig); the process
-        starts with the manager, so the first request does not wait for it."""
+        """`max_rows`: the most sampling rows a step has (drafts' rows included).
+        `fill_threads`: xgrammar's threads for a batch's bitmask. On a CPU model, 1: the cores
+        belong to torch's OpenMP pool, and xgrammar's idle workers spin long enough after a fill
+        to slow the next forward's GEMMs, while a fill of 64 rows takes about a millisecond
+        either way (docs/structured_output.md; `benchmarks/structured_output.py --cprofile N
+        --fill-threads auto|1`). `matchers`: "inline" or "process" (StructuredOutputsConfig);
+        the process starts with the manager, so the first request does not wait for it."""
         self.max_rows = max_rows
         width = bitmask_width(vocab_size)
         self._args: MatcherArgs = (
@@ -134,11 +134,6 @@ class StructuredOutputManager:
             buffers = torch.empty(shape, dtype=torch.int32, pin_memory=pin_memory)
             self._channel = _Inline(self._args, buffers)
         self.buffers = self._channel.buffers
-        self._lock = threading.Lock()
-
-    @property
-    def fill_threads(self) -> int | Literal["auto"]:
-        return self._args[3]
 
     def grammar_for(self, params: SamplingParams) -> RequestGrammar:
         """Start compiling a sample's grammar (returns at once)."""

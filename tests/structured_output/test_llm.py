@@ -138,9 +138,10 @@ def test_sync_scheduling_gives_the_same_tokens(llm: LLM, async_scheduling: bool)
 
 
 def test_async_step_order_with_grammar_rows(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under async scheduling a call schedules step N+1 and builds N+1's host inputs before it
-    fills step N's bitmask (on the step loop's thread), then launches N's sampling and N+1's
-    forward back to back (nothing scheduled between them), N+1 from the inputs built early."""
+    """Under async scheduling a call asks the matchers for step N's bitmask (prefetch) before
+    it schedules step N+1 and builds N+1's host inputs, then waits for the mask (on the step
+    loop's thread) and launches N's sampling and N+1's forward back to back (nothing scheduled
+    between them), N+1 from the inputs built early."""
     import threading
 
     core = llm.engine.core
@@ -166,9 +167,12 @@ def test_async_step_order_with_grammar_rows(llm: LLM, monkeypatch: pytest.Monkey
         "bitmask",
         record("fill", manager.bitmask, lambda g, d=None: threading.current_thread().name),
     )
+    monkeypatch.setattr(manager, "prefetch", record("prefetch", manager.prefetch))
     params = SamplingParams(temperature=0, max_tokens=24, structured_outputs=SO(json=PERSON))
     plain = SamplingParams(temperature=0, max_tokens=24)
     llm.generate(["A person:", "Hello"], [params, plain], use_tqdm=False)
+    names = "".join({"prefetch": "p", "schedule": "s", "fill": "f"}.get(e, "") for e, _ in events)
+    assert names.count("psf") >= 10  # the matchers work while N+1 is scheduled
     fills = [d for e, d in events if e == "fill"]
     assert fills and all(name == threading.current_thread().name for name in fills)
     pairs = [(events[i], events[i + 1]) for i in range(len(events) - 1)]
