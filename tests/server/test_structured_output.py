@@ -429,6 +429,10 @@ def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
         "hermes",
         "--reasoning-parser",
         "qwen3",
+        # the grammar matchers in their own process, as by default on CUDA (test_llm.py runs
+        # both places through the LLM class)
+        "--structured-outputs-matchers",
+        "process",
     )
     yield s
     if s.proc.poll() is None:
