@@ -76,7 +76,10 @@ class EngineCore:
             pin_memory=config.device.type == "cuda",
             trust_remote_code=mc.trust_remote_code,
             fill_threads="auto" if config.device.type == "cuda" else 1,
-            matchers=config.structured_outputs_config.matchers,
+            # without a tokenizer no request has a grammar: no process for nothing
+            matchers="inline"
+            if mc.skip_tokenizer_init
+            else config.structured_outputs_config.matchers,
         )
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %s)",

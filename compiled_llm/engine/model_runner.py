@@ -133,7 +133,7 @@ class LaunchedStep:
     logits: torch.Tensor | None  # their rows: 1 + len(drafts) each
     batch: SamplingBatch | None
     num_rows: list[int]  # rows per request
-    drafts: list[list[int]]  # per request, the drafts its rows after the first verify
+    drafts: list[list[int]]  # per request, the draft tokens its rows after the first verify
 
     @functools.cached_property
     def row(self) -> dict[str, int]:
