@@ -59,6 +59,7 @@ class Matchers:
         self.buffers = buffers
         self.notify = notify
         self._matchers: dict[int, Any] = {}
+        self._compiling: set[int] = set()
         self._removed: set[int] = set()  # removed while compiling
         self._lock = threading.Lock()
         self._compiler: Any = None
@@ -69,11 +70,14 @@ class Matchers:
     def handle(self, message: Message) -> None:
         op = message[0]
         if op == "add":
+            with self._lock:
+                self._compiling.add(message[1])
             self._executor.submit(self._compile, *message[1:])
         elif op == "remove":
             with self._lock:
                 for key in message[1]:
-                    if self._matchers.pop(key, None) is None:
+                    self._matchers.pop(key, None)
+                    if key in self._compiling:
                         self._removed.add(key)
         elif op == "step":
             _, seq, accepts, rows, buffer, drafts = message
@@ -84,6 +88,7 @@ class Matchers:
             raise ValueError(f"unknown grammar message {op!r}")
 
     def _compile(self, key: int, spec: GrammarSpec, stop_token_ids: list[int]) -> None:
+        matcher = error = None
         try:
             import xgrammar as xgr
 
@@ -95,14 +100,15 @@ class Matchers:
         except Exception as e:
             logger.warning("structured outputs: grammar compilation failed: %s", e)
             error = f"structured_outputs: the grammar failed to compile: {e}"
-            self.notify(("compiled", key, error, []))
-            return
         with self._lock:
-            if key in self._removed:
+            self._compiling.discard(key)
+            if key in self._removed:  # its request ended while it compiled
                 self._removed.discard(key)
                 return
-            self._matchers[key] = matcher
-        self.notify(("compiled", key, None, list(matcher.stop_token_ids)))
+            if matcher is not None:
+                self._matchers[key] = matcher
+        stops = list(matcher.stop_token_ids) if matcher is not None else []
+        self.notify(("compiled", key, error, stops))
 
     def _compile_spec(self, spec: GrammarSpec) -> Any:
         from compiled_llm.structured_output.validate import json_options

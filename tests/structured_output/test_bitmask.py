@@ -262,3 +262,25 @@ def test_draft_rows_are_the_grammar_after_each_draft() -> None:
     assert again is not None
     assert torch.equal(again[0], after(code, [])) and torch.equal(again[1], after("ab", []))
     assert g.error is None and h.error is None
+
+
+def test_released_grammars_leave_nothing_behind() -> None:
+    """A sample's matcher goes when its request ends: after compiling, after a failed compile,
+    or while still compiling (the matcher is then dropped when the compile ends)."""
+    manager = inline_manager()
+    matchers = manager._channel.matchers  # type: ignore[union-attr]
+    ok, bad = SO(regex="[0-9]+"), SO(regex="[a-")
+    done = _grammar(manager, "[0-9]+", [1])
+    failed = manager.grammar_for(
+        SamplingParams(structured_outputs=bad).clone(all_stop_token_ids={EOS})
+    )
+    while not failed.ready():
+        manager.wait_compiled(1.0)
+    assert failed.error is not None and "compile" in failed.error
+    early = manager.grammar_for(
+        SamplingParams(structured_outputs=ok).clone(all_stop_token_ids={EOS})
+    )
+    for g in (done, failed, early):
+        g.release()
+    matchers._executor.submit(lambda: None).result()  # the compile thread has finished
+    assert not matchers._matchers and not matchers._compiling and not matchers._removed
