@@ -168,9 +168,10 @@ def test_stop_strings(cycle_model) -> None:
 def test_structured_outputs_verify_drafts(cycle_model, matchers: str) -> None:
     """Grammar rows verify drafts: each draft row's mask is the grammar's after the drafts before
     it. With the embedded tokenizer the regex allows the printable tokens (17-63) and not the
-    special ones (0-16) that the model's chain runs into, and at most 30 of them: drafts are accepted along the chain,
-    rejected where it reaches a special token and at the grammar's end. Greedy and seeded
-    outputs equal those of the same engine without speculation, and end where they do."""
+    special ones (0-16) that the model's chain runs into, and at most 30 of them: drafts are
+    accepted along the chain, rejected where it reaches a special token and at the grammar's
+    end. Greedy and seeded outputs equal those of the same engine without speculation, and end
+    where they do."""
     regex = "[!-O]{0,30}"
     greedy = SamplingParams(temperature=0, max_tokens=48, logprobs=1)
     seeded = SamplingParams(temperature=0.8, seed=7, max_tokens=48, n=2)
