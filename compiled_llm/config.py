@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,6 +162,11 @@ class StructuredOutputsConfig:
         if self.matchers not in _MATCHER_PLACES[1:]:
             raise ValueError(
                 f"structured_outputs_matchers={self.matchers!r} is not one of {_MATCHER_PLACES}"
+            )
+        if self.matchers == "process" and not hasattr(os, "memfd_create"):
+            raise ValueError(
+                "structured_outputs_matchers='process' needs Linux (the bitmask is shared through "
+                "os.memfd_create); use 'inline'"
             )
 
 
@@ -512,7 +518,8 @@ class EngineArgs:
         "auto",
         "where structured outputs' grammar matchers accept tokens and fill the next token "
         "bitmask: process (a process of their own, beside the step loop), inline (the engine "
-        "core's step loop); auto: process on CUDA, inline on CPU (docs/structured_output.md)",
+        "core's step loop); auto: process on CUDA (Linux), inline otherwise "
+        "(docs/structured_output.md)",
         choices=_MATCHER_PLACES,
     )
     device: str = _arg(
@@ -659,6 +666,13 @@ class EngineArgs:
         if self.distributed_executor_backend == "ray" and self.tensor_parallel_size > 1:
             require_ray()  # installed, before any model or weight is read
         require(
+            self.structured_outputs_matchers in _MATCHER_PLACES,
+            "structured_outputs_matchers",
+            "must be auto, process or inline",
+        )
+        if self.structured_outputs_matchers == "process":
+            StructuredOutputsConfig(self.structured_outputs_matchers)  # possible on this OS
+        require(
             all(size >= 1 for size in self.cudagraph_capture_sizes or ()),
             "cudagraph_capture_sizes",
             "must be at least 1",
@@ -781,7 +795,11 @@ class EngineArgs:
             ),
             structured_outputs_config=StructuredOutputsConfig(
                 matchers=(
-                    ("process" if device.type == "cuda" else "inline")
+                    (
+                        "process"
+                        if device.type == "cuda" and hasattr(os, "memfd_create")
+                        else "inline"
+                    )
                     if self.structured_outputs_matchers == "auto"
                     else self.structured_outputs_matchers
                 )

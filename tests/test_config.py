@@ -137,6 +137,7 @@ def test_help_shows_defaults() -> None:
         ({"attention_backend": "magic"}, "attention_backend"),
         ({"cudagraph_capture_sizes": [0]}, "cudagraph_capture_sizes"),
         ({"passes": ["+nonexistent"]}, "nonexistent"),
+        ({"structured_outputs_matchers": "thread"}, "structured_outputs_matchers"),
     ],
 )
 def test_engine_args_validate_at_construction(kwargs: dict, field: str) -> None:
