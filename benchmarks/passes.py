@@ -37,7 +37,13 @@ def main() -> None:
         default=latency_args([]).prefill_repeats,
         help="timed prefills per length, after a warm-up one (median; default: %(default)s)",
     )
-    p.add_argument("--capture-sizes", default="1,8,64,512")
+    p.add_argument(
+        "--capture-sizes",
+        default=None,
+        help="CUDA-graph sizes (default: 1,8,64,512 and each --prefill-lens, so that a prefill is "
+        "timed as graph replays: uncaptured, it is bound by the host's kernel launches and "
+        "follows the host's speed, docs/quantization.md)",
+    )
     p.add_argument("--only", default="", help="comma-separated passes to flip (default: all)")
     p.add_argument(
         "--quantization",
@@ -46,6 +52,9 @@ def main() -> None:
         help="FP8 weights (its default pipeline has the quantization fusions on)",
     )
     args = p.parse_args()
+    if args.capture_sizes is None:
+        sizes = {1, 8, 64, 512, *(int(n) for n in args.prefill_lens.split(",") if n)}
+        args.capture_sizes = ",".join(map(str, sorted(sizes)))
     import torch
 
     from compiled_llm.passes.base import PassContext
