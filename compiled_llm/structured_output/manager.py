@@ -269,12 +269,13 @@ class _Inline:
 
 
 class _Process:
-    """The matchers in a process of their own (`python -m compiled_llm.structured_output.matchers`),
-    over a socket; bitmasks come back in memory both map (an anonymous file: no name to clean up,
-    gone when both have closed it). Started as a fresh interpreter with the two descriptors passed
-    down, not through multiprocessing, whose spawn would re-run the user's main module (a script
-    that makes an `LLM` at top level would make another in the child). The process exits when the
-    engine's is gone."""
+    """The matchers in a process of their own (`python -m
+    compiled_llm.structured_output.grammar_process`), over a socket; bitmasks come back in
+    memory both map (an anonymous file: no name to clean up, gone when both have closed it).
+    Started as a fresh interpreter with the two descriptors passed down, not through
+    multiprocessing, whose spawn would re-run the user's main module (a script that makes an
+    `LLM` at top level would make another in the child). The process exits when the engine's is
+    gone."""
 
     def __init__(self, args: MatcherArgs, shape: tuple[int, int, int]) -> None:
         size = int(np.prod(shape)) * 4
@@ -296,7 +297,12 @@ class _Process:
                 "parent_pid": os.getpid(),
             }
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "compiled_llm.structured_output.matchers", json.dumps(spec)],
+                [
+                    sys.executable,
+                    "-m",
+                    "compiled_llm.structured_output.grammar_process",
+                    json.dumps(spec),
+                ],
                 pass_fds=(child, memory),
             )
         finally:

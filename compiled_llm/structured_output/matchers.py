@@ -19,11 +19,9 @@ messages, tuples whose first item names them:
 
 from __future__ import annotations
 
-import json
 import logging
 import mmap
 import os
-import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -228,8 +226,8 @@ class Matchers:
 
 
 def serve(spec: dict[str, Any]) -> None:
-    """The grammar process (manager._Process starts it with `spec`): handle messages until told
-    to stop or the engine is gone."""
+    """The grammar process (grammar_process.py, started by manager._Process with `spec`): handle
+    messages until told to stop or the engine is gone."""
     from compiled_llm.child_process import exit_with_parent
 
     exit_with_parent(spec["parent_pid"])
@@ -267,7 +265,3 @@ def serve(spec: dict[str, Any]) -> None:
         logger.exception("the grammar process failed")
         code = 1
     os._exit(code)  # no teardown: the mapping and xgrammar's threads end with the process
-
-
-if __name__ == "__main__":
-    serve(json.loads(sys.argv[1]))
