@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from compiled_llm.sampling_params import SamplingParams
-from compiled_llm.structured_output.matchers import Matchers, Message
+from compiled_llm.structured_output.matchers import Matchers, Message, num_mask_rows
 from compiled_llm.structured_output.validate import grammar_spec
 
 logger = logging.getLogger(__name__)
@@ -183,24 +183,8 @@ class StructuredOutputManager:
         """Send the samples' new tokens and ask for the bitmask of a step's sampling rows:
         for grammars[i], one row, or 1 + len(drafts[i]) when the step verifies drafts; `bitmask`
         waits for it. Nothing for a step without grammar rows."""
-        if self._in_flight is not None or all(g is None for g in grammars):
-            return
-        rows = [None if g is None or g.error is not None else g.key for g in grammars]
-        if drafts is not None and not any(drafts):
-            drafts = None
-        num_rows = len(rows) + (sum(map(len, drafts)) if drafts is not None else 0)
-        if num_rows > self.max_rows:
-            raise ValueError(f"{num_rows} sampling rows exceed max_rows={self.max_rows}")
-        accepts = []
-        for g in self.dirty:
-            if g.pending:
-                accepts.append((g.key, g.pending))
-                g.pending = []
-        self.dirty.clear()
-        seq = next(self._seq)
-        buffer = seq % 2
-        self._in_flight = (seq, rows, drafts, buffer, num_rows)
-        self._channel.send(("step", seq, accepts, rows, buffer, drafts))
+        if self._in_flight is None and any(g is not None for g in grammars):
+            self._ask(*self._layout(grammars, drafts))
 
     def bitmask(
         self, grammars: list[RequestGrammar | None], drafts: list[list[int]] | None = None
@@ -213,13 +197,12 @@ class StructuredOutputManager:
         refused a token gets `error` set; the caller ends its request."""
         if all(g is None for g in grammars):
             return None
-        rows = [None if g is None or g.error is not None else g.key for g in grammars]
-        if drafts is not None and not any(drafts):
-            drafts = None
+        rows, drafts = self._layout(grammars, drafts)
         if self._in_flight is not None and self._in_flight[1:3] != (rows, drafts):
             self._wait(self._in_flight[0])  # asked for other rows: drop it, ask again
             self._in_flight = None
-        self.prefetch(grammars, drafts)
+        if self._in_flight is None:
+            self._ask(rows, drafts)
         assert self._in_flight is not None
         seq, _, _, buffer, num_rows = self._in_flight
         self._in_flight = None
@@ -228,6 +211,29 @@ class StructuredOutputManager:
             if grammar is not None:
                 grammar.error = why
         return self.buffers[buffer, :num_rows]
+
+    @staticmethod
+    def _layout(
+        grammars: list[RequestGrammar | None], drafts: list[list[int]] | None
+    ) -> tuple[list[int | None], list[list[int]] | None]:
+        """The step message's rows (a key, or None: all allowed) and drafts (None without any)."""
+        rows = [None if g is None or g.error is not None else g.key for g in grammars]
+        return rows, drafts if drafts is not None and any(drafts) else None
+
+    def _ask(self, rows: list[int | None], drafts: list[list[int]] | None) -> None:
+        num_rows = num_mask_rows(rows, drafts)
+        if num_rows > self.max_rows:
+            raise ValueError(f"{num_rows} sampling rows exceed max_rows={self.max_rows}")
+        accepts = []
+        for g in self.dirty:
+            if g.pending:
+                accepts.append((g.key, g.pending))
+                g.pending = []
+        self.dirty.clear()
+        seq = next(self._seq)
+        buffer = seq % 2
+        self._in_flight = (seq, rows, drafts, buffer, num_rows)
+        self._channel.send(("step", seq, accepts, rows, buffer, drafts))
 
     def _wait(self, seq: int) -> dict[int, str]:
         while seq not in self._replies:

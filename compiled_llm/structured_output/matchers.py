@@ -38,6 +38,11 @@ GrammarSpec = tuple[str, str, bool]  # kind, text, any_whitespace (validate.gram
 REFUSED = "structured_outputs: no token could continue the grammar"
 
 
+def num_mask_rows(rows: list[int | None], drafts: list[list[int]] | None) -> int:
+    """Bitmask rows of a step: one per entry of `rows`, plus one per draft it verifies."""
+    return len(rows) + (sum(map(len, drafts)) if drafts is not None else 0)
+
+
 class Matchers:
     def __init__(
         self,
@@ -79,8 +84,8 @@ class Matchers:
                         self._removed.add(key)
         elif op == "step":
             _, seq, accepts, rows, buffer, drafts = message
-            num_rows = len(rows) + (sum(map(len, drafts)) if drafts is not None else 0)
-            errors = self.step(accepts, rows, self.buffers[buffer, :num_rows], drafts)
+            mask = self.buffers[buffer, : num_mask_rows(rows, drafts)]
+            errors = self.step(accepts, rows, mask, drafts)
             self.notify(("step", seq, errors))
         else:
             raise ValueError(f"unknown grammar message {op!r}")
