@@ -4,12 +4,12 @@ Cold: empty compile cache and empty Inductor cache (for a GGUF also no converted
 tokenizer or weights). Warm: the same caches again (what a second start of the same model sees).
 
 Two modes:
-  --shape NAME     random weights from a config dict (benchmarks/shapes.py); times `LLM()`: weight
-                   load, compile, CUDA-graph capture.
+  --shape NAME     random weights from a config dict (benchmarks/shapes.py): imports and `LLM()`
+                   (weights, the KV sizing's memory profile, compile, CUDA-graph capture).
   --model MODEL    a real model ("embedded": the default one), started the way `compiled-llm
                    generate PROMPT --max-tokens 8` starts it: imports, `LLM()`, one short
-                   generate; the stage table adds up to the process's wall time. Also times
-                   the command itself on the warm cache.
+                   generate. Also times the command itself on the warm cache.
+In both, the stage table adds up to the process's wall time ("other": the rest of `LLM()`).
 
   python benchmarks/startup.py --shape llama-3.1-8b
   python benchmarks/startup.py --shape tiny -O 1                  # CPU smoke run
@@ -41,8 +41,10 @@ STAGES = [
     "tokenizer",
     "weights",
     "kv_cache",
+    "memory_profile",  # CUDA: the largest step run once, to size the KV cache
     "compile",  # at a warm start: loading the cached pieces + the first run
-    "generate",  # the prompt, --max-tokens tokens
+    "cudagraphs",  # CUDA graph capture
+    "generate",  # the prompt, --max-tokens tokens (model mode)
     "exit",  # interpreter shutdown
     "other",  # the rest of LLM() (attention backend, scheduler, ...)
 ]
@@ -67,8 +69,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def shape_worker(args: argparse.Namespace) -> dict[str, Any]:
+    begun = time.time()
+    start = time.perf_counter()
     from compiled_llm import LLM
 
+    imports = time.perf_counter() - start
     start = time.perf_counter()
     llm = LLM(
         shape_folder(args.shape),
@@ -78,7 +83,13 @@ def shape_worker(args: argparse.Namespace) -> dict[str, Any]:
         compilation_level=args.level,
         kv_cache_memory_bytes=None if _cuda() else 1 << 28,
     )
-    return {"total_s": time.perf_counter() - start, **_start_stats(llm)}
+    return {
+        "total_s": time.perf_counter() - start,
+        "stages": {"imports": imports, **llm.start_seconds},
+        "started_at": begun,
+        "finished_at": time.time(),
+        **_start_stats(llm),
+    }
 
 
 def generate_argv(args: argparse.Namespace) -> list[str]:
@@ -140,8 +151,8 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def run_start(args: list[str], env: dict[str, str], model_mode: bool) -> dict[str, Any]:
-    """One start in a fresh process. In the model mode, the stages add up to its wall time."""
+def run_start(args: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """One start in a fresh process; its stages add up to the process's wall time."""
     spawned = time.time()
     r = subprocess.run(
         [sys.executable, os.path.abspath(__file__), *args, "--worker"],
@@ -154,13 +165,12 @@ def run_start(args: list[str], env: dict[str, str], model_mode: bool) -> dict[st
     if r.returncode:
         raise RuntimeError(f"start failed:\n{r.stderr[-3000:]}")
     run = json.loads(r.stdout.strip().splitlines()[-1])
-    if model_mode:
-        stages = {name: run["stages"].get(name, 0.0) for name in STAGES}
-        stages["python"] = run.pop("started_at") - spawned
-        stages["exit"] = ended - run.pop("finished_at")
-        stages["other"] = ended - spawned - sum(stages.values())
-        run["stages"] = stages
-        run["wall_s"] = ended - spawned
+    stages = {name: run["stages"].get(name, 0.0) for name in STAGES}
+    stages["python"] = run.pop("started_at") - spawned
+    stages["exit"] = ended - run.pop("finished_at")
+    stages["other"] = ended - spawned - sum(stages.values())
+    run["stages"] = stages
+    run["wall_s"] = ended - spawned
     return run
 
 
@@ -232,7 +242,7 @@ def main() -> None:
         )
         for name in ("cold", "warm"):
             try:
-                run = run_start(sys.argv[1:], child_env, model_mode)
+                run = run_start(sys.argv[1:], child_env)
             except RuntimeError as e:
                 print(f"{name} start: {e}")
                 return
@@ -260,15 +270,16 @@ def main() -> None:
         f"machine: load {env['load_before'][0]:.2f} -> {env['load_after'][0]:.2f}, "
         f"`import torch` {env['import_torch_s']:.2f} -> {env['import_torch_after_s']:.2f} s"
     )
+    print(f"medians of {args.repeats} (seconds; the stages add up to wall):")
+    used = [s for s in STAGES if any(r["stages"][s] for r in medians.values())]
+    print_table(
+        ["start", *used, "wall_s", "cache_load_s", "trace_s"],
+        [
+            [n, *(r["stages"][s] for s in used), r["wall_s"], r["cache_load_s"], r["trace_s"]]
+            for n, r in medians.items()
+        ],
+    )
     if model_mode:
-        print(f"medians of {args.repeats} (seconds; the stages add up to wall):")
-        print_table(
-            ["start", *STAGES, "wall_s", "cache_load_s", "trace_s"],
-            [
-                [n, *(r["stages"][s] for s in STAGES), r["wall_s"], r["cache_load_s"], r["trace_s"]]
-                for n, r in medians.items()
-            ],
-        )
         print(
             f"\n`compiled-llm -q {' '.join(generate_argv(args))}` on the warm cache: "
             f"median {result['command_warm_s']:.2f} s "

@@ -28,6 +28,7 @@ import random
 import statistics
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quantization", default=None, choices=["fp8"], help="quantize our engine's weights"
     )
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    p.add_argument(
+        "--step-timeline",
+        action="store_true",
+        help="record each engine step's tokens and wall time (last run), summarized by step kind",
+    )
     p.add_argument("--worker", choices=["ours", "peer"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeats < 1 or (args.repeats > 1 and args.workload == "embedded"):
@@ -95,6 +101,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     from compiled_llm import LLM, SamplingParams
 
     extra = json.loads(args.engine_args)
+    steps: list[tuple[int, int, float]] = []
     if args.quantization:
         extra["quantization"] = args.quantization
     extra.setdefault("kv_cache_dtype", args.kv_cache_dtype)
@@ -104,9 +111,12 @@ def run_ours(args: argparse.Namespace) -> dict:
         prompts = EMBEDDED_PROMPTS * args.embedded_repeats
         params = SamplingParams(temperature=0, max_tokens=args.embedded_output_len, ignore_eos=True)
         startup = time.perf_counter() - start
+        timeline = StepTimeline(llm.engine) if args.step_timeline else None
         t = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         runs = [time.perf_counter() - t]
+        if timeline is not None:
+            steps = timeline.stop()
     else:
         vocab = int(SHAPES[args.shape]["vocab_size"])
         reqs = workload(args, vocab)
@@ -124,9 +134,12 @@ def run_ours(args: argparse.Namespace) -> dict:
             reqs = workload(args, vocab, repeat)
             prompts = [{"prompt_token_ids": p} for p, _ in reqs]
             params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in reqs]
+            timeline = StepTimeline(llm.engine) if args.step_timeline else None
             t = time.perf_counter()
             outs = llm.generate(prompts, params, use_tqdm=False)
             runs.append(time.perf_counter() - t)
+            if timeline is not None:
+                steps = timeline.stop()
     n_in = sum(len(o.prompt_token_ids) for o in outs)
     n_out = sum(len(c.token_ids) for o in outs for c in o.outputs)
     return {
@@ -136,7 +149,60 @@ def run_ours(args: argparse.Namespace) -> dict:
         "requests": len(outs),
         "input_tokens": n_in,
         "output_tokens": n_out,
+        **({"step_timeline": summarize_steps(steps)} if args.step_timeline else {}),
     }
+
+
+class StepTimeline:
+    """Each `LLMEngine.step` call's wall time and the tokens of the step it scheduled (prompt
+    tokens computed, tokens sampled). With async scheduling a call launches its step and then
+    waits for the previous one's tokens, so a call's wall time is mostly the previous step's
+    GPU time: `summarize_steps` charges call i + 1's time to step i."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.steps: list[tuple[int, int, float]] = []
+        step = engine.step
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            out = step(*args, **kwargs)
+            stats = engine.last_stats
+            prompt, sampled = (
+                (stats.num_prompt_tokens_computed, stats.num_generation_tokens) if stats else (0, 0)
+            )
+            self.steps.append((prompt, sampled, time.perf_counter() - start))
+            return out
+
+        engine.step = timed
+
+    def stop(self) -> list[tuple[int, int, float]]:
+        del self.engine.step  # the instance attribute; the class's method again
+        return self.steps
+
+
+# Step kinds by tokens: decode only (no prompt tokens), and steps with prompt tokens by size
+# against the largest piecewise CUDA graph of the default sizes (512).
+STEP_KINDS = ((0, "decode only"), (512, "prefill/mixed <= 512"), (2048, "513-2048"))
+
+
+def summarize_steps(steps: list[tuple[int, int, float]]) -> dict[str, Any]:
+    kinds: dict[str, dict[str, float]] = {}
+    for (prompt, sampled, _), (_, _, wall) in zip(steps, steps[1:]):
+        tokens = prompt + sampled  # sampled ~ one token per decoding request
+        kind = "2049+"
+        if prompt == 0:
+            kind = STEP_KINDS[0][1]
+        else:
+            kind = next((name for limit, name in STEP_KINDS[1:] if tokens <= limit), kind)
+        k = kinds.setdefault(kind, {"steps": 0, "seconds": 0.0, "tokens": 0})
+        k["steps"] += 1
+        k["seconds"] += wall
+        k["tokens"] += tokens
+    for k in kinds.values():
+        k["ms_per_step"] = 1000 * k["seconds"] / k["steps"]
+        k["tokens_per_step"] = k["tokens"] / k["steps"]
+    return {"kinds": kinds, "steps": [[p, s, round(w * 1e6)] for p, s, w in steps]}
 
 
 def run_peer(args: argparse.Namespace) -> dict:
@@ -242,6 +308,16 @@ def main() -> None:
     path = write_result(name, {"config": vars(args), "env": env, "results": results})
     print(f"\nresults: {path}\n")
     print_table(["engine", "requests", "seconds", "output tok/s", "total tok/s"], rows)
+    timeline = results["compiled-llm"].get("step_timeline")
+    if timeline:
+        print("\nsteps of the last run (a call's wall time charged to the step before it):")
+        print_table(
+            ["kind", "steps", "seconds", "ms/step", "tokens/step"],
+            [
+                [name, k["steps"], k["seconds"], k["ms_per_step"], k["tokens_per_step"]]
+                for name, k in timeline["kinds"].items()
+            ],
+        )
     runs = results["compiled-llm"].get("runs_s", [])
     if len(runs) > 1:
         print(f"\ncompiled-llm: median of {len(runs)} runs ({min(runs):.2f}-{max(runs):.2f} s)")

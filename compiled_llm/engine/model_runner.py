@@ -393,8 +393,9 @@ class ModelRunner:
         in_use()  # empties the cache, so the peak below is what the step adds
         reserved, allocated = torch.cuda.memory_reserved(dev), torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        self.dummy_run(num_tokens, num_reqs=1, sample_rows=self.max_sample_rows())
-        torch.cuda.synchronize(dev)
+        with self._timed("memory_profile"):
+            self.dummy_run(num_tokens, num_reqs=1, sample_rows=self.max_sample_rows())
+            torch.cuda.synchronize(dev)
         activation_peak = max(
             torch.cuda.max_memory_reserved(dev) - reserved,
             torch.cuda.max_memory_allocated(dev) - allocated,
@@ -406,9 +407,10 @@ class ModelRunner:
 
         before, reserved = in_use(), torch.cuda.memory_reserved(dev)
         graphs = 0
-        for runner in (self, self.draft):
-            if runner is not None and runner.graphs is not None:
-                graphs += runner.graphs.measure_memory(footprint)
+        with self._timed("cudagraphs"):  # the piecewise graphs are captured here, and kept
+            for runner in (self, self.draft):
+                if runner is not None and runner.graphs is not None:
+                    graphs += runner.graphs.measure_memory(footprint)
         held = in_use() - before  # what the graphs (piecewise kept, decode dropped) hold now
         held_torch = torch.cuda.memory_reserved(dev) - reserved
         self.kv_caches = []
