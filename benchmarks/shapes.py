@@ -183,9 +183,22 @@ def shape_folder(name: str) -> str:
         raise SystemExit(f"unknown shape {name!r}; choose from {', '.join(SHAPES)}")
     folder = os.path.join(tempfile.gettempdir(), f"compiled_llm_shape_{name}")
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(SHAPES[name], f)
+    write_if_changed(os.path.join(folder, "config.json"), json.dumps(SHAPES[name]))
     return folder
+
+
+def write_if_changed(path: str, text: str) -> None:
+    """Rewrite a config only when its text changes: the engine's derived-config cache keys on
+    the file's mtime, and a rewrite per run would make every warm start re-derive it (importing
+    transformers), which a real model folder does not."""
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return
+    except OSError:
+        pass
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def eagle3_head_folder(name: str, draft_vocab: int = 32000) -> str:
@@ -206,8 +219,7 @@ def eagle3_head_folder(name: str, draft_vocab: int = 32000) -> str:
         config["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": [0, layers // 2, layers - 1]}
     folder = os.path.join(tempfile.gettempdir(), f"compiled_llm_eagle3_head_{name}")
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f)
+    write_if_changed(os.path.join(folder, "config.json"), json.dumps(config))
     return folder
 
 
