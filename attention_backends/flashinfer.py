@@ -84,6 +84,44 @@ def workspace_bytes(num_heads: int, num_kv_heads: int, head_dim: int, num_sms: i
     return max(WORKSPACE_BYTES, partials + 16 * 1024 * 1024)  # + headroom for alignment
 
 
+def cta_tile_q(packed_qo_len: int, head_dim: int) -> int:
+    """Query rows per work item of FlashInfer's prefill kernel for requests of up to
+    `packed_qo_len` rows (query tokens x query heads per KV head): `FA2DetermineCtaTileQ`
+    (include/flashinfer/utils.cuh) on sm80 and later; an upper bound for head_dim >= 512."""
+    if packed_qo_len > 64 and head_dim < 256:
+        return 128
+    return 64 if packed_qo_len > 16 else 16
+
+
+def graph_workspace_bytes(
+    num_heads: int, num_kv_heads: int, head_dim: int, num_sms: int, batch: int, rows: int
+) -> int:
+    """The float workspace a CUDA-graph plan of FlashInfer's prefill kernel (tensor-core decode,
+    verification batches) may need for `batch` requests of `rows` query tokens in all.
+
+    A graph's plan must hold any batch it will replay, so `PrefillSplitQOKVIndptr`
+    (include/flashinfer/attention/scheduler.cuh) pads its work items to one per query tile that
+    requests of those sizes could have, `ceil(rows * group / cta_tile_q) + batch - 1`, with the
+    tile sized for the longest request possible (`rows - batch + 1` tokens), and at least the
+    eager plan's `2 * num_sms // num_kv_heads`; each item keeps float32 partials of
+    `cta_tile_q * head_dim` values and `cta_tile_q` log-sum-exps per query head. A 512-request
+    decode graph of the Llama-3.1-8B shape needs 161 MiB, more than the 128 MiB floor: it failed
+    at plan (`batch_prefill_tmp_v`) with max_num_seqs=512.
+    """
+    group = num_heads // num_kv_heads
+    tile = cta_tile_q((rows - batch + 1) * group, head_dim)
+    items = max(2 * num_sms // num_kv_heads, -(-rows * group // tile) + batch - 1)
+    return items * num_heads * tile * (head_dim + 1) * 4 + 16 * 1024 * 1024
+
+
+def decode_graph_workspace_bytes(num_heads: int, head_dim: int, num_sms: int, batch: int) -> int:
+    """The same for a CUDA-graph plan of FlashInfer's CUDA-core decode kernel: its partials are
+    one row per query head per work item, and a graph pads the items to the batch or to its
+    grid (at most 32 blocks an SM)."""
+    items = max(batch, 32 * num_sms)
+    return items * num_heads * (head_dim + 1) * 4 + 16 * 1024 * 1024
+
+
 _announced = False
 
 
@@ -167,19 +205,34 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.decode_tensor_cores = (
             group >= 4 if decode_tensor_cores is None else decode_tensor_cores
         )
-        num_sms = torch.cuda.get_device_properties(spec.device).multi_processor_count
-        size = workspace_bytes(spec.num_heads, spec.num_kv_heads, spec.head_dim, num_sms)
-        self._workspace = torch.zeros(size, dtype=torch.uint8, device=spec.device)
-        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-            self._workspace, "NHD", backend=self.prefill_backend
-        )
-        self._decode = self._decode_wrapper()
+        self._num_sms = torch.cuda.get_device_properties(spec.device).multi_processor_count
+        size = workspace_bytes(spec.num_heads, spec.num_kv_heads, spec.head_dim, self._num_sms)
+        self._workspace = torch.empty(0, dtype=torch.uint8, device=spec.device)
+        self._reserve_workspace(size)  # also makes the eager wrappers
         self._buffers: StepBuffers | None = None
         self._graph_index: _GraphIndexBuffers | None = None
         self._graph_decode: dict[int, Any] = {}
         self._graph_prefill: dict[int, Any] = {}
         self._num_blocks: int | None = None  # pool size, bounds a request's pages
         self._planned: dict[int, torch.cuda.Event] = {}  # id(wrapper) -> after its last plan
+
+    def _reserve_workspace(self, nbytes: int) -> None:
+        """Grow the float workspace to at least `nbytes`, with new eager wrappers on it. Graph
+        wrappers made before keep the buffer they were made with, which was large enough for
+        their plans (graphs are captured largest first, so this grows once per kind)."""
+        if nbytes <= self._workspace.numel():
+            return
+        if self._workspace.numel():
+            logger.info(
+                "FlashInfer workspace %d -> %d MiB (a CUDA-graph plan of many requests)",
+                self._workspace.numel() >> 20,
+                nbytes >> 20,
+            )
+        self._workspace = torch.zeros(nbytes, dtype=torch.uint8, device=self.spec.device)
+        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self._workspace, "NHD", backend=self.prefill_backend
+        )
+        self._decode = self._decode_wrapper()
 
     def allocate_kv_caches(self, num_blocks: int, num_layers: int) -> list[torch.Tensor]:
         self._num_blocks = num_blocks
@@ -208,10 +261,23 @@ class FlashInferAttentionBackend(AttentionBackend):
         self._graph_decode = {}
         self._graph_prefill = {}
 
-    def _graph_wrapper(self, batch_size: int, width: int, decode: bool) -> Any:
+    def _graph_wrapper(self, batch_size: int, width: int, decode: bool, rows: int) -> Any:
         """The CUDA-graph wrapper for this padded request count, a decode one or (verification
-        batches) a prefill one (created on first use)."""
+        batches) a prefill one of `rows` query tokens (created on first use, on a workspace
+        large enough for its plans)."""
         assert self._buffers is not None
+        cached = self._graph_decode if decode else self._graph_prefill
+        if batch_size not in cached:
+            s = self.spec
+            if decode and not self.decode_tensor_cores:
+                need = decode_graph_workspace_bytes(
+                    s.num_heads, s.head_dim, self._num_sms, batch_size
+                )
+            else:
+                need = graph_workspace_bytes(
+                    s.num_heads, s.num_kv_heads, s.head_dim, self._num_sms, batch_size, rows
+                )
+            self._reserve_workspace(need)
         if self._graph_index is None:
             n, dev = self._buffers.max_num_reqs, self.spec.device
             pages = self._buffers.max_blocks_per_req or width
@@ -290,7 +356,9 @@ class FlashInferAttentionBackend(AttentionBackend):
         }
         if is_decode:
             if graph:
-                wrapper = self._graph_wrapper(batch, inputs.block_table.shape[1], decode=True)
+                wrapper = self._graph_wrapper(
+                    batch, inputs.block_table.shape[1], decode=True, rows=batch
+                )
             else:
                 wrapper = self._decode
             with self._planning(wrapper):
@@ -302,8 +370,10 @@ class FlashInferAttentionBackend(AttentionBackend):
         qo_indptr = torch.full((batch + 1,), inputs.num_tokens, dtype=torch.int32)
         qo_indptr[: r + 1] = inputs.query_start_loc_cpu[: r + 1]
         if graph:
-            wrapper = self._graph_wrapper(batch, inputs.block_table.shape[1], decode=False)
             rows = n_pad
+            wrapper = self._graph_wrapper(
+                batch, inputs.block_table.shape[1], decode=False, rows=rows
+            )
         else:
             wrapper, rows = self._prefill, inputs.num_tokens
         with self._planning(wrapper):

@@ -415,6 +415,20 @@ def test_flashinfer_split_kv_prefill_fits_workspace() -> None:
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("num_reqs", [512, 1024])
+def test_flashinfer_large_decode_graph_fits_workspace(num_reqs: int) -> None:
+    """A CUDA-graph decode plan of 512 requests with 32 query heads over 8 KV heads (the
+    Llama-3.1-8B shape, tensor-core decode) pads its work items to one per query tile of each
+    request: 161 MiB of partials, more than the 128 MiB floor, and an engine with
+    max_num_seqs=512 failed at its first capture (`batch_prefill_tmp_v`)."""
+    lens = tuple(17 + i % 50 for i in range(num_reqs))
+    case = Case("large_decode_graph", lens, (1,) * num_reqs, num_heads=32, num_kv_heads=8)
+    be = make_backend("flashinfer", spec_of(case, torch.device("cuda")))
+    check(compare(be, case, seed=13, prepare=True), case.dtype)
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_triton_other_dtypes(mode: str, dtype: torch.dtype) -> None:
