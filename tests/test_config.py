@@ -117,8 +117,25 @@ def test_help_shows_defaults() -> None:
     sub = next(a for a in parser._actions if a.dest == "command").choices["generate"]
     text = sub.format_help()
     assert "(default: 64)" in text  # --max-tokens
-    assert "(default: 256)" in text  # --max-num-seqs
+    assert "(default: 0.9)" in text  # --gpu-memory-utilization
+    assert "512 on a GPU of 70 GiB or more" in " ".join(text.split())  # --max-num-seqs
     assert "--sampling-seed" in text and "engine seed" in text
+
+
+def test_max_num_seqs_default_follows_device_memory(tiny_models) -> None:  # noqa: ANN001
+    """vLLM's rule for big GPUs (more requests a step on 70 GiB or more), capped at our largest
+    decode CUDA graph; set values are kept."""
+    from compiled_llm.config import default_max_num_seqs
+
+    assert default_max_num_seqs(None) == 256  # CPU
+    assert default_max_num_seqs(40 * 2**30) == 256  # A100 40GB, L40S
+    assert default_max_num_seqs(80 * 2**30) == 512  # H100
+    assert default_max_num_seqs(141 * 2**30) == 512  # H200
+    model = str(tiny_models("llama"))
+    for given, expected in ((None, 256), (8, 8)):
+        config = EngineArgs(model=model, device="cpu", max_num_seqs=given).create_config()
+        assert config.scheduler_config.max_num_seqs == expected
+        assert config.scheduler_config.max_num_batched_tokens == 8192
 
 
 @pytest.mark.parametrize(
