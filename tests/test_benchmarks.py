@@ -41,6 +41,7 @@ CASES = {
         "4",
         "--repeats",
         "2",
+        "--step-timeline",
     ],
     "startup": ["--shape", "tiny", "-O", "0"],
     "structured_output": [
@@ -146,6 +147,16 @@ def test_benchmark_smoke(script: str) -> None:
     if script == "throughput":  # --repeats 2: both timed runs recorded, the median reported
         ours = payload["results"]["compiled-llm"]
         assert len(ours["runs_s"]) == 2 and min(ours["runs_s"]) <= ours["seconds"]
+        # The last run's steps: every prompt token computed once (fresh ids: no prefix hits)
+        # and every output token sampled once; each step but the last charged to a kind.
+        timeline = ours["step_timeline"]
+        steps = timeline["steps"]
+        assert sum(p for p, _, _ in steps) == ours["input_tokens"]  # token counts: last run's
+        assert sum(s for _, s, _ in steps) == ours["output_tokens"]
+        assert sum(k["steps"] for k in timeline["kinds"].values()) == len(steps) - 1
+    if script == "startup":
+        for run in payload["runs"].values():  # no stage is counted twice
+            assert min(run["stages"].values()) >= 0 and run["stages"]["other"] >= 0
     Path(path).unlink()
 
 
