@@ -266,18 +266,6 @@ class FlashInferAttentionBackend(AttentionBackend):
         batches) a prefill one of `rows` query tokens (created on first use, on a workspace
         large enough for its plans)."""
         assert self._buffers is not None
-        cached = self._graph_decode if decode else self._graph_prefill
-        if batch_size not in cached:
-            s = self.spec
-            if decode and not self.decode_tensor_cores:
-                need = decode_graph_workspace_bytes(
-                    s.num_heads, s.head_dim, self._num_sms, batch_size
-                )
-            else:
-                need = graph_workspace_bytes(
-                    s.num_heads, s.num_kv_heads, s.head_dim, self._num_sms, batch_size, rows
-                )
-            self._reserve_workspace(need)
         if self._graph_index is None:
             n, dev = self._buffers.max_num_reqs, self.spec.device
             pages = self._buffers.max_blocks_per_req or width
@@ -292,11 +280,26 @@ class FlashInferAttentionBackend(AttentionBackend):
                 "more pages than staged for CUDA graphs: allocate the KV cache through the "
                 "backend (allocate_kv_caches) before prepare_for_capture"
             )
+        s = self.spec
         if decode:
             if batch_size not in self._graph_decode:
+                if self.decode_tensor_cores:  # FlashInfer's prefill kernel serves it
+                    need = graph_workspace_bytes(
+                        s.num_heads, s.num_kv_heads, s.head_dim, self._num_sms, batch_size, rows
+                    )
+                else:
+                    need = decode_graph_workspace_bytes(
+                        s.num_heads, s.head_dim, self._num_sms, batch_size
+                    )
+                self._reserve_workspace(need)
                 self._graph_decode[batch_size] = self._decode_wrapper(batch_size)
             return self._graph_decode[batch_size]
         if batch_size not in self._graph_prefill:
+            self._reserve_workspace(
+                graph_workspace_bytes(
+                    s.num_heads, s.num_kv_heads, s.head_dim, self._num_sms, batch_size, rows
+                )
+            )
             gi = self._graph_index
             self._graph_prefill[batch_size] = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                 self._workspace,
