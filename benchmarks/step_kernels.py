@@ -66,11 +66,22 @@ def profile(args: argparse.Namespace) -> str:
     engine = llm.engine
     vocab = int(engine.config.model_config.hf_config.vocab_size)
     rng = random.Random(0)
-    params = SamplingParams(temperature=0, max_tokens=args.steps + 32, ignore_eos=True)
+    # Prefill takes this many steps at most; requests prefilled first decode meanwhile.
+    budget = engine.config.scheduler_config.max_num_batched_tokens
+    prefill_steps = -(-args.batch * args.prompt_len // budget) + 1
+    warm = 8
+    params = SamplingParams(
+        temperature=0, max_tokens=prefill_steps + warm + args.steps + 8, ignore_eos=True
+    )
     for i in range(args.batch):
         prompt = {"prompt_token_ids": [rng.randrange(vocab) for _ in range(args.prompt_len)]}
         engine.add_request(f"r{i}", prompt, params)
-    for _ in range(8):  # prefill, then warm decode steps
+    for _ in range(prefill_steps):  # until every prompt is in (a step with no prompt tokens)
+        engine.step()
+        stats = engine.last_stats
+        if stats is not None and stats.num_prompt_tokens_computed == 0 and not stats.num_waiting:
+            break
+    for _ in range(warm):  # warm decode steps
         engine.step()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if cuda:
