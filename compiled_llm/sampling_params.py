@@ -97,6 +97,11 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None
+    # Added to the logits of these token ids before sampling (OpenAI's logit_bias, as in vLLM:
+    # after the raw logprobs, before penalties and temperature).
+    logit_bias: dict[int, float] | None = None
+    # Only these token ids may be sampled (vLLM's allowed_token_ids).
+    allowed_token_ids: list[int] | None = None
     # Filled by the engine: EOS and generation-config stop ids.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -148,6 +153,18 @@ class SamplingParams:
             fail("stop", "must be non-empty strings")
         if any(not _is_int(t) or not 0 <= t <= INT64_MAX for t in self.stop_token_ids):  # type: ignore[union-attr]
             fail("stop_token_ids", "must be non-negative integers below 2**63")
+        if self.logit_bias is not None and (
+            not isinstance(self.logit_bias, dict)
+            or not all(_is_int(t) and 0 <= t <= INT64_MAX for t in self.logit_bias)
+            or not all(_is_real(v) for v in self.logit_bias.values())
+        ):
+            fail("logit_bias", "must map non-negative token ids to finite numbers")
+        if self.allowed_token_ids is not None and (
+            not isinstance(self.allowed_token_ids, list)
+            or not self.allowed_token_ids
+            or not all(_is_int(t) and 0 <= t <= INT64_MAX for t in self.allowed_token_ids)
+        ):
+            fail("allowed_token_ids", "must be a non-empty list of non-negative token ids")
         so = self.structured_outputs
         if so is not None and not isinstance(so, StructuredOutputsParams):
             fail("structured_outputs", "must be a StructuredOutputsParams")

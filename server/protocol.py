@@ -16,6 +16,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -108,8 +109,9 @@ class _SamplingFields(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[Text, float] | None = None  # token id (as a string) -> bias
     # vLLM's extensions
+    allowed_token_ids: list[TokenId] | None = None
     top_k: Int64 | None = None
     min_p: float | None = None
     repetition_penalty: float | None = Field(None, gt=0.0)
@@ -187,8 +189,6 @@ class _SamplingFields(_Strict):
         logprobs: int | None,
         constraint: StructuredOutputsParams | None = None,
     ) -> SamplingParams:
-        if self.logit_bias:
-            raise RequestError("logit_bias is not supported", "logit_bias")
         structured = self.structured()
         return SamplingParams(
             structured_outputs=constraint or (structured[0] if structured else None),
@@ -209,7 +209,24 @@ class _SamplingFields(_Strict):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            logit_bias=self._logit_bias(),
+            allowed_token_ids=self.allowed_token_ids or None,
         )
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        """OpenAI's logit_bias: token ids as strings, biases clamped to [-100, 100] (as vLLM)."""
+        if not self.logit_bias:
+            return None
+        bias = {}
+        for key, value in self.logit_bias.items():
+            if not key.isascii() or not key.isdigit() or len(key) > 19:
+                raise RequestError(
+                    f"logit_bias keys must be token ids, got {key!r:.40}", "logit_bias"
+                )
+            if not math.isfinite(value):
+                raise RequestError("logit_bias values must be finite numbers", "logit_bias")
+            bias[int(key)] = min(100.0, max(-100.0, value))
+        return bias
 
     @property
     def include_usage(self) -> bool:

@@ -106,12 +106,16 @@ class InputProcessor:
                 f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} tokens exceeds "
                 f"max_model_len={max_len}"
             )
-        bad = [t for t in params.stop_token_ids or () if t >= self.vocab_size]
-        if bad:
-            raise ValueError(
-                f"stop_token_ids contains ids outside the vocabulary [0, {self.vocab_size}): "
-                f"{bad[:5]}"
-            )
+        for name, token_ids in (
+            ("stop_token_ids", params.stop_token_ids),
+            ("logit_bias", params.logit_bias),
+            ("allowed_token_ids", params.allowed_token_ids),
+        ):
+            bad = [t for t in token_ids or () if t >= self.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"{name} contains ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}"
+                )
         max_tokens = params.max_tokens or max_len - len(ids)
         if params.min_tokens > max_tokens:
             raise ValueError(

@@ -105,6 +105,16 @@ def build_sampling_batch(
             stops = {t for t in stops if t < vocab_size}
             banned_rows += [i] * len(stops)
             banned_ids += sorted(stops)
+    bias: tuple[list[int], list[int], list[float]] = ([], [], [])
+    allowed: tuple[list[int], list[int]] = ([], [])
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            bias[0].extend([i] * len(p.logit_bias))
+            bias[1].extend(p.logit_bias)
+            bias[2].extend(p.logit_bias.values())
+        if p.allowed_token_ids:
+            allowed[0].extend([i] * len(p.allowed_token_ids))
+            allowed[1].extend(p.allowed_token_ids)
     num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
     draft_rows, draft_ids, draft_probs = _drafts_from_q(requests, drafts, device)
     return SamplingBatch(
@@ -138,6 +148,16 @@ def build_sampling_batch(
         else None,
         banned=(col(banned_rows, torch.int64), col(banned_ids, torch.int64))
         if banned_rows
+        else None,
+        logit_bias=(
+            col(bias[0], torch.int64),
+            col(bias[1], torch.int64),
+            col(bias[2], torch.float32),
+        )
+        if bias[0]
+        else None,
+        allowed=(col(allowed[0], torch.int64), col(allowed[1], torch.int64))
+        if allowed[0]
         else None,
         max_num_logprobs=max(num_logprobs) if num_logprobs else -1,
         draft_rows=draft_rows,

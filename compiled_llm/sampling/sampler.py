@@ -73,6 +73,10 @@ class SamplingBatch:
     prompt_token_ids: torch.Tensor | None = None  # [B, P] int64, padded with vocab_size
     # (row, token) pairs banned this step (stop tokens before min_tokens)
     banned: tuple[torch.Tensor, torch.Tensor] | None = None
+    # logit_bias: (row, token, bias) triples; allowed_token_ids: (row, token) pairs, and every
+    # other token of those rows is masked (None when no row has any)
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    allowed: tuple[torch.Tensor, torch.Tensor] | None = None
     max_num_logprobs: int = -1  # -1: no row asked for logprobs
     # Structured outputs: allowed next tokens of the rows that have a grammar, filled on the host
     # after the forward was launched (EngineCore.step)
@@ -129,6 +133,21 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Te
     return logits.masked_fill_(~allowed, float("-inf"))
 
 
+def apply_allowed_and_bias(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """allowed_token_ids (the rows that list some keep only those) and logit_bias (added)."""
+    if b.allowed is not None:
+        rows, ids = b.allowed
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep[rows, ids] = True
+        limited = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        limited[rows] = True
+        logits = logits.masked_fill(limited[:, None] & ~keep, float("-inf"))
+    if b.logit_bias is not None:
+        rows, ids, bias = b.logit_bias
+        logits = logits.index_put((rows, ids), bias.to(logits.dtype), accumulate=True)
+    return logits
+
+
 def _apply_top_k_top_p(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=False)
     vocab = logits.shape[1]
@@ -167,6 +186,7 @@ class Sampler:
         if b.token_bitmask is not None:
             logits = apply_token_bitmask(logits, b.token_bitmask)
         raw_logprobs = logits.log_softmax(dim=-1) if b.max_num_logprobs >= 0 else None
+        logits = apply_allowed_and_bias(logits, b)
         logits = apply_penalties(logits, b)
         if b.banned is not None:
             logits = logits.index_put(b.banned, torch.tensor(float("-inf"), device=logits.device))

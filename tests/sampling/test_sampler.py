@@ -130,6 +130,46 @@ def test_logprobs_are_raw_log_softmax() -> None:
     assert out.sampled_ranks.tolist() == [1]
 
 
+def test_logit_bias_shifts_the_distribution() -> None:
+    """Sampling frequencies follow softmax(logits + bias); greedy takes the biased maximum."""
+    bias = {4: 2.5, 0: -1.0}
+    freq = frequencies(sample(SamplingParams(logit_bias=bias, seed=7)))
+    biased = LOGITS.clone()
+    for t, v in bias.items():
+        biased[t] += v
+    assert torch.allclose(freq, torch.softmax(biased, 0), atol=0.03), freq
+    assert set(sample(SamplingParams(temperature=0, logit_bias=bias)).tolist()) == {4}
+
+
+def test_allowed_token_ids_restrict_support_and_renormalize() -> None:
+    freq = frequencies(sample(SamplingParams(allowed_token_ids=[2, 5, 6], seed=9)))
+    kept = torch.softmax(LOGITS[[2, 5, 6]], 0)
+    assert set(freq.nonzero().flatten().tolist()) <= {2, 5, 6}
+    assert torch.allclose(freq[[2, 5, 6]], kept, atol=0.03), freq
+    assert set(sample(SamplingParams(temperature=0, allowed_token_ids=[3, 7])).tolist()) == {3}
+
+
+def test_allowed_and_bias_touch_only_their_rows() -> None:
+    """In one batch: a row with allowed ids, one with a bias, one with neither (greedy)."""
+    rows = [
+        make_requests(SamplingParams(temperature=0, allowed_token_ids=[6]), 1)[0],
+        make_requests(SamplingParams(temperature=0, logit_bias={3: 10.0}), 1)[0],
+        make_requests(SamplingParams(temperature=0), 1)[0],
+    ]
+    batch = build_sampling_batch(rows, VOCAB, torch.device("cpu"))
+    out = Sampler()(LOGITS.expand(3, -1).clone(), batch)
+    assert out.token_ids.tolist() == [6, 3, 0]
+
+
+def test_logprobs_stay_raw_under_bias() -> None:
+    """As in vLLM, logprobs are the model's (before bias and allowed ids), the token biased."""
+    params = SamplingParams(temperature=0, logprobs=1, logit_bias={5: 5.0})
+    batch = build_sampling_batch(make_requests(params, 1), VOCAB, torch.device("cpu"))
+    out = Sampler()(LOGITS[None].clone(), batch)
+    assert out.token_ids.tolist() == [5]
+    assert torch.allclose(out.sampled_logprobs, torch.log_softmax(LOGITS, 0)[5:6])
+
+
 @pytest.fixture(scope="module")
 def llm(tiny_models) -> LLM:
     return LLM(str(tiny_models("qwen2")), max_model_len=256, enforce_eager=True)
@@ -167,3 +207,22 @@ def test_logprobs_end_to_end(llm: LLM) -> None:
     assert out.cumulative_logprob == pytest.approx(
         sum(e[t].logprob for t, e in zip(out.token_ids, out.logprobs))
     )
+
+
+def test_allowed_token_ids_and_logit_bias_end_to_end(llm: LLM) -> None:
+    prompts = ["only these tokens", "may come out"]
+    allowed = [7, 11, 13]
+    outs = llm.generate(
+        prompts,
+        SamplingParams(temperature=1.0, seed=3, max_tokens=12, allowed_token_ids=allowed),
+        use_tqdm=False,
+    )
+    assert all(set(o.outputs[0].token_ids) <= set(allowed) for o in outs)
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    plain = llm.generate(prompts[0], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    pushed = (
+        llm.generate(prompts[0], greedy.clone(logit_bias={42: 100.0}), use_tqdm=False)[0]
+        .outputs[0]
+        .token_ids
+    )
+    assert pushed == [42] * 6 and plain != pushed

@@ -27,6 +27,11 @@ BAD_PARAMS = [
     ("stop_token_ids", [True]),
     ("stop_token_ids", [2**63]),
     ("stop", [""]),
+    ("logit_bias", {True: 1.0}),
+    ("logit_bias", {1: math.inf}),
+    ("logit_bias", [1]),
+    ("allowed_token_ids", []),
+    ("allowed_token_ids", [-1]),
 ]
 
 
@@ -55,6 +60,8 @@ BAD_INPUTS = [
     ("prompt_token_ids", {"prompt_token_ids": [1, True]}, {}),
     ("prompt_token_ids", {"prompt_token_ids": [10**9]}, {}),
     ("stop_token_ids", "hello", {"stop_token_ids": [10**9]}),
+    ("logit_bias", "hello", {"logit_bias": {10**9: 1.0}}),
+    ("allowed_token_ids", "hello", {"allowed_token_ids": [10**9]}),
     ("min_tokens", "hello", {"min_tokens": 100, "max_tokens": None}),
     ("max_tokens", "hello", {"max_tokens": 100}),
 ]

@@ -158,6 +158,28 @@ def test_token_id_prompt_tokenize_detokenize(server: Server, client: openai.Open
     assert chat_tokens["count"] > tok["count"]
 
 
+def test_logit_bias_and_allowed_token_ids(server: Server, client: openai.OpenAI) -> None:
+    """OpenAI's logit_bias (token ids as strings) and vLLM's allowed_token_ids steer a greedy
+    completion that would otherwise say Paris."""
+
+    def token(word: str) -> int:
+        ids = server.post("/tokenize", json={"prompt": word}).json()["tokens"]
+        assert len(ids) == 1, (word, ids)
+        return ids[0]
+
+    paris, rome = token(" Paris"), token(" Rome")
+    romes = server.post("/detokenize", json={"tokens": [rome] * MAX}).json()["prompt"]
+    assert "Paris" in complete(client).choices[0].text
+    biased, allowed = parallel(
+        lambda: complete(client, logit_bias={str(rome): 100}),
+        lambda: complete(
+            client, logit_bias={str(paris): -100}, extra_body={"allowed_token_ids": [paris, rome]}
+        ),
+    )
+    assert biased.choices[0].text == romes
+    assert allowed.choices[0].text == romes
+
+
 def test_utility_endpoints(server: Server) -> None:
     assert server.post("/reset_prefix_cache").status_code == 200
     r = server.post("/start_profile")

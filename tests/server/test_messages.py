@@ -29,7 +29,13 @@ ENCODE = msgspec.msgpack.Encoder().encode
 
 def test_requests_round_trip() -> None:
     params = SamplingParams(
-        temperature=0.7, stop=["\n"], logprobs=2, seed=3, all_stop_token_ids={2, 7}
+        temperature=0.7,
+        stop=["\n"],
+        logprobs=2,
+        seed=3,
+        all_stop_token_ids={2, 7},
+        logit_bias={5: -1.5},
+        allowed_token_ids=[5, 9],
     )
     add = EngineCoreRequest("r-0", [1, 2, 3], params, 16, 99, 12.5, priority=1)
     got = decode_request(RequestType.ADD.value, ENCODE(add))
