@@ -37,6 +37,7 @@ PROMPT = "The capital of France is"
 STAGES = [
     "python",  # interpreter start, until this script runs
     "imports",  # what `compiled-llm generate` imports before it builds the engine
+    "cuda_init",  # --shape on CUDA: the CUDA context and a first allocation, before `LLM()`
     "config",
     "tokenizer",
     "weights",
@@ -75,6 +76,13 @@ def shape_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     imports = time.perf_counter() - start
     start = time.perf_counter()
+    if _cuda():  # its own stage: otherwise it lands in whichever stage first touches the GPU
+        import torch
+
+        torch.empty(1, device="cuda")
+        torch.cuda.synchronize()
+    cuda_init = time.perf_counter() - start
+    start = time.perf_counter()
     llm = LLM(
         shape_folder(args.shape),
         load_format="dummy",
@@ -85,7 +93,7 @@ def shape_worker(args: argparse.Namespace) -> dict[str, Any]:
     )
     return {
         "total_s": time.perf_counter() - start,
-        "stages": {"imports": imports, **llm.start_seconds},
+        "stages": {"imports": imports, "cuda_init": cuda_init, **llm.start_seconds},
         "started_at": begun,
         "finished_at": time.time(),
         **_start_stats(llm),
