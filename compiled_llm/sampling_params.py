@@ -102,6 +102,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     # Only these token ids may be sampled (vLLM's allowed_token_ids).
     allowed_token_ids: list[int] | None = None
+    # Keep only the last k prompt tokens (vLLM's truncate_prompt_tokens; -1: max_model_len - 1,
+    # the longest prompt that leaves room for one token).
+    truncate_prompt_tokens: int | None = None
     # Filled by the engine: EOS and generation-config stop ids.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -134,6 +137,9 @@ class SamplingParams:
         integer("max_tokens", 1, optional=True)
         integer("min_tokens", 0)
         integer("logprobs", 0, optional=True)
+        integer("truncate_prompt_tokens", -1, optional=True)
+        if self.truncate_prompt_tokens == 0:
+            fail("truncate_prompt_tokens", "must be -1 or at least 1")
         integer("seed", INT64_MIN, optional=True)
         if self.temperature < 0:
             fail("temperature", "must be >= 0")

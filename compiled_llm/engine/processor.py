@@ -96,6 +96,9 @@ class InputProcessor:
         if not ids:
             raise ValueError("prompt must not be empty")
         max_len = self.model_config.max_model_len
+        keep = params.truncate_prompt_tokens
+        if keep is not None:
+            ids = ids[-(max_len - 1 if keep == -1 else keep) :]
         if len(ids) >= max_len:
             raise ValueError(
                 f"prompt is {len(ids)} tokens long, which leaves no room to generate within "

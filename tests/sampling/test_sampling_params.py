@@ -32,6 +32,9 @@ BAD_PARAMS = [
     ("logit_bias", [1]),
     ("allowed_token_ids", []),
     ("allowed_token_ids", [-1]),
+    ("truncate_prompt_tokens", 0),
+    ("truncate_prompt_tokens", -2),
+    ("truncate_prompt_tokens", 1.5),
 ]
 
 
@@ -95,3 +98,24 @@ def test_seeded_n_at_the_top_of_the_range_runs(llm: LLM) -> None:
         llm.generate("hello", again, use_tqdm=False)[0].outputs[0].token_ids
         == out.outputs[1].token_ids
     )
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(llm: LLM) -> None:
+    """As in vLLM: the request runs on the last k prompt tokens (and reports those); -1 keeps
+    as many as fit with one generated token, so an over-long prompt is no longer refused."""
+    prompt = list(range(3, 23))
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    (cut,) = llm.generate(
+        {"prompt_token_ids": prompt}, greedy.clone(truncate_prompt_tokens=5), use_tqdm=False
+    )
+    (tail,) = llm.generate({"prompt_token_ids": prompt[-5:]}, greedy, use_tqdm=False)
+    assert cut.prompt_token_ids == prompt[-5:]
+    assert cut.outputs[0].token_ids == tail.outputs[0].token_ids
+    long = {"prompt_token_ids": [3 + i % 50 for i in range(100)]}  # max_model_len is 64
+    with pytest.raises(ValueError, match="^prompt"):
+        llm.generate(long, greedy, use_tqdm=False)
+    (fit,) = llm.generate(
+        long, greedy.clone(max_tokens=1, truncate_prompt_tokens=-1), use_tqdm=False
+    )
+    assert fit.prompt_token_ids == long["prompt_token_ids"][-63:]
+    assert len(fit.outputs[0].token_ids) == 1

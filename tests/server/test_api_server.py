@@ -180,6 +180,16 @@ def test_logit_bias_and_allowed_token_ids(server: Server, client: openai.OpenAI)
     assert allowed.choices[0].text == romes
 
 
+def test_truncate_prompt_tokens(server: Server, client: openai.OpenAI) -> None:
+    ids = server.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    cut, tail = parallel(
+        lambda: complete(client, extra_body={"truncate_prompt_tokens": 2}),
+        lambda: complete(client, prompt=ids[-2:]),
+    )
+    assert cut.usage.prompt_tokens == 2
+    assert cut.choices[0].text == tail.choices[0].text
+
+
 def test_utility_endpoints(server: Server) -> None:
     assert server.post("/reset_prefix_cache").status_code == 200
     r = server.post("/start_profile")
