@@ -212,7 +212,7 @@ class _SamplingFields(_Strict):
             include_stop_str_in_output=self.include_stop_str_in_output,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             logit_bias=self._logit_bias(),
-            allowed_token_ids=self.allowed_token_ids or None,
+            allowed_token_ids=self.allowed_token_ids,
         )
 
     def _logit_bias(self) -> dict[int, float] | None:

@@ -85,6 +85,7 @@ BAD = [
     ("logit_bias id outside vocab", "/v1/completions", {**OK, "logit_bias": {"1000000000": 1.0}}, 400, "logit_bias"),
     ("allowed id outside vocab", "/v1/completions", {**OK, "allowed_token_ids": [10**9]}, 400, "allowed_token_ids"),
     ("allowed id 2**64", "/v1/completions", {**OK, "allowed_token_ids": [BIG]}, 400, "allowed_token_ids.0"),
+    ("allowed ids empty", "/v1/completions", {**OK, "allowed_token_ids": []}, 400, "allowed_token_ids"),
     ("truncate_prompt_tokens 0", "/v1/completions", {**OK, "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
     ("truncate_prompt_tokens -2", "/v1/completions", {**OK, "truncate_prompt_tokens": -2}, 400, "truncate_prompt_tokens"),
     ("max_tokens 2**64", "/v1/completions", {**OK, "max_tokens": BIG}, 400, "max_tokens"),
