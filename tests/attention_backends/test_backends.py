@@ -413,6 +413,25 @@ def test_flashinfer_split_kv_prefill_fits_workspace() -> None:
     check(compare(be, case, seed=11), case.dtype)
 
 
+def test_flashinfer_workspace_sizes_match_its_planner() -> None:
+    """The sizes FlashInfer asked for when its plans overflowed the fixed 128 MiB (H200, 132 SMs):
+    a 512-request tensor-core decode graph of the Llama-3.1-8B shape wanted 167,510,016 bytes of
+    `batch_prefill_tmp_v` (639 work items of 16 query rows x 32 heads x 128 values), plus the
+    log-sum-exps; the eager Qwen3-30B-A3B prefill (32 heads over 4 KV heads) 66 items of 128 rows."""
+    from compiled_llm.attention_backends.flashinfer_sizing import (
+        graph_workspace_bytes,
+        workspace_bytes,
+    )
+
+    headroom = 16 << 20
+    tmp_v, tmp_s = 167_510_016, 639 * 16 * 32 * 4
+    assert graph_workspace_bytes(32, 8, 128, 132, 512, 512) == tmp_v + tmp_s + headroom
+    assert workspace_bytes(32, 4, 128, 132) == 66 * 128 * 32 * 129 * 4 + headroom
+    assert workspace_bytes(32, 8, 128, 132) == 128 << 20  # the floor
+    # by the same rule, a verification graph (32 requests x 5 tokens): tiles of 128 rows, 36 items
+    assert graph_workspace_bytes(32, 8, 128, 132, 32, 160) == 36 * 128 * 32 * 129 * 4 + headroom
+
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("num_reqs", [512, 1024])
