@@ -226,26 +226,23 @@ class FlashInferAttentionBackend(AttentionBackend):
                 "more pages than staged for CUDA graphs: allocate the KV cache through the "
                 "backend (allocate_kv_caches) before prepare_for_capture"
             )
-        s = self.spec
+        cached = self._graph_decode if decode else self._graph_prefill
+        if batch_size not in cached:
+            s = self.spec
+            if decode and not self.decode_tensor_cores:  # FlashInfer's CUDA-core decode kernel
+                need = decode_graph_workspace_bytes(
+                    s.num_heads, s.head_dim, self._num_sms, batch_size
+                )
+            else:  # its prefill kernel (tensor-core decode, verification batches)
+                need = graph_workspace_bytes(
+                    s.num_heads, s.num_kv_heads, s.head_dim, self._num_sms, batch_size, rows
+                )
+            self._reserve_workspace(need)
         if decode:
             if batch_size not in self._graph_decode:
-                if self.decode_tensor_cores:  # FlashInfer's prefill kernel serves it
-                    need = graph_workspace_bytes(
-                        s.num_heads, s.num_kv_heads, s.head_dim, self._num_sms, batch_size, rows
-                    )
-                else:
-                    need = decode_graph_workspace_bytes(
-                        s.num_heads, s.head_dim, self._num_sms, batch_size
-                    )
-                self._reserve_workspace(need)
                 self._graph_decode[batch_size] = self._decode_wrapper(batch_size)
             return self._graph_decode[batch_size]
         if batch_size not in self._graph_prefill:
-            self._reserve_workspace(
-                graph_workspace_bytes(
-                    s.num_heads, s.num_kv_heads, s.head_dim, self._num_sms, batch_size, rows
-                )
-            )
             gi = self._graph_index
             self._graph_prefill[batch_size] = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                 self._workspace,

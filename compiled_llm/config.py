@@ -649,14 +649,14 @@ class EngineArgs:
         require(
             0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]"
         )
-        for name in ("kv_cache_memory_bytes", "num_gpu_blocks_override", "max_num_batched_tokens"):
+        for name in (
+            "kv_cache_memory_bytes",
+            "num_gpu_blocks_override",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+        ):
             value = getattr(self, name)
             require(value is None or value >= 1, name, "must be at least 1")
-        require(
-            self.max_num_seqs is None or self.max_num_seqs >= 1,
-            "max_num_seqs",
-            "must be at least 1",
-        )
         require(
             isinstance(self.tensor_parallel_size, int)
             and not isinstance(self.tensor_parallel_size, bool)
