@@ -41,7 +41,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    p.add_argument("--backends", default="triton,flashinfer", help="comma list (default: both)")
+    p.add_argument(
+        "--backends",
+        default="triton,flashinfer",
+        help="comma list (default: both); NAME:KEY=VALUE passes a constructor argument, e.g. "
+        "flashinfer:decode_tensor_cores=false (FlashInfer's CUDA-core decode kernel)",
+    )
     p.add_argument("--num-heads", type=int, default=32)
     p.add_argument("--num-kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
@@ -62,6 +67,19 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: results/...)")
     return p.parse_args()
+
+
+def make_backend(name: str, spec: AttentionSpec) -> AttentionBackend:
+    """`NAME` or `NAME:KEY=VALUE[:KEY=VALUE]`, values as JSON (true, 4) or else strings."""
+    base, *pairs = name.split(":")
+    kwargs: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return get_backend_class(base)(spec, **kwargs)
 
 
 def make_inputs(
@@ -193,13 +211,13 @@ def main() -> None:
         args.head_dim**-0.5,
     )  # fmt: skip
     names = [n for n in args.backends.split(",") if n]
-    if "flashinfer" in names and importlib.util.find_spec("flashinfer") is None:
+    if importlib.util.find_spec("flashinfer") is None:
         print("flashinfer is not installed: skipping it")
-        names.remove("flashinfer")
-    backends = {n: get_backend_class(n)(spec) for n in names}
+        names = [n for n in names if not n.startswith("flashinfer")]
+    backends = {n: make_backend(n, spec) for n in names}
     batches, contexts = ([1, 64], [2048, 32768]) if args.quick else (args.batches, args.contexts)
     versions = {"torch": torch.__version__, "triton": triton.__version__}
-    if "flashinfer" in backends:
+    if any(n.startswith("flashinfer") for n in backends):
         import flashinfer
 
         versions["flashinfer"] = flashinfer.__version__

@@ -546,8 +546,8 @@ class EngineArgs:
     )
     attention_backend: str = _arg(
         "auto",
-        "paged-attention backend; auto: flashinfer if installed, else triton, on CUDA, and torch "
-        "on CPU",
+        "paged-attention backend; auto: triton on CUDA (flashinfer where triton refuses the "
+        "model's layers), torch on CPU",
         choices=attention_backend_choices,
     )
     compilation_level: int | None = _arg(

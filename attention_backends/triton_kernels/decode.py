@@ -20,7 +20,8 @@ import triton.language as tl
 from compiled_llm.attention_backends.triton_kernels.prefill import LOG2E, soft_cap
 
 
-@triton.jit
+# Per-step ints unspecialized: one compile for all batches, no JIT stall mid-run.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_split_kernel(
     q_ptr,
     cache_ptr,
@@ -117,7 +118,8 @@ def _decode_split_kernel(
         tl.store(part_lse_ptr + row, lse, mask=g_mask)
 
 
-@triton.jit
+# Per-step ints unspecialized: one compile for all batches, no JIT stall mid-run.
+@triton.jit(do_not_specialize=["num_splits"])
 def _reduce_kernel(
     part_o_ptr,
     part_lse_ptr,

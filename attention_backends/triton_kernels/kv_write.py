@@ -76,7 +76,8 @@ def _write_kv_kernel(
     tl.store(dst + stride_c_kv, _to_cache(v, out_ty, SATURATE), mask=mask)
 
 
-@triton.jit
+# Per-step ints unspecialized: one compile for all batches, no JIT stall mid-run.
+@triton.jit(do_not_specialize=["num_slots"])
 def _rope_write_kv_kernel(
     q_ptr,
     q_out_ptr,

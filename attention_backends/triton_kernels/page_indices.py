@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Per-step ints unspecialized: one compile for all batches, no JIT stall mid-run.
+@triton.jit(do_not_specialize=["stride_bt", "num_reqs"])
 def _flatten_kernel(bt_ptr, indptr_ptr, out_ptr, stride_bt, num_reqs, BLOCK: tl.constexpr):
     req = tl.program_id(0)
     start = tl.load(indptr_ptr + req)

@@ -89,7 +89,8 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# Per-step ints unspecialized: one compile for all batches, no JIT stall mid-run.
+@triton.jit(do_not_specialize=["num_reqs", "stride_bt"])
 def _prefill_kernel(
     q_ptr,
     cache_ptr,

@@ -118,7 +118,8 @@ def quant_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q
 
 
-@triton.jit
+# Per-step ints unspecialized: one compile for all batches, no JIT stall mid-run.
+@triton.jit(do_not_specialize=["M"])
 def _fp8_gemm_kernel(
     a_ptr,
     as_ptr,

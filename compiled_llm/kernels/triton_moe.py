@@ -19,7 +19,8 @@ import triton.language as tl
 from compiled_llm.kernels.triton_activation import silu_and_mul
 
 
-@triton.jit
+# Per-step ints unspecialized: one compile for all batches, no JIT stall mid-run.
+@triton.jit(do_not_specialize=["num_rows", "num_blocks_m"])
 def _expert_gemm_kernel(
     a_ptr,
     b_ptr,

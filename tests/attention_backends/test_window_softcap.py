@@ -140,26 +140,26 @@ def test_backend_refuses_features_it_lacks() -> None:
 
 
 def test_auto_passes_over_a_backend_that_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On CUDA, `auto` skips a backend whose `refusal` names a reason (FlashInfer with layers
-    that differ) and takes the next; resolved by name only, so it runs without a GPU."""
+    """On CUDA, `auto` skips a backend whose `refusal` names a reason and takes the next in its
+    order; resolved by name only, so it runs without a GPU."""
     from compiled_llm.attention_backends import registry
 
+    first, second = registry.AUTO_CUDA_ORDER
+
     class Refuses(_PlainOnly):
-        name = "flashinfer"
+        name = first
 
     class Serves(_PlainOnly):
-        name = "triton"
+        name = second
         features = frozenset({"sliding_window"})
 
-    classes = {"flashinfer": Refuses, "triton": Serves}
+    classes = {first: Refuses, second: Serves}
     monkeypatch.setattr(registry, "get_backend_class", lambda name: classes[name])
     spec = AttentionSpec(4, 2, 16, 8, F32, torch.device("cuda"), 0.25)
-    assert registry.resolve_backend_name("auto", spec) == "flashinfer"
+    assert registry.resolve_backend_name("auto", spec) == first
     windowed = replace(spec, layers=(LayerAttention(sliding_window=4),))
-    assert registry.resolve_backend_name("auto", windowed) == "triton"
-    assert (
-        registry.resolve_backend_name("flashinfer", windowed) == "flashinfer"
-    )  # refused when built
+    assert registry.resolve_backend_name("auto", windowed) == second
+    assert registry.resolve_backend_name(first, windowed) == first  # refused when built
 
 
 @pytest.mark.gpu
