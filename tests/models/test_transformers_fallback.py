@@ -134,7 +134,7 @@ def test_llama_through_fallback_matches_native(tiny_models) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fallback_at_O2_on_cuda(gpu_models) -> None:
-    """Compiled with CUDA graphs on the GPU (auto's backend, FlashInfer where installed), Llama
+    """Compiled with CUDA graphs on the GPU (auto's backend: Triton), Llama
     through the fallback gives the eager torch-reference engine's float16 tokens (fp16 on both
     sides, so near-ties may flip: assert_greedy_close). Its compile used to fail there: fake runs
     without the Python dispatcher pinned the token count (passes/gemm_merge.py: _fake,
