@@ -14,6 +14,8 @@ class Logprob:
 
 # One dict per generated token: token id -> Logprob (the sampled token and the top ones).
 SampleLogprobs = list[dict[int, Logprob]]
+# One per prompt token (None for the first, which nothing predicts): the token and the top ones.
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -71,3 +73,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = field(default=None, repr=False)
+    prompt_logprobs: PromptLogprobs | None = None

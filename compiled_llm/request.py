@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from compiled_llm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from compiled_llm.engine.messages import TokenLogprobs
     from compiled_llm.spec_decode.state import SpecDecodeState
     from compiled_llm.structured_output.manager import RequestGrammar
 
@@ -57,6 +58,16 @@ class Request:
     grammar: RequestGrammar | None = None
     # Speculative decoding: drafts and acceptance (None: speculation is off).
     spec: SpecDecodeState | None = None
+    # sampling_params.prompt_logprobs: one entry per prompt position (the first stays None),
+    # filled as the prompt's chunks run, sent with the first output (None: not asked for).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    prompt_logprobs_sent: bool = False
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Its prompt must be computed, not read from the prefix cache: logprobs come from the
+        logits of every prompt position (vLLM skips the cache for these requests too)."""
+        return self.prompt_logprobs is not None and not self.prompt_logprobs_sent
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -94,6 +94,9 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs per output token (plus the sampled one)
+    # Logprobs of the prompt's tokens (vLLM's prompt_logprobs): the top k at each position plus
+    # the prompt token itself; RequestOutput.prompt_logprobs, None at the first token.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None
@@ -137,6 +140,7 @@ class SamplingParams:
         integer("max_tokens", 1, optional=True)
         integer("min_tokens", 0)
         integer("logprobs", 0, optional=True)
+        integer("prompt_logprobs", 0, optional=True)
         integer("truncate_prompt_tokens", -1, optional=True)
         if self.truncate_prompt_tokens == 0:
             fail("truncate_prompt_tokens", "must be -1 or at least 1")

@@ -108,6 +108,8 @@ class EngineCore:
             priority=req.priority,
             arrival_time=req.arrival_time,
         )
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None] * len(request.prompt_token_ids)
         if params.structured_outputs is not None:
             request.grammar = self.structured.grammar_for(params)  # compiles on its thread
         if self.spec is not None:
@@ -248,11 +250,15 @@ class EngineCore:
         for u in updates:
             request = u.request
             lps = logprobs.get(request.request_id)
+            prompt_lps = None
+            if request.needs_prompt_logprobs and u.num_new_tokens:
+                prompt_lps, request.prompt_logprobs_sent = request.prompt_logprobs, True
             outputs.append(
                 EngineCoreOutput(
                     request_id=request.request_id,
                     new_token_ids=request.output_token_ids[-u.num_new_tokens :],
                     new_logprobs=lps[: u.num_new_tokens] if lps is not None else None,
+                    prompt_logprobs=prompt_lps,
                     finish_reason=request.finish_reason,
                     stop_reason=request.stop_reason,
                     num_cached_tokens=max(request.num_cached_tokens, 0),

@@ -37,11 +37,13 @@ from compiled_llm.models.loader import load_model
 from compiled_llm.profiler import Profiler
 from compiled_llm.request import Request
 from compiled_llm.sampling.batch import build_sampling_batch
-from compiled_llm.sampling.sampler import Sampler, SamplerOutput, SamplingBatch
+from compiled_llm.sampling.sampler import Sampler, SamplerOutput, SamplingBatch, token_logprobs
 
 logger = logging.getLogger(__name__)
 
 _DEFAULT_CPU_KV_BYTES = 2 << 30
+# Prompt logprobs: rows of float32 logits made at a time (512 MiB for a 128k vocabulary).
+PROMPT_LOGPROBS_ROWS = 1024
 _GIB = 1 << 30
 
 
@@ -647,6 +649,9 @@ class ModelRunner:
                 # the head's input at each token, kept at the token's KV slot
                 slots = inputs.attn.slot_mapping[: inputs.attn.num_tokens]
                 self.hidden_cache[slots] = self.draft.model.combine(aux)  # type: ignore[union-attr,operator]
+        if any(s.request.needs_prompt_logprobs for s in sched.scheduled):
+            with stage("prompt logprobs"):
+                self._prompt_logprobs(sched.scheduled, hidden)
         if not inputs.sampling_requests:
             return LaunchedStep([], None, None, [], [])
         drafts = inputs.sampling_drafts
@@ -661,6 +666,33 @@ class ModelRunner:
             )
         num_rows = [1 + len(d) for d in drafts]
         return LaunchedStep(inputs.sampling_requests, logits, batch, num_rows, drafts)
+
+    def _prompt_logprobs(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor) -> None:
+        """sampling_params.prompt_logprobs of the requests that want them, for the prompt tokens
+        this step's rows predict (a request's row at position p scores prompt token p + 1),
+        stored on the request. Synchronous: only the steps that carry such a prompt wait. The
+        logits are the model's own (no penalties, bias or temperature: vLLM's raw logprobs),
+        made PROMPT_LOGPROBS_ROWS rows at a time."""
+        offset = 0
+        for s in scheduled:
+            request, start = s.request, s.start
+            rows = 0
+            if request.needs_prompt_logprobs:
+                rows = max(0, min(s.num_tokens, request.num_prompt_tokens - 1 - start))
+            k = request.sampling_params.prompt_logprobs or 0
+            for lo in range(0, rows, PROMPT_LOGPROBS_ROWS):
+                n = min(PROMPT_LOGPROBS_ROWS, rows - lo)
+                first = start + 1 + lo  # the first prompt position these rows score
+                logits = self.model.compute_logits(hidden[offset + lo : offset + lo + n])
+                targets = torch.tensor(request.prompt_token_ids[first : first + n])
+                top_ids, top_lps, lps, ranks = (
+                    t.tolist()
+                    for t in token_logprobs(logits.log_softmax(-1), targets.to(logits.device), k)
+                )
+                assert request.prompt_logprobs is not None
+                for i in range(n):
+                    request.prompt_logprobs[first + i] = (top_ids[i], top_lps[i], lps[i], ranks[i])
+            offset += s.num_tokens
 
     @torch.inference_mode()
     def sample(self, step: LaunchedStep, bitmask: torch.Tensor | None = None) -> StepHandle:

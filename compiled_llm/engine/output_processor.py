@@ -17,6 +17,7 @@ from compiled_llm.engine.messages import EngineCoreOutput
 from compiled_llm.outputs import (
     CompletionOutput,
     Logprob,
+    PromptLogprobs,
     RequestMetrics,
     RequestOutput,
     SpecDecodeMetrics,
@@ -46,6 +47,7 @@ class _ParentState:
     params: SamplingParams
     samples: dict[str, _Sample]  # by core request id
     metrics: RequestMetrics
+    prompt_logprobs: PromptLogprobs | None = None
 
     @property
     def finished(self) -> bool:
@@ -127,6 +129,11 @@ class OutputProcessor:
                 spec.num_spec_steps += 1
                 spec.num_draft_tokens += out.num_draft_tokens
                 spec.num_accepted_draft_tokens += out.num_accepted_tokens
+            if out.prompt_logprobs is not None:
+                state.prompt_logprobs = [
+                    None if lp is None else self._logprob_entry(token, lp)
+                    for token, lp in zip(state.prompt_token_ids, out.prompt_logprobs)
+                ]
             if self._append(state.params, sample, out):
                 to_stop.append(out.request_id)
             elif out.finish_reason is not None:
@@ -176,17 +183,21 @@ class OutputProcessor:
         sample.stop_reason = stop
         return True
 
-    def _add_logprobs(self, sample: _Sample, token: int, lp: Any) -> None:
-        top_ids, top_lps, sampled_lp, rank = lp
+    def _logprob_entry(self, token: int, lp: Any) -> dict[int, Logprob]:
+        """`token`'s logprob and rank, and the top ones (TokenLogprobs), with their text."""
+        top_ids, top_lps, token_lp, rank = lp
         decode = self.tokenizer.decode if self.tokenizer is not None else (lambda ids: None)
         entry = {
             tid: Logprob(lpv, r + 1, decode([tid]))
             for r, (tid, lpv) in enumerate(zip(top_ids, top_lps))
         }
-        entry[token] = Logprob(sampled_lp, rank, decode([token]))
+        entry[token] = Logprob(token_lp, rank, decode([token]))
+        return entry
+
+    def _add_logprobs(self, sample: _Sample, token: int, lp: Any) -> None:
         assert sample.logprobs is not None
-        sample.logprobs.append(entry)
-        sample.cumulative_logprob = (sample.cumulative_logprob or 0.0) + sampled_lp
+        sample.logprobs.append(self._logprob_entry(token, lp))
+        sample.cumulative_logprob = (sample.cumulative_logprob or 0.0) + lp[2]
 
     @staticmethod
     def _make_output(state: _ParentState) -> RequestOutput:
@@ -216,4 +227,5 @@ class OutputProcessor:
             finished=state.finished,
             num_cached_tokens=state.metrics.num_cached_tokens,
             metrics=state.metrics,
+            prompt_logprobs=state.prompt_logprobs,
         )

@@ -143,7 +143,8 @@ class InputProcessor:
                 EngineCoreRequest(
                     request_id=child_id,
                     prompt_token_ids=ids,
-                    sampling_params=params,
+                    # the prompt's logprobs are the request's, not a sample's: computed once
+                    sampling_params=params if i == 0 else params.clone(prompt_logprobs=None),
                     max_tokens=max_tokens,
                     sampling_seed=seed,
                     arrival_time=arrival,

@@ -43,8 +43,9 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """The longest cached prefix of a request not yet started, as (blocks, num_tokens).
-        At least one token is always left to compute, since its logits are needed."""
-        if not self.enable_prefix_caching:
+        At least one token is always left to compute, since its logits are needed; none is
+        read for a request that wants its prompt's logprobs."""
+        if not self.enable_prefix_caching or request.needs_prompt_logprobs:
             return [], 0
         hashes = self._full_block_hashes(request, request.num_tokens - 1)
         hits: list[KVBlock] = []

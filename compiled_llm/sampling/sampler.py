@@ -164,6 +164,17 @@ def _apply_top_k_top_p(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
+def token_logprobs(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of `logprobs` [N, vocab]: the ids and logprobs of its k most likely tokens, and
+    the logprob and rank (1: the most likely) of `token_ids` [N]."""
+    chosen = logprobs.gather(1, token_ids[:, None])
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    top_logprobs, top_ids = logprobs.topk(k, dim=-1)
+    return top_ids, top_logprobs, chosen[:, 0], ranks
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
         return self._sample(logits, b)[0]
@@ -267,14 +278,13 @@ class Sampler:
     ) -> SamplerOutput:
         if raw_logprobs is None:
             return SamplerOutput(token_ids=token_ids)
-        sampled = raw_logprobs.gather(1, token_ids[:, None])
-        ranks = (raw_logprobs > sampled).sum(dim=-1) + 1
-        k = max(b.max_num_logprobs, 0)
-        topk_logprobs, topk_ids = raw_logprobs.topk(k, dim=-1)
+        topk_ids, topk_logprobs, sampled, ranks = token_logprobs(
+            raw_logprobs, token_ids, max(b.max_num_logprobs, 0)
+        )
         return SamplerOutput(
             token_ids=token_ids,
             topk_ids=topk_ids,
             topk_logprobs=topk_logprobs,
-            sampled_logprobs=sampled[:, 0],
+            sampled_logprobs=sampled,
             sampled_ranks=ranks,
         )
