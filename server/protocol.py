@@ -240,7 +240,9 @@ class CompletionRequest(_SamplingFields):
     prompt: Text | TokenIds | Annotated[list[Text], Field(min_length=1)] | list[TokenIds]
     max_tokens: Count | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
+    echo: bool = False  # the prompt before the completion (with logprobs: the prompt's too)
+    # vLLM's extra field: the prompt tokens' logprobs in each choice's `prompt_logprobs`
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: Count | None = None
     suffix: Text | None = None
 
@@ -255,13 +257,15 @@ class CompletionRequest(_SamplingFields):
         return [x if isinstance(x, str) else {"prompt_token_ids": x} for x in p]
 
     def to_sampling_params(self) -> SamplingParams:
-        if self.echo:
-            raise RequestError("echo is not supported", "echo")
         if self.suffix is not None:
             raise RequestError("suffix is not supported", "suffix")
         if self.best_of not in (None, self.n):
             raise RequestError("best_of is not supported", "best_of")
-        return self._sampling_params(self.max_tokens, self.logprobs)
+        params = self._sampling_params(self.max_tokens, self.logprobs)
+        k = self.prompt_logprobs
+        if self.echo and self.logprobs is not None:
+            k = max(k or 0, self.logprobs)  # echo's logprobs cover the prompt (OpenAI, vLLM)
+        return params if k is None else params.clone(prompt_logprobs=k)
 
 
 class FunctionDefinition(_Strict):

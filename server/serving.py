@@ -20,12 +20,18 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from compiled_llm.engine.processor import PromptType
-from compiled_llm.outputs import RequestOutput
+from compiled_llm.outputs import CompletionOutput, RequestOutput
 from compiled_llm.sampling_params import SamplingParams
 from compiled_llm.server import tools
 from compiled_llm.server.async_llm import AsyncLLM, EngineDeadError, EngineOverloadedError
 from compiled_llm.server.chat_output import ChatOutput, ChoiceStream
-from compiled_llm.server.logprobs import ChoiceCursor, chat_logprobs, completion_logprobs
+from compiled_llm.server.logprobs import (
+    ChoiceCursor,
+    chat_logprobs,
+    completion_logprobs,
+    echo_logprobs,
+    json_prompt_logprobs,
+)
 from compiled_llm.server.metrics import ServerMetrics
 from compiled_llm.server.protocol import (
     APIError,
@@ -85,7 +91,6 @@ class OpenAIServing:
         base_id = f"cmpl-{uuid.uuid4().hex}"
         streams = await self._start(base_id, prompts, params, req.priority)
         head = {"id": base_id, "created": int(time.time()), "model": model}
-        k = req.logprobs
         if req.stream:
             chunks = self._completion_chunks(req, streams, head)
             return _SSEResponse(chunks, streams)
@@ -94,13 +99,34 @@ class OpenAIServing:
             return Response(status_code=499)
         choices = []
         for i, out in enumerate(finals):
+            echo = await self._echo(req, out)
             for c in out.outputs:
-                choice: dict[str, Any] = {"index": i * params.n + c.index, "text": c.text}
-                choice["logprobs"] = None if k is None else completion_logprobs(c, 0, k, 0)[0]
-                choice["finish_reason"] = c.finish_reason
+                body, _ = _completion_choice(req, c, echo)
+                choice = {"index": i * params.n + c.index, **body}
+                if req.prompt_logprobs is not None and out.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = json_prompt_logprobs(out.prompt_logprobs)
                 choices.append(choice)
         body = {**head, "object": "text_completion", "choices": choices, "usage": _usage(finals)}
         return JSONResponse(body)
+
+    async def _echo(
+        self, req: CompletionRequest, out: RequestOutput
+    ) -> tuple[str, dict[str, Any] | None] | None:
+        """With `echo`: the prompt's text, and its logprobs when asked (tokenizer thread)."""
+        if not req.echo:
+            return None
+        tokenizer, ids, k = self.engine.tokenizer, out.prompt_token_ids, req.logprobs
+
+        def decode(token_ids: list[int]) -> str:
+            return tokenizer.decode(token_ids) if tokenizer is not None else ""
+
+        def make() -> tuple[str, dict[str, Any] | None]:
+            text = out.prompt if out.prompt is not None else decode(ids)
+            if k is None or out.prompt_logprobs is None:
+                return text, None
+            return text, echo_logprobs(ids, out.prompt_logprobs, decode(ids[:1]), k)
+
+        return await self.engine.run_blocking(make)
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         model = self.check_model(req.model)
@@ -265,19 +291,13 @@ class OpenAIServing:
                 for c in out.outputs:
                     index = i * req.n + c.index
                     cursor = cursors.setdefault(index, ChoiceCursor())
-                    delta = cursor.advance(c)
-                    if delta is None:
+                    if cursor.advance(c) is None:
                         continue
-                    choice: dict[str, Any] = {"index": index, "text": delta}
-                    if req.logprobs is not None:
-                        lp, cursor.offset = completion_logprobs(
-                            c, cursor.prev_tokens, req.logprobs, cursor.offset
-                        )
-                        choice["logprobs"] = lp
-                    else:
-                        choice["logprobs"] = None
-                    choice["finish_reason"] = c.finish_reason
+                    # the choice's first chunk (no token sent yet) carries the echoed prompt
+                    echo = await self._echo(req, out) if cursor.prev_tokens == 0 else None
+                    body, cursor.offset = _completion_choice(req, c, echo, cursor)
                     cursor.commit(c)
+                    choice = {"index": index, **body}
                     yield _sse({**head, "choices": [choice]})
             if req.include_usage:
                 yield _sse({**head, "choices": [], "usage": _usage(finals)})
@@ -418,6 +438,28 @@ async def _until_disconnected(raw: Request, work: Awaitable[T]) -> T | None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
     return task.result() if not task.cancelled() else None
+
+
+def _completion_choice(
+    req: CompletionRequest,
+    c: CompletionOutput,
+    echo: tuple[str, dict[str, Any] | None] | None,
+    cursor: ChoiceCursor | None = None,
+) -> tuple[dict[str, Any], int]:
+    """A completions choice's text, logprobs and finish_reason, and the text offset after it:
+    all of `c`, or in a stream what `cursor` has not sent; `echo` (the prompt's text and
+    logprobs) goes first."""
+    start, text_start, offset = (
+        (cursor.prev_tokens, cursor.prev_text, cursor.offset) if cursor else (0, 0, 0)
+    )
+    prompt_text, prompt_lps = echo or ("", None)
+    logprobs, end = None, offset
+    if req.logprobs is not None:
+        logprobs, end = completion_logprobs(c, start, req.logprobs, offset + len(prompt_text))
+        if prompt_lps is not None:
+            logprobs = {key: prompt_lps[key] + logprobs[key] for key in logprobs}
+    text = prompt_text + c.text[text_start:]
+    return {"text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}, end
 
 
 def _usage(finals: Sequence[RequestOutput | None]) -> dict[str, int]:

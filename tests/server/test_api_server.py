@@ -132,6 +132,49 @@ def test_logprobs(client: openai.OpenAI) -> None:
         assert item.logprob <= 0.0
 
 
+def test_echo_with_logprobs(server: Server, client: openai.OpenAI) -> None:
+    """`echo` puts the prompt before the completion; with logprobs, the prompt's tokens' too
+    (null for the first, as OpenAI's), lm-eval's loglikelihood request (max_tokens=1). Oracle:
+    the sampler's logprob of the same token, completing the prompt's prefix."""
+    plain, echoed, lp, streamed, extra = parallel(
+        lambda: complete(client),
+        lambda: complete(client, echo=True),
+        lambda: complete(client, echo=True, logprobs=2, max_tokens=1),
+        lambda: [
+            x.choices[0]
+            for x in complete(client, echo=True, logprobs=2, max_tokens=1, stream=True)
+            if x.choices
+        ],
+        lambda: complete(client, max_tokens=1, extra_body={"prompt_logprobs": 0}),
+    )
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text
+    body = lp.choices[0].logprobs
+    n = lp.usage.prompt_tokens
+    assert len(body.tokens) == len(body.token_logprobs) == len(body.text_offset) == n + 1
+    assert body.token_logprobs[0] is None and body.top_logprobs[0] is None
+    assert all(v <= 0 for v in body.token_logprobs[1:])
+    assert body.text_offset[:n] == [sum(map(len, body.tokens[:i])) for i in range(n)]
+    assert body.text_offset[n] == len(PROMPT)  # the completion's token, after the echoed text
+    assert lp.choices[0].text.startswith(PROMPT)
+    assert [t for c in streamed for t in c.logprobs.tokens] == body.tokens
+    assert "".join(c.text for c in streamed) == lp.choices[0].text
+    ids = server.post("/tokenize", json={"model": MODEL, "prompt": PROMPT}).json()["tokens"]
+    assert len(ids) == n
+    checked = 0
+    for j in range(1, n):
+        top = complete(client, prompt=ids[:j], max_tokens=1, logprobs=20).choices[0]
+        ref = top.logprobs.top_logprobs[0]
+        if body.tokens[j] in ref:  # among the 20 most likely after its prefix
+            assert body.token_logprobs[j] == pytest.approx(ref[body.tokens[j]], abs=1e-3), j
+            checked += 1
+    assert checked >= n // 2
+    # vLLM's prompt_logprobs field: the same values, keyed by token id
+    field = extra.choices[0].model_extra["prompt_logprobs"]
+    assert len(field) == n and field[0] is None
+    for j in range(1, n):
+        assert field[j][str(ids[j])]["logprob"] == pytest.approx(body.token_logprobs[j], abs=1e-4)
+
+
 def test_stop_strings(client: openai.OpenAI) -> None:
     base = complete(client).choices[0].text
     stop = base[len(base) // 2 : len(base) // 2 + 2]
