@@ -202,6 +202,25 @@ def idle_fraction(spans: list[tuple]) -> float:
     return 1.0 - busy_us(spans) / (max(e for _, e, *_ in spans) - spans[0][0])
 
 
+def idle_split(spans: list[tuple], long_gap_us: float = 20.0) -> tuple[float, float]:
+    """idle_fraction split by gap length: the shares of the window in gaps longer than
+    `long_gap_us` (the device waiting for the host to launch more work, e.g. between steps)
+    and in the shorter ones (between kernels queued together, such as a CUDA graph's)."""
+    if not spans:
+        return float("nan"), float("nan")
+    window = max(e for _, e, *_ in spans) - spans[0][0]
+    long = short = 0.0
+    end = spans[0][1]
+    for start, stop, *_ in spans[1:]:
+        gap = start - end
+        if gap > long_gap_us:
+            long += gap
+        elif gap > 0:
+            short += gap
+        end = max(end, stop)
+    return long / window, short / window
+
+
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:
     cells = [headers] + [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

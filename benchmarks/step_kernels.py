@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 from collections import defaultdict
 from typing import Any
@@ -27,6 +28,7 @@ from common import (  # noqa: E402
     RESULTS,
     environment,
     idle_fraction,
+    idle_split,
     kernel_spans,
     print_table,
     write_result,
@@ -93,9 +95,16 @@ def profile(args: argparse.Namespace) -> str:
         if cuda:
             torch.cuda.synchronize()
     os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"kernels-{args.shape}-b{args.batch}-trace.json")
+    path = os.path.join(RESULTS, f"{name(args)}-trace.json")
     prof.export_chrome_trace(path)
     return path
+
+
+def name(args: argparse.Namespace) -> str:
+    """The results' name: shape, batch, and the engine arguments as a slug (FP8 and bf16 runs
+    of one shape write different traces)."""
+    extra = re.sub(r"[^A-Za-z0-9.]+", "-", args.engine_args).strip("-")[:48]
+    return f"kernels-{args.shape}-b{args.batch}" + (f"-{extra}" if extra else "")
 
 
 def top_level(spans: list[tuple]) -> list[tuple]:
@@ -123,11 +132,14 @@ def summarize(events: list[dict[str, Any]], steps: int) -> dict[str, Any]:
         {"name": n, "calls_per_step": c / steps, "us_per_step": d / steps, "us_per_call": d / c}
         for n, (c, d) in sorted(by_name.items(), key=lambda item: -item[1][1])
     ]
+    between_launches, within_launches = idle_split(spans)
     return {
         "category": category,
         "steps": steps,
         "busy_us_per_step": sum(r["us_per_step"] for r in rows),
         "idle_fraction": idle_fraction(spans),
+        "idle_long_gaps": between_launches,  # gaps > 20 us: waiting for the host
+        "idle_short_gaps": within_launches,  # the rest: between queued kernels (graph replays)
         "rows": rows,
     }
 
@@ -140,13 +152,13 @@ def main() -> None:
     with open(trace) as f:
         summary = summarize(json.load(f)["traceEvents"], args.steps)
     summary["trace"] = trace
-    path = write_result(
-        f"kernels-{args.shape}-b{args.batch}", {"config": vars(args), "env": env, **summary}
-    )
+    path = write_result(name(args), {"config": vars(args), "env": env, **summary})
     print(f"\ntrace: {trace}\nresults: {path}\n")
     print(
         f"{summary['category']} time per step: {summary['busy_us_per_step']:.1f} us; "
-        f"idle {100 * summary['idle_fraction']:.1f}% of the window"
+        f"idle {100 * summary['idle_fraction']:.1f}% of the window: "
+        f"{100 * summary['idle_long_gaps']:.1f}% in gaps > 20 us (waiting for the host), "
+        f"{100 * summary['idle_short_gaps']:.1f}% between queued kernels"
     )
     rows = [
         [r["name"][:70], r["calls_per_step"], r["us_per_step"], r["us_per_call"]]
