@@ -45,6 +45,7 @@ class ModelConfig:
     trust_remote_code: bool  # a local folder's own modeling code may run (transformers)
     quantization: QuantizationConfig | None  # resolved: the user's choice or the checkpoint's
     kv_cache_dtype: torch.dtype  # resolved: `dtype`, or FP8 (E4M3)
+    max_logprobs: int = 20  # most logprobs per token a request may ask for (-1: the vocabulary)
 
     @property
     def architecture(self) -> str:
@@ -484,6 +485,11 @@ class EngineArgs:
     max_model_len: int | None = _arg(
         None, "longest prompt + output, in tokens (default: the model's max_position_embeddings)"
     )
+    max_logprobs: int = _arg(
+        20,
+        "most logprobs a request may ask for per token (SamplingParams.logprobs and "
+        "prompt_logprobs); -1: the whole vocabulary",
+    )
     block_size: int = _arg(16, "tokens per KV-cache block (a power of two)")
     kv_cache_dtype: str = _arg(
         "auto",
@@ -649,6 +655,13 @@ class EngineArgs:
         require(
             0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]"
         )
+        require(
+            isinstance(self.max_logprobs, int)
+            and not isinstance(self.max_logprobs, bool)
+            and self.max_logprobs >= -1,
+            "max_logprobs",
+            "must be an integer >= -1",
+        )
         for name in (
             "kv_cache_memory_bytes",
             "num_gpu_blocks_override",
@@ -745,6 +758,7 @@ class EngineArgs:
             trust_remote_code=self.trust_remote_code,
             quantization=quantization,
             kv_cache_dtype=_KV_CACHE_DTYPES[self.kv_cache_dtype] or dtype,
+            max_logprobs=self.max_logprobs,
         )
         speculative_config = _resolve_speculative(
             speculative_config_from(self.speculative_config), model_config

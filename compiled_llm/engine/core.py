@@ -128,6 +128,10 @@ class EngineCore:
             raise ValueError(f"sampling_seed={req.sampling_seed} is outside [0, 2**63)")
         if not INT64_MIN <= req.priority <= INT64_MAX:
             raise ValueError(f"priority={req.priority} does not fit 64 bits")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(req.sampling_params, name)
+            if k is not None and k > vocab:
+                raise ValueError(f"{name}={k} exceeds the vocabulary ({vocab} tokens)")
         if req.sampling_params.structured_outputs is not None and mc.skip_tokenizer_init:
             raise ValueError("structured_outputs needs a tokenizer (skip_tokenizer_init is set)")
 

@@ -119,6 +119,15 @@ class InputProcessor:
                 raise ValueError(
                     f"{name} contains ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}"
                 )
+        most = self.model_config.max_logprobs
+        most = self.vocab_size if most == -1 else min(most, self.vocab_size)
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > most:
+                raise ValueError(
+                    f"{name}={k} exceeds the most this engine returns per token, {most} "
+                    f"(max_logprobs={self.model_config.max_logprobs}, vocabulary {self.vocab_size})"
+                )
         max_tokens = params.max_tokens or max_len - len(ids)
         if params.min_tokens > max_tokens:
             raise ValueError(

@@ -67,6 +67,10 @@ BAD_INPUTS = [
     ("allowed_token_ids", "hello", {"allowed_token_ids": [10**9]}),
     ("min_tokens", "hello", {"min_tokens": 100, "max_tokens": None}),
     ("max_tokens", "hello", {"max_tokens": 100}),
+    # over max_logprobs (20): a top-k past the vocabulary crashed the engine
+    ("logprobs", "hello", {"logprobs": 21}),
+    ("logprobs", "hello", {"logprobs": 10**6}),
+    ("prompt_logprobs", "hello", {"prompt_logprobs": 10**6}),
 ]
 
 
@@ -86,6 +90,22 @@ def test_priority_must_be_a_64_bit_integer(llm: LLM, priority: object) -> None:
     with pytest.raises(ValueError, match="^priority"):
         llm.generate("hello", SamplingParams(max_tokens=2), use_tqdm=False, priority=[priority])  # type: ignore[list-item]
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_max_logprobs(tiny_models) -> None:
+    """vLLM's max_logprobs: -1 allows the whole vocabulary (and no more), and the engine keeps
+    serving after a refusal."""
+    llm = LLM(str(tiny_models("llama")), max_model_len=64, enforce_eager=True, max_logprobs=-1)
+    vocab = llm.engine.processor.vocab_size
+    out = llm.generate("hi", SamplingParams(max_tokens=1, logprobs=vocab), use_tqdm=False)[0]
+    entry = out.outputs[0].logprobs[0]  # type: ignore[index]
+    assert len(entry) == vocab
+    assert sum(math.exp(lp.logprob) for lp in entry.values()) == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="^prompt_logprobs=.* exceeds"):
+        llm.generate("hi", SamplingParams(prompt_logprobs=vocab + 1), use_tqdm=False)
+    assert llm.generate("hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="max_logprobs"):
+        LLM(str(tiny_models("llama")), max_logprobs=-2)
 
 
 def test_seeded_n_at_the_top_of_the_range_runs(llm: LLM) -> None:
