@@ -294,10 +294,13 @@ class OpenAIServing:
                     if cursor.advance(c) is None:
                         continue
                     # the choice's first chunk (no token sent yet) carries the echoed prompt
-                    echo = await self._echo(req, out) if cursor.prev_tokens == 0 else None
+                    first = cursor.prev_tokens == 0
+                    echo = await self._echo(req, out) if first else None
                     body, cursor.offset = _completion_choice(req, c, echo, cursor)
                     cursor.commit(c)
                     choice = {"index": index, **body}
+                    if first and req.prompt_logprobs is not None and out.prompt_logprobs:
+                        choice["prompt_logprobs"] = json_prompt_logprobs(out.prompt_logprobs)
                     yield _sse({**head, "choices": [choice]})
             if req.include_usage:
                 yield _sse({**head, "choices": [], "usage": _usage(finals)})

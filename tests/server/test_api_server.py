@@ -136,7 +136,7 @@ def test_echo_with_logprobs(server: Server, client: openai.OpenAI) -> None:
     """`echo` puts the prompt before the completion; with logprobs, the prompt's tokens' too
     (null for the first, as OpenAI's), lm-eval's loglikelihood request (max_tokens=1). Oracle:
     the sampler's logprob of the same token, completing the prompt's prefix."""
-    plain, echoed, lp, streamed, extra = parallel(
+    plain, echoed, lp, streamed, extra, extra_streamed = parallel(
         lambda: complete(client),
         lambda: complete(client, echo=True),
         lambda: complete(client, echo=True, logprobs=2, max_tokens=1),
@@ -146,6 +146,11 @@ def test_echo_with_logprobs(server: Server, client: openai.OpenAI) -> None:
             if x.choices
         ],
         lambda: complete(client, max_tokens=1, extra_body={"prompt_logprobs": 0}),
+        lambda: [
+            x.choices[0]
+            for x in complete(client, max_tokens=2, stream=True, extra_body={"prompt_logprobs": 0})
+            if x.choices
+        ],
     )
     assert echoed.choices[0].text == PROMPT + plain.choices[0].text
     body = lp.choices[0].logprobs
@@ -173,6 +178,9 @@ def test_echo_with_logprobs(server: Server, client: openai.OpenAI) -> None:
     assert len(field) == n and field[0] is None
     for j in range(1, n):
         assert field[j][str(ids[j])]["logprob"] == pytest.approx(body.token_logprobs[j], abs=1e-4)
+    # streamed: in each choice's first chunk only
+    assert extra_streamed[0].model_extra["prompt_logprobs"] == field
+    assert all("prompt_logprobs" not in (c.model_extra or {}) for c in extra_streamed[1:])
 
 
 def test_stop_strings(client: openai.OpenAI) -> None:
