@@ -108,8 +108,13 @@ class SamplingParams:
     # Keep only the last k prompt tokens (vLLM's truncate_prompt_tokens; -1: max_model_len - 1,
     # the longest prompt that leaves room for one token).
     truncate_prompt_tokens: int | None = None
-    # Filled by the engine: EOS and generation-config stop ids.
+    # Words that may not be generated (vLLM's bad_words): the last token of a word's tokens is
+    # banned whenever the output so far ends with the rest (a one-token word: always).
+    bad_words: list[str] | None = None
+    # Filled by the engine: EOS and generation-config stop ids; bad_words as token ids (each
+    # word with and without a leading space, as vLLM tokenizes them).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+    bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -175,6 +180,11 @@ class SamplingParams:
             or not all(_is_int(t) and 0 <= t <= INT64_MAX for t in self.allowed_token_ids)
         ):
             fail("allowed_token_ids", "must be a non-empty list of non-negative token ids")
+        if self.bad_words is not None and (
+            not isinstance(self.bad_words, list)
+            or not all(isinstance(w, str) and w.strip() for w in self.bad_words)
+        ):
+            fail("bad_words", "must be a list of words (strings that are not blank)")
         so = self.structured_outputs
         if so is not None and not isinstance(so, StructuredOutputsParams):
             fail("structured_outputs", "must be a StructuredOutputsParams")

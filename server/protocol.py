@@ -112,6 +112,7 @@ class _SamplingFields(_Strict):
     logit_bias: dict[Text, float] | None = None  # token id (as a string) -> bias
     # vLLM's extensions
     allowed_token_ids: list[TokenId] | None = None
+    bad_words: Annotated[list[Text], Field(max_length=1024)] | None = None  # vLLM's
     top_k: Int64 | None = None
     min_p: float | None = None
     repetition_penalty: float | None = Field(None, gt=0.0)
@@ -213,6 +214,7 @@ class _SamplingFields(_Strict):
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             logit_bias=self._logit_bias(),
             allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words,
         )
 
     def _logit_bias(self) -> dict[int, float] | None:

@@ -78,6 +78,22 @@ class InputProcessor:
             "prompt must be a string, {'prompt': str} or {'prompt_token_ids': [int, ...]}"
         )
 
+    def _bad_words(self, params: SamplingParams) -> list[list[int]]:
+        """bad_words as token ids, as vLLM makes them: each word (left-stripped) on its own,
+        and after a space where that gives another first token and as many tokens."""
+        if not params.bad_words:
+            return []
+        if self.tokenizer is None:
+            raise ValueError("bad_words needs a tokenizer (skip_tokenizer_init is set)")
+        out: list[list[int]] = []
+        for word in params.bad_words:
+            alone = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            out.append(alone)
+            if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
+                out.append(spaced)
+        return [ids for ids in out if ids and max(ids) < self.vocab_size]
+
     def process(
         self,
         request_id: str,
@@ -140,7 +156,9 @@ class InputProcessor:
                     "structured_outputs needs a tokenizer (skip_tokenizer_init is set)"
                 )
             validate_structured_outputs(params.structured_outputs)
-        params = params.clone(all_stop_token_ids=set(self.eos_ids))
+        params = params.clone(
+            all_stop_token_ids=set(self.eos_ids), bad_words_token_ids=self._bad_words(params)
+        )
         arrival = time.monotonic() if arrival_time is None else arrival_time
         core_requests = []
         for i in range(params.n):

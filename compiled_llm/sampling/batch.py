@@ -55,6 +55,54 @@ def _output_ids(
     return torch.cat([ids, column[:, None]], dim=1)
 
 
+def _bad_word_bans(
+    requests: list[Request],
+    owner: list[int],
+    position: list[int],
+    drafts: list[list[int]],
+    steps: list[int],
+    device: torch.device,
+    in_flight: InFlightStep | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """vLLM's bad_words as (row, token, ban) triples: a word's last token is banned in a row
+    whose output so far (drafts before the row included) ends with the word's other tokens.
+    Under async scheduling a row's newest token may still be on the device (sampled by
+    `in_flight`): a ban that depends on it holds where that token is the one the word needs,
+    which the device decides (`ban`), so building the batch never waits for the step."""
+    rows: list[int] = []
+    ids: list[int] = []
+    need: list[int] = []  # the newest token the ban needs (-1: none, the ban holds)
+    src: list[int] = []  # where that token is in in_flight.device_tokens
+    for r, (i, j) in enumerate(zip(owner, position)):
+        words = requests[i].sampling_params.bad_words_token_ids
+        if not words:
+            continue
+        known = requests[i].output_token_ids + drafts[i][:j]
+        pending = steps[r] > len(known)
+        for *prefix, last in words:
+            tail = prefix[:-1] if pending and prefix else prefix
+            if len(known) < len(tail) or known[len(known) - len(tail) :] != tail:
+                continue
+            rows.append(r)
+            ids.append(last)
+            if pending and prefix:
+                assert in_flight is not None
+                need.append(prefix[-1])
+                src.append(in_flight.row[requests[i].request_id])
+            else:
+                need.append(-1)
+                src.append(0)
+    if not rows:
+        return None
+    need_t = _tensor(need, torch.int64, device)
+    ban = need_t < 0
+    if any(n >= 0 for n in need):
+        assert in_flight is not None and in_flight.device_tokens is not None
+        newest = in_flight.device_tokens[_tensor(src, torch.int64, device)]
+        ban = ban | (newest == need_t)
+    return _tensor(rows, torch.int64, device), _tensor(ids, torch.int64, device), ban
+
+
 def _tensor(
     values: list[float] | list[int], dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
@@ -149,6 +197,7 @@ def build_sampling_batch(
         banned=(col(banned_rows, torch.int64), col(banned_ids, torch.int64))
         if banned_rows
         else None,
+        bad_words=_bad_word_bans(requests, owner, position, drafts, steps, device, in_flight),
         logit_bias=(
             col(bias[0], torch.int64),
             col(bias[1], torch.int64),

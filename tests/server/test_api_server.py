@@ -229,6 +229,9 @@ def test_logit_bias_and_allowed_token_ids(server: Server, client: openai.OpenAI)
     )
     assert biased.choices[0].text == romes
     assert allowed.choices[0].text == romes
+    # vLLM's bad_words: the greedy answer changes, and Paris never comes
+    banned = complete(client, extra_body={"bad_words": ["Paris"]}).choices[0].text
+    assert "Paris" not in banned and banned
 
 
 def test_truncate_prompt_tokens(server: Server, client: openai.OpenAI) -> None:
@@ -252,6 +255,8 @@ BAD_INPUTS = [
     ("invalid JSON", "/v1/completions", b"{bad", 400, None),
     ("temperature < 0", "/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature"),
     ("no prompt", "/v1/completions", {"max_tokens": 4}, 400, "prompt"),
+    ("blank bad word", "/v1/completions", {"prompt": "hi", "bad_words": [" "]}, 400, "bad_words"),
+    ("bad_words", "/v1/completions", {"prompt": "hi", "bad_words": ["x"] * 1025}, 400, "bad_words"),
     ("prompt too long", "/v1/completions", {"prompt": "hello " * 600}, 400, "prompt"),
     (
         "max_tokens too big",
