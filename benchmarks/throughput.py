@@ -101,7 +101,6 @@ def run_ours(args: argparse.Namespace) -> dict:
     from compiled_llm import LLM, SamplingParams
 
     extra = json.loads(args.engine_args)
-    steps: list[tuple[int, int, float]] = []
     if args.quantization:
         extra["quantization"] = args.quantization
     extra.setdefault("kv_cache_dtype", args.kv_cache_dtype)
@@ -111,12 +110,8 @@ def run_ours(args: argparse.Namespace) -> dict:
         prompts = EMBEDDED_PROMPTS * args.embedded_repeats
         params = SamplingParams(temperature=0, max_tokens=args.embedded_output_len, ignore_eos=True)
         startup = time.perf_counter() - start
-        timeline = StepTimeline(llm.engine) if args.step_timeline else None
-        t = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        runs = [time.perf_counter() - t]
-        if timeline is not None:
-            steps = timeline.stop()
+        outs, seconds, steps = timed_generate(llm, prompts, params, args.step_timeline)
+        runs = [seconds]
     else:
         vocab = int(SHAPES[args.shape]["vocab_size"])
         reqs = workload(args, vocab)
@@ -134,12 +129,8 @@ def run_ours(args: argparse.Namespace) -> dict:
             reqs = workload(args, vocab, repeat)
             prompts = [{"prompt_token_ids": p} for p, _ in reqs]
             params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in reqs]
-            timeline = StepTimeline(llm.engine) if args.step_timeline else None
-            t = time.perf_counter()
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            runs.append(time.perf_counter() - t)
-            if timeline is not None:
-                steps = timeline.stop()
+            outs, seconds, steps = timed_generate(llm, prompts, params, args.step_timeline)
+            runs.append(seconds)
     n_in = sum(len(o.prompt_token_ids) for o in outs)
     n_out = sum(len(c.token_ids) for o in outs for c in o.outputs)
     return {
@@ -151,6 +142,17 @@ def run_ours(args: argparse.Namespace) -> dict:
         "output_tokens": n_out,
         **({"step_timeline": summarize_steps(steps)} if args.step_timeline else {}),
     }
+
+
+def timed_generate(
+    llm: Any, prompts: list[Any], params: Any, step_timeline: bool
+) -> tuple[list[Any], float, list[tuple[int, int, float]]]:
+    """`llm.generate`'s outputs and wall time, and with `step_timeline` its steps."""
+    timeline = StepTimeline(llm.engine) if step_timeline else None
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    return outs, seconds, timeline.stop() if timeline is not None else []
 
 
 class StepTimeline:
