@@ -65,6 +65,13 @@ class LLM:
         if isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(prompts)
         else:
+            if not isinstance(sampling_params, Sequence) or not all(
+                isinstance(p, SamplingParams) for p in sampling_params
+            ):
+                raise ValueError(
+                    "sampling_params must be a SamplingParams or a list of them, got "
+                    f"{type(sampling_params).__name__}"
+                )
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(

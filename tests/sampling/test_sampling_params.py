@@ -85,6 +85,13 @@ def test_generate_refuses_and_queues_nothing(
     assert llm.engine.num_free_blocks == free
 
 
+@pytest.mark.parametrize("bad", [{"max_tokens": 2}, ["not params"], "abc"])
+def test_sampling_params_must_be_sampling_params(llm: LLM, bad: object) -> None:
+    with pytest.raises(ValueError, match="^sampling_params must be a SamplingParams"):
+        llm.generate(["a"], bad, use_tqdm=False)  # type: ignore[arg-type]
+    assert not llm.engine.has_unfinished_requests()
+
+
 @pytest.mark.parametrize("priority", [True, 2**63, 1.0])
 def test_priority_must_be_a_64_bit_integer(llm: LLM, priority: object) -> None:
     with pytest.raises(ValueError, match="^priority"):
