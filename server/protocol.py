@@ -113,6 +113,9 @@ class _SamplingFields(_Strict):
     # vLLM's extensions
     allowed_token_ids: list[TokenId] | None = None
     bad_words: Annotated[list[Text], Field(max_length=1024)] | None = None  # vLLM's
+    # the prompt tokens' logprobs: each completions choice's / the chat response's
+    # `prompt_logprobs`
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     top_k: Int64 | None = None
     min_p: float | None = None
     repetition_penalty: float | None = Field(None, gt=0.0)
@@ -215,6 +218,7 @@ class _SamplingFields(_Strict):
             logit_bias=self._logit_bias(),
             allowed_token_ids=self.allowed_token_ids,
             bad_words=self.bad_words,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
     def _logit_bias(self) -> dict[int, float] | None:
@@ -243,8 +247,6 @@ class CompletionRequest(_SamplingFields):
     max_tokens: Count | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False  # the prompt before the completion (with logprobs: the prompt's too)
-    # vLLM's extra field: the prompt tokens' logprobs in each choice's `prompt_logprobs`
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: Count | None = None
     suffix: Text | None = None
 
@@ -264,10 +266,9 @@ class CompletionRequest(_SamplingFields):
         if self.best_of not in (None, self.n):
             raise RequestError("best_of is not supported", "best_of")
         params = self._sampling_params(self.max_tokens, self.logprobs)
-        k = self.prompt_logprobs
-        if self.echo and self.logprobs is not None:
-            k = max(k or 0, self.logprobs)  # echo's logprobs cover the prompt (OpenAI, vLLM)
-        return params if k is None else params.clone(prompt_logprobs=k)
+        if self.echo and self.logprobs is not None:  # echo's logprobs cover the prompt
+            return params.clone(prompt_logprobs=max(self.prompt_logprobs or 0, self.logprobs))
+        return params
 
 
 class FunctionDefinition(_Strict):

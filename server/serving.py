@@ -160,6 +160,8 @@ class OpenAIServing:
                 }
             )
         body = {**head, "object": "chat.completion", "choices": choices, "usage": _usage(finals)}
+        if req.prompt_logprobs is not None and finals[0].prompt_logprobs is not None:
+            body["prompt_logprobs"] = json_prompt_logprobs(finals[0].prompt_logprobs)
         return JSONResponse(body)
 
     async def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:

@@ -178,6 +178,11 @@ def test_echo_with_logprobs(server: Server, client: openai.OpenAI) -> None:
     assert len(field) == n and field[0] is None
     for j in range(1, n):
         assert field[j][str(ids[j])]["logprob"] == pytest.approx(body.token_logprobs[j], abs=1e-4)
+    # chat: at the response's top level, one entry per token of the rendered conversation
+    reply = chat(client, max_completion_tokens=1, extra_body={"prompt_logprobs": 1})
+    lps = reply.model_extra["prompt_logprobs"]
+    assert len(lps) == reply.usage.prompt_tokens and lps[0] is None
+    assert all(1 <= len(e) <= 2 and all(v["logprob"] <= 0 for v in e.values()) for e in lps[1:])
     # streamed: in each choice's first chunk only
     assert extra_streamed[0].model_extra["prompt_logprobs"] == field
     assert all("prompt_logprobs" not in (c.model_extra or {}) for c in extra_streamed[1:])
