@@ -45,7 +45,7 @@ class ModelConfig:
     trust_remote_code: bool  # a local folder's own modeling code may run (transformers)
     quantization: QuantizationConfig | None  # resolved: the user's choice or the checkpoint's
     kv_cache_dtype: torch.dtype  # resolved: `dtype`, or FP8 (E4M3)
-    max_logprobs: int = 20  # most logprobs per token a request may ask for (-1: the vocabulary)
+    max_logprobs: int  # most logprobs per token a request may ask for (-1: the vocabulary)
 
     @property
     def architecture(self) -> str:

@@ -34,15 +34,15 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     request_id: str
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprobs] | None = None
-    # sampling_params.prompt_logprobs, once, with the request's first tokens: per prompt
-    # position (None at the first).
-    prompt_logprobs: list[TokenLogprobs | None] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     # Speculative decoding, this step: drafts verified and, of them, accepted.
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    # sampling_params.prompt_logprobs, once, with the request's first tokens: per prompt
+    # position (None at the first).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class SpecDecodeStatsMsg(msgspec.Struct, array_like=True, gc=False):

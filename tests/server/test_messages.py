@@ -53,6 +53,9 @@ def test_outputs_round_trip() -> None:
     got = decode_output(OutputType.OUTPUTS.value, ENCODE(outputs))
     assert got.stats == stats and got.outputs[0].new_token_ids == [5]
     assert got.outputs[0].new_logprobs == [([5, 6], [-0.1, -2.0], -0.1, 1)]
+    first = EngineCoreOutput("r-1", [7], prompt_logprobs=[None, ([3], [-0.5], -1.5, 4)])
+    got = decode_output(OutputType.OUTPUTS.value, ENCODE(EngineCoreOutputs([first])))
+    assert got.outputs[0].prompt_logprobs == [None, ([3], [-0.5], -1.5, 4)]
     ready = CoreReady(pid=1, num_blocks=8, block_size=16, max_model_len=512, startup_seconds=1.0)
     assert decode_output(OutputType.READY.value, ENCODE(ready)) == ready
     result = UtilityResult(4, error="no hook")
