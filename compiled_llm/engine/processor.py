@@ -90,7 +90,7 @@ class InputProcessor:
             alone = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
             spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
             out.append(alone)
-            if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
+            if alone and spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
                 out.append(spaced)
         return [ids for ids in out if ids and max(ids) < self.vocab_size]
 
