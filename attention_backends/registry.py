@@ -43,8 +43,8 @@ def get_backend_class(name: str) -> type[AttentionBackend]:
 # `auto` on CUDA: the first of these that is importable and serves the model's layers. Our Triton
 # kernels come first: on the H200 (Llama-3.1-8B heads) their CUDA-graph decode is as fast as
 # FlashInfer's tensor-core decode or faster at every batch and context measured but one (16 x 16k:
-# 293 against 265 us), up to 1.26x at 256 requests of a few hundred tokens, and they need no nvcc
-# at first use (docs/attention_backends.md#which-backend-auto-picks).
+# 293 against 265 us), up to 1.28x at 256-512 requests of a few hundred tokens, and need no nvcc
+# at first use (docs/attention_backends.md, "Which backend auto picks").
 AUTO_CUDA_ORDER = ("triton", "flashinfer")
 
 
