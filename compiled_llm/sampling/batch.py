@@ -55,7 +55,9 @@ def _output_ids(
     return torch.cat([ids, column[:, None]], dim=1)
 
 
-def _bad_word_bans(
+def _bans(
+    rows: list[int],
+    ids: list[int],
     requests: list[Request],
     owner: list[int],
     position: list[int],
@@ -64,15 +66,15 @@ def _bad_word_bans(
     device: torch.device,
     in_flight: InFlightStep | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """vLLM's bad_words as (row, token, ban) triples: a word's last token is banned in a row
-    whose output so far (drafts before the row included) ends with the word's other tokens.
-    Under async scheduling a row's newest token may still be on the device (sampled by
-    `in_flight`): a ban that depends on it holds where that token is the one the word needs,
-    which the device decides (`ban`), so building the batch never waits for the step."""
-    rows: list[int] = []
-    ids: list[int] = []
-    need: list[int] = []  # the newest token the ban needs (-1: none, the ban holds)
-    src: list[int] = []  # where that token is in in_flight.device_tokens
+    """The step's bans as (row, token, ban) triples: the (rows, ids) pairs given, which always
+    hold, and vLLM's bad_words: a word's last token is banned in a row whose output so far
+    (drafts before the row included) ends with the word's other tokens. Under async scheduling
+    a row's newest token may still be on the device (sampled by `in_flight`): a ban that depends
+    on it holds where that token is the one the word needs, which the device decides (`ban`),
+    so building the batch never waits for the step."""
+    rows, ids = list(rows), list(ids)
+    need = [-1] * len(rows)  # the newest token each ban needs (-1: none, the ban holds)
+    src = [0] * len(rows)  # where that token is in in_flight.device_tokens
     for r, (i, j) in enumerate(zip(owner, position)):
         words = requests[i].sampling_params.bad_words_token_ids
         if not words:
@@ -194,10 +196,9 @@ def build_sampling_batch(
         prompt_token_ids=_padded([r.prompt_token_ids for r in rows], vocab_size, device)
         if any_penalty
         else None,
-        banned=(col(banned_rows, torch.int64), col(banned_ids, torch.int64))
-        if banned_rows
-        else None,
-        bad_words=_bad_word_bans(requests, owner, position, drafts, steps, device, in_flight),
+        banned=_bans(
+            banned_rows, banned_ids, requests, owner, position, drafts, steps, device, in_flight
+        ),
         logit_bias=(
             col(bias[0], torch.int64),
             col(bias[1], torch.int64),

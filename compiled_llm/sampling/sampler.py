@@ -71,11 +71,10 @@ class SamplingBatch:
     repetition_penalty: torch.Tensor | None = None  # [B]
     output_token_ids: torch.Tensor | None = None  # [B, L] int64, padded with vocab_size
     prompt_token_ids: torch.Tensor | None = None  # [B, P] int64, padded with vocab_size
-    # (row, token) pairs banned this step (stop tokens before min_tokens)
-    banned: tuple[torch.Tensor, torch.Tensor] | None = None
-    # bad_words: (row, token, ban) triples; the token is banned where `ban` is true (decided on
-    # the device: it may depend on the token the previous step is still sampling)
-    bad_words: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # (row, token, ban) triples: the token is banned where `ban` is true (stop tokens before
+    # min_tokens always; bad_words decided on the device, as they may depend on the token the
+    # previous step is still sampling)
+    banned: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     # logit_bias: (row, token, bias) triples; allowed_token_ids: (row, token) pairs, and every
     # other token of those rows is masked (None when no row has any)
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -203,11 +202,9 @@ class Sampler:
         logits = apply_allowed_and_bias(logits, b)
         logits = apply_penalties(logits, b)
         if b.banned is not None:
-            logits = logits.index_put(b.banned, torch.tensor(float("-inf"), device=logits.device))
-        if b.bad_words is not None:
-            rows, ids, ban = b.bad_words
-            # accumulate: a (row, token) pair listed twice (two words ending alike) is banned
-            # if either ban holds
+            rows, ids, ban = b.banned
+            # accumulate: a (row, token) pair listed twice (two words ending alike, or a stop
+            # token that is also a bad word) is banned if either ban holds
             penalty = torch.zeros(ban.shape, dtype=logits.dtype, device=logits.device)
             penalty = penalty.masked_fill(ban, float("-inf"))
             logits = logits.index_put((rows, ids), penalty, accumulate=True)
