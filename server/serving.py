@@ -100,12 +100,12 @@ class OpenAIServing:
         choices = []
         for i, out in enumerate(finals):
             echo = await self._echo(req, out)
+            prompt_lps = None  # the request's, the same in each of its n choices
+            if req.prompt_logprobs is not None and out.prompt_logprobs is not None:
+                prompt_lps = {"prompt_logprobs": json_prompt_logprobs(out.prompt_logprobs)}
             for c in out.outputs:
                 body, _ = _completion_choice(req, c, echo)
-                choice = {"index": i * params.n + c.index, **body}
-                if req.prompt_logprobs is not None and out.prompt_logprobs is not None:
-                    choice["prompt_logprobs"] = json_prompt_logprobs(out.prompt_logprobs)
-                choices.append(choice)
+                choices.append({"index": i * params.n + c.index, **body, **(prompt_lps or {})})
         body = {**head, "object": "text_completion", "choices": choices, "usage": _usage(finals)}
         return JSONResponse(body)
 
