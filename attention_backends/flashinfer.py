@@ -238,23 +238,21 @@ class FlashInferAttentionBackend(AttentionBackend):
                     s.num_heads, s.num_kv_heads, s.head_dim, self._num_sms, batch_size, rows
                 )
             self._reserve_workspace(need)
-        if decode:
-            if batch_size not in self._graph_decode:
-                self._graph_decode[batch_size] = self._decode_wrapper(batch_size)
-            return self._graph_decode[batch_size]
-        if batch_size not in self._graph_prefill:
-            gi = self._graph_index
-            self._graph_prefill[batch_size] = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-                self._workspace,
-                "NHD",
-                backend=self.prefill_backend,
-                use_cuda_graph=True,
-                qo_indptr_buf=gi.qo_indptr[: batch_size + 1],
-                paged_kv_indptr_buf=gi.indptr[: batch_size + 1],
-                paged_kv_indices_buf=gi.indices,
-                paged_kv_last_page_len_buf=gi.last_page_len[:batch_size],
-            )
-        return self._graph_prefill[batch_size]
+            if decode:
+                cached[batch_size] = self._decode_wrapper(batch_size)
+            else:
+                gi = self._graph_index
+                cached[batch_size] = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                    self._workspace,
+                    "NHD",
+                    backend=self.prefill_backend,
+                    use_cuda_graph=True,
+                    qo_indptr_buf=gi.qo_indptr[: batch_size + 1],
+                    paged_kv_indptr_buf=gi.indptr[: batch_size + 1],
+                    paged_kv_indices_buf=gi.indices,
+                    paged_kv_last_page_len_buf=gi.last_page_len[:batch_size],
+                )
+        return cached[batch_size]
 
     def build_metadata(self, inputs: AttentionInputs) -> FlashInferMetadata:
         _announce_jit()
