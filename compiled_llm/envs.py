@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+def _flag(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    return default if not value else value in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class Envs:
     # COMPILED_LLM_DEBUG_CUDA_GRAPHS=1: every CUDA-graph replay checks that its inputs are at
     # their captured addresses (a few microseconds a piece)
     debug_cuda_graphs: bool
+    # COMPILED_LLM_PDL=0: our Triton kernels launch without Programmatic Dependent Launch
+    # (kernels/pdl.py; on by default where the GPU has it)
+    pdl: bool
 
     @classmethod
     def read(cls) -> Envs:
@@ -44,6 +48,7 @@ class Envs:
             ),
             cxx=os.environ.get("CXX") or None,
             debug_cuda_graphs=_flag("COMPILED_LLM_DEBUG_CUDA_GRAPHS"),
+            pdl=_flag("COMPILED_LLM_PDL", default=True),
         )
         return dataclasses.replace(envs, **dict(_overrides.get()))
 

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from compiled_llm.attention_backends.triton_kernels.prefill import LOG2E, soft_cap
+from compiled_llm.kernels.pdl import launch_options, wait_for_previous
 
 
 # Per-step ints unspecialized: one compile for all batches, no JIT stall mid-run.
@@ -52,7 +53,9 @@ def _decode_split_kernel(
     SLIDING: tl.constexpr,
     SOFT_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     req = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -130,7 +133,9 @@ def _reduce_kernel(
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     S_PAD: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     req = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     s = tl.arange(0, S_PAD)
@@ -199,6 +204,7 @@ def decode_attention(
         rows = num_reqs * hq * num_splits
         part_o, part_lse = scratch[: rows * d], scratch[rows * d : rows * d + rows]
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    pdl = launch_options(q.device)
     _decode_split_kernel[(num_reqs, hkv, max(num_splits, 1))](
         q,
         kv_cache,
@@ -228,6 +234,7 @@ def decode_attention(
         DOT_PRECISION=precision,
         num_warps=num_warps,
         num_stages=num_stages,
+        **pdl,
     )
     if not single:
         _reduce_kernel[(num_reqs, hq)](
@@ -241,4 +248,5 @@ def decode_attention(
             D_PAD=triton.next_power_of_2(d),
             S_PAD=triton.next_power_of_2(num_splits),
             num_warps=4,
+            **pdl,
         )

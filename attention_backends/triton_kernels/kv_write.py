@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from compiled_llm.kernels.pdl import launch_options, wait_for_previous
 from compiled_llm.kernels.triton_rotary import load_halves, rope_cos_sin, rotate, store_halves
 
 
@@ -60,7 +61,9 @@ def _write_kv_kernel(
     D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     SATURATE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     h = tl.arange(0, H_PAD)
@@ -113,7 +116,9 @@ def _rope_write_kv_kernel(
     HAS_POSITIONS: tl.constexpr,  # cos/sin rows by positions[t] (a table), else by t
     K_IN_PLACE: tl.constexpr,  # also store the rotated k back into k
     SATURATE: tl.constexpr,  # an FP8 cache
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     row = tl.load(pos_ptr + t).to(tl.int64) if HAS_POSITIONS else t
     i = tl.arange(0, HALF_PAD)
@@ -178,6 +183,7 @@ def write_kv(
         BLOCK_SIZE=kv_cache.shape[2],
         SATURATE=kv_cache.dtype == torch.float8_e4m3fn,
         num_warps=4,
+        **launch_options(k.device),
     )
 
 
@@ -238,6 +244,7 @@ def _launch_rope_write_kv(
         K_IN_PLACE=k_in_place,
         SATURATE=kv_cache.dtype == torch.float8_e4m3fn,
         num_warps=4,
+        **launch_options(k.device),
     )
 
 

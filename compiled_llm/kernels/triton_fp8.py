@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from compiled_llm.kernels.fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE
+from compiled_llm.kernels.pdl import launch_options, wait_for_previous
 
 # Globals a kernel reads must be constexprs.
 _FP8_MAX = tl.constexpr(FP8_MAX)
@@ -34,7 +35,9 @@ def _quant_group_kernel(
     group_size,
     BLOCK: tl.constexpr,
     SINGLE: tl.constexpr,  # the group fits one BLOCK: read x once
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     start = group * group_size
@@ -65,7 +68,10 @@ def _quant_group_kernel(
 
 
 @triton.jit
-def _quant_static_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, n_cols, BLOCK: tl.constexpr):
+def _quant_static_kernel(
+    x_ptr, q_ptr, s_ptr, stride_x, stride_q, n_cols, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
+):
+    wait_for_previous(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -101,6 +107,7 @@ def quant_per_group(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, tor
         BLOCK=block,
         SINGLE=group_size <= block,
         num_warps=min(max(block // 256, 1), 8),
+        **launch_options(x.device),
     )
     return q, scale
 
@@ -113,7 +120,15 @@ def quant_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     x = _rows(x)
     block = min(triton.next_power_of_2(k), 1024)
     _quant_static_kernel[(m, triton.cdiv(k, block))](
-        x, q, scale, x.stride(0), q.stride(0), k, BLOCK=block, num_warps=4
+        x,
+        q,
+        scale,
+        x.stride(0),
+        q.stride(0),
+        k,
+        BLOCK=block,
+        num_warps=4,
+        **launch_options(x.device),
     )
     return q
 
@@ -144,6 +159,7 @@ def _fp8_gemm_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """C [M, N] = dequant(A [M, K]) @ dequant(B [N, K]).T (+ bias), float32 accumulation. With
     BLOCKWISE, the partial product of each BK-wide slice is scaled by its block's scales (BK
@@ -164,6 +180,7 @@ def _fp8_gemm_kernel(
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
     b_cols = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    wait_for_previous(USE_PDL)  # A is the previous kernel's output; C may still be read
     for k0 in range(k_start, k_end, BK):
         k = k0 + offs_k
         a = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & (k[None, :] < k_end), other=0.0)
@@ -209,19 +226,25 @@ def _fp8_gemv_kernel(
     HAS_BIAS: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One token (M = 1): c [N] = dequant(a [K]) . dequant(B [N, K]) rows, without tensor
-    cores (which would waste 15 of their 16 rows), streaming B in [BN, BK] tiles."""
+    cores (which would waste 15 of their 16 rows), streaming B in [BN, BK] tiles, each tile
+    loaded one step ahead of its use: the first before waiting for the previous kernel (B is a
+    weight, which no kernel writes)."""
     pid_n = tl.program_id(0)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
     mask_n = offs_n < N
     b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn
+    b = tl.load(b_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k[None, :] < K), other=0.0)
+    wait_for_previous(USE_PDL)
     acc = tl.zeros((BN,), dtype=tl.float32)
     for k0 in range(0, K, BK):
         k = k0 + offs_k
         a = tl.load(a_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-        b = tl.load(b_rows + k[None, :], mask=mask_n[:, None] & (k[None, :] < K), other=0.0)
+        kn = k + BK
+        b_next = tl.load(b_rows + kn[None, :], mask=mask_n[:, None] & (kn[None, :] < K), other=0.0)
         part = tl.sum(b.to(tl.float32) * a[None, :], axis=1)
         if BLOCKWISE:
             kb = k0 // scale_block_k
@@ -231,6 +254,7 @@ def _fp8_gemv_kernel(
             acc += part * tl.load(as_ptr + kb) * sb
         else:
             acc += part
+        b = b_next
     if not BLOCKWISE:
         acc = acc * tl.load(as_ptr) * tl.load(bs_ptr + offs_n * stride_bsn, mask=mask_n, other=0.0)
     if HAS_BIAS:
@@ -320,6 +344,7 @@ def scaled_mm(
             BK=t.block_k,
             num_warps=t.num_warps,
             num_stages=t.num_stages,
+            **launch_options(a.device),
         )
         return c
     stride_asm = a_scale.stride(0) if a_scale.shape[0] == m and m > 1 else 0
@@ -353,5 +378,6 @@ def scaled_mm(
         SPLIT_K=grid[2],
         num_warps=t.num_warps,
         num_stages=t.num_stages,
+        **launch_options(a.device),
     )
     return c if out is c else out.to(out_dtype)

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from compiled_llm.kernels.fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE
+from compiled_llm.kernels.pdl import launch_options, wait_for_previous
 
 # Globals a kernel reads must be constexprs.
 _FP8_MAX = tl.constexpr(FP8_MAX)
@@ -55,7 +56,9 @@ def _rms_norm_quant_kernel(
     NORM_DTYPE: tl.constexpr,  # the unfused norm's output dtype (promoted x and weight)
     NG: tl.constexpr,
     G: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, NG)[:, None]
     c = tl.arange(0, G)[None, :]
@@ -90,7 +93,9 @@ def _silu_and_mul_quant_kernel(
     OUT_DTYPE: tl.constexpr,  # silu(gate) * up's dtype
     NG: tl.constexpr,
     G: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, NG)[:, None]
     c = tl.arange(0, G)[None, :]
@@ -155,6 +160,7 @@ def rms_norm_quant(
         NG=ng,
         G=g,
         num_warps=min(max(ng * g // 256, 1), 16),
+        **launch_options(x.device),
     )
     return q, s, res_out
 
@@ -185,5 +191,6 @@ def silu_and_mul_quant(
         NG=ng,
         G=g,
         num_warps=min(max(ng * g // 256, 1), 16),
+        **launch_options(gate.device),
     )
     return q, s

@@ -216,8 +216,12 @@ def test_attention_kernels_compile_for_hopper_with_fp8_cache() -> None:
         return types
 
     heads = dict(HEAD_DIM=128, D_PAD=128, BLOCK_SIZE=16)
+    pdl = dict(USE_PDL=True)  # launched after the kernel before them may still run
     kernels = [
-        (kv_write._write_kv_kernel, dict(NUM_KV_HEADS=8, H_PAD=8, SATURATE=True, **heads)),
+        (
+            kv_write._write_kv_kernel,
+            dict(NUM_KV_HEADS=8, H_PAD=8, SATURATE=True, **heads, **pdl),
+        ),
         (
             kv_write._rope_write_kv_kernel,
             dict(
@@ -231,6 +235,7 @@ def test_attention_kernels_compile_for_hopper_with_fp8_cache() -> None:
                 HAS_POSITIONS=False,
                 K_IN_PLACE=False,
                 SATURATE=True,
+                **pdl,
             ),
         ),
         (
@@ -244,6 +249,7 @@ def test_attention_kernels_compile_for_hopper_with_fp8_cache() -> None:
                 SOFT_CAP=False,
                 DOT_PRECISION="tf32",
                 **heads,
+                **pdl,
             ),
         ),
         (
@@ -265,6 +271,7 @@ def test_attention_kernels_compile_for_hopper_with_fp8_cache() -> None:
         source = ASTSource(fn, signature(fn, consts), consts)
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
         assert compiled.asm["cubin"], fn
+        assert ("griddepcontrol.wait" in compiled.asm["ptx"]) == ("USE_PDL" in consts), fn
 
 
 # --- CUDA ----------------------------------------------------------------------------------------

@@ -274,6 +274,7 @@ def _hopper_kernels() -> list[tuple[object, dict[str, str], dict[str, object]]]:
     from compiled_llm.kernels import triton_fp8_fused as TF
 
     def sig(fn, types: dict[str, str], consts: dict[str, object]) -> tuple:  # noqa: ANN001
+        consts = {"USE_PDL": True, **consts}  # as launched on Hopper (kernels/pdl.py)
         names = fn.arg_names  # type: ignore[attr-defined]
         full = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
         return fn, full, consts
@@ -318,6 +319,14 @@ def _hopper_kernels() -> list[tuple[object, dict[str, str], dict[str, object]]]:
     for ng, g in ((1, 16384), (128, 128)):
         consts = dict(OUT_DTYPE=tl.bfloat16, NG=ng, G=g)
         kernels.append(sig(TF._silu_and_mul_quant_kernel, act, consts))
+    # and launched without PDL (other GPUs, COMPILED_LLM_PDL=0)
+    kernels.append(
+        sig(
+            T._fp8_gemv_kernel,
+            gemm,
+            dict(BLOCKWISE=False, HAS_BIAS=False, BN=16, BK=512, USE_PDL=False),
+        )
+    )
     return kernels
 
 
@@ -334,6 +343,7 @@ def test_triton_kernels_compile_for_hopper() -> None:
             ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32)
         )
         assert compiled.asm["cubin"], fn
+        assert ("griddepcontrol.wait" in compiled.asm["ptx"]) == consts["USE_PDL"], fn
 
 
 # --- CUDA ----------------------------------------------------------------------------------------
@@ -440,3 +450,62 @@ def test_cuda_fused_quant_ops_match_reference(group: int, dtype: torch.dtype) ->
         gate, up = gate_up[:, :n], gate_up[:, n:]  # strided halves, as after gemm_merge
         got = ops.silu_and_mul_quant_fp8(gate, up, group)
         compare(got, ops.silu_and_mul_quant_fp8(gate.cpu(), up.cpu(), group), f"act {n}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4])
+def test_cuda_graph_of_pdl_launches_equals_plain_launches(
+    m: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Llama-3.1-8B's FP8 MLP (norm + quant, gate/up GEMM, SiLU-and-mul + quant, down GEMM)
+    three times over, each kernel reading the one before it: launched with Programmatic
+    Dependent Launch and replayed from a CUDA graph, the bits equal those of plain eager launches.
+    A kernel that read its input before waiting for the kernel writing it would differ."""
+    from compiled_llm.kernels import pdl
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("Programmatic Dependent Launch needs Hopper or later")
+    hidden, inter = 4096, 14336
+    layers = []
+    for i in range(3):
+        _, w_up, _ = operands(1, 2 * inter, hidden, torch.bfloat16, "cuda", seed=i)
+        _, w_down, _ = operands(1, hidden, inter, torch.bfloat16, "cuda", seed=10 + i)
+        norm = (1 + 0.1 * torch.randn(hidden)).to("cuda", torch.bfloat16)
+        layers.append((norm, *F8.quantize_weight(w_up), *F8.quantize_weight(w_down)))
+
+    def mlps(x: torch.Tensor) -> torch.Tensor:
+        residual = torch.zeros_like(x)
+        for norm, up, s_up, down, s_down in layers:
+            q, s, residual = ops.fused_add_rms_norm_quant_fp8(x, residual, norm, 1e-5, 0)
+            gate_up = ops.fp8_scaled_mm(q, s, up, s_up, [], None, torch.bfloat16)
+            q, s = ops.silu_and_mul_quant_fp8(gate_up[:, :inter], gate_up[:, inter:], 0)
+            x = ops.fp8_scaled_mm(q, s, down, s_down, [], None, torch.bfloat16)
+        return x + residual
+
+    # Two inputs taken in turns: a read of a buffer before its writer finished would see the
+    # other input's values, left there by the replay before.
+    xs = [operands(m, 1, hidden, torch.bfloat16, "cuda", seed=s)[0] for s in (98, 99)]
+    try:
+        monkeypatch.setenv("COMPILED_LLM_PDL", "0")
+        pdl._enabled.cache_clear()
+        assert not pdl.launch_options(xs[0].device)["USE_PDL"]
+        wants = [mlps(x) for x in xs]
+        assert not torch.equal(wants[0], wants[1])
+        monkeypatch.setenv("COMPILED_LLM_PDL", "1")
+        pdl._enabled.cache_clear()
+        assert pdl.launch_options(xs[0].device)["USE_PDL"]
+        static_x = xs[0].clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            assert torch.equal(mlps(static_x), wants[0])  # eager, with PDL; compiles the kernels
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = mlps(static_x)
+        for i in range(40):
+            static_x.copy_(xs[i % 2])
+            graph.replay()
+            assert torch.equal(out, wants[i % 2]), i
+    finally:
+        pdl._enabled.cache_clear()
