@@ -459,8 +459,10 @@ def test_cuda_graph_of_pdl_launches_equals_plain_launches(
 ) -> None:
     """Llama-3.1-8B's FP8 MLP (norm + quant, gate/up GEMM, SiLU-and-mul + quant, down GEMM)
     three times over, each kernel reading the one before it: launched with Programmatic
-    Dependent Launch and replayed from a CUDA graph, the bits equal those of plain eager launches.
-    A kernel that read its input before waiting for the kernel writing it would differ."""
+    Dependent Launch and replayed from a CUDA graph, it gives what plain eager launches give. A
+    kernel that read its input before waiting for the kernel writing it would read the other
+    input's values. Not bit for bit: split-K GEMMs (the tuned choice for down_proj at a few
+    tokens) add their partial sums atomically, in any order."""
     from compiled_llm.kernels import pdl
 
     if torch.cuda.get_device_capability()[0] < 9:
@@ -490,7 +492,12 @@ def test_cuda_graph_of_pdl_launches_equals_plain_launches(
         pdl._enabled.cache_clear()
         assert not pdl.launch_options(xs[0].device)["USE_PDL"]
         wants = [mlps(x) for x in xs]
-        assert not torch.equal(wants[0], wants[1])
+
+        def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+            err = (got.float() - want.float()).abs().max()
+            return bool(err <= 0.01 * want.float().abs().max())
+
+        assert not close(wants[0], wants[1]) and not close(wants[1], wants[0])
         monkeypatch.setenv("COMPILED_LLM_PDL", "1")
         pdl._enabled.cache_clear()
         assert pdl.launch_options(xs[0].device)["USE_PDL"]
@@ -498,7 +505,7 @@ def test_cuda_graph_of_pdl_launches_equals_plain_launches(
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            assert torch.equal(mlps(static_x), wants[0])  # eager, with PDL; compiles the kernels
+            assert close(mlps(static_x), wants[0])  # eager, with PDL; compiles the kernels
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -506,6 +513,6 @@ def test_cuda_graph_of_pdl_launches_equals_plain_launches(
         for i in range(40):
             static_x.copy_(xs[i % 2])
             graph.replay()
-            assert torch.equal(out, wants[i % 2]), i
+            assert close(out, wants[i % 2]), i
     finally:
         pdl._enabled.cache_clear()
