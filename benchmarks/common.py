@@ -35,6 +35,10 @@ def environment() -> dict[str, Any]:
     env["cpu_model"] = cpu_model()
     env["load"] = list(os.getloadavg())
     env["python_loop_ms"] = python_loop_ms()
+    # The engine's own switches (COMPILED_LLM_PDL=0 ...): runs that differ only there.
+    env["engine_env"] = {
+        k: v for k, v in sorted(os.environ.items()) if k.startswith("COMPILED_LLM_")
+    }
     # The installed distributions' versions (without importing them): a result depends on them,
     # e.g. xgrammar 0.2.8's bitmask fill was 40x slower than 0.2.9's.
     for key, dist in (
