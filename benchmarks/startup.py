@@ -14,11 +14,17 @@ In both, the stage table adds up to the process's wall time ("other": the rest o
   python benchmarks/startup.py --shape llama-3.1-8b
   python benchmarks/startup.py --shape tiny -O 1                  # CPU smoke run
   python benchmarks/startup.py --model embedded --repeats 5       # CPU: the embedded model
+
+Where a stage's time goes: `--stacks-every 0.5` has each start dump every thread's Python stack
+every 0.5 s (faulthandler, so also while a C call holds the GIL) into
+`startup-stacks-<start>-<time>.txt` beside the result; the k-th dump is k x 0.5 s after the
+process began, and the stage table says which stage ran then.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import statistics
@@ -38,6 +44,10 @@ STAGES = [
     "python",  # interpreter start, until this script runs
     "imports",  # what `compiled-llm generate` imports before it builds the engine
     "cuda_init",  # --shape on CUDA: the CUDA context and a first allocation, before `LLM()`
+    # `import torch._dynamo`, which every start pays: torch imports it lazily at the first
+    # parameter init on the meta device (the model's nn.Embedding) and the compiled pieces need
+    # it; timed apart, or it lands in "config" (cold) or "weights" (warm)
+    "dynamo_import",
     "config",
     "tokenizer",
     "weights",
@@ -65,7 +75,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--repeats", type=int, default=1, help="cold + warm pairs, each on fresh caches (medians)"
     )
+    p.add_argument(
+        "--stacks-every",
+        type=float,
+        default=0.0,
+        help="seconds between stack dumps of each start (0: none; see above)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--stacks-file", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -82,6 +99,7 @@ def shape_worker(args: argparse.Namespace) -> dict[str, Any]:
         torch.empty(1, device="cuda")
         torch.cuda.synchronize()
     cuda_init = time.perf_counter() - start
+    dynamo_import = _import_dynamo()
     start = time.perf_counter()
     llm = LLM(
         shape_folder(args.shape),
@@ -93,7 +111,12 @@ def shape_worker(args: argparse.Namespace) -> dict[str, Any]:
     )
     return {
         "total_s": time.perf_counter() - start,
-        "stages": {"imports": imports, "cuda_init": cuda_init, **llm.start_seconds},
+        "stages": {
+            "imports": imports,
+            "cuda_init": cuda_init,
+            "dynamo_import": dynamo_import,
+            **llm.start_seconds,
+        },
         "started_at": begun,
         "finished_at": time.time(),
         **_start_stats(llm),
@@ -119,6 +142,7 @@ def model_worker(args: argparse.Namespace) -> dict[str, Any]:
     from compiled_llm.llm import LLM
 
     imports = time.perf_counter() - start
+    dynamo_import = _import_dynamo()
     parsed = cli.build_parser().parse_args(generate_argv(args))
     start = time.perf_counter()
     llm = LLM(**engine_kwargs(parsed))
@@ -128,12 +152,24 @@ def model_worker(args: argparse.Namespace) -> dict[str, Any]:
     generate = time.perf_counter() - start
     return {
         "total_s": total,
-        "stages": {"imports": imports, **llm.start_seconds, "generate": generate},
+        "stages": {
+            "imports": imports,
+            "dynamo_import": dynamo_import,
+            **llm.start_seconds,
+            "generate": generate,
+        },
         "text": out[0].outputs[0].text,
         "started_at": begun,
         "finished_at": time.time(),
         **_start_stats(llm),
     }
+
+
+def _import_dynamo() -> float:
+    start = time.perf_counter()
+    import torch._dynamo  # noqa: F401
+
+    return time.perf_counter() - start
 
 
 def _start_stats(llm: Any) -> dict[str, Any]:
@@ -159,11 +195,13 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def run_start(args: list[str], env: dict[str, str]) -> dict[str, Any]:
-    """One start in a fresh process; its stages add up to the process's wall time."""
+def run_start(args: list[str], env: dict[str, str], stacks: str | None = None) -> dict[str, Any]:
+    """One start in a fresh process; its stages add up to the process's wall time. With
+    `stacks`, the process dumps its stacks there (--stacks-every)."""
     spawned = time.time()
+    extra = ["--stacks-file", stacks] if stacks else []
     r = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), *args, "--worker"],
+        [sys.executable, os.path.abspath(__file__), *args, "--worker", *extra],
         capture_output=True,
         text=True,
         env=env,
@@ -226,6 +264,9 @@ def main() -> None:
     args = parse_args()
     model_mode = args.model is not None
     if args.worker:
+        if args.stacks_file and args.stacks_every > 0:
+            stacks = open(args.stacks_file, "w")  # noqa: SIM115 (open until the process ends)
+            faulthandler.dump_traceback_later(args.stacks_every, repeat=True, file=stacks)
         run = model_worker(args) if model_mode else shape_worker(args)
         print(json.dumps(run))
         # Ends as the `compiled-llm` command does (`serve` and `generate`): without the
@@ -234,7 +275,7 @@ def main() -> None:
         from compiled_llm.cli import exit_now
 
         exit_now(0)
-    from common import environment, print_table, write_result
+    from common import RESULTS, environment, print_table, write_result
 
     env = environment()
     env["load_before"] = os.getloadavg()
@@ -250,8 +291,15 @@ def main() -> None:
             TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
         )
         for name in ("cold", "warm"):
+            stacks = None
+            if args.stacks_every > 0:
+                stamp = time.strftime("%Y%m%d-%H%M%S")
+                folder = os.path.join(RESULTS, "" if _cuda() else "cpu")
+                os.makedirs(folder, exist_ok=True)
+                stacks = os.path.join(folder, f"startup-stacks-{name}-{stamp}.txt")
+                print(f"{name} start: stacks every {args.stacks_every} s in {stacks}")
             try:
-                run = run_start(sys.argv[1:], child_env)
+                run = run_start(sys.argv[1:], child_env, stacks)
             except RuntimeError as e:
                 print(f"{name} start: {e}")
                 return
