@@ -353,6 +353,16 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # false: at most one call (server/tools.py)
+    echo: bool = False  # vLLM's: the reply continues the last message, whose content it repeats
+
+    def echo_text(self) -> str:
+        """What `echo` puts before each reply (vLLM's rule): the last message's content where
+        the reply continues it, i.e. where its role is the reply's (the reply is the last
+        message's role's when no generation prompt is added, else the assistant's)."""
+        last = self.messages[-1]
+        if not self.echo or (self.add_generation_prompt and last.role != "assistant"):
+            return ""
+        return str(last.to_template()["content"])
 
     def to_sampling_params(
         self, constraint: StructuredOutputsParams | None = None

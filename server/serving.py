@@ -149,8 +149,11 @@ class OpenAIServing:
             return Response(status_code=499)
         k = req.top_logprobs or 0
         choices = []
+        echo = req.echo_text()
         for c in finals[0].outputs:
             message, finish_reason = output.message(c)
+            if echo:
+                message["content"] = echo + (message["content"] or "")
             choices.append(
                 {
                     "index": c.index,
@@ -323,10 +326,14 @@ class OpenAIServing:
         final: RequestOutput | None = None
         k = req.top_logprobs or 0
         try:
+            echo = req.echo_text()
             for index in range(req.n):
                 role = {"role": "assistant", "content": ""}
                 choice = {"index": index, "delta": role, "logprobs": None, "finish_reason": None}
                 yield _sse({**head, "choices": [choice]})
+            for index in range(req.n if echo else 0):
+                choice = {"index": index, "delta": {"content": echo}, "logprobs": None}
+                yield _sse({**head, "choices": [{**choice, "finish_reason": None}]})
             async for out in stream:
                 final = out
                 for c in out.outputs:

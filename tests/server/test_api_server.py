@@ -70,6 +70,30 @@ def test_completion_and_chat(client: openai.OpenAI) -> None:
     assert old.choices[0].message.content == choice.message.content
 
 
+def test_chat_echo(client: openai.OpenAI) -> None:
+    """vLLM's chat `echo`: the last message's content before the reply where the reply
+    continues it (no generation prompt: the reply takes the last message's role), streamed and
+    not; nothing where a generation prompt starts a new assistant turn after a user message.
+    Oracle: the same request without echo."""
+    partial = [*QUESTION, {"role": "assistant", "content": "The capital of France"}]
+    cont = {"add_generation_prompt": False}
+    plain, echoed, streamed, new_turn, new_turn_echoed = parallel(
+        lambda: chat(client, messages=partial, extra_body=cont),
+        lambda: chat(client, messages=partial, extra_body={**cont, "echo": True}),
+        lambda: list(
+            chat(client, messages=partial, stream=True, extra_body={**cont, "echo": True})
+        ),
+        lambda: chat(client),
+        lambda: chat(client, extra_body={"echo": True}),
+    )
+    reply = plain.choices[0].message.content or ""
+    assert echoed.choices[0].message.content == "The capital of France" + reply
+    deltas = [c.choices[0].delta.content or "" for c in streamed if c.choices]
+    assert deltas[1] == "The capital of France"  # after the role chunk
+    assert "".join(deltas) == echoed.choices[0].message.content
+    assert new_turn_echoed.choices[0].message.content == new_turn.choices[0].message.content
+
+
 def test_streaming_matches_non_streaming(client: openai.OpenAI) -> None:
     full, chunks, answer, stream = parallel(
         lambda: complete(client).choices[0].text,
