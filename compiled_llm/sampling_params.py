@@ -111,6 +111,9 @@ class SamplingParams:
     # Words that may not be generated (vLLM's bad_words): the last token of a word's tokens is
     # banned whenever the output so far ends with the rest (a one-token word: always).
     bad_words: list[str] | None = None
+    # False: token ids only, no text (vLLM's detokenize): CompletionOutput.text stays "" and
+    # logprobs' decoded_token None; stop strings, which are matched in the text, need it.
+    detokenize: bool = True
     # Filled by the engine: EOS and generation-config stop ids; bad_words as token ids (each
     # word with and without a leading space, as vLLM tokenizes them).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
@@ -185,6 +188,10 @@ class SamplingParams:
             or not all(isinstance(w, str) and w.strip() for w in self.bad_words)
         ):
             fail("bad_words", "must be a list of words (strings that are not blank)")
+        if not isinstance(self.detokenize, bool):
+            fail("detokenize", "must be a bool")
+        if not self.detokenize and self.stop:
+            fail("stop", "needs detokenize=True (stop strings are matched in the text)")
         so = self.structured_outputs
         if so is not None and not isinstance(so, StructuredOutputsParams):
             fail("structured_outputs", "must be a StructuredOutputsParams")

@@ -31,6 +31,8 @@ def llm(tiny_models) -> LLM:
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"),
         ({"stop": [""]}, "stop"),
+        ({"stop": ["."], "detokenize": False}, "stop"),
+        ({"detokenize": 0}, "detokenize"),
     ],
 )
 def test_bad_sampling_params(kwargs: dict, field: str) -> None:

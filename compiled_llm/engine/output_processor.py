@@ -131,7 +131,7 @@ class OutputProcessor:
                 spec.num_accepted_draft_tokens += out.num_accepted_tokens
             if out.prompt_logprobs is not None:
                 state.prompt_logprobs = [
-                    None if lp is None else self._logprob_entry(token, lp)
+                    None if lp is None else self._logprob_entry(token, lp, state.params)
                     for token, lp in zip(state.prompt_token_ids, out.prompt_logprobs)
                 ]
             if self._append(state.params, sample, out):
@@ -155,8 +155,8 @@ class OutputProcessor:
         for i, token in enumerate(out.new_token_ids):
             sample.token_ids.append(token)
             if out.new_logprobs is not None and sample.logprobs is not None:
-                self._add_logprobs(sample, token, out.new_logprobs[i])
-            if self._raw is None:
+                self._add_logprobs(sample, token, out.new_logprobs[i], params)
+            if self._raw is None or not params.detokenize:
                 continue
             piece = sample.stream.step(self._raw, token)
             if not piece:
@@ -183,10 +183,14 @@ class OutputProcessor:
         sample.stop_reason = stop
         return True
 
-    def _logprob_entry(self, token: int, lp: Any) -> dict[int, Logprob]:
+    def _logprob_entry(self, token: int, lp: Any, params: SamplingParams) -> dict[int, Logprob]:
         """`token`'s logprob and rank, and the top ones (TokenLogprobs), with their text."""
         top_ids, top_lps, token_lp, rank = lp
-        decode = self.tokenizer.decode if self.tokenizer is not None else (lambda ids: None)
+        decode = (
+            self.tokenizer.decode
+            if self.tokenizer is not None and params.detokenize
+            else (lambda ids: None)
+        )
         entry = {
             tid: Logprob(lpv, r + 1, decode([tid]))
             for r, (tid, lpv) in enumerate(zip(top_ids, top_lps))
@@ -194,9 +198,9 @@ class OutputProcessor:
         entry[token] = Logprob(token_lp, rank, decode([token]))
         return entry
 
-    def _add_logprobs(self, sample: _Sample, token: int, lp: Any) -> None:
+    def _add_logprobs(self, sample: _Sample, token: int, lp: Any, params: SamplingParams) -> None:
         assert sample.logprobs is not None
-        sample.logprobs.append(self._logprob_entry(token, lp))
+        sample.logprobs.append(self._logprob_entry(token, lp, params))
         sample.cumulative_logprob = (sample.cumulative_logprob or 0.0) + lp[2]
 
     @staticmethod

@@ -117,6 +117,27 @@ def test_n_samples_and_stop_strings(roomy: LLM) -> None:
     assert stop not in cut.text
 
 
+def test_detokenize_false_gives_the_same_tokens_without_text(roomy: LLM) -> None:
+    """vLLM's detokenize=False: the same tokens and logprobs as with text, but no text
+    (CompletionOutput.text "", decoded_token None, the prompt's logprobs too)."""
+    kw = dict(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    prompt = "Token ids only"
+    text, ids = (
+        roomy.generate(prompt, SamplingParams(**kw, detokenize=d), use_tqdm=False)[0]
+        for d in (True, False)
+    )
+    assert text.outputs[0].text and ids.outputs[0].text == ""
+    assert ids.outputs[0].token_ids == text.outputs[0].token_ids
+    for got, want in zip(ids.outputs[0].logprobs, text.outputs[0].logprobs, strict=True):
+        assert {t: lp.logprob for t, lp in got.items()} == {t: lp.logprob for t, lp in want.items()}
+        assert all(lp.decoded_token is None for lp in got.values())
+        assert all(lp.decoded_token is not None for lp in want.values())
+    assert ids.prompt_logprobs[0] is None
+    assert all(
+        lp.decoded_token is None for entry in ids.prompt_logprobs[1:] for lp in entry.values()
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "params",
