@@ -50,6 +50,11 @@ class LLM:
         """End the window; returns the path of its Chrome/Perfetto JSON trace."""
         return self.engine.core.stop_profile()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget the cached prompt prefixes (vLLM's): False, and nothing forgotten, while a
+        request holds blocks."""
+        return self.engine.core.reset_prefix_cache()
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],

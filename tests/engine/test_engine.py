@@ -56,6 +56,11 @@ def test_prefix_caching_skips_shared_prompt(tiny_models) -> None:
     assert reference.num_cached_tokens == 0
     assert out.outputs[0].token_ids == reference.outputs[0].token_ids
     assert cached.engine.num_free_blocks == free
+    # LLM.reset_prefix_cache (vLLM's): the same prompt again is computed in full
+    assert cached.reset_prefix_cache()
+    again = cached.generate(second, GREEDY, use_tqdm=False)[0]
+    assert again.num_cached_tokens == 0
+    assert again.outputs[0].token_ids == reference.outputs[0].token_ids
 
 
 def test_chunked_prefill_long_prompt(tiny_models, roomy: LLM) -> None:
