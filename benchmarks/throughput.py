@@ -157,7 +157,7 @@ def timed_generate(
 
 class StepTimeline:
     """Each `LLMEngine.step` call's wall time and the tokens of the step it scheduled (prompt
-    tokens computed, tokens sampled). With async scheduling a call launches its step and then
+    tokens computed, all tokens computed). With async scheduling a call launches its step and then
     waits for the previous one's tokens, so a call's wall time is mostly the previous step's
     GPU time: `summarize_steps` charges call i + 1's time to step i."""
 
@@ -170,10 +170,10 @@ class StepTimeline:
             start = time.perf_counter()
             out = step(*args, **kwargs)
             stats = engine.last_stats
-            prompt, sampled = (
-                (stats.num_prompt_tokens_computed, stats.num_generation_tokens) if stats else (0, 0)
+            prompt, tokens = (
+                (stats.num_prompt_tokens_computed, stats.num_scheduled_tokens) if stats else (0, 0)
             )
-            self.steps.append((prompt, sampled, time.perf_counter() - start))
+            self.steps.append((prompt, tokens, time.perf_counter() - start))
             return out
 
         engine.step = timed
@@ -190,8 +190,7 @@ STEP_KINDS = ((0, "decode only"), (512, "prefill/mixed <= 512"), (2048, "513-204
 
 def summarize_steps(steps: list[tuple[int, int, float]]) -> dict[str, Any]:
     kinds: dict[str, dict[str, float]] = {}
-    for (prompt, sampled, _), (_, _, wall) in zip(steps, steps[1:]):
-        tokens = prompt + sampled  # sampled ~ one token per decoding request
+    for (prompt, tokens, _), (_, _, wall) in zip(steps, steps[1:]):
         kind = "2049+"
         if prompt == 0:
             kind = STEP_KINDS[0][1]

@@ -147,12 +147,14 @@ def test_benchmark_smoke(script: str) -> None:
     if script == "throughput":  # --repeats 2: both timed runs recorded, the median reported
         ours = payload["results"]["compiled-llm"]
         assert len(ours["runs_s"]) == 2 and min(ours["runs_s"]) <= ours["seconds"]
-        # The last run's steps: every prompt token computed once (fresh ids: no prefix hits)
-        # and every output token sampled once; each step but the last charged to a kind.
+        # The last run's steps: every prompt token computed once (fresh ids: no prefix hits),
+        # and every output token but each request's last fed back once; each step but the last
+        # charged to a kind.
         timeline = ours["step_timeline"]
         steps = timeline["steps"]
         assert sum(p for p, _, _ in steps) == ours["input_tokens"]  # token counts: last run's
-        assert sum(s for _, s, _ in steps) == ours["output_tokens"]
+        fed_back = ours["output_tokens"] - ours["requests"]
+        assert sum(t for _, t, _ in steps) == ours["input_tokens"] + fed_back
         assert sum(k["steps"] for k in timeline["kinds"].values()) == len(steps) - 1
     if script == "startup":
         for run in payload["runs"].values():  # no stage is counted twice

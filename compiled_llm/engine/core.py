@@ -299,6 +299,7 @@ class EngineCore:
                 num_prompt_tokens_computed=num_prompt,
                 num_generation_tokens=num_sampled,
                 spec_decode=self._take_spec_stats(),
+                num_scheduled_tokens=sum(s.num_tokens for s in sched.scheduled),
             ),
             timestamp=time.monotonic(),
         )

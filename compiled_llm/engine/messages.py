@@ -80,6 +80,7 @@ class SchedulerStatsMsg(msgspec.Struct, array_like=True, gc=False):
     num_prompt_tokens_computed: int  # this step
     num_generation_tokens: int  # this step
     spec_decode: SpecDecodeStatsMsg | None = None  # None: no drafts verified
+    num_scheduled_tokens: int = 0  # this step: every token computed (prompt, decode, drafts)
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
