@@ -9,11 +9,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from compiled_llm.beam_search import beam_search
 from compiled_llm.config import EngineArgs
 from compiled_llm.engine.llm_engine import LLMEngine
 from compiled_llm.engine.processor import PromptType
-from compiled_llm.outputs import RequestOutput
-from compiled_llm.sampling_params import SamplingParams
+from compiled_llm.outputs import BeamSearchOutput, RequestOutput
+from compiled_llm.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,42 @@ class LLM:
                 self.engine.abort_request(request_id)
             raise
         return self._run(ids, use_tqdm)
+
+    def beam_search(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's beam search (compiled_llm/beam_search.py): per prompt, the `beam_width` best
+        sequences, best first; their `tokens` and `text` include the prompt, as in vLLM."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        prompts = [prompts] if isinstance(prompts, str | dict) else list(prompts)
+        mc = self.engine.config.model_config
+        if mc.max_logprobs != -1 and 2 * params.beam_width > mc.max_logprobs:
+            raise ValueError(
+                f"beam_width={params.beam_width} needs {2 * params.beam_width} logprobs per "
+                f"token, over this engine's max_logprobs={mc.max_logprobs}"
+            )
+        tokenizer = self.engine.tokenizer
+        bar = tqdm(total=params.max_tokens, desc="Beam search steps", disable=not use_tqdm)
+
+        def step(requests: list[Any], sampling: SamplingParams) -> list[RequestOutput]:
+            bar.update(1)
+            return self.generate(requests, sampling, use_tqdm=False)
+
+        try:
+            return beam_search(
+                step,
+                prompts,
+                params,
+                self.engine.processor.eos_ids,
+                mc.max_model_len,
+                tokenizer.decode if tokenizer is not None else None,
+            )
+        finally:
+            bar.close()
 
     def chat(
         self,

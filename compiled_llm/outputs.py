@@ -74,3 +74,20 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = field(default=None, repr=False)
     prompt_logprobs: PromptLogprobs | None = None
+
+
+@dataclass
+class BeamSearchSequence:
+    """One sequence of `LLM.beam_search` (vLLM's): `tokens` and `text` include the prompt, as in
+    vLLM; `logprobs` has one entry per generated token (the candidates it was chosen among)."""
+
+    tokens: list[int]
+    logprobs: SampleLogprobs
+    cum_logprob: float = 0.0
+    text: str | None = None
+    finish_reason: str | None = None  # "stop" (EOS) or "length"
+
+
+@dataclass
+class BeamSearchOutput:
+    sequences: list[BeamSearchSequence]  # best first

@@ -213,3 +213,28 @@ class SamplingParams:
 
     def clone(self, **changes: object) -> SamplingParams:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class BeamSearchParams:
+    """`LLM.beam_search`'s parameters (vLLM's): keep the `beam_width` sequences of highest
+    score, extending each by one token a step, for up to `max_tokens` tokens. The score is the
+    cumulative logprob over (prompt + output length, without a final EOS) ** length_penalty."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False  # False: a sequence that reaches EOS is complete
+    temperature: float = 0.0  # the candidates' draw (logprobs are the model's either way)
+    length_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("beam_width", "max_tokens"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not _is_real(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_real(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")

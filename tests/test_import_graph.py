@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("config",),
     ("compilation", "kv_cache", "sampling", "structured_output", "spec_decode"),
     ("engine",),
+    ("beam_search",),
     ("llm",),
     ("__init__",),  # the package itself: `from compiled_llm import LLM`
     ("server",),
