@@ -122,8 +122,8 @@ def run_worker(script: str, args: list[str], timeout: float = 1800) -> dict[str,
     result = subprocess.run(
         [sys.executable, script, *args], capture_output=True, text=True, timeout=timeout
     )
-    if result.returncode != 0:
-        return {"error": result.stderr[-2000:]}
+    if result.returncode != 0:  # a negative status: killed by that signal (-9: the OOM killer?)
+        return {"error": f"exit status {result.returncode}\n{result.stderr[-2000:]}"}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
