@@ -3,8 +3,9 @@
 Layout: `<root>/<engine key>/<name>.bin` plus `<name>.sha256`: one entry per compiled piece
 (named by its piece key) and one, `graph`, for the split graph that lets warm starts skip Dynamo
 (graph_cache.py). The engine key hashes everything a compiled piece depends on besides its own
-graph: torch's version, our own source code, the pass pipeline's uuids and options, the model
-config, dtype, device and attention backend, and the machine (`platform_key`): the GPU and its
+graph: torch's version, our own source code, Inductor's configuration (which TORCHINDUCTOR_*
+variables set), the pass pipeline's uuids and options, the model config, dtype, device and
+attention backend, and the machine (`platform_key`): the GPU and its
 compute capability, or on CPU its instruction sets and thread count, and the CUDA, Triton and
 FlashInfer versions. Warm starts skip Dynamo's guards, so nothing else would notice a cache
 directory shared between machines: a different machine is a different key, and builds its own.
@@ -127,9 +128,16 @@ def platform_key(device: torch.device) -> dict[str, Any]:
 def engine_key(parts: dict[str, Any]) -> str:
     """`parts` names the device the pieces run on (`parts["device"]`, e.g. "cuda" or "cuda:1";
     a bare "cuda" is the current device)."""
+    import torch._inductor.config as inductor_config
+
     device = torch.device(parts.get("device", "cpu"))
     payload = dict(
-        parts, torch=torch.__version__, source=source_hash(), platform=platform_key(device)
+        parts,
+        torch=torch.__version__,
+        source=source_hash(),
+        platform=platform_key(device),
+        # e.g. TORCHINDUCTOR_ENABLE_PDL=1 changes the kernels Inductor writes
+        inductor=inductor_config.get_hash().hex(),
     )
     blob = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]

@@ -88,6 +88,17 @@ def test_cpu_key_changes_with_isa_and_threads(fixed_machine, monkeypatch) -> Non
     assert key("cpu") != before
 
 
+def test_key_changes_with_inductor_config() -> None:
+    """Inductor's settings (TORCHINDUCTOR_* variables) shape the kernels it writes: a start under
+    others must not load these pieces."""
+    import torch._inductor.config as inductor_config
+
+    before = key()
+    with inductor_config.patch({"triton.enable_pdl": not inductor_config.triton.enable_pdl}):
+        assert key() != before
+    assert key() == before
+
+
 def test_gpu_probe_gets_the_device_in_use(monkeypatch) -> None:
     seen: list[torch.device] = []
     monkeypatch.setattr(cache, "gpu_properties", lambda d: seen.append(d) or dict(H100))
