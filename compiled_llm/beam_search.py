@@ -4,7 +4,11 @@ tokens (the prefix cache holds the sequences' shared KV), extends each sequence 
 candidate, and keeps the beam_width best candidates per prompt. A candidate ending in an EOS
 token (the engine's: tokenizer, model config and generation config) is complete and leaves the
 beam (unless `ignore_eos`); at the end the complete and live sequences compete together on the
-length-penalized score."""
+length-penalized score.
+
+`BeamSearch` holds the search and never calls the engine: a driver sends `next_requests()` with
+`step_params` and hands the outputs to `advance`, until there are no requests left. `LLM`
+drives it with `generate` (`beam_search` below), the server with its async engine."""
 
 from __future__ import annotations
 
@@ -22,49 +26,60 @@ def beam_score(seq: BeamSearchSequence, eos_ids: set[int], length_penalty: float
     return seq.cum_logprob / (length**length_penalty)
 
 
-def beam_search(
-    generate: Callable[[list[Any], SamplingParams], list[RequestOutput]],
-    prompts: Sequence[Any],
-    params: BeamSearchParams,
-    eos_ids: set[int],
-    max_model_len: int,
-    decode: Callable[[list[int]], str] | None,
-) -> list[BeamSearchOutput]:
-    """`generate(prompts, sampling_params)` runs one batch on the engine (LLM.generate)."""
-    step_params = SamplingParams(
-        n=1,
-        temperature=params.temperature,
-        max_tokens=1,
-        ignore_eos=True,  # EOS is a candidate like any other token; the search decides
-        logprobs=2 * params.beam_width,
-        detokenize=False,
-    )
-
-    def key(seq: BeamSearchSequence) -> float:
-        return beam_score(seq, eos_ids, params.length_penalty)
-
-    beams: list[list[BeamSearchSequence]] = [[] for _ in prompts]
-    completed: list[list[BeamSearchSequence]] = [[] for _ in prompts]
-    for step in range(params.max_tokens):
-        # Step 0 sends the prompts as given (the engine tokenizes them); then token ids.
-        live: list[tuple[int, BeamSearchSequence | None]] = (
-            [(i, None) for i in range(len(prompts))] if step == 0 else []
+class BeamSearch:
+    def __init__(
+        self,
+        prompts: Sequence[Any],
+        params: BeamSearchParams,
+        eos_ids: set[int],
+        max_model_len: int,
+    ) -> None:
+        self.prompts = list(prompts)
+        self.params = params
+        self.eos_ids = eos_ids
+        self.max_model_len = max_model_len
+        self.step_params = SamplingParams(
+            n=1,
+            temperature=params.temperature,
+            max_tokens=1,
+            ignore_eos=True,  # EOS is a candidate like any other token; the search decides
+            logprobs=2 * params.beam_width,
+            detokenize=False,
         )
-        for i, instance in enumerate(beams):
-            for seq in instance:
-                if len(seq.tokens) < max_model_len:
-                    live.append((i, seq))
-                else:  # no room for another token
-                    completed[i].append(dataclasses.replace(seq, finish_reason="length"))
-        beams = [[] for _ in prompts]
-        if not live:
-            break
-        requests = [
-            prompts[i] if beam is None else {"prompt_token_ids": beam.tokens} for i, beam in live
+        self.prompt_lengths: list[int] = [0] * len(self.prompts)  # known after the first step
+        self._steps = 0
+        self._beams: list[list[BeamSearchSequence]] = [[] for _ in self.prompts]
+        self._completed: list[list[BeamSearchSequence]] = [[] for _ in self.prompts]
+        self._live: list[tuple[int, BeamSearchSequence | None]] = []
+
+    def _key(self, seq: BeamSearchSequence) -> float:
+        return beam_score(seq, self.eos_ids, self.params.length_penalty)
+
+    def next_requests(self) -> list[Any]:
+        """The prompts of the next step ([]: the search is over). The first step sends the
+        prompts as given (the engine tokenizes them), later ones each live sequence's ids."""
+        live: list[tuple[int, BeamSearchSequence | None]] = []
+        if self._steps == 0:
+            live = [(i, None) for i in range(len(self.prompts))]
+        elif self._steps < self.params.max_tokens:
+            for i, instance in enumerate(self._beams):
+                for seq in instance:
+                    if len(seq.tokens) < self.max_model_len:
+                        live.append((i, seq))
+                    else:  # no room for another token
+                        self._completed[i].append(dataclasses.replace(seq, finish_reason="length"))
+                self._beams[i] = [s for s in instance if len(s.tokens) < self.max_model_len]
+        self._live = live
+        return [
+            self.prompts[i] if seq is None else {"prompt_token_ids": seq.tokens} for i, seq in live
         ]
-        outputs = generate(requests, step_params)
-        candidates: list[list[BeamSearchSequence]] = [[] for _ in prompts]
-        for (i, beam), out in zip(live, outputs, strict=True):
+
+    def advance(self, outputs: Sequence[RequestOutput]) -> None:
+        """Extend the sequences sent by `next_requests` with the engine's outputs for them."""
+        candidates: list[list[BeamSearchSequence]] = [[] for _ in self.prompts]
+        for (i, beam), out in zip(self._live, outputs, strict=True):
+            if beam is None:
+                self.prompt_lengths[i] = len(out.prompt_token_ids)
             parent = beam or BeamSearchSequence(list(out.prompt_token_ids), [])
             (top,) = out.outputs[0].logprobs or [{}]
             for token, lp in top.items():
@@ -73,16 +88,37 @@ def beam_search(
                     parent.logprobs + [top],
                     parent.cum_logprob + lp.logprob,
                 )
-                if token in eos_ids and not params.ignore_eos:
-                    completed[i].append(dataclasses.replace(child, finish_reason="stop"))
+                if token in self.eos_ids and not self.params.ignore_eos:
+                    self._completed[i].append(dataclasses.replace(child, finish_reason="stop"))
                 else:
                     candidates[i].append(child)
-        beams = [sorted(c, key=key, reverse=True)[: params.beam_width] for c in candidates]
-    results = []
-    for done, live_beams in zip(completed, beams, strict=True):
-        everything = done + [dataclasses.replace(s, finish_reason="length") for s in live_beams]
-        best = sorted(everything, key=key, reverse=True)[: params.beam_width]
-        for seq in best:
-            seq.text = decode(seq.tokens) if decode is not None else None
-        results.append(BeamSearchOutput(best))
-    return results
+        width = self.params.beam_width
+        self._beams = [sorted(c, key=self._key, reverse=True)[:width] for c in candidates]
+        self._steps += 1
+
+    def results(self, decode: Callable[[list[int]], str] | None) -> list[BeamSearchOutput]:
+        """Per prompt the beam_width best sequences, complete or not, best first; `text` is
+        `decode(tokens)` (None without `decode`)."""
+        results = []
+        for done, live in zip(self._completed, self._beams, strict=True):
+            everything = done + [dataclasses.replace(s, finish_reason="length") for s in live]
+            best = sorted(everything, key=self._key, reverse=True)[: self.params.beam_width]
+            for seq in best:
+                seq.text = decode(seq.tokens) if decode is not None else None
+            results.append(BeamSearchOutput(best))
+        return results
+
+
+def beam_search(
+    generate: Callable[[list[Any], SamplingParams], list[RequestOutput]],
+    prompts: Sequence[Any],
+    params: BeamSearchParams,
+    eos_ids: set[int],
+    max_model_len: int,
+    decode: Callable[[list[int]], str] | None,
+) -> list[BeamSearchOutput]:
+    """The search driven by `generate(prompts, sampling_params)`, one engine batch a step."""
+    search = BeamSearch(prompts, params, eos_ids, max_model_len)
+    while requests := search.next_requests():
+        search.advance(generate(requests, search.step_params))
+    return search.results(decode)

@@ -25,6 +25,7 @@ from compiled_llm.engine.processor import check_unicode
 from compiled_llm.sampling_params import (
     INT64_MAX,
     INT64_MIN,
+    BeamSearchParams,
     SamplingParams,
     StructuredOutputsParams,
 )
@@ -249,6 +250,36 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False  # the prompt before the completion (with logprobs: the prompt's too)
     best_of: Count | None = None
     suffix: Text | None = None
+    # vLLM's beam search: the n best of beam width n (LLM.beam_search) instead of n samples
+    use_beam_search: bool = False
+    length_penalty: float = 1.0  # with use_beam_search
+
+    def beam_search_params(self, max_model_len: int) -> BeamSearchParams:
+        """vLLM's rule: n is the beam width; temperature, ignore_eos and max_tokens (None: up
+        to max_model_len) apply, the other sampling fields do not. Fields that would shape the
+        answer (a stream, echo, logprobs, a constraint) are refused rather than ignored."""
+        refused = {
+            "stream": self.stream,
+            "echo": self.echo,
+            "logprobs": self.logprobs is not None,
+            "prompt_logprobs": self.prompt_logprobs is not None,
+            "structured_outputs": self.structured() is not None,
+            "suffix": self.suffix is not None,
+            "best_of": self.best_of not in (None, self.n),
+        }
+        for name, used in refused.items():
+            if used:
+                raise RequestError(f"{name} is not supported with use_beam_search", name)
+        try:
+            return BeamSearchParams(
+                beam_width=self.n,
+                max_tokens=self.max_tokens or max_model_len,
+                ignore_eos=self.ignore_eos,
+                temperature=1.0 if self.temperature is None else self.temperature,
+                length_penalty=self.length_penalty,
+            )
+        except ValueError as e:  # its messages start with the field's name
+            raise RequestError(str(e), str(e).split(" ", 1)[0]) from e
 
     def prompts(self) -> list[str | dict[str, Any]]:
         p = self.prompt

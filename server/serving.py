@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from compiled_llm.beam_search import BeamSearch
 from compiled_llm.engine.processor import PromptType
 from compiled_llm.outputs import CompletionOutput, RequestOutput
 from compiled_llm.sampling_params import SamplingParams
@@ -84,6 +85,8 @@ class OpenAIServing:
     # --- endpoints ------------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, raw: Request) -> Response:
         model = self.check_model(req.model)
+        if req.use_beam_search:
+            return await self._beam_search(req, raw, model)
         with self._admission():
             params = req.to_sampling_params()
             prompts: list[PromptType] = list(req.prompts())
@@ -107,6 +110,68 @@ class OpenAIServing:
                 body, _ = _completion_choice(req, c, echo)
                 choices.append({"index": i * params.n + c.index, **body, **(prompt_lps or {})})
         body = {**head, "object": "text_completion", "choices": choices, "usage": _usage(finals)}
+        return JSONResponse(body)
+
+    async def _beam_search(self, req: CompletionRequest, raw: Request, model: str) -> Response:
+        """vLLM's beam search on /v1/completions: each step one engine batch (compiled_llm/
+        beam_search.py); the n best sequences of each prompt are its n choices, their text
+        without the prompt and a final EOS (vLLM's server)."""
+        mc = self.engine.config.model_config
+        with self._admission():
+            params = req.beam_search_params(mc.max_model_len)
+            prompts: list[PromptType] = list(req.prompts())
+            if mc.max_logprobs != -1 and 2 * params.beam_width > mc.max_logprobs:
+                raise RequestError(
+                    f"n={params.beam_width} beams need {2 * params.beam_width} logprobs a token, "
+                    f"over this server's max_logprobs={mc.max_logprobs}",
+                    "n",
+                )
+            if len(prompts) * params.beam_width > self.limits.max_samples_per_request:
+                raise RequestError(
+                    f"{params.beam_width} beams of {len(prompts)} prompts exceed the server's "
+                    f"limit of {self.limits.max_samples_per_request} per request",
+                    "n",
+                )
+        assert self.engine.processor is not None
+        search = BeamSearch(prompts, params, self.engine.processor.eos_ids, mc.max_model_len)
+        base_id = f"cmpl-{uuid.uuid4().hex}"
+        step = 0
+        while requests := search.next_requests():
+            streams = await self._start(
+                f"{base_id}-{step}", requests, search.step_params, req.priority
+            )
+            finals = await _until_disconnected(raw, _collect(streams))
+            if finals is None:
+                return Response(status_code=499)
+            search.advance(finals)
+            step += 1
+        tokenizer = self.engine.tokenizer
+        eos = self.engine.processor.eos_ids
+        results = search.results(None)
+        choices, completion_tokens = [], 0
+        for i, (result, start) in enumerate(zip(results, search.prompt_lengths, strict=True)):
+            for j, seq in enumerate(result.sequences):
+                generated = seq.tokens[start:]
+                completion_tokens += len(generated)
+                shown = generated[:-1] if generated and generated[-1] in eos else generated
+                text = await self.engine.run_blocking(tokenizer.decode, shown) if tokenizer else ""
+                choices.append(
+                    {
+                        "index": i * params.beam_width + j,
+                        "text": text,
+                        "logprobs": None,
+                        "finish_reason": seq.finish_reason,
+                        "stop_reason": None,
+                    }
+                )
+        prompt_tokens = sum(search.prompt_lengths)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        head = {"id": base_id, "created": int(time.time()), "model": model}
+        body = {**head, "object": "text_completion", "choices": choices, "usage": usage}
         return JSONResponse(body)
 
     async def _echo(

@@ -70,6 +70,31 @@ def test_completion_and_chat(client: openai.OpenAI) -> None:
     assert old.choices[0].message.content == choice.message.content
 
 
+def test_beam_search_completions(server: Server, client: openai.OpenAI) -> None:
+    """vLLM's `use_beam_search`: the n best sequences of beam width n as the n choices, their
+    text without the prompt. Oracle: the offline LLM.beam_search of the same model and settings
+    (itself checked against HF in tests/engine/test_beam_search.py). Fields that would shape
+    the answer otherwise are a 400 naming them."""
+    from compiled_llm import LLM, BeamSearchParams
+
+    beams = {"use_beam_search": True}
+    got = complete(client, n=2, max_tokens=4, extra_body=beams)
+    llm = LLM(compilation_level=0, max_model_len=512, seed=0)
+    (want,) = llm.beam_search(PROMPT, BeamSearchParams(beam_width=2, max_tokens=4))
+    start = got.usage.prompt_tokens
+    assert [c.text for c in got.choices] == [
+        llm.tokenizer.decode(s.tokens[start:]) for s in want.sequences
+    ]
+    assert [c.finish_reason for c in got.choices] == ["length", "length"]
+    assert got.usage.completion_tokens == 8
+    for field, value in (("stream", True), ("logprobs", 1), ("echo", True)):
+        r = server.post(
+            "/v1/completions",
+            json={"model": MODEL, "prompt": PROMPT, "n": 2, **beams, field: value},
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
+
+
 def test_chat_echo(client: openai.OpenAI) -> None:
     """vLLM's chat `echo`: the last message's content before the reply where the reply
     continues it (no generation prompt: the reply takes the last message's role), streamed and
