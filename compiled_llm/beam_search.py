@@ -20,6 +20,16 @@ from compiled_llm.outputs import BeamSearchOutput, BeamSearchSequence, RequestOu
 from compiled_llm.sampling_params import BeamSearchParams, SamplingParams
 
 
+def check_beam_width(width: int, max_logprobs: int, field: str) -> None:
+    """ValueError naming `field` (the caller's name for the width) where a step's 2 x width
+    logprobs exceed the engine's max_logprobs."""
+    if max_logprobs != -1 and 2 * width > max_logprobs:
+        raise ValueError(
+            f"{field}={width} needs {2 * width} logprobs per token, over this engine's "
+            f"max_logprobs={max_logprobs}"
+        )
+
+
 def beam_score(seq: BeamSearchSequence, eos_ids: set[int], length_penalty: float) -> float:
     """vLLM's score: cumulative logprob / (length, prompt included, a final EOS not) ** penalty."""
     length = len(seq.tokens) - (1 if seq.tokens and seq.tokens[-1] in eos_ids else 0)

@@ -9,7 +9,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from compiled_llm.beam_search import beam_search
+from compiled_llm.beam_search import beam_search, check_beam_width
 from compiled_llm.config import EngineArgs
 from compiled_llm.engine.llm_engine import LLMEngine
 from compiled_llm.engine.processor import PromptType
@@ -110,11 +110,7 @@ class LLM:
             raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
         prompts = [prompts] if isinstance(prompts, str | dict) else list(prompts)
         mc = self.engine.config.model_config
-        if mc.max_logprobs != -1 and 2 * params.beam_width > mc.max_logprobs:
-            raise ValueError(
-                f"beam_width={params.beam_width} needs {2 * params.beam_width} logprobs per "
-                f"token, over this engine's max_logprobs={mc.max_logprobs}"
-            )
+        check_beam_width(params.beam_width, mc.max_logprobs, "beam_width")
         tokenizer = self.engine.tokenizer
         bar = tqdm(total=params.max_tokens, desc="Beam search steps", disable=not use_tqdm)
 

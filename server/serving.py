@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from compiled_llm.beam_search import BeamSearch
+from compiled_llm.beam_search import BeamSearch, check_beam_width
 from compiled_llm.engine.processor import PromptType
 from compiled_llm.outputs import CompletionOutput, RequestOutput
 from compiled_llm.sampling_params import SamplingParams
@@ -120,18 +120,8 @@ class OpenAIServing:
         with self._admission():
             params = req.beam_search_params(mc.max_model_len)
             prompts: list[PromptType] = list(req.prompts())
-            if mc.max_logprobs != -1 and 2 * params.beam_width > mc.max_logprobs:
-                raise RequestError(
-                    f"n={params.beam_width} beams need {2 * params.beam_width} logprobs a token, "
-                    f"over this server's max_logprobs={mc.max_logprobs}",
-                    "n",
-                )
-            if len(prompts) * params.beam_width > self.limits.max_samples_per_request:
-                raise RequestError(
-                    f"{params.beam_width} beams of {len(prompts)} prompts exceed the server's "
-                    f"limit of {self.limits.max_samples_per_request} per request",
-                    "n",
-                )
+            check_beam_width(params.beam_width, mc.max_logprobs, "n")
+            self._check_sample_limit(len(prompts), params.beam_width, "beams")
         assert self.engine.processor is not None
         search = BeamSearch(prompts, params, self.engine.processor.eos_ids, mc.max_model_len)
         base_id = f"cmpl-{uuid.uuid4().hex}"
@@ -145,31 +135,35 @@ class OpenAIServing:
                 return Response(status_code=499)
             search.advance(finals)
             step += 1
-        tokenizer = self.engine.tokenizer
         eos = self.engine.processor.eos_ids
-        results = search.results(None)
-        choices, completion_tokens = [], 0
-        for i, (result, start) in enumerate(zip(results, search.prompt_lengths, strict=True)):
-            for j, seq in enumerate(result.sequences):
-                generated = seq.tokens[start:]
-                completion_tokens += len(generated)
-                shown = generated[:-1] if generated and generated[-1] in eos else generated
-                text = await self.engine.run_blocking(tokenizer.decode, shown) if tokenizer else ""
-                choices.append(
-                    {
-                        "index": i * params.beam_width + j,
-                        "text": text,
-                        "logprobs": None,
-                        "finish_reason": seq.finish_reason,
-                        "stop_reason": None,
-                    }
-                )
-        prompt_tokens = sum(search.prompt_lengths)
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
+        # (choice index, sequence, its generated tokens): prompt p's beams from p * n, best first
+        sequences = [
+            (p * params.beam_width + j, seq, seq.tokens[start:])
+            for p, (result, start) in enumerate(
+                zip(search.results(None), search.prompt_lengths, strict=True)
+            )
+            for j, seq in enumerate(result.sequences)
+        ]
+        tokenizer = self.engine.tokenizer
+
+        def texts() -> list[str]:  # without a final EOS, as vLLM's server
+            shown = [ids[:-1] if ids and ids[-1] in eos else ids for _, _, ids in sequences]
+            return [tokenizer.decode(ids) if tokenizer else "" for ids in shown]
+
+        choices = [
+            {
+                "index": index,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": seq.finish_reason,
+                "stop_reason": None,
+            }
+            for (index, seq, _), text in zip(
+                sequences, await self.engine.run_blocking(texts), strict=True
+            )
+        ]
+        completion_tokens = sum(len(ids) for _, _, ids in sequences)
+        usage = _usage_body(sum(search.prompt_lengths), completion_tokens)
         head = {"id": base_id, "created": int(time.time()), "model": model}
         body = {**head, "object": "text_completion", "choices": choices, "usage": usage}
         return JSONResponse(body)
@@ -279,13 +273,7 @@ class OpenAIServing:
         streams: list[RequestStream] = []
         try:
             with self._admission():
-                limit = self.limits.max_samples_per_request
-                if len(prompts) * params.n > limit:
-                    raise RequestError(
-                        f"n={params.n} samples of {len(prompts)} prompts exceed the server's "
-                        f"limit of {limit} per request",
-                        "n",
-                    )
+                self._check_sample_limit(len(prompts), params.n, "samples")
                 for i, prompt in enumerate(prompts):
                     request_id = f"{base_id}-{i}"
                     streams.append(await self.engine.generate(prompt, params, request_id, priority))
@@ -294,6 +282,16 @@ class OpenAIServing:
                 stream.close()
             raise
         return streams
+
+    def _check_sample_limit(self, num_prompts: int, n: int, kind: str) -> None:
+        """--max-samples-per-request: prompts x n (samples, or beams) per request."""
+        limit = self.limits.max_samples_per_request
+        if num_prompts * n > limit:
+            raise RequestError(
+                f"n={n} {kind} of {num_prompts} prompts exceed the server's limit of {limit} "
+                "per request",
+                "n",
+            )
 
     async def _check_structured(self, req: CompletionRequest | ChatCompletionRequest) -> None:
         """Compile-check the output constraint on the tokenizer thread, so that an error names
@@ -542,6 +540,10 @@ def _completion_choice(
 def _usage(finals: Sequence[RequestOutput | None]) -> dict[str, int]:
     prompt = sum(len(f.prompt_token_ids) for f in finals if f is not None)
     completion = sum(len(c.token_ids) for f in finals if f is not None for c in f.outputs)
+    return _usage_body(prompt, completion)
+
+
+def _usage_body(prompt: int, completion: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
