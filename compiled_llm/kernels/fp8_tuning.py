@@ -99,8 +99,8 @@ def choose(n: int, k: int, m: int, device: torch.device) -> Choice | None:
 
 def candidate_tiles(m: int) -> list[Tiles]:
     """The tiles `benchmarks/fp8_gemm.py --tune` tries for M = m tokens: the GEMM's (narrow N
-    tiles or split K give more programs to stream a weight with; split K adds a zeroing and a
-    cast kernel), and at one token also the GEMV's."""
+    tiles or split K give more programs to stream a weight with; split K writes and re-reads
+    float32 partial tiles), and at one token also the GEMV's, split or not."""
     block_m = min(64, max(16, 1 << (m - 1).bit_length()))
     out = [
         Tiles(block_m, bn, bk, num_warps=4, num_stages=stages)
@@ -121,5 +121,11 @@ def candidate_tiles(m: int) -> list[Tiles]:
             for bn in (16, 32, 64)
             for bk in (256, 512, 1024)
             for warps in (4, 8)
+        ]
+        out += [
+            Tiles(1, bn, bk, num_warps=4, gemv=True, split_k=split)
+            for bn in (32, 64)
+            for bk in (256, 512)
+            for split in (2, 4)
         ]
     return out

@@ -9,6 +9,7 @@ bit for bit.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -133,6 +134,52 @@ def quant_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q
 
 
+# --- split K -------------------------------------------------------------------------------------
+# A GEMM whose N alone gives too few programs to stream its weight splits K over SPLIT_K
+# programs per output tile. Each stores its float32 partial tile in a workspace [SPLIT_K, M, N]
+# and counts itself on the tile's lock; the one that counts last sums the partials in split
+# order (so the result does not depend on which finished first), adds the bias, writes C and
+# sets the lock back to zero for the next GEMM. No zeroed buffer, no cast kernel.
+MAX_SPLIT_TILES = 1 << 16  # output tiles a split-K launch may have (its locks)
+
+
+@functools.cache
+def _split_locks(device: torch.device) -> torch.Tensor:
+    """The tile locks of split-K launches on `device`, all zero between launches (each launch
+    leaves them so). Never freed: CUDA graphs hold its address. Launches on one device share it,
+    so they must not run concurrently (every forward runs on one stream)."""
+    return torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+
+
+@triton.jit
+def _write_tile(
+    acc,
+    bias,
+    c_ptrs,
+    ws_ptrs,
+    split_stride,
+    mask,
+    lock_ptr,
+    pid_k,
+    SPLIT_K: tl.constexpr,
+):
+    """C = acc + bias for this program's tile; with SPLIT_K > 1 the sum over the tile's splits
+    (see above). `bias` broadcasts against acc (zeros without one)."""
+    if SPLIT_K == 1:
+        tl.store(c_ptrs, (acc + bias).to(c_ptrs.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ws_ptrs + pid_k * split_stride, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is stored before the lock counts it
+        # acq_rel: our partial is visible to whoever counts last; theirs to us if we do.
+        arrived = tl.atomic_add(lock_ptr, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.load(ws_ptrs, mask=mask, other=0.0)
+            for s in tl.static_range(1, SPLIT_K):
+                total += tl.load(ws_ptrs + s * split_stride, mask=mask, other=0.0)
+            tl.store(c_ptrs, (total + bias).to(c_ptrs.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(lock_ptr, 0)
+
+
 # Per-step ints unspecialized: one compile for all batches, no JIT stall mid-run.
 @triton.jit(do_not_specialize=["M"])
 def _fp8_gemm_kernel(
@@ -142,6 +189,8 @@ def _fp8_gemm_kernel(
     bs_ptr,
     bias_ptr,
     c_ptr,
+    ws_ptr,  # split K: float32 [SPLIT_K, M, N] partials
+    lock_ptr,  # split K: one int32 lock per output tile, zero
     M,
     N,
     K,
@@ -165,8 +214,7 @@ def _fp8_gemm_kernel(
     BLOCKWISE, the partial product of each BK-wide slice is scaled by its block's scales (BK
     divides scale_block_k, so a slice lies in one block); else scales apply once at the end.
     With SPLIT_K > 1, program (m, n, s) sums columns [s * k_per_split, (s + 1) * k_per_split)
-    and adds its scaled partial product into C (float32, zeroed by the caller) atomically;
-    split 0 adds the bias. More programs stream a weight whose N alone gives too few."""
+    and the last of a tile's programs to finish writes the tile (`_write_tile`)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -198,14 +246,22 @@ def _fp8_gemm_kernel(
         sa = tl.load(as_ptr + offs_m * stride_asm, mask=mask_m, other=0.0)
         sb = tl.load(bs_ptr + offs_n * stride_bsn, mask=mask_n, other=0.0)
         acc = acc * sa[:, None] * sb[None, :]
-    if HAS_BIAS and pid_k == 0:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    c = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    mask_c = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     else:
-        tl.atomic_add(c, acc, mask=mask_c, sem="relaxed")
+        bias = tl.zeros((BN,), dtype=tl.float32)
+    rows = offs_m.to(tl.int64)[:, None]
+    _write_tile(
+        acc,
+        bias[None, :],
+        c_ptr + rows * stride_cm + offs_n[None, :],
+        ws_ptr + rows * N + offs_n[None, :],
+        M.to(tl.int64) * N,
+        mask_m[:, None] & mask_n[None, :],
+        lock_ptr + pid_m * tl.num_programs(1) + pid_n,
+        pid_k,
+        SPLIT_K,
+    )
 
 
 @triton.jit
@@ -216,35 +272,45 @@ def _fp8_gemv_kernel(
     bs_ptr,
     bias_ptr,
     c_ptr,
+    ws_ptr,  # split K: float32 [SPLIT_K, N] partials
+    lock_ptr,  # split K: one int32 lock per output tile, zero
     N,
     K,
     stride_bn,
     stride_bsn,
     scale_block_n,
     scale_block_k,
+    k_per_split,  # as in the GEMM
     BLOCKWISE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     """One token (M = 1): c [N] = dequant(a [K]) . dequant(B [N, K]) rows, without tensor
     cores (which would waste 15 of their 16 rows), streaming B in [BN, BK] tiles, each tile
     loaded one step ahead of its use: the first before waiting for the previous kernel (B is a
-    weight, which no kernel writes)."""
+    weight, which no kernel writes). Split K as in the GEMM."""
     pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
     mask_n = offs_n < N
     b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn
-    b = tl.load(b_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k[None, :] < K), other=0.0)
+    k = k_start + offs_k
+    b = tl.load(b_rows + k[None, :], mask=mask_n[:, None] & (k[None, :] < k_end), other=0.0)
     wait_for_previous(USE_PDL)
     acc = tl.zeros((BN,), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_start, k_end, BK):
         k = k0 + offs_k
-        a = tl.load(a_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + k, mask=k < k_end, other=0.0).to(tl.float32)
         kn = k + BK
-        b_next = tl.load(b_rows + kn[None, :], mask=mask_n[:, None] & (kn[None, :] < K), other=0.0)
+        b_next = tl.load(
+            b_rows + kn[None, :], mask=mask_n[:, None] & (kn[None, :] < k_end), other=0.0
+        )
         part = tl.sum(b.to(tl.float32) * a[None, :], axis=1)
         if BLOCKWISE:
             kb = k0 // scale_block_k
@@ -258,15 +324,19 @@ def _fp8_gemv_kernel(
     if not BLOCKWISE:
         acc = acc * tl.load(as_ptr) * tl.load(bs_ptr + offs_n * stride_bsn, mask=mask_n, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(c_ptr + offs_n, acc.to(c_ptr.dtype.element_ty), mask=mask_n)
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BN,), dtype=tl.float32)
+    _write_tile(
+        acc, bias, c_ptr + offs_n, ws_ptr + offs_n, N, mask_n, lock_ptr + pid_n, pid_k, SPLIT_K
+    )
 
 
 @dataclass(frozen=True)
 class Tiles:
     """Launch parameters of the FP8 GEMM kernel, or of the one-token GEMV with `gemv` (which
-    ignores `block_m`, `num_stages` and `split_k`). `block_k` must divide a block-scaled
-    weight's block width. Chosen per shape by kernels/fp8_tuning.py, or by `default_tiles`."""
+    ignores `block_m`). `block_k` must divide a block-scaled weight's block width. Chosen per
+    shape by kernels/fp8_tuning.py, or by `default_tiles`."""
 
     block_m: int
     block_n: int
@@ -274,7 +344,7 @@ class Tiles:
     num_warps: int = 4
     num_stages: int = 3
     gemv: bool = False
-    split_k: int = 1  # GEMM only: K split over this many programs per output tile
+    split_k: int = 1  # K split over this many programs per output tile
 
 
 def default_tiles(m: int, scale_block_k: int | None) -> Tiles:
@@ -324,60 +394,71 @@ def scaled_mm(
         raise ValueError(f"block_k {t.block_k} does not divide the scale block width {bk_scale}")
     if t.gemv and m != 1:
         raise ValueError(f"the FP8 GEMV takes one token, got {m}")
+    grid_m = 1 if t.gemv else triton.cdiv(m, t.block_m)
+    grid_n = triton.cdiv(n, t.block_n)
+    # Split K in whole BK steps; fewer splits where K has too few of them for the ones asked.
+    k_per_split = triton.cdiv(triton.cdiv(k, t.split_k), t.block_k) * t.block_k
+    splits = triton.cdiv(k, k_per_split)
+    if grid_m * grid_n > MAX_SPLIT_TILES:  # more tiles than locks: no split (never in decode)
+        k_per_split, splits = k, 1
+    if splits > 1:
+        ws = torch.empty((splits, m, n), dtype=torch.float32, device=a.device)
+        locks = _split_locks(a.device)
+    else:
+        ws = locks = c  # unused
+    common = dict(
+        BLOCKWISE=blockwise,
+        HAS_BIAS=bias is not None,
+        BN=t.block_n,
+        BK=t.block_k,
+        SPLIT_K=splits,
+        num_warps=t.num_warps,
+        num_stages=t.num_stages,
+        **launch_options(a.device),
+    )
+    bias_arg = bias if bias is not None else c
     if t.gemv:
-        _fp8_gemv_kernel[(triton.cdiv(n, t.block_n),)](
+        _fp8_gemv_kernel[(grid_n, splits)](
             a,
             a_scale,
             b,
             b_scale,
-            bias if bias is not None else c,
+            bias_arg,
             c,
+            ws,
+            locks,
             n,
             k,
             b.stride(0),
             b_scale.stride(0),
             bn_scale,
             bk_scale,
-            BLOCKWISE=blockwise,
-            HAS_BIAS=bias is not None,
-            BN=t.block_n,
-            BK=t.block_k,
-            num_warps=t.num_warps,
-            num_stages=t.num_stages,
-            **launch_options(a.device),
+            k_per_split,
+            **common,
         )
         return c
     stride_asm = a_scale.stride(0) if a_scale.shape[0] == m and m > 1 else 0
-    # Split K: float32 partial sums added atomically into a zeroed buffer, then cast.
-    out = c if t.split_k == 1 else torch.zeros((m, n), dtype=torch.float32, device=a.device)
-    k_per_split = triton.cdiv(triton.cdiv(k, t.split_k), t.block_k) * t.block_k
-    grid = (triton.cdiv(m, t.block_m), triton.cdiv(n, t.block_n), triton.cdiv(k, k_per_split))
-    _fp8_gemm_kernel[grid](
+    _fp8_gemm_kernel[(grid_m, grid_n, splits)](
         a,
         a_scale,
         b,
         b_scale,
-        bias if bias is not None else out,
-        out,
+        bias_arg,
+        c,
+        ws,
+        locks,
         m,
         n,
         k,
         a.stride(0),
         b.stride(0),
-        out.stride(0),
+        c.stride(0),
         stride_asm,
         b_scale.stride(0),
         bn_scale,
         bk_scale,
         k_per_split,
-        BLOCKWISE=blockwise,
-        HAS_BIAS=bias is not None,
         BM=t.block_m,
-        BN=t.block_n,
-        BK=t.block_k,
-        SPLIT_K=grid[2],
-        num_warps=t.num_warps,
-        num_stages=t.num_stages,
-        **launch_options(a.device),
+        **common,
     )
-    return c if out is c else out.to(out_dtype)
+    return c
