@@ -103,6 +103,7 @@ class TritonMetadata:
     is_decode: bool
     num_splits: int
     scratch: torch.Tensor | None  # float32 split-KV partials
+    locks: torch.Tensor | None  # split-KV: int32 per (request, KV head), zero between launches
     prefill_tiles: PrefillTiles
 
 
@@ -127,6 +128,7 @@ class TritonAttentionBackend(AttentionBackend):
             self._num_sms = 4
         self._buffers: StepBuffers | None = None
         self._scratch: torch.Tensor | None = None
+        self._locks: torch.Tensor | None = None
         self._num_blocks: int | None = None  # pool size, bounds a request's pages
 
     def allocate_kv_caches(self, num_blocks: int, num_layers: int) -> list[torch.Tensor]:
@@ -163,6 +165,11 @@ class TritonAttentionBackend(AttentionBackend):
         self._buffers = StepBuffers(max_num_reqs, max_num_tokens, dev, self._num_blocks)
         need = max(self._partials(r, self.num_splits(r, None)) for r in range(1, max_num_reqs + 1))
         self._scratch = torch.empty(max(need, 1), dtype=torch.float32, device=dev)
+        self._locks = self._zero_locks(max_num_reqs)
+
+    def _zero_locks(self, num_req_slots: int) -> torch.Tensor:
+        n = num_req_slots * self.spec.num_kv_heads
+        return torch.zeros(max(n, 1), dtype=torch.int32, device=self.spec.device)
 
     def build_metadata(self, inputs: AttentionInputs) -> TritonMetadata:
         if self._buffers is not None and self._buffers.fits(inputs):
@@ -172,7 +179,7 @@ class TritonAttentionBackend(AttentionBackend):
         is_decode = inputs.is_decode
         if is_decode and batch.persistent and batch.num_req_slots < inputs.slot_mapping.shape[0]:
             batch = unstaged(inputs)  # padded decode rows exceed the request slots
-        splits, scratch = 1, None
+        splits, scratch, locks = 1, None, None
         if is_decode:
             max_seq = None if batch.persistent else inputs.max_seq_len
             splits = self.num_splits(batch.num_req_slots, max_seq)
@@ -183,6 +190,15 @@ class TritonAttentionBackend(AttentionBackend):
                 scratch = torch.empty(need, dtype=torch.float32, device=self.spec.device)
                 if self._buffers is None:  # nothing captured can hold the old one: reuse it
                     self._scratch = scratch
+            if need:
+                slots = batch.num_req_slots
+                if self._locks is None or self._locks.numel() < slots * self.spec.num_kv_heads:
+                    # an eager batch past the captured sizes; the captured graphs keep theirs
+                    locks = self._zero_locks(slots)
+                    if self._buffers is None:
+                        self._locks = locks
+                else:
+                    locks = self._locks
         tiles = self.config.prefill
         if not is_decode:
             tokens = inputs.slot_mapping.shape[0] if batch.persistent else inputs.num_tokens
@@ -198,6 +214,7 @@ class TritonAttentionBackend(AttentionBackend):
             is_decode=is_decode,
             num_splits=splits,
             scratch=scratch,
+            locks=locks,
             prefill_tiles=tiles,
         )
 
@@ -239,6 +256,7 @@ class TritonAttentionBackend(AttentionBackend):
                 num_reqs=min(b.num_req_slots, q.shape[0]),  # rows past q's end: none
                 num_splits=md.num_splits,
                 scratch=md.scratch,
+                locks=md.locks,
                 block_n=cfg.decode_block_n,
                 num_warps=cfg.decode_warps,
                 num_stages=cfg.decode_stages,

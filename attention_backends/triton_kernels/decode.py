@@ -5,7 +5,8 @@ head over one contiguous slice of the request's context, so every K/V byte is re
 Split s covers ceil(ceil(seq_len / S) / BLOCK_N) tiles: the split count S is launch geometry
 (fixed when captured in a CUDA graph) while each request's slice size follows its length, so a
 graph is correct for any context length. With S > 1 each split writes a normalised partial output
-and its log-sum-exp, and `_reduce_kernel` merges them; with S == 1 the output is written directly.
+and its log-sum-exp, and the last of a (request, KV head)'s splits to finish merges them
+(kernels/split_locks.py); with S == 1 the output is written directly.
 Requests with seq_len 0 (padding of a captured batch) produce zeros. With a sliding window the
 splits share out only the keys the query sees, the last `window` of the request's; a logits
 soft-cap goes through `prefill.soft_cap`.
@@ -19,6 +20,7 @@ import triton.language as tl
 
 from compiled_llm.attention_backends.triton_kernels.prefill import LOG2E, soft_cap
 from compiled_llm.kernels.pdl import launch_options, wait_for_previous
+from compiled_llm.kernels.split_locks import last_to_arrive, release
 
 
 # Per-step ints unspecialized: one compile for all batches, no JIT stall mid-run.
@@ -31,6 +33,7 @@ def _decode_split_kernel(
     out_ptr,
     part_o_ptr,
     part_lse_ptr,
+    lock_ptr,  # split-KV: one int32 lock per (request, KV head), zero
     qk_scale,
     window,
     cap,
@@ -110,54 +113,40 @@ def _decode_split_kernel(
     has_keys = l_i > 0.0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     mask = g_mask[:, None] & d_mask[None, :]
+    dst = out_ptr + req * stride_ot + heads[:, None] * stride_oh + d[None, :]
     if SINGLE_SPLIT:
-        dst = out_ptr + req * stride_ot + heads[:, None] * stride_oh + d[None, :]
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         # partials: o [R, Hq, S, D] and lse [R, Hq, S], float32, log2 domain
-        row = (req * num_q_heads + heads) * num_splits + split
-        tl.store(part_o_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=mask)
+        rows = (req * num_q_heads + heads) * num_splits
+        tl.store(part_o_ptr + (rows + split)[:, None] * HEAD_DIM + d[None, :], o, mask=mask)
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        tl.store(part_lse_ptr + row, lse, mask=g_mask)
+        tl.store(part_lse_ptr + rows + split, lse, mask=g_mask)
+        lock = lock_ptr + req * tl.num_programs(1) + kvh
+        if last_to_arrive(lock, num_splits):
+            _merge_splits(
+                part_o_ptr, part_lse_ptr, rows, num_splits, dst, mask, g_mask, d, HEAD_DIM
+            )
+            release(lock)
 
 
-# Per-step ints unspecialized: one compile for all batches, no JIT stall mid-run.
-@triton.jit(do_not_specialize=["num_splits"])
-def _reduce_kernel(
-    part_o_ptr,
-    part_lse_ptr,
-    out_ptr,
-    stride_ot,
-    stride_oh,
-    num_splits,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    S_PAD: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    wait_for_previous(USE_PDL)
-    req = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    s = tl.arange(0, S_PAD)
-    d = tl.arange(0, D_PAD)
-    s_mask = s < num_splits
-    row = (req * tl.num_programs(1) + head) * num_splits + s
-    lse = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"))
-    m = tl.max(lse, 0)
+@triton.jit
+def _merge_splits(part_o_ptr, part_lse_ptr, rows, num_splits, dst, mask, g_mask, d, HEAD_DIM):
+    """out = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse), summed in split order;
+    zeros for a head no split saw a key of."""
+    m = tl.full(rows.shape, float("-inf"), tl.float32)
+    for s in range(0, num_splits):
+        m = tl.maximum(m, tl.load(part_lse_ptr + rows + s, mask=g_mask, other=float("-inf")))
     m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)
-    o = tl.load(
-        part_o_ptr + row[:, None] * HEAD_DIM + d[None, :],
-        mask=s_mask[:, None] & (d[None, :] < HEAD_DIM),
-        other=0.0,
-    )
-    total = tl.sum(w, 0)
-    res = tl.sum(o * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
-    tl.store(
-        out_ptr + req * stride_ot + head * stride_oh + d,
-        res.to(out_ptr.dtype.element_ty),
-        mask=d < HEAD_DIM,
-    )
+    total = tl.zeros(rows.shape, tl.float32)
+    acc = tl.zeros(mask.shape, tl.float32)
+    for s in range(0, num_splits):
+        w = tl.exp2(tl.load(part_lse_ptr + rows + s, mask=g_mask, other=float("-inf")) - m)
+        o = tl.load(part_o_ptr + (rows + s)[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
+        acc += o * w[:, None]
+        total += w
+    res = acc / tl.where(total > 0.0, total, 1.0)[:, None]
+    tl.store(dst, res.to(dst.dtype.element_ty), mask=mask)
 
 
 def partial_numel(num_reqs: int, num_heads: int, head_dim: int, num_splits: int) -> int:
@@ -178,6 +167,7 @@ def decode_attention(
     num_reqs: int,
     num_splits: int,
     scratch: torch.Tensor | None,
+    locks: torch.Tensor | None = None,
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
@@ -187,7 +177,8 @@ def decode_attention(
     """Attention of one query token per request (row i of q is request i) for `num_reqs` rows,
     windowed and soft-capped where given.
 
-    `scratch` is a float32 buffer of at least `partial_numel(...)` elements when num_splits > 1.
+    When num_splits > 1, `scratch` is a float32 buffer of at least `partial_numel(...)` elements
+    and `locks` an int32 buffer of at least num_reqs x KV heads zeros (left zero).
     """
     if num_reqs == 0:
         return
@@ -196,15 +187,16 @@ def decode_attention(
     group = hq // hkv
     single = num_splits <= 1
     if single:
-        part_o = part_lse = out  # unused by the kernel
+        part_o = part_lse = locks = out  # unused by the kernel
     else:
         need = partial_numel(num_reqs, hq, d, num_splits)
         if scratch is None or scratch.numel() < need:
             raise ValueError(f"split-KV decode needs {need} float32 scratch elements")
+        if locks is None or locks.numel() < num_reqs * hkv or locks.dtype != torch.int32:
+            raise ValueError(f"split-KV decode needs {num_reqs * hkv} int32 locks")
         rows = num_reqs * hq * num_splits
         part_o, part_lse = scratch[: rows * d], scratch[rows * d : rows * d + rows]
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    pdl = launch_options(q.device)
     _decode_split_kernel[(num_reqs, hkv, max(num_splits, 1))](
         q,
         kv_cache,
@@ -213,6 +205,7 @@ def decode_attention(
         out,
         part_o,
         part_lse,
+        locks,
         scale if logits_soft_cap else scale * LOG2E,  # soft_cap() goes to log2 itself
         sliding_window or 0,
         logits_soft_cap or 1.0,
@@ -234,19 +227,5 @@ def decode_attention(
         DOT_PRECISION=precision,
         num_warps=num_warps,
         num_stages=num_stages,
-        **pdl,
+        **launch_options(q.device),
     )
-    if not single:
-        _reduce_kernel[(num_reqs, hq)](
-            part_o,
-            part_lse,
-            out,
-            out.stride(0),
-            out.stride(1),
-            num_splits,
-            HEAD_DIM=d,
-            D_PAD=triton.next_power_of_2(d),
-            S_PAD=triton.next_power_of_2(num_splits),
-            num_warps=4,
-            **pdl,
-        )

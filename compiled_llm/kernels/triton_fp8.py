@@ -18,6 +18,7 @@ import triton.language as tl
 
 from compiled_llm.kernels.fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE
 from compiled_llm.kernels.pdl import launch_options, wait_for_previous
+from compiled_llm.kernels.split_locks import last_to_arrive, release
 
 # Globals a kernel reads must be constexprs.
 _FP8_MAX = tl.constexpr(FP8_MAX)
@@ -136,18 +137,16 @@ def quant_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 # --- split K -------------------------------------------------------------------------------------
 # A GEMM whose N alone gives too few programs to stream its weight splits K over SPLIT_K
-# programs per output tile. Each stores its float32 partial tile in a workspace [SPLIT_K, M, N]
-# and counts itself on the tile's lock; the one that counts last sums the partials in split
-# order (so the result does not depend on which finished first), adds the bias, writes C and
-# sets the lock back to zero for the next GEMM. No zeroed buffer, no cast kernel.
+# programs per output tile. Each stores its float32 partial tile in a workspace [SPLIT_K, M, N];
+# the last of a tile's programs to finish sums them, adds the bias and writes C
+# (kernels/split_locks.py).
 MAX_SPLIT_TILES = 1 << 16  # output tiles a split-K launch may have (its locks)
 
 
 @functools.cache
 def _split_locks(device: torch.device) -> torch.Tensor:
-    """The tile locks of split-K launches on `device`, all zero between launches (each launch
-    leaves them so). Never freed: CUDA graphs hold its address. Launches on one device share it,
-    so they must not run concurrently (every forward runs on one stream)."""
+    """The tile locks of split-K launches on `device` (kernels/split_locks.py). Never freed:
+    CUDA graphs hold its address."""
     return torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
 
 
@@ -163,21 +162,18 @@ def _write_tile(
     pid_k,
     SPLIT_K: tl.constexpr,
 ):
-    """C = acc + bias for this program's tile; with SPLIT_K > 1 the sum over the tile's splits
-    (see above). `bias` broadcasts against acc (zeros without one)."""
+    """C = acc + bias for this program's tile; with SPLIT_K > 1 the sum over the tile's splits,
+    in split order, by the last of them. `bias` broadcasts against acc (zeros without one)."""
     if SPLIT_K == 1:
         tl.store(c_ptrs, (acc + bias).to(c_ptrs.dtype.element_ty), mask=mask)
     else:
         tl.store(ws_ptrs + pid_k * split_stride, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial is stored before the lock counts it
-        # acq_rel: our partial is visible to whoever counts last; theirs to us if we do.
-        arrived = tl.atomic_add(lock_ptr, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
+        if last_to_arrive(lock_ptr, SPLIT_K):
             total = tl.load(ws_ptrs, mask=mask, other=0.0)
             for s in tl.static_range(1, SPLIT_K):
                 total += tl.load(ws_ptrs + s * split_stride, mask=mask, other=0.0)
             tl.store(c_ptrs, (total + bias).to(c_ptrs.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(lock_ptr, 0)
+            release(lock_ptr)
 
 
 # Per-step ints unspecialized: one compile for all batches, no JIT stall mid-run.

@@ -623,16 +623,15 @@ def test_kernels_compile_once_across_batches(backend: str) -> None:
     Triton specializes int arguments on their value class (1, % 16), and the request count or
     block-table width of eager batches crosses classes from step to step. After one batch of each
     kind, batches of other request counts, token counts and table widths compile nothing new.
-    Eager decode's split count is a constexpr on purpose (one split or not, and the partials'
-    power-of-two pad: a bounded set); every decode batch here has 2 splits (longest context
-    257-512 tokens, at most 66 requests), so only the int arguments differ."""
+    Whether eager decode splits at all is a constexpr on purpose (SINGLE_SPLIT); every decode
+    batch here has 2 splits (longest context 257-512 tokens, at most 66 requests), so only the
+    int arguments differ."""
     from compiled_llm.attention_backends.triton_kernels import decode, kv_write, page_indices
     from compiled_llm.attention_backends.triton_kernels import prefill as prefill_kernels
 
     kernels = {
         "prefill": prefill_kernels._prefill_kernel,
         "decode": decode._decode_split_kernel,
-        "reduce": decode._reduce_kernel,
         "write": kv_write._write_kv_kernel,
         "flatten": page_indices._flatten_kernel,
     }

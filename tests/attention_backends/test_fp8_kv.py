@@ -201,7 +201,7 @@ def test_attention_kernels_compile_for_hopper_with_fp8_cache() -> None:
                 types[name] = "constexpr"
             elif name == "cache_ptr":
                 types[name] = "*fp8e4nv"
-            elif name in ("block_table_ptr", "seq_lens_ptr", "query_start_ptr"):
+            elif name in ("block_table_ptr", "seq_lens_ptr", "query_start_ptr", "lock_ptr"):
                 types[name] = "*i32"
             elif name in ("slot_ptr", "pos_ptr"):
                 types[name] = "*i64"
