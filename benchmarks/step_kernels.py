@@ -7,6 +7,11 @@ CUDA-graph replays included). On CPU it groups the top-level aten ops instead (t
 kernels). `--trace FILE` only analyses a trace written earlier (by this script, the latency
 benchmark or `--profile-dir`).
 
+On CUDA it also reports the host side: time per step inside each CUDA runtime call (a call that
+blocks, such as a copy from pageable memory that waits for the stream, shows up here), the
+copies by kind (pageable or pinned), and every GPU gap over 20 us charged to the runtime call
+that launched the work ending it and the top-level op the host was running it from.
+
   python benchmarks/step_kernels.py --shape llama-3.1-8b --batch 1
   python benchmarks/step_kernels.py --trace benchmarks/results/kernels-b1-trace.json --steps 20
   python benchmarks/step_kernels.py --shape tiny --steps 2   # CPU smoke run
@@ -15,6 +20,7 @@ benchmark or `--profile-dir`).
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import random
@@ -118,6 +124,65 @@ def top_level(spans: list[tuple]) -> list[tuple]:
     return out
 
 
+def _per_step(counts: dict[str, list[float]], steps: int) -> list[dict[str, Any]]:
+    return [
+        {"name": n, "calls_per_step": c / steps, "us_per_step": d / steps}
+        for n, (c, d) in sorted(counts.items(), key=lambda item: -item[1][1])
+    ]
+
+
+def host_side(events: list[dict[str, Any]], steps: int, long_gap_us: float = 20.0) -> dict:
+    """The host's part in a CUDA trace: runtime calls (host time inside each, per step), GPU
+    copies and memsets by name (the name says pageable or pinned), and the long gaps between GPU
+    work (kernels, copies, memsets; over `long_gap_us`: the device waiting for the host), each
+    charged to "<runtime call> in <the top-level op of its thread it ran in>" of the launch that
+    ended it (GPU work carries the correlation id of the runtime call that launched it; graph
+    replays: cudaGraphLaunch)."""
+    runtime = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and "dur" in e]
+    calls: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in runtime:
+        calls[e["name"]][0] += 1
+        calls[e["name"]][1] += e["dur"]
+    launcher = {e["args"]["correlation"]: e for e in runtime if "correlation" in e.get("args", {})}
+    device = sorted(
+        (e["ts"], e["ts"] + e["dur"], e["cat"], e.get("args", {}).get("correlation"), e["name"])
+        for e in events
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e
+    )
+    copies: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for start, end, cat, _, name in device:
+        if cat != "kernel":
+            copies[name][0] += 1
+            copies[name][1] += end - start
+    ops_by_thread: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for e in events:
+        if e.get("cat") == "cpu_op" and "dur" in e:
+            ops_by_thread[e.get("tid")].append(e)
+    ops = {tid: top_level(kernel_spans(evs, "cpu_op")) for tid, evs in ops_by_thread.items()}
+    gaps: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    if device:
+        last_end = device[0][1]
+        for start, end, _, correlation, _ in device[1:]:
+            gap = start - last_end
+            if gap > long_gap_us:
+                call = launcher.get(correlation)
+                where = "?"
+                if call is not None:
+                    thread = ops.get(call.get("tid"), [])
+                    i = bisect.bisect_right(thread, (call["ts"], float("inf"))) - 1
+                    inside = i >= 0 and thread[i][1] >= call["ts"]
+                    where = thread[i][2] if inside else "no op (Python)"
+                key = f"{call['name'] if call else 'unknown launch'} in {where}"
+                gaps[key][0] += 1
+                gaps[key][1] += gap
+            last_end = max(last_end, end)
+    return {
+        "runtime_calls": _per_step(calls, steps),
+        "copies": _per_step(copies, steps),
+        "long_gaps_by_launch": _per_step(gaps, steps),
+    }
+
+
 def summarize(events: list[dict[str, Any]], steps: int) -> dict[str, Any]:
     spans = kernel_spans(events, "kernel")
     category = "kernel"
@@ -141,6 +206,7 @@ def summarize(events: list[dict[str, Any]], steps: int) -> dict[str, Any]:
         "idle_long_gaps": between_launches,  # gaps > 20 us: waiting for the host
         "idle_short_gaps": within_launches,  # the rest: between queued kernels (graph replays)
         "rows": rows,
+        **(host_side(events, steps) if category == "kernel" else {}),
     }
 
 
@@ -165,6 +231,15 @@ def main() -> None:
         for r in summary["rows"][: args.top]
     ]
     print_table(["name", "calls/step", "us/step", "us/call"], rows)
+    for key, title in (
+        ("runtime_calls", "host time in CUDA runtime calls"),
+        ("copies", "GPU copies and memsets"),
+        ("long_gaps_by_launch", "GPU gaps > 20 us, by the launch that ended them"),
+    ):
+        if summary.get(key):
+            print(f"\n{title} (per step):")
+            table = [[r["name"][:70], r["calls_per_step"], r["us_per_step"]] for r in summary[key]]
+            print_table(["name", "calls/step", "us/step"], table[: args.top])
 
 
 if __name__ == "__main__":

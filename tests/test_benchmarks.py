@@ -208,3 +208,37 @@ def test_weight_bytes_are_the_models_parameters(shape: str) -> None:
     assert weight_bytes(shape, batch=10**6)[1] == 2 * every_expert
     if num_experts > 1:
         assert weight_bytes(shape, batch=8)[1] > weight_bytes(shape)[1]
+
+
+def test_step_kernels_charges_gpu_gaps_to_their_launch() -> None:
+    """A synthetic CUDA trace: a kernel, then a pageable copy whose runtime call ran inside an
+    aten op 60 us after the kernel ended (a long gap), then a kernel 8 us later (short)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from step_kernels import host_side
+
+    def ev(cat: str, name: str, ts: float, dur: float, tid: int = 1, **args: object) -> dict:
+        return {"cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid, "args": args}
+
+    events = [
+        ev("cuda_runtime", "cudaGraphLaunch", -50, 5, correlation=5),
+        ev("kernel", "k1", 0, 100, tid=7, correlation=5),
+        ev("cpu_op", "aten::copy_", 100, 50),
+        ev("cpu_op", "aten::empty", 101, 2),  # nested: not top level
+        ev("cpu_op", "aten::copy_", 105, 1, tid=2),  # another thread
+        ev("cuda_runtime", "cudaMemcpyAsync", 110, 40, correlation=7),
+        ev("gpu_memcpy", "Memcpy HtoD (Pageable -> Device)", 160, 2, tid=7, correlation=7),
+        ev("cuda_runtime", "cudaLaunchKernel", 155, 3, correlation=8),
+        ev("kernel", "k2", 170, 10, tid=7, correlation=8),
+    ]
+    out = host_side(events, steps=2)
+    assert out["long_gaps_by_launch"] == [
+        {"name": "cudaMemcpyAsync in aten::copy_", "calls_per_step": 0.5, "us_per_step": 30.0}
+    ]
+    assert out["copies"] == [
+        {"name": "Memcpy HtoD (Pageable -> Device)", "calls_per_step": 0.5, "us_per_step": 1.0}
+    ]
+    assert [r["name"] for r in out["runtime_calls"]] == [
+        "cudaMemcpyAsync",
+        "cudaGraphLaunch",
+        "cudaLaunchKernel",
+    ]
