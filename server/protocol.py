@@ -127,6 +127,9 @@ class _SamplingFields(_Strict):
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: Annotated[int, Field(ge=-1, le=INT64_MAX)] | None = None
     priority: Int64 = 0
+    # vLLM's beam search: the n best of beam width n (LLM.beam_search) instead of n samples
+    use_beam_search: bool = False
+    length_penalty: float = 1.0  # with use_beam_search
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsRequest | None = None
     # vLLM's earlier names of structured_outputs' constraints (deprecated there, still sent by
@@ -222,6 +225,35 @@ class _SamplingFields(_Strict):
             prompt_logprobs=self.prompt_logprobs,
         )
 
+    def _beam_search_params(
+        self, max_tokens: int | None, max_model_len: int, refused: dict[str, bool]
+    ) -> BeamSearchParams:
+        """vLLM's rule: n is the beam width; temperature, ignore_eos and max_tokens (None: up
+        to max_model_len) apply, the other sampling fields do not. Fields that would shape the
+        answer (a stream, logprobs, a constraint, and the endpoint's own `refused`) are refused
+        rather than ignored."""
+        structured = self.structured()
+        refused = {
+            "stream": self.stream,
+            "prompt_logprobs": self.prompt_logprobs is not None,
+            # named by the field the constraint came from
+            **({structured[1]: True} if structured is not None else {}),
+            **refused,
+        }
+        for name, used in refused.items():
+            if used:
+                raise RequestError(f"{name} is not supported with use_beam_search", name)
+        try:
+            return BeamSearchParams(
+                beam_width=self.n,
+                max_tokens=max_tokens or max_model_len,
+                ignore_eos=self.ignore_eos,
+                temperature=1.0 if self.temperature is None else self.temperature,
+                length_penalty=self.length_penalty,
+            )
+        except ValueError as e:  # its messages start with the field's name
+            raise RequestError(str(e), str(e).split(" ", 1)[0]) from e
+
     def _logit_bias(self) -> dict[int, float] | None:
         """OpenAI's logit_bias: token ids as strings, biases clamped to [-100, 100] (as vLLM)."""
         if not self.logit_bias:
@@ -250,36 +282,15 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False  # the prompt before the completion (with logprobs: the prompt's too)
     best_of: Count | None = None
     suffix: Text | None = None
-    # vLLM's beam search: the n best of beam width n (LLM.beam_search) instead of n samples
-    use_beam_search: bool = False
-    length_penalty: float = 1.0  # with use_beam_search
 
     def beam_search_params(self, max_model_len: int) -> BeamSearchParams:
-        """vLLM's rule: n is the beam width; temperature, ignore_eos and max_tokens (None: up
-        to max_model_len) apply, the other sampling fields do not. Fields that would shape the
-        answer (a stream, echo, logprobs, a constraint) are refused rather than ignored."""
         refused = {
-            "stream": self.stream,
             "echo": self.echo,
             "logprobs": self.logprobs is not None,
-            "prompt_logprobs": self.prompt_logprobs is not None,
-            "structured_outputs": self.structured() is not None,
             "suffix": self.suffix is not None,
             "best_of": self.best_of not in (None, self.n),
         }
-        for name, used in refused.items():
-            if used:
-                raise RequestError(f"{name} is not supported with use_beam_search", name)
-        try:
-            return BeamSearchParams(
-                beam_width=self.n,
-                max_tokens=self.max_tokens or max_model_len,
-                ignore_eos=self.ignore_eos,
-                temperature=1.0 if self.temperature is None else self.temperature,
-                length_penalty=self.length_penalty,
-            )
-        except ValueError as e:  # its messages start with the field's name
-            raise RequestError(str(e), str(e).split(" ", 1)[0]) from e
+        return self._beam_search_params(self.max_tokens, max_model_len, refused)
 
     def prompts(self) -> list[str | dict[str, Any]]:
         p = self.prompt
@@ -394,6 +405,12 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
         if not self.echo or (self.add_generation_prompt and last.role != "assistant"):
             return ""
         return str(last.to_template()["content"])
+
+    def beam_search_params(self, max_model_len: int) -> BeamSearchParams:
+        """A required or named tool choice (a grammar) is refused by the caller."""
+        refused = {"echo": self.echo, "logprobs": self.logprobs}
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        return self._beam_search_params(max_tokens, max_model_len, refused)
 
     def to_sampling_params(
         self, constraint: StructuredOutputsParams | None = None

@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 from compiled_llm.beam_search import BeamSearch, check_beam_width
 from compiled_llm.engine.processor import PromptType
 from compiled_llm.outputs import CompletionOutput, RequestOutput
-from compiled_llm.sampling_params import SamplingParams
+from compiled_llm.sampling_params import BeamSearchParams, SamplingParams
 from compiled_llm.server import tools
 from compiled_llm.server.async_llm import AsyncLLM, EngineDeadError, EngineOverloadedError
 from compiled_llm.server.chat_output import ChatOutput, ChoiceStream
@@ -113,30 +113,57 @@ class OpenAIServing:
         return JSONResponse(body)
 
     async def _beam_search(self, req: CompletionRequest, raw: Request, model: str) -> Response:
-        """vLLM's beam search on /v1/completions: each step one engine batch (compiled_llm/
-        beam_search.py); the n best sequences of each prompt are its n choices, their text
-        without the prompt and a final EOS (vLLM's server)."""
+        """vLLM's beam search on /v1/completions: the n best sequences of each prompt are its n
+        choices, their text without the prompt and a final EOS (vLLM's server)."""
+        with self._admission():
+            params = req.beam_search_params(self.engine.config.model_config.max_model_len)
+            prompts: list[PromptType] = list(req.prompts())
+        base_id = f"cmpl-{uuid.uuid4().hex}"
+        found = await self._search_beams(prompts, params, req.priority, raw, base_id)
+        if found is None:
+            return Response(status_code=499)
+        beams, usage = found
+        choices = [
+            {
+                "index": b.index,
+                "text": b.text,
+                "logprobs": None,
+                "finish_reason": b.finish_reason,
+                "stop_reason": None,
+            }
+            for b in beams
+        ]
+        head = {"id": base_id, "created": int(time.time()), "model": model}
+        body = {**head, "object": "text_completion", "choices": choices, "usage": usage}
+        return JSONResponse(body)
+
+    async def _search_beams(
+        self,
+        prompts: list[PromptType],
+        params: BeamSearchParams,
+        priority: int,
+        raw: Request,
+        base_id: str,
+    ) -> tuple[list[CompletionOutput], dict[str, int]] | None:
+        """Run a beam search through the engine, each step one batch of requests (compiled_llm/
+        beam_search.py): prompt p's beams, best first, as choices p * n + j (text without a
+        final EOS), and the usage; None if the client left."""
         mc = self.engine.config.model_config
         with self._admission():
-            params = req.beam_search_params(mc.max_model_len)
-            prompts: list[PromptType] = list(req.prompts())
             check_beam_width(params.beam_width, mc.max_logprobs, "n")
             self._check_sample_limit(len(prompts), params.beam_width, "beams")
         assert self.engine.processor is not None
-        search = BeamSearch(prompts, params, self.engine.processor.eos_ids, mc.max_model_len)
-        base_id = f"cmpl-{uuid.uuid4().hex}"
+        eos = self.engine.processor.eos_ids
+        search = BeamSearch(prompts, params, eos, mc.max_model_len)
         step = 0
         while requests := search.next_requests():
-            streams = await self._start(
-                f"{base_id}-{step}", requests, search.step_params, req.priority
-            )
+            streams = await self._start(f"{base_id}-{step}", requests, search.step_params, priority)
             finals = await _until_disconnected(raw, _collect(streams))
             if finals is None:
-                return Response(status_code=499)
+                return None
             search.advance(finals)
             step += 1
-        eos = self.engine.processor.eos_ids
-        # (choice index, sequence, its generated tokens): prompt p's beams from p * n, best first
+        # (choice index, sequence, its generated tokens without a final EOS, as vLLM's server)
         sequences = [
             (p * params.beam_width + j, seq, seq.tokens[start:])
             for p, (result, start) in enumerate(
@@ -144,29 +171,27 @@ class OpenAIServing:
             )
             for j, seq in enumerate(result.sequences)
         ]
+        shown = [ids[:-1] if ids and ids[-1] in eos else ids for _, _, ids in sequences]
         tokenizer = self.engine.tokenizer
 
-        def texts() -> list[str]:  # without a final EOS, as vLLM's server
-            shown = [ids[:-1] if ids and ids[-1] in eos else ids for _, _, ids in sequences]
+        def texts() -> list[str]:
             return [tokenizer.decode(ids) if tokenizer else "" for ids in shown]
 
-        choices = [
-            {
-                "index": index,
-                "text": text,
-                "logprobs": None,
-                "finish_reason": seq.finish_reason,
-                "stop_reason": None,
-            }
-            for (index, seq, _), text in zip(
+        beams = [
+            CompletionOutput(
+                index=index,
+                text=text,
+                token_ids=ids,
+                cumulative_logprob=seq.cum_logprob,
+                logprobs=None,
+                finish_reason=seq.finish_reason,
+            )
+            for (index, seq, ids), text in zip(
                 sequences, await self.engine.run_blocking(texts), strict=True
             )
         ]
         completion_tokens = sum(len(ids) for _, _, ids in sequences)
-        usage = _usage_body(sum(search.prompt_lengths), completion_tokens)
-        head = {"id": base_id, "created": int(time.time()), "model": model}
-        body = {**head, "object": "text_completion", "choices": choices, "usage": usage}
-        return JSONResponse(body)
+        return beams, _usage_body(sum(search.prompt_lengths), completion_tokens)
 
     async def _echo(
         self, req: CompletionRequest, out: RequestOutput
@@ -189,6 +214,8 @@ class OpenAIServing:
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         model = self.check_model(req.model)
+        if req.use_beam_search:
+            return await self._chat_beam_search(req, raw, model)
         with self._admission():
             mode = tools.resolve(req, self.tool_parser)
             params = req.to_sampling_params(mode.grammar[0] if mode.grammar else None)
@@ -224,6 +251,42 @@ class OpenAIServing:
         body = {**head, "object": "chat.completion", "choices": choices, "usage": _usage(finals)}
         if req.prompt_logprobs is not None and finals[0].prompt_logprobs is not None:
             body["prompt_logprobs"] = json_prompt_logprobs(finals[0].prompt_logprobs)
+        return JSONResponse(body)
+
+    async def _chat_beam_search(
+        self, req: ChatCompletionRequest, raw: Request, model: str
+    ) -> Response:
+        """vLLM's beam search on /v1/chat/completions: the n best replies, each read as a chat
+        choice is (reasoning split off, auto tool calls parsed). A required or named tool
+        choice would constrain the search and is refused."""
+        with self._admission():
+            params = req.beam_search_params(self.engine.config.model_config.max_model_len)
+            mode = tools.resolve(req, self.tool_parser)
+            if mode.grammar is not None:
+                raise RequestError(
+                    "a required or named tool_choice is not supported with use_beam_search",
+                    "tool_choice",
+                )
+            prompt = await self._chat_prompt(req, tools.template_tools(req))
+        output = ChatOutput(mode, self.tool_parser, self.reasoning_parser)
+        base_id = f"chatcmpl-{uuid.uuid4().hex}"
+        found = await self._search_beams([prompt], params, req.priority, raw, base_id)
+        if found is None:
+            return Response(status_code=499)
+        beams, usage = found
+        choices = []
+        for beam in beams:
+            message, finish_reason = output.message(beam)
+            choices.append(
+                {
+                    "index": beam.index,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": finish_reason,
+                }
+            )
+        head = {"id": base_id, "created": int(time.time()), "model": model}
+        body = {**head, "object": "chat.completion", "choices": choices, "usage": usage}
         return JSONResponse(body)
 
     async def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:

@@ -70,29 +70,52 @@ def test_completion_and_chat(client: openai.OpenAI) -> None:
     assert old.choices[0].message.content == choice.message.content
 
 
-def test_beam_search_completions(server: Server, client: openai.OpenAI) -> None:
-    """vLLM's `use_beam_search`: the n best sequences of beam width n as the n choices, their
-    text without the prompt. Oracle: the offline LLM.beam_search of the same model and settings
-    (itself checked against HF in tests/engine/test_beam_search.py). Fields that would shape
-    the answer otherwise are a 400 naming them."""
+def test_beam_search(server: Server, client: openai.OpenAI) -> None:
+    """vLLM's `use_beam_search`, on completions and chat: the n best sequences of beam width n
+    as the n choices, their text without the prompt. Oracle: the offline LLM.beam_search of the
+    same model and settings (itself checked against HF in tests/engine/test_beam_search.py) on
+    the same prompt tokens. Fields that would shape the answer otherwise are a 400 naming
+    them."""
     from compiled_llm import LLM, BeamSearchParams
 
     beams = {"use_beam_search": True}
-    got = complete(client, n=2, max_tokens=4, extra_body=beams)
+    got, got_chat = parallel(
+        lambda: complete(client, n=2, max_tokens=4, extra_body=beams),
+        lambda: chat(client, n=2, max_completion_tokens=4, extra_body=beams),
+    )
     llm = LLM(compilation_level=0, max_model_len=512, seed=0)
-    (want,) = llm.beam_search(PROMPT, BeamSearchParams(beam_width=2, max_tokens=4))
+    chat_ids = llm.tokenizer.apply_chat_template(
+        QUESTION, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    want, want_chat = llm.beam_search(
+        [PROMPT, {"prompt_token_ids": list(chat_ids)}],
+        BeamSearchParams(beam_width=2, max_tokens=4),
+    )
     start = got.usage.prompt_tokens
     assert [c.text for c in got.choices] == [
         llm.tokenizer.decode(s.tokens[start:]) for s in want.sequences
     ]
     assert [c.finish_reason for c in got.choices] == ["length", "length"]
     assert got.usage.completion_tokens == 8
-    for field, value in (("stream", True), ("logprobs", 1), ("echo", True)):
-        r = server.post(
-            "/v1/completions",
-            json={"model": MODEL, "prompt": PROMPT, "n": 2, **beams, field: value},
-        )
-        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
+    assert got_chat.usage.prompt_tokens == len(chat_ids)
+    assert [c.message.content for c in got_chat.choices] == [
+        llm.tokenizer.decode(s.tokens[len(chat_ids) :]) for s in want_chat.sequences
+    ]
+    assert [c.index for c in got_chat.choices] == [0, 1]
+    assert [c.message.role for c in got_chat.choices] == ["assistant", "assistant"]
+    for path, field, value in (
+        ("/v1/completions", "stream", True),
+        ("/v1/completions", "logprobs", 1),
+        ("/v1/completions", "echo", True),
+        ("/v1/chat/completions", "stream", True),
+        ("/v1/chat/completions", "logprobs", True),
+        ("/v1/chat/completions", "echo", True),
+        ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+    ):
+        body = {"prompt": PROMPT} if path == "/v1/completions" else {"messages": QUESTION}
+        r = server.post(path, json={"model": MODEL, **body, "n": 2, **beams, field: value})
+        param = r.json()["error"]["param"]
+        assert r.status_code == 400 and field in (param or ""), (path, field, r.text)
 
 
 def test_chat_echo(client: openai.OpenAI) -> None:
