@@ -14,6 +14,7 @@ Stages:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -67,6 +68,12 @@ class CompilerPass(ABC):
     @abstractmethod
     def apply(self, graph: fx.Graph) -> int:
         """Rewrite `graph` in place; return how many sites were rewritten."""
+
+    def eager_mode(self) -> contextlib.AbstractContextManager[None] | None:
+        """The same rewrite for eager code outside the compiled graph (the model runner's output
+        head), as a context to run that code in, or None (the default): most fusions have
+        nothing to fuse there."""
+        return None
 
     def options(self) -> dict[str, Any]:
         """Everything besides source code that changes what the pass does."""

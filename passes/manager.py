@@ -3,10 +3,12 @@ inside Inductor for each compiled piece. Keeps per-pass statistics and optional 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +51,17 @@ class PassPipeline:
 
     def names(self) -> list[str]:
         return [p.name for p in self.passes]
+
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[None]:
+        """Run eager code (the output head) under the passes' eager counterparts
+        (`CompilerPass.eager_mode`)."""
+        with contextlib.ExitStack() as stack:
+            for p in self.passes:
+                mode = p.eager_mode()
+                if mode is not None:
+                    stack.enter_context(mode)
+            yield
 
     def run_stage(self, stage: str, graph: fx.Graph, example_inputs: tuple[Any, ...] = ()) -> None:
         if stage == "graph":

@@ -8,6 +8,11 @@ class (float32 accumulation in another order). `addmm(c, x, w.T)` keeps its adde
 goes into the op, a 2-D addend (a residual Inductor folded into the GEMM) is added after it.
 Sites whose weight is not a contiguous 2-D tensor, or whose addmm scales (alpha, beta) are not
 1, are left alone. On by default for float32 on CPU where torch has oneDNN; elsewhere a no-op.
+
+The output head runs eagerly, outside the compiled graph (on the rows that sample); its
+`F.linear` gets the same op through the pass's eager mode (`OneDNNLinearMode`), which the model
+runner enters around `compute_logits`. At the embedded model's head (576 -> 49,152) oneDNN takes
+3.9 / 7.9 / 14.5 ms for 1 / 8 / 32 rows against MKL's 9.5 / 17.3 / 27.0 (2-core machine).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import fx
+from torch.overrides import TorchFunctionMode
 
 from compiled_llm.kernels import cpu_linear
 from compiled_llm.passes.base import CompilerPass, PassContext
@@ -44,6 +50,40 @@ def _weight(node: Any) -> fx.Node | None:
     return w  # type: ignore[return-value]
 
 
+def _fits(x: Any, w: Any, b: Any) -> bool:
+    """F.linear arguments the op takes: float32 CPU input and contiguous [out, in] weight (and
+    a float32 1-D bias, or none)."""
+    tensors = isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor)
+    if not tensors or x.device.type != "cpu" or x.dim() < 1:
+        return False
+    if x.dtype != torch.float32 or w.dtype != torch.float32 or w.dim() != 2:
+        return False
+    if not w.is_contiguous() or w.device.type != "cpu":
+        return False
+    return b is None or (isinstance(b, torch.Tensor) and b.dim() == 1 and b.dtype == x.dtype)
+
+
+class OneDNNLinearMode(TorchFunctionMode):
+    """`F.linear` (nn.Linear's too) of a float32 CPU input and a contiguous [out, in] weight
+    becomes `compiled_llm::onednn_linear`: the pass's rewrite, for eager code."""
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear and len(args) >= 2:
+            x, w = args[0], args[1]
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            if _fits(x, w, b):
+                out = _OP(x.reshape(-1, x.shape[-1]), w, b)
+                return out.view(*x.shape[:-1], w.shape[0])
+        return func(*args, **kwargs)
+
+
 class OneDNNLinearPass(CompilerPass):
     name = "onednn_linear"
     description = "CPU fp32 mm/addmm of a weight -> oneDNN GEMM (compiled_llm::onednn_linear)"
@@ -54,6 +94,11 @@ class OneDNNLinearPass(CompilerPass):
     @classmethod
     def on_by_default(cls, ctx: PassContext | None) -> bool:
         return super().on_by_default(ctx) and cpu_linear.available()
+
+    def eager_mode(self) -> OneDNNLinearMode | None:
+        if self.ctx.device_type != "cpu" or not cpu_linear.available():
+            return None
+        return OneDNNLinearMode()
 
     def apply(self, graph: fx.Graph) -> int:
         if self.ctx.device_type != "cpu" or not cpu_linear.available():

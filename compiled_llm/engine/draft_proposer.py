@@ -199,7 +199,7 @@ class DraftModelProposer:
             if prev is not None:
                 ids[:n] = prev[:n]
             hidden = self.draft.run_model(ids, positions, attn)
-            logits = self.draft.model.compute_logits(hidden[self._last_rows(q_lens)])
+            logits = self.draft.compute_logits(hidden[self._last_rows(q_lens)])
             prev = self._draw(logits, reqs[:n], j)
             sampled.append(prev)
         self._keep_q(reqs, room)

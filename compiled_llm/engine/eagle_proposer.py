@@ -108,7 +108,7 @@ class Eagle3Proposer(DraftModelProposer):
                 ids[:n] = prev[:n]
             hidden = self.draft.run_model(ids, positions, attn)
             last = hidden[self._last_rows(q_lens)]
-            logits = self.draft.model.compute_logits(last)
+            logits = self.draft.compute_logits(last)
             prev = self._draw(logits, reqs[:n], j)
             sampled.append(prev)
             if j + 1 < max(room):

@@ -656,7 +656,7 @@ class ModelRunner:
             return LaunchedStep([], None, None, [], [])
         drafts = inputs.sampling_drafts
         with stage("sample"):
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])
+            logits = self.compute_logits(hidden[inputs.logits_indices])
             batch = build_sampling_batch(
                 inputs.sampling_requests,
                 self.vocab_size,
@@ -683,7 +683,7 @@ class ModelRunner:
             for lo in range(0, rows, PROMPT_LOGPROBS_ROWS):
                 n = min(PROMPT_LOGPROBS_ROWS, rows - lo)
                 first = start + 1 + lo  # the first prompt position these rows score
-                logits = self.model.compute_logits(hidden[offset + lo : offset + lo + n])
+                logits = self.compute_logits(hidden[offset + lo : offset + lo + n])
                 targets = torch.tensor(request.prompt_token_ids[first : first + n])
                 top_ids, top_lps, lps, ranks = (
                     t.tolist()
@@ -752,11 +752,19 @@ class ModelRunner:
         padding = (num_tokens, num_padded_reqs)
         return self._device_inputs(ids, q_lens, q_lens, block_table, False, padding)
 
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's output head (eager, on the rows that sample), under the compiled
+        pipeline's eager passes (e.g. oneDNN GEMMs on CPU; `CompilerPass.eager_mode`)."""
+        if self.compiled is None:
+            return self.model.compute_logits(hidden)
+        with self.compiled.pipeline.eager():
+            return self.model.compute_logits(hidden)
+
     @torch.inference_mode()
     def dummy_run(self, num_tokens: int, num_reqs: int, sample_rows: int = 0) -> None:
         input_ids, positions, attn = self.dummy_inputs(num_tokens, num_reqs)
         hidden = self.run_model(input_ids, positions, attn)
         if sample_rows:
             rows = hidden[:1].expand(sample_rows, -1)
-            logits = self.model.compute_logits(rows)
+            logits = self.compute_logits(rows)
             logits.log_softmax(-1).sort(dim=-1)

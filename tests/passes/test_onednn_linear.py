@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from compiled_llm.kernels import cpu_linear
 from compiled_llm.passes.base import PassContext
@@ -63,3 +64,41 @@ def test_other_dtypes_left_alone() -> None:
 def test_default_only_for_cpu_float32(device: str, dtype: torch.dtype, on: bool) -> None:
     names = [c.name for c in resolve_pipeline([], PassContext(device, dtype, "torch"))]
     assert ("onednn_linear" in names) == on
+
+
+class _Ops(TorchDispatchMode):
+    """Records the ops that reach the dispatcher."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_mode_runs_the_output_head_on_onednn() -> None:
+    """The pass's eager counterpart, as the model runner enters it around `compute_logits`:
+    F.linear of a float32 CPU input (2-D or 3-D, with a bias or not) runs the op, with float32's
+    numbers against a float64 reference; other inputs keep F.linear. Outside CPU float32 the
+    pass has no eager mode."""
+    from compiled_llm.passes.onednn_linear import OneDNNLinearPass
+
+    mode = OneDNNLinearPass(PassContext("cpu", torch.float32, "torch")).eager_mode()
+    assert mode is not None
+    assert OneDNNLinearPass(PassContext("cuda", torch.float32, "torch")).eager_mode() is None
+    gen = torch.Generator().manual_seed(0)
+    w, b = torch.randn(300, 64, generator=gen), torch.randn(300, generator=gen)
+    for x, bias in ((torch.randn(5, 64, generator=gen), None), (torch.randn(2, 3, 64), b)):
+        want = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+        with mode, _Ops() as ops:
+            got = F.linear(x, w, bias)
+        assert OP in ops.seen and "aten.mm.default" not in ops.seen, ops.seen
+        assert got.shape == want.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    for x, weight in ((torch.randn(4, 64).double(), w.double()), (torch.randn(4, 300), w.t())):
+        with mode, _Ops() as ops:
+            got = F.linear(x, weight)
+        assert OP not in ops.seen
+        torch.testing.assert_close(got, x @ weight.t())
