@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -224,6 +225,21 @@ def interpreter_errors() -> None:
                 q, rq, torch.nn.functional.silu(x) * r, expand(rs, group), True
             )
             out[key + "/scale"] = float(((s - rs).abs() / rs).max())
+        # At a few tokens SiLU-and-mul rows are split over chunks of programs (1,300 columns:
+        # 3 chunks at M = 1, 2 at M = 2, none at M = 3 with the interpreter's 4 "SMs"): the
+        # same codes and scales as one program per row, bit for bit.
+        gate, up = operands(3, 1, 1300, dtype, seed=2)[0], operands(3, 1, 1300, dtype, seed=3)[0]
+        for group in (0, 128):
+            for m in (1, 2, 3):
+                got = TF.silu_and_mul_quant(gate[:m], up[:m], group)
+                with mock.patch.object(TF, "_num_sms", lambda _device: 1):
+                    one = TF.silu_and_mul_quant(gate[:m], up[:m], group)
+                differ = (got[0].view(torch.uint8) != one[0].view(torch.uint8)).sum()
+                out[f"chunked_act/{dtype}/{group}/M={m}"] = float(differ + (got[1] != one[1]).sum())
+                rq, rs = FF.quantize_rows(torch.nn.functional.silu(gate[:m]) * up[:m], group)
+                out[f"chunked_act/{dtype}/{group}/M={m}/scale"] = float(
+                    ((got[1] - rs).abs() / rs).max()
+                )
         # K = 320 in splits of 128, 128 and 64 columns
         split = T.Tiles(16, 32, 64, split_k=3)
         gemv_split = T.Tiles(1, 32, 64, gemv=True, split_k=3)
@@ -254,6 +270,10 @@ def interpreter_errors() -> None:
 @pytest.mark.slow
 def test_triton_kernels_interpreted() -> None:
     pytest.importorskip("triton")
+    from compiled_llm.kernels import triton_fp8_fused as TF
+
+    # the chunked SiLU-and-mul cases below do split rows
+    assert [TF._chunks(m, 1300, torch.device("cpu")) for m in (1, 2, 3)] == [3, 2, 1]
     env = dict(os.environ, TRITON_INTERPRET="1")
     code = "from tests.kernels.test_fp8 import interpreter_errors; interpreter_errors()"
     result = subprocess.run(
@@ -294,7 +314,7 @@ def _hopper_kernels() -> list[tuple[object, dict[str, str], dict[str, object]]]:
     gemm.update(c_ptr=bf16, ws_ptr=f32, lock_ptr="*i32")
     norm = {"x_ptr": bf16, "res_ptr": bf16, "w_ptr": bf16, "q_ptr": fp8, "s_ptr": f32}
     norm.update(res_out_ptr=bf16, eps="fp32")
-    act = {"gate_ptr": bf16, "up_ptr": bf16, "q_ptr": fp8, "s_ptr": f32}
+    act = {"gate_ptr": bf16, "up_ptr": bf16, "q_ptr": fp8, "s_ptr": f32, "amax_ptr": f32}
     quant = {"x_ptr": bf16, "q_ptr": fp8, "s_ptr": f32}
     kernels = [
         sig(
@@ -327,9 +347,11 @@ def _hopper_kernels() -> list[tuple[object, dict[str, str], dict[str, object]]]:
     for ng, g in ((1, 4096), (32, 128)):
         consts = dict(HAS_RESIDUAL=True, NORM_DTYPE=tl.bfloat16, NG=ng, G=g)
         kernels.append(sig(TF._rms_norm_quant_kernel, norm, consts))
-    for ng, g in ((1, 16384), (128, 128)):
-        consts = dict(OUT_DTYPE=tl.bfloat16, NG=ng, G=g)
+    for ng, g, chunks_pad in ((1, 16384, 0), (128, 128, 0), (4, 128, 0), (1, 512, 32)):
+        consts = dict(OUT_DTYPE=tl.bfloat16, NG=ng, G=g, CHUNKS_PAD=chunks_pad)
         kernels.append(sig(TF._silu_and_mul_quant_kernel, act, consts))
+    consts = dict(OUT_DTYPE=tl.bfloat16, CHUNK=512)
+    kernels.append(sig(TF._silu_and_mul_amax_kernel, act, consts))
     # and launched without PDL (other GPUs, COMPILED_LLM_PDL=0)
     kernels.append(
         sig(
