@@ -19,6 +19,8 @@ import torch
 
 from compiled_llm.attention_backends.base import AttentionSpec, LayerAttention
 from compiled_llm.envs import Envs
+from compiled_llm.generation_config import check_source as check_generation_config
+from compiled_llm.generation_config import sampling_defaults
 from compiled_llm.models.interface import attention_scale, head_dim
 from compiled_llm.quantization import QuantizationConfig
 
@@ -46,6 +48,8 @@ class ModelConfig:
     quantization: QuantizationConfig | None  # resolved: the user's choice or the checkpoint's
     kv_cache_dtype: torch.dtype  # resolved: `dtype`, or FP8 (E4M3)
     max_logprobs: int  # most logprobs per token a request may ask for (-1: the vocabulary)
+    # SamplingParams field -> the model's recommended default (generation_config.py), as pairs
+    sampling_defaults: tuple[tuple[str, Any], ...]
 
     @property
     def architecture(self) -> str:
@@ -490,6 +494,20 @@ class EngineArgs:
         "most logprobs a request may ask for per token (SamplingParams.logprobs and "
         "prompt_logprobs); -1: the whole vocabulary",
     )
+    generation_config: str = _arg(
+        "auto",
+        "where requests' sampling defaults come from (vLLM's): auto: the model's "
+        "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty, "
+        "max_new_tokens), for what a request leaves unset; vllm: the library's defaults; a "
+        "folder: its generation_config.json",
+        metavar="auto|vllm|PATH",
+    )
+    override_generation_config: dict[str, Any] | None = _arg(
+        None,
+        "JSON object of generation-config values that replace the model's, e.g. "
+        '{"temperature": 0.5} (vLLM\'s; default: none)',
+        metavar="JSON",
+    )
     block_size: int = _arg(16, "tokens per KV-cache block (a power of two)")
     kv_cache_dtype: str = _arg(
         "auto",
@@ -647,6 +665,7 @@ class EngineArgs:
             "max_model_len",
             "must be at least 1",
         )
+        check_generation_config(self.generation_config, self.override_generation_config)
         require(
             self.block_size > 0 and not self.block_size & (self.block_size - 1),
             "block_size",
@@ -759,6 +778,11 @@ class EngineArgs:
             quantization=quantization,
             kv_cache_dtype=_KV_CACHE_DTYPES[self.kv_cache_dtype] or dtype,
             max_logprobs=self.max_logprobs,
+            sampling_defaults=tuple(
+                sampling_defaults(
+                    model_path, self.generation_config, self.override_generation_config
+                ).items()
+            ),
         )
         speculative_config = _resolve_speculative(
             speculative_config_from(self.speculative_config), model_config

@@ -56,6 +56,12 @@ class LLM:
         request holds blocks."""
         return self.engine.core.reset_prefix_cache()
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate` and `chat` use without sampling params (vLLM's): the model's
+        recommended values from its generation_config.json (the engine's `generation_config`
+        and `override_generation_config`), SamplingParams' own defaults elsewhere."""
+        return SamplingParams(**dict(self.engine.config.model_config.sampling_defaults))
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],
@@ -67,7 +73,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(prompts)
         else:

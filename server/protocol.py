@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import math
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -194,21 +195,28 @@ class _SamplingFields(_Strict):
 
     def _sampling_params(
         self,
+        defaults: Mapping[str, Any],
         max_tokens: int | None,
         logprobs: int | None,
         constraint: StructuredOutputsParams | None = None,
     ) -> SamplingParams:
+        """`defaults`: the model's recommended values (ModelConfig.sampling_defaults) for the
+        fields the request leaves unset."""
         structured = self.structured()
+
+        def unset_default(value: Any, name: str, fallback: Any) -> Any:
+            return defaults.get(name, fallback) if value is None else value
+
         return SamplingParams(
             structured_outputs=constraint or (structured[0] if structured else None),
             n=self.n,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-            min_p=self.min_p or 0.0,
+            temperature=unset_default(self.temperature, "temperature", 1.0),
+            top_p=unset_default(self.top_p, "top_p", 1.0),
+            top_k=unset_default(self.top_k, "top_k", 0),
+            min_p=unset_default(self.min_p, "min_p", 0.0),
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty or 1.0,
+            repetition_penalty=unset_default(self.repetition_penalty, "repetition_penalty", 1.0),
             seed=self.seed,
             stop=self.stop,
             stop_token_ids=self.stop_token_ids,
@@ -226,7 +234,11 @@ class _SamplingFields(_Strict):
         )
 
     def _beam_search_params(
-        self, max_tokens: int | None, max_model_len: int, refused: dict[str, bool]
+        self,
+        defaults: Mapping[str, Any],
+        max_tokens: int | None,
+        max_model_len: int,
+        refused: dict[str, bool],
     ) -> BeamSearchParams:
         """vLLM's rule: n is the beam width; temperature, ignore_eos and max_tokens (None: up
         to max_model_len) apply, the other sampling fields do not. Fields that would shape the
@@ -248,7 +260,9 @@ class _SamplingFields(_Strict):
                 beam_width=self.n,
                 max_tokens=max_tokens or max_model_len,
                 ignore_eos=self.ignore_eos,
-                temperature=1.0 if self.temperature is None else self.temperature,
+                temperature=defaults.get("temperature", 1.0)
+                if self.temperature is None
+                else self.temperature,
                 length_penalty=self.length_penalty,
             )
         except ValueError as e:  # its messages start with the field's name
@@ -283,14 +297,16 @@ class CompletionRequest(_SamplingFields):
     best_of: Count | None = None
     suffix: Text | None = None
 
-    def beam_search_params(self, max_model_len: int) -> BeamSearchParams:
+    def beam_search_params(
+        self, max_model_len: int, defaults: Mapping[str, Any]
+    ) -> BeamSearchParams:
         refused = {
             "echo": self.echo,
             "logprobs": self.logprobs is not None,
             "suffix": self.suffix is not None,
             "best_of": self.best_of not in (None, self.n),
         }
-        return self._beam_search_params(self.max_tokens, max_model_len, refused)
+        return self._beam_search_params(defaults, self.max_tokens, max_model_len, refused)
 
     def prompts(self) -> list[str | dict[str, Any]]:
         p = self.prompt
@@ -302,12 +318,12 @@ class CompletionRequest(_SamplingFields):
             return [{"prompt_token_ids": p}]
         return [x if isinstance(x, str) else {"prompt_token_ids": x} for x in p]
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, defaults: Mapping[str, Any]) -> SamplingParams:
         if self.suffix is not None:
             raise RequestError("suffix is not supported", "suffix")
         if self.best_of not in (None, self.n):
             raise RequestError("best_of is not supported", "best_of")
-        params = self._sampling_params(self.max_tokens, self.logprobs)
+        params = self._sampling_params(defaults, self.max_tokens, self.logprobs)
         if self.echo and self.logprobs is not None:  # echo's logprobs cover the prompt
             return params.clone(prompt_logprobs=max(self.prompt_logprobs or 0, self.logprobs))
         return params
@@ -406,21 +422,25 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
             return ""
         return str(last.to_template()["content"])
 
-    def beam_search_params(self, max_model_len: int) -> BeamSearchParams:
+    def beam_search_params(
+        self, max_model_len: int, defaults: Mapping[str, Any]
+    ) -> BeamSearchParams:
         """A required or named tool choice (a grammar) is refused by the caller."""
         refused = {"echo": self.echo, "logprobs": self.logprobs}
         max_tokens = self.max_completion_tokens or self.max_tokens
-        return self._beam_search_params(max_tokens, max_model_len, refused)
+        return self._beam_search_params(defaults, max_tokens, max_model_len, refused)
 
     def to_sampling_params(
-        self, constraint: StructuredOutputsParams | None = None
+        self, defaults: Mapping[str, Any], constraint: StructuredOutputsParams | None = None
     ) -> SamplingParams:
-        """`constraint`: the grammar of a required or named tool choice."""
+        """`constraint`: the grammar of a required or named tool choice. Without max tokens the
+        reply may run to the end of the context (the caller caps it at the model's recommended
+        `max_tokens`, knowing the prompt's length)."""
         if self.top_logprobs and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
         max_tokens = self.max_completion_tokens or self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs, constraint)
+        return self._sampling_params(defaults, max_tokens, logprobs, constraint)
 
 
 class TokenizeRequest(ChatTemplateFields):

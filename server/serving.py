@@ -76,6 +76,8 @@ class OpenAIServing:
             get_reasoning_parser(chat.reasoning_parser) if chat.reasoning_parser else None
         )
         self._template_params = _chat_template_parameters(engine.tokenizer)
+        # the model's recommended sampling values, for fields a request leaves unset
+        self.defaults = dict(engine.config.model_config.sampling_defaults)
 
     def check_model(self, name: str | None) -> str:
         if name is None or name in self.model_names:
@@ -88,7 +90,7 @@ class OpenAIServing:
         if req.use_beam_search:
             return await self._beam_search(req, raw, model)
         with self._admission():
-            params = req.to_sampling_params()
+            params = req.to_sampling_params(self.defaults)
             prompts: list[PromptType] = list(req.prompts())
             await self._check_structured(req)
         base_id = f"cmpl-{uuid.uuid4().hex}"
@@ -116,7 +118,9 @@ class OpenAIServing:
         """vLLM's beam search on /v1/completions: the n best sequences of each prompt are its n
         choices, their text without the prompt and a final EOS (vLLM's server)."""
         with self._admission():
-            params = req.beam_search_params(self.engine.config.model_config.max_model_len)
+            params = req.beam_search_params(
+                self.engine.config.model_config.max_model_len, self.defaults
+            )
             prompts: list[PromptType] = list(req.prompts())
         base_id = f"cmpl-{uuid.uuid4().hex}"
         found = await self._search_beams(prompts, params, req.priority, raw, base_id)
@@ -218,12 +222,20 @@ class OpenAIServing:
             return await self._chat_beam_search(req, raw, model)
         with self._admission():
             mode = tools.resolve(req, self.tool_parser)
-            params = req.to_sampling_params(mode.grammar[0] if mode.grammar else None)
+            params = req.to_sampling_params(
+                self.defaults, mode.grammar[0] if mode.grammar else None
+            )
             if mode.grammar is not None:
                 await self.engine.run_blocking(validate_structured_outputs, *mode.grammar)
             else:
                 await self._check_structured(req)
             prompt = await self._chat_prompt(req, tools.template_tools(req))
+            recommended = self.defaults.get("max_tokens")
+            if params.max_tokens is None and recommended is not None:
+                # vLLM's: the model's max_new_tokens, within what the context leaves
+                room = self.engine.config.model_config.max_model_len
+                room -= len(prompt["prompt_token_ids"])
+                params = params.clone(max_tokens=max(1, min(recommended, room)))
         output = ChatOutput(mode, self.tool_parser, self.reasoning_parser)
         base_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self._start(base_id, [prompt], params, req.priority)
@@ -260,7 +272,9 @@ class OpenAIServing:
         choice is (reasoning split off, auto tool calls parsed). A required or named tool
         choice would constrain the search and is refused."""
         with self._admission():
-            params = req.beam_search_params(self.engine.config.model_config.max_model_len)
+            params = req.beam_search_params(
+                self.engine.config.model_config.max_model_len, self.defaults
+            )
             mode = tools.resolve(req, self.tool_parser)
             if mode.grammar is not None:
                 raise RequestError(
