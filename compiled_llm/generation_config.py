@@ -15,9 +15,12 @@ and recommends nothing. The file is read as JSON: a warm start imports no transf
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 # The fields read, with transformers' GenerationConfig defaults (which recommend nothing).
 FIELDS: dict[str, Any] = {
@@ -60,6 +63,8 @@ def sampling_defaults(
         with open(path) as f:
             data = json.load(f)
         found = {k: data[k] for k in FIELDS if data.get(k) is not None and data[k] != FIELDS[k]}
+    if found:  # vLLM says so too: outputs differ from the library's defaults
+        logger.info("default sampling values from %s: %s", path, found)
     found.update(overrides or {})
     defaults = _as_sampling(found)
     _check_values(defaults, path or "override_generation_config")
