@@ -23,7 +23,7 @@ FOLDERS = {  # import name -> folder (pyproject.toml's package-dir mapping)
 # one tuple and no cycle results; anything above is off limits.
 LAYERS: list[tuple[str, ...]] = [
     ("envs", "sampling_params", "outputs", "profiler", "layers", "child_process"),
-    ("request", "kernels", "forward_context"),
+    ("request", "kernels", "forward_context", "generation_config"),
     ("attention_backends", "quantization", "distributed"),
     ("models", "passes"),
     ("config",),
