@@ -76,6 +76,7 @@ class OpenAIServing:
             get_reasoning_parser(chat.reasoning_parser) if chat.reasoning_parser else None
         )
         self._template_params = _chat_template_parameters(engine.tokenizer)
+        self.chat_template = chat.chat_template  # the server's, instead of the tokenizer's
         # the model's recommended sampling values, for fields a request leaves unset
         self.defaults = dict(engine.config.model_config.sampling_defaults)
 
@@ -389,7 +390,8 @@ class OpenAIServing:
         transformers renders templates in Jinja's immutable sandbox; a template given by the
         request is refused unless the server trusts request templates."""
         tokenizer = self._tokenizer()
-        if not getattr(tokenizer, "chat_template", None) and req.chat_template is None:
+        own = getattr(tokenizer, "chat_template", None) or self.chat_template
+        if not own and req.chat_template is None:
             raise ValueError("messages: this model has no tokenizer chat template")
         variables = dict(req.chat_template_kwargs or {})
         for name in variables:
@@ -411,7 +413,7 @@ class OpenAIServing:
             tokenizer.apply_chat_template,
             [m.to_template() for m in req.messages],
             add_generation_prompt=req.add_generation_prompt,
-            chat_template=template,
+            chat_template=template or self.chat_template,
             tokenize=True,
             **variables,
         )

@@ -3,6 +3,7 @@ command line can read their defaults without loading FastAPI or torch."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,11 +20,13 @@ class RequestLimits:
 
 @dataclass(frozen=True)
 class ChatSettings:
-    """How chat completions read tool calls and reasoning out of the model's text."""
+    """How chat prompts are rendered (the server's template, if not the tokenizer's) and how
+    tool calls and reasoning are read out of the model's text."""
 
     enable_auto_tool_choice: bool = False  # tool_choice "auto" (needs tool_call_parser)
     tool_call_parser: str | None = None  # a name of server/tool_parsers
     reasoning_parser: str | None = None  # a name of server/reasoning_parsers
+    chat_template: str | None = None  # Jinja text (--chat-template), instead of the tokenizer's
 
     def __post_init__(self) -> None:
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
@@ -46,3 +49,22 @@ class ServerSettings:
     log_level: str = "info"
     access_log: bool = True  # uvicorn's line per request; on by default, as in vLLM
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def read_chat_template(value: str) -> str:
+    """--chat-template's value: a file's text, or the template itself (vLLM's rule: a value
+    that is not a file but holds Jinja's delimiters is the template); ValueError otherwise."""
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            template = f.read()
+    elif any(mark in value for mark in ("{{", "{%")):
+        template = value
+    else:
+        raise ValueError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
+    import jinja2  # transformers renders templates with it
+
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template: {e} (line {e.lineno})") from None
+    return template

@@ -15,6 +15,7 @@ from compiled_llm.server.settings import (
     ChatSettings,
     RequestLimits,
     ServerSettings,
+    read_chat_template,
 )
 from compiled_llm.server.tool_parsers import tool_parser_names
 
@@ -69,6 +70,13 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
         "--trust-request-chat-template",
         action="store_true",
         help="accept chat templates sent in requests (chat_template); refused by default",
+    )
+    g.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="PATH|TEMPLATE",
+        help="the chat template (a Jinja file, or the template itself) to render chat prompts "
+        "with instead of the tokenizer's, as vLLM's flag (default: the tokenizer's)",
     )
     g.add_argument(
         "--enable-auto-tool-choice",
@@ -149,6 +157,7 @@ def _serve(args: argparse.Namespace) -> int:
             enable_auto_tool_choice=args.enable_auto_tool_choice,
             tool_call_parser=args.tool_call_parser,
             reasoning_parser=args.reasoning_parser,
+            chat_template=read_chat_template(args.chat_template) if args.chat_template else None,
         )
     settings = ServerSettings(
         model_names=args.served_model_name or [default_model_name(kwargs["model"])],
