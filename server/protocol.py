@@ -97,6 +97,12 @@ class ResponseFormat(_Strict):
     json_schema: JSONSchemaFormat | None = None
 
 
+def _or_default(value: Any, defaults: Mapping[str, Any], name: str, fallback: Any) -> Any:
+    """A request's value, or where it has none the model's recommended one (`defaults`,
+    ModelConfig.sampling_defaults), else the library's `fallback`."""
+    return defaults.get(name, fallback) if value is None else value
+
+
 class _SamplingFields(_Strict):
     """Fields shared by completions and chat; names and defaults as in the OpenAI API / vLLM."""
 
@@ -203,20 +209,18 @@ class _SamplingFields(_Strict):
         """`defaults`: the model's recommended values (ModelConfig.sampling_defaults) for the
         fields the request leaves unset."""
         structured = self.structured()
-
-        def unset_default(value: Any, name: str, fallback: Any) -> Any:
-            return defaults.get(name, fallback) if value is None else value
-
         return SamplingParams(
             structured_outputs=constraint or (structured[0] if structured else None),
             n=self.n,
-            temperature=unset_default(self.temperature, "temperature", 1.0),
-            top_p=unset_default(self.top_p, "top_p", 1.0),
-            top_k=unset_default(self.top_k, "top_k", 0),
-            min_p=unset_default(self.min_p, "min_p", 0.0),
+            temperature=_or_default(self.temperature, defaults, "temperature", 1.0),
+            top_p=_or_default(self.top_p, defaults, "top_p", 1.0),
+            top_k=_or_default(self.top_k, defaults, "top_k", 0),
+            min_p=_or_default(self.min_p, defaults, "min_p", 0.0),
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            repetition_penalty=unset_default(self.repetition_penalty, "repetition_penalty", 1.0),
+            repetition_penalty=_or_default(
+                self.repetition_penalty, defaults, "repetition_penalty", 1.0
+            ),
             seed=self.seed,
             stop=self.stop,
             stop_token_ids=self.stop_token_ids,
@@ -260,9 +264,7 @@ class _SamplingFields(_Strict):
                 beam_width=self.n,
                 max_tokens=max_tokens or max_model_len,
                 ignore_eos=self.ignore_eos,
-                temperature=defaults.get("temperature", 1.0)
-                if self.temperature is None
-                else self.temperature,
+                temperature=_or_default(self.temperature, defaults, "temperature", 1.0),
                 length_penalty=self.length_penalty,
             )
         except ValueError as e:  # its messages start with the field's name
