@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import compiled_llm
@@ -171,13 +172,23 @@ def build_app(engine: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics
     serving = OpenAIServing(engine, settings.model_names, metrics, settings.limits, settings.chat)
     profile_dir = engine.config.observability_config.profile_dir
 
-    # Outermost last: errors, the key, the body limit, then the routes.
+    # Outermost last: CORS (a browser's preflight is answered before the key is asked for, and
+    # every response, errors included, carries the headers), errors, the key, the body limit,
+    # then the routes.
     app.add_middleware(_BodyLimitMiddleware, limit=settings.max_request_body_bytes)
     if settings.api_key:
         app.add_middleware(
             _APIKeyMiddleware, key=settings.api_key, open_paths=settings.unauthenticated_endpoints
         )
     app.add_middleware(_InternalErrorMiddleware)
+    cors = settings.cors
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(cors.allowed_origins),
+        allow_methods=list(cors.allowed_methods),
+        allow_headers=list(cors.allowed_headers),
+        allow_credentials=cors.allow_credentials,
+    )
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:

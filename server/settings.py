@@ -33,6 +33,17 @@ class ChatSettings:
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
 
 
+@dataclass(frozen=True)
+class CORSSettings:
+    """Cross-origin requests from browsers (vLLM's flags and defaults: every origin, method
+    and header; no credentials)."""
+
+    allowed_origins: tuple[str, ...] = ("*",)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+
+
 @dataclass
 class ServerSettings:
     model_names: list[str]
@@ -45,6 +56,7 @@ class ServerSettings:
     max_request_body_bytes: int = 4 << 20
     limits: RequestLimits = field(default_factory=RequestLimits)
     chat: ChatSettings = field(default_factory=ChatSettings)
+    cors: CORSSettings = field(default_factory=CORSSettings)
     shutdown_timeout: float = 10.0
     log_level: str = "info"
     access_log: bool = True  # uvicorn's line per request; on by default, as in vLLM

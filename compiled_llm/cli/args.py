@@ -70,6 +70,20 @@ def json_object(text: str) -> dict[str, Any]:
 json_object.__name__ = "JSON object"
 
 
+def json_strings(text: str) -> list[str]:
+    """An argparse type: a JSON list of strings."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError(f"must be a JSON list of strings, got {text!r}")
+    return value
+
+
+json_strings.__name__ = "JSON list of strings"
+
+
 def _cli_type(hint: Any) -> Any:
     """The argparse type of a field annotation: `X | None` -> X, `list[X] | tuple[X, ...]` -> a
     comma-separated list of X, `dict[...]` -> a JSON object."""

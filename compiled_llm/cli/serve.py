@@ -6,13 +6,20 @@ import argparse
 import asyncio
 import os
 
-from compiled_llm.cli.args import add_engine_args, at_least, engine_kwargs, usage_errors
+from compiled_llm.cli.args import (
+    add_engine_args,
+    at_least,
+    engine_kwargs,
+    json_strings,
+    usage_errors,
+)
 from compiled_llm.config import EngineArgs
 from compiled_llm.envs import Envs
 from compiled_llm.server.reasoning_parsers import reasoning_parser_names
 from compiled_llm.server.settings import (
     UNAUTHENTICATED_CHOICES,
     ChatSettings,
+    CORSSettings,
     RequestLimits,
     ServerSettings,
     read_chat_template,
@@ -70,6 +77,23 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
         "--trust-request-chat-template",
         action="store_true",
         help="accept chat templates sent in requests (chat_template); refused by default",
+    )
+    for name, help in (
+        ("origins", "CORS: origins (web pages) that may call the server from a browser"),
+        ("methods", "CORS: HTTP methods such calls may use"),
+        ("headers", "CORS: request headers such calls may send"),
+    ):
+        g.add_argument(
+            f"--allowed-{name}",
+            type=json_strings,
+            default=list(getattr(CORSSettings, f"allowed_{name}")),
+            metavar="JSON",
+            help=f"{help}, a JSON list (vLLM's flag; default: %(default)s)",
+        )
+    g.add_argument(
+        "--allow-credentials",
+        action="store_true",
+        help="CORS: let browsers send credentials (cookies) cross-origin (default: off)",
     )
     g.add_argument(
         "--chat-template",
@@ -170,6 +194,12 @@ def _serve(args: argparse.Namespace) -> int:
         max_request_body_bytes=args.max_request_body_bytes,
         limits=RequestLimits(args.max_samples_per_request, args.trust_request_chat_template),
         chat=chat,
+        cors=CORSSettings(
+            allowed_origins=tuple(args.allowed_origins),
+            allowed_methods=tuple(args.allowed_methods),
+            allowed_headers=tuple(args.allowed_headers),
+            allow_credentials=args.allow_credentials,
+        ),
         shutdown_timeout=args.shutdown_timeout,
         log_level=args.uvicorn_log_level,
         access_log=args.access_log,

@@ -290,6 +290,39 @@ def test_every_endpoint_needs_the_key(server: Server, method: str, path: str) ->
         assert_error(r, 401)
 
 
+def test_cors_as_vllm_by_default(server: Server) -> None:
+    """A browser page on another origin: its preflight needs no key (browsers send none) and
+    is allowed; answers, a 401 included, carry the allow-origin header the browser needs to
+    read them (vLLM's defaults: every origin, method and header)."""
+    origin = {"Origin": "https://ui.example"}
+    preflight = httpx.options(
+        server.url + "/v1/chat/completions",
+        headers={
+            **origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+        timeout=60,
+    )
+    assert preflight.status_code == 200, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == "*"
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    served = server.post("/v1/completions", json=OK, headers=origin)
+    assert served.status_code == 200 and served.headers["access-control-allow-origin"] == "*"
+    refused = httpx.post(server.url + "/v1/completions", json=OK, headers=origin, timeout=60)
+    assert_error(refused, 401)
+    assert refused.headers["access-control-allow-origin"] == "*"
+    plain = server.get("/v1/models")  # no Origin: not a cross-origin request, no CORS headers
+    assert "access-control-allow-origin" not in plain.headers
+
+
+def test_bad_cors_flag_stops_the_command() -> None:
+    cmd = [sys.executable, "-m", "compiled_llm.cli", "serve", "--allowed-origins", "*"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "JSON" in done.stderr, done.stderr[-2000:]
+
+
 def test_open_endpoints_and_docs_off(server: Server) -> None:
     assert httpx.get(server.url + "/health").status_code == 200
     assert httpx.get(server.url + "/metrics").status_code == 200  # --unauthenticated-endpoints
