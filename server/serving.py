@@ -168,7 +168,7 @@ class OpenAIServing:
                 return None
             search.advance(finals)
             step += 1
-        # (choice index, sequence, its generated tokens without a final EOS, as vLLM's server)
+        # (choice index, sequence, its generated tokens); texts without a final EOS (vLLM's)
         sequences = [
             (p * params.beam_width + j, seq, seq.tokens[start:])
             for p, (result, start) in enumerate(
