@@ -59,6 +59,12 @@ class Server:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
+    def kill(self) -> None:
+        """A fixture's teardown: kill the server if it still runs, and reap it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -126,6 +132,4 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         tmp_path_factory.mktemp("server") / "server.log", "--max-waiting-requests", "96"
     )
     yield s
-    if s.proc.poll() is None:
-        s.proc.kill()
-        s.proc.wait(30)
+    s.kill()

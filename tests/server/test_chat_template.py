@@ -31,9 +31,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_models) -> Iterator[Se
         model=str(tiny_models("llama")),
     )
     yield s
-    if s.proc.poll() is None:
-        s.proc.kill()
-        s.proc.wait(30)
+    s.kill()
 
 
 def test_prompts_rendered_with_the_servers_template(server: Server, tiny_models) -> None:

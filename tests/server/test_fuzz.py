@@ -30,9 +30,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_models) -> Iterator[Se
         model=str(tiny_models("llama")),
     )
     yield s
-    if s.proc.poll() is None:
-        s.proc.kill()
-        s.proc.wait(30)
+    s.kill()
 
 
 @pytest.mark.slow

@@ -25,9 +25,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_models) -> Iterator[Se
     (model / "generation_config.json").write_text(json.dumps(config))
     s = start_server(tmp / "server.log", model=str(model))
     yield s
-    if s.proc.poll() is None:
-        s.proc.kill()
-        s.proc.wait(30)
+    s.kill()
 
 
 def test_unset_fields_take_the_models_values(server: Server) -> None:

@@ -75,9 +75,7 @@ def test_core_death_makes_health_503_and_server_exit(tmp_path: Path, tiny_models
         assert any('"ServiceUnavailableError"' in line for line in lines)
         assert not wait_gone(children)
     finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait(30)
+        server.kill()
 
 
 def test_sigterm_finishes_in_flight_and_leaves_no_child(tmp_path: Path, tiny_models) -> None:
@@ -103,6 +101,4 @@ def test_sigterm_finishes_in_flight_and_leaves_no_child(tmp_path: Path, tiny_mod
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # it was allowed to finish
         assert not wait_gone(children)
     finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait(30)
+        server.kill()

@@ -435,9 +435,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
         "process",
     )
     yield s
-    if s.proc.poll() is None:
-        s.proc.kill()
-        s.proc.wait(30)
+    s.kill()
 
 
 def check_calls(calls: list[Any]) -> None:
