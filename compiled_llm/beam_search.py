@@ -73,12 +73,14 @@ class BeamSearch:
             live = [(i, None) for i in range(len(self.prompts))]
         elif self._steps < self.params.max_tokens:
             for i, instance in enumerate(self._beams):
+                kept = []
                 for seq in instance:
                     if len(seq.tokens) < self.max_model_len:
                         live.append((i, seq))
+                        kept.append(seq)
                     else:  # no room for another token
                         self._completed[i].append(dataclasses.replace(seq, finish_reason="length"))
-                self._beams[i] = [s for s in instance if len(s.tokens) < self.max_model_len]
+                self._beams[i] = kept
         self._live = live
         return [
             self.prompts[i] if seq is None else {"prompt_token_ids": seq.tokens} for i, seq in live
